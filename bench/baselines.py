@@ -1,0 +1,83 @@
+"""Official-style implementations of the alignment steps, written the way the official TASTE code does them
+(spec section 6): padded batches, per-sample Python loops, host syncs. They are the baselines of the
+benchmarks and an independent cross-check in the tests. Written from the spec's description, not copied.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+PAD_TEXT = -2  # stands for the pad-text embedding in the layouts below
+
+
+def official_word_spans(word_ids: torch.Tensor, lengths: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Spec 1.5 / item 7: run-length encode each padded row of word ids; (b, start, end) of every run with more
+    than one subword that ends inside the sequence, read to the host one number at a time."""
+    spans = []
+    for b in range(word_ids.shape[0]):
+        _, counts = torch.unique_consecutive(word_ids[b], return_counts=True)
+        ends = counts.cumsum(0)
+        length = int(lengths[b].item())
+        for r in range(counts.numel()):
+            count, end = int(counts[r].item()), int(ends[r].item())
+            if count > 1 and end <= length:
+                spans.append((b, end - count, end))
+    return spans
+
+
+def official_word_average(x: torch.Tensor, word_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Spec 1.5 / item 8: every subword of a multi-subword word gets the word's mean, one span at a time.
+
+    x: (B, S, D) padded; word_ids: (B, S) padded with 0; lengths: (B,). Returns (B, S, D).
+    """
+    out = x.clone()
+    for b, start, end in official_word_spans(word_ids, lengths):
+        out[b, start:end] = x[b, start:end].mean(dim=0)
+    return out
+
+
+def official_prepare_single(token_ids, word_ids, codes_at_starts, delay: int = 1):
+    """Spec 2.4 / item 22 for one utterance: the word-delay layout built with nonzero and per-word host reads.
+
+    token_ids, word_ids: (L,); codes_at_starts: (L, Q), the word's codes on its first token, -1 elsewhere.
+    Returns the text stream (L + delay,) (PAD_TEXT on the tail), the audio code stream (L + delay, Q)
+    (-1 = pad audio), the text labels (L + delay + 1,) and the TASTE labels (L + delay + 1, Q), -1 = ignore.
+    """
+    L, Q = codes_at_starts.shape
+    is_start = torch.ones(L, dtype=torch.bool)
+    is_start[1:] = word_ids[1:] != word_ids[:-1]
+    starts = torch.nonzero(is_start).flatten()
+    W = starts.numel()
+    audio = torch.full((L + delay, Q), -1, dtype=torch.long)
+    taste_labels = torch.full((L + delay + 1, Q), -1, dtype=torch.long)
+    for w in range(W):
+        code = codes_at_starts[int(starts[w])]
+        target = w + delay  # the word whose tokens carry word w's code
+        if target < W:
+            first = int(starts[target])
+            last = int(starts[target + 1]) if target + 1 < W else L
+        else:
+            first = L + target - W
+            last = first + 1
+        audio[first:last] = code
+        taste_labels[first] = code
+    text = torch.cat([token_ids.long(), torch.full((delay,), PAD_TEXT, dtype=torch.long)])
+    text_labels = torch.cat([token_ids.long(), torch.full((delay + 1,), -1, dtype=torch.long)])
+    return text, audio, text_labels, taste_labels
+
+
+def official_prepare_batch(token_ids, word_ids, codes_at_starts, lengths, delay: int = 1):
+    """Spec 2.4 / item 23: the per-sample layouts of a padded batch, right-padded again (inputs 0, labels -1)."""
+    parts = [
+        official_prepare_single(token_ids[b, :n], word_ids[b, :n], codes_at_starts[b, :n], delay)
+        for b, n in enumerate(int(v.item()) for v in lengths)
+    ]
+    text, audio, text_labels, taste_labels = zip(*parts)
+    return (
+        pad_sequence(text, batch_first=True, padding_value=0),
+        pad_sequence(audio, batch_first=True, padding_value=-1),
+        pad_sequence(text_labels, batch_first=True, padding_value=-1),
+        pad_sequence(taste_labels, batch_first=True, padding_value=-1),
+        torch.tensor([n + delay + 1 for n in (int(v.item()) for v in lengths)], dtype=torch.int32),
+    )

@@ -1,0 +1,199 @@
+"""Shared benchmark plumbing: timing (median of many after warm-up), peak memory, the device copy ceiling, and
+the printed table / JSON that every `python bench/<op>.py` writes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Row:
+    case: str  # the problem, e.g. "word pooling B=64"
+    provider: str
+    median_ms: float
+    peak_mb: float
+    bytes_moved: int = 0  # minimum bytes read + written, for GB/s
+    ratio: float | None = None  # time of the case's first (official-style) provider / this time
+    gbps: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+_STEADY_ALLOCATOR = False
+
+
+def steady_cpu_allocator() -> bool:
+    """Makes glibc malloc serve every size from its heap and keep freed memory (mallopt M_MMAP_MAX=0 and a
+    large M_TRIM_THRESHOLD), so that repeated calls reuse pages, as in a running training loop.
+
+    Otherwise every fresh CPU tensor above 32 MB is mmap'd and faults in 4 KiB pages (about 0.4 ms per MB here),
+    a cost of the OS that is the same for every provider and drowns the kernels. Returns whether it applied.
+    """
+    global _STEADY_ALLOCATOR
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        _STEADY_ALLOCATOR = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        _STEADY_ALLOCATOR = False
+    return _STEADY_ALLOCATOR
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    p.add_argument("--reps", type=int, default=0, help="timed repetitions (default: by time budget)")
+    p.add_argument("--fresh-pages", action="store_true", help="CPU: leave malloc as it is (see steady_cpu_allocator)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    args = p.parse_args()
+    if args.device == "cpu" and not args.fresh_pages:
+        steady_cpu_allocator()
+    return args
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, reps: int = 0, budget_s: float = 0.5) -> float:
+    """Median wall time of fn() in ms, after warm-up; CUDA events on a GPU."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    if reps <= 0:  # enough repetitions to fill the budget, between 5 and 200
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        reps = int(min(200, max(5, budget_s / max(time.perf_counter() - t0, 1e-6))))
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(fn, device: str) -> float:
+    """Peak memory allocated by one call of fn() above what was allocated before it, in MB."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    # CPU: replay the allocator's alloc (+bytes) / free (-bytes) events that the profiler recorded, in time order.
+    with (
+        _quiet_stderr(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
+        fn()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:  # the profiler's internals moved: report no number rather than a wrong one
+        return float("nan")
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences the profiler's start/stop lines, which its C++ side prints straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def copy_ceiling_gbps(device: str, nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth (bytes read + written per second), the ceiling for memory-bound ops."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def measure(case: str, providers: dict, device: str, reps: int = 0, bytes_moved: int = 0) -> list[Row]:
+    """Times every provider of one case; the first provider is the baseline of the ratio column."""
+    rows = []
+    for name, fn in providers.items():
+        ms = time_ms(fn, device, reps)
+        rows.append(Row(case, name, ms, peak_mb(fn, device), bytes_moved))
+    base = rows[0].median_ms
+    for r in rows:
+        r.ratio = base / r.median_ms
+        if device == "cuda" and bytes_moved:
+            r.gbps = bytes_moved / (r.median_ms * 1e-3) / 1e9
+    return rows
+
+
+def environment(device: str) -> dict:
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "steady_cpu_allocator": _STEADY_ALLOCATOR,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def report(title: str, rows: list[Row], device: str, json_path: str | None, ceiling: float | None = None) -> None:
+    env = environment(device)
+    print(f"\n{title}\n{' '.join(f'{k}={v}' for k, v in env.items())}")
+    if ceiling:
+        print(f"measured device copy: {ceiling:.0f} GB/s")
+    header = f"{'case':<34} {'provider':<30} {'median ms':>10} {'peak MB':>9} {'speed-up':>9}"
+    if ceiling:
+        header += f" {'GB/s':>8} {'% copy':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        line = f"{r.case:<34} {r.provider:<30} {r.median_ms:>10.3f} {r.peak_mb:>9.1f} {r.ratio:>8.1f}x"
+        if ceiling and r.gbps:
+            line += f" {r.gbps:>8.0f} {100 * r.gbps / ceiling:>6.0f}%"
+        print(line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(
+                {"title": title, "env": env, "copy_gbps": ceiling, "rows": [asdict(r) for r in rows]}, f, indent=1
+            )
+        print(f"wrote {json_path}", file=sys.stderr)

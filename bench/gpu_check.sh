@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU check: build the package for this machine's torch, run the whole test suite (CUDA tests included) and
+# every benchmark on the GPU. Usage: bench/gpu_check.sh OUTDIR   (writes at most 8 files to OUTDIR)
+#   OUTDIR/env.txt          nvidia-smi, versions, timings of each step
+#   OUTDIR/build.log        pip install --no-build-isolation --no-deps into a temporary prefix
+#   OUTDIR/tests.log        pytest (all tests; CUDA ones run here)
+#   OUTDIR/bench.log        every benchmark's table
+#   OUTDIR/<bench>.json     every benchmark's numbers
+set -uo pipefail
+out=${1:?usage: bench/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+prefix=$(mktemp -d)
+py=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+step() { echo "$(date +%T) $*" | tee -a "$out/env.txt"; }
+
+{ nvidia-smi; "$py" -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; nvcc --version | tail -2; } > "$out/env.txt" 2>&1
+
+step "build"
+if ! "$py" -m pip install --no-build-isolation --no-deps --prefix "$prefix" . > "$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"
+  step "build FAILED"
+  exit 1
+fi
+site=$("$py" -c "import sysconfig; print(sysconfig.get_path('platlib', vars={'base': '$prefix', 'platbase': '$prefix'}))")
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+"$py" -c "import taste; assert taste.HAS_EXTENSION; print('taste from', taste.__file__)" >> "$out/env.txt" 2>&1 || { step "import FAILED"; exit 1; }
+
+step "tests"
+# python -P: the source tree in the working directory must not shadow the build in the prefix.
+timeout "${TEST_TIMEOUT:-300}" "$py" -P -m pytest -q -p no:cacheprovider -rs tests > "$out/tests.log" 2>&1
+tests_rc=$?
+tail -3 "$out/tests.log"
+
+status=$tests_rc
+for bench in bench/*.py; do
+  grep -q '__main__' "$bench" || continue
+  name=$(basename "$bench" .py)
+  step "bench $name"
+  if ! timeout "${BENCH_TIMEOUT:-240}" "$py" "$bench" --device cuda --json "$out/$name.json" >> "$out/bench.log" 2>&1; then
+    step "bench $name FAILED"
+    status=1
+  fi
+done
+step "done (tests rc=$tests_rc, status=$status)"
+grep -v '^wrote' "$out/bench.log" | tail -60
+exit $status

@@ -1,0 +1,111 @@
+// Shared declarations of the taste ops: input validation, the device-agnostic row mapping helpers and the
+// CPU/CUDA entry points that composite ops call. Kept within C++17 so that it builds with torch 2.11 and 2.14.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#if defined(__CUDACC__)
+#define TASTE_HD __host__ __device__ __forceinline__
+#else
+#define TASTE_HD inline
+#endif
+
+namespace taste {
+
+// Largest b in [0, n) with offsets[b] <= x, for non-decreasing offsets (n + 1 entries, offsets[0] <= x).
+// Empty segments (equal neighbours) are skipped, so the returned segment always contains x.
+template <typename index_t>
+TASTE_HD int64_t find_segment(const index_t* offsets, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n;  // invariant: offsets[lo] <= x < offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (static_cast<int64_t>(offsets[mid]) <= x) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// One row of the TASLM word-delay layout (see delay_layout in taste/ops.py for the definition).
+// p: row inside the output sequence, 0 <= p < L + delay + 1. wid: the sequence's word ids (L of them),
+// W: its number of words, base: global index of its first word, start: packed index of its first token.
+struct DelayRow {
+  int64_t input_token, input_word, label_token, label_word;
+};
+
+template <typename word_t>
+TASTE_HD DelayRow delay_row(const word_t* wid, int64_t L, int64_t W, int64_t base, int64_t start, int64_t delay,
+                            int64_t p) {
+  DelayRow r{-1, -1, -1, -1};
+  // Text position j = p - 1 is fed at row p; row p also predicts what is fed at row p + 1 (position p).
+  // Tail positions j >= L are virtual one-row words W, W+1, ... that carry the last delayed codes.
+  if (p >= 1) {
+    const int64_t j = p - 1;
+    r.input_token = j < L ? start + j : -2;
+    const int64_t v = j < L ? static_cast<int64_t>(wid[j]) : W + (j - L);
+    r.input_word = v - delay >= 0 ? base + v - delay : -1;
+  }
+  if (p < L) r.label_token = start + p;
+  if (p < L + delay) {
+    const int64_t j = p;
+    const bool word_start = j >= L || j == 0 || wid[j] != wid[j - 1];
+    const int64_t v = j < L ? static_cast<int64_t>(wid[j]) : W + (j - L);
+    if (word_start && v - delay >= 0) r.label_word = base + v - delay;
+  }
+  return r;
+}
+
+// Copies bytes from src to dst with non-temporal (streaming) stores where dst is 16-byte aligned: the output of
+// the CPU row-copy kernels is written once and not read back soon, so skipping the read-for-ownership of every
+// destination line saves a third of the memory traffic. Call stream_fence() before the data is read elsewhere.
+void stream_copy(void* dst, const void* src, size_t bytes);
+void stream_fence();
+
+// ---- validation (csrc/common.cpp) ----
+// Content checks (values of offsets and ids) always run on CPU tensors. On CUDA tensors they need a device
+// sync, so they run only where the op syncs anyway, or when TASTE_STRICT_CHECKS=1 is set in the environment.
+bool strict_checks();
+bool content_checks(const at::Tensor& t);
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name);
+void check_index_dtype(const at::Tensor& t, const char* name, bool allow_int64);
+void check_float_dtype(const at::Tensor& t, const char* name);
+// cu_seqlens / word_offsets: 1-D int32, starts at 0, non-decreasing, ends at `total` (when total >= 0).
+void check_offsets_tensor(const at::Tensor& offsets, const char* name);
+void check_offsets_values(const at::Tensor& offsets, const char* name, int64_t total, int64_t max_len = -1);
+// Word ids of every sequence start at 0 and step by 0 or 1.
+void check_word_ids_values(const at::Tensor& word_ids, const at::Tensor& cu_seqlens);
+
+// Argument checks of each op, shared by its CPU and CUDA kernels (shapes, dtypes, devices; values as above).
+void check_pack_args(const at::Tensor& padded, const at::Tensor& lengths);
+void check_pack_offsets_args(const at::Tensor& padded, const at::Tensor& cu_seqlens, int64_t total);
+void check_unpack_args(const at::Tensor& packed, const at::Tensor& cu_seqlens, int64_t max_len);
+void check_segment_args(const at::Tensor& x, const char* x_name, const at::Tensor& offsets, int64_t num_rows);
+void check_word_args(const at::Tensor& word_ids, const at::Tensor& cu_seqlens);
+// Validates lengths (0 <= length <= max_len) and returns (cu_seqlens int32 (B + 1,), total rows). One host sync.
+std::tuple<at::Tensor, int64_t> lengths_to_cu_seqlens(const at::Tensor& lengths, int64_t max_len);
+
+// ---- implementations shared by composite ops ----
+// out[w] = sum (or mean) of x[perm[r]] for r in [offsets[w], offsets[w+1]) (perm optional, int64). With
+// broadcast (mean only, no perm) the mean is written to every row of its segment instead: out has x's shape.
+at::Tensor segment_reduce_cpu(const at::Tensor& x, const at::Tensor& offsets, const std::optional<at::Tensor>& perm,
+                              bool mean, bool broadcast);
+#ifdef WITH_CUDA
+at::Tensor segment_reduce_cuda(const at::Tensor& x, const at::Tensor& offsets,
+                               const std::optional<at::Tensor>& perm, bool mean, bool broadcast);
+#endif
+using SegmentReduceFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
+                                       bool);
+
+// Deterministic, sort-based per-key sums and counts (csrc/common.cpp; same code for every device).
+std::tuple<at::Tensor, at::Tensor> segment_sum_by_key_impl(const at::Tensor& values, const at::Tensor& keys,
+                                                           int64_t num_keys, SegmentReduceFn reduce);
+// Per-sequence word counts and the global index of each sequence's first word (int64, (B,) each).
+std::tuple<at::Tensor, at::Tensor> words_per_sequence(const at::Tensor& word_ids, const at::Tensor& cu_seqlens);
+
+}  // namespace taste

@@ -1,0 +1,80 @@
+// CPU kernels of pack / pack_offsets / unpack: each sequence is one contiguous block of rows on both sides,
+// so a sequence is a single memcpy and sequences run in parallel.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../common.h"
+
+namespace taste {
+namespace {
+
+std::vector<int64_t> packed_shape(const at::Tensor& padded, int64_t total) {
+  std::vector<int64_t> shape{total};
+  for (int64_t d = 2; d < padded.dim(); ++d) shape.push_back(padded.size(d));
+  return shape;
+}
+
+at::Tensor gather_sequences(const at::Tensor& padded_in, const at::Tensor& cu_seqlens, int64_t total) {
+  const at::Tensor padded = padded_in.contiguous();
+  at::Tensor packed = at::empty(packed_shape(padded, total), padded.options());
+  const int64_t batch = padded.size(0), T = padded.size(1);
+  if (total == 0) return packed;
+  const int64_t row_bytes = padded.numel() == 0 ? 0 : padded.nbytes() / (batch * T);
+  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
+  const char* src = static_cast<const char*>(padded.const_data_ptr());
+  char* dst = static_cast<char*>(packed.data_ptr());
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      std::memcpy(dst + cu[b] * row_bytes, src + b * T * row_bytes, (cu[b + 1] - cu[b]) * row_bytes);
+    }
+  });
+  return packed;
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& padded, const at::Tensor& lengths) {
+  check_pack_args(padded, lengths);
+  auto [cu, total] = lengths_to_cu_seqlens(lengths, padded.size(1));
+  return {gather_sequences(padded, cu, total), cu};
+}
+
+at::Tensor pack_offsets_cpu(const at::Tensor& padded, const at::Tensor& cu_seqlens, int64_t total) {
+  check_pack_offsets_args(padded, cu_seqlens, total);
+  return gather_sequences(padded, cu_seqlens.contiguous(), total);
+}
+
+at::Tensor unpack_cpu(const at::Tensor& packed_in, const at::Tensor& cu_seqlens_in, int64_t max_len,
+                      double pad_value) {
+  check_unpack_args(packed_in, cu_seqlens_in, max_len);
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  const int64_t batch = cu_seqlens.size(0) - 1;
+  std::vector<int64_t> shape{batch, max_len};
+  for (int64_t d = 1; d < packed.dim(); ++d) shape.push_back(packed.size(d));
+  at::Tensor out = at::empty(shape, packed.options());
+  if (out.numel() == 0) return out;
+  const int64_t row_bytes = out.nbytes() / (batch * max_len);
+  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
+  const char* src = static_cast<const char*>(packed.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = cu[b + 1] - cu[b];
+      std::memcpy(dst + b * max_len * row_bytes, src + cu[b] * row_bytes, len * row_bytes);
+      if (len < max_len) out[b].narrow(0, len, max_len - len).fill_(pad_value);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(taste, CPU, m) {
+  m.impl("pack", &pack_cpu);
+  m.impl("pack_offsets", &pack_offsets_cpu);
+  m.impl("unpack", &unpack_cpu);
+}
+
+}  // namespace taste

@@ -1,0 +1,85 @@
+// CUDA kernels of pack / pack_offsets / unpack (one row-copy launch each, csrc/cuda/rows.cuh).
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "rows.cuh"
+
+namespace taste {
+namespace {
+
+struct PackMap {  // packed row n <- padded row (b, n - cu[b])
+  const int32_t* cu;
+  int64_t batch, T;
+  __device__ int64_t operator()(int64_t n) const {
+    const int64_t b = find_segment(cu, batch, n);
+    const int64_t t = n - cu[b];
+    return t >= 0 && t < T ? b * T + t : -1;
+  }
+};
+
+struct UnpackMap {  // padded row (b, t) <- packed row cu[b] + t, or the pad value past the sequence's end
+  const int32_t* cu;
+  int64_t max_len, total;
+  __device__ int64_t operator()(int64_t r) const {
+    const int64_t b = r / max_len, t = r - b * max_len;
+    const int64_t src = static_cast<int64_t>(cu[b]) + t;
+    return t < static_cast<int64_t>(cu[b + 1]) - cu[b] && src < total ? src : -1;
+  }
+};
+
+at::Tensor gather_sequences_cuda(const at::Tensor& padded_in, const at::Tensor& cu_seqlens, int64_t total) {
+  const at::Tensor padded = padded_in.contiguous();
+  std::vector<int64_t> shape{total};
+  for (int64_t d = 2; d < padded.dim(); ++d) shape.push_back(padded.size(d));
+  at::Tensor packed = at::empty(shape, padded.options());
+  const int64_t batch = padded.size(0), T = padded.size(1);
+  if (packed.numel() == 0 || batch == 0 || T == 0) return packed;
+  unsigned char pad[16];
+  fill_pad_row(packed, 0.0, pad);
+  copy_rows(padded.const_data_ptr(), packed.data_ptr(), total, packed.nbytes() / total, pad,
+            PackMap{cu_seqlens.data_ptr<int32_t>(), batch, T});
+  return packed;
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_cuda(const at::Tensor& padded, const at::Tensor& lengths) {
+  check_pack_args(padded, lengths);
+  const c10::cuda::CUDAGuard guard(padded.device());
+  auto [cu, total] = lengths_to_cu_seqlens(lengths, padded.size(1));
+  return {gather_sequences_cuda(padded, cu, total), cu};
+}
+
+at::Tensor pack_offsets_cuda(const at::Tensor& padded, const at::Tensor& cu_seqlens, int64_t total) {
+  check_pack_offsets_args(padded, cu_seqlens, total);
+  const c10::cuda::CUDAGuard guard(padded.device());
+  return gather_sequences_cuda(padded, cu_seqlens.contiguous(), total);
+}
+
+at::Tensor unpack_cuda(const at::Tensor& packed_in, const at::Tensor& cu_seqlens_in, int64_t max_len,
+                       double pad_value) {
+  check_unpack_args(packed_in, cu_seqlens_in, max_len);
+  const c10::cuda::CUDAGuard guard(packed_in.device());
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  const int64_t batch = cu_seqlens.size(0) - 1;
+  std::vector<int64_t> shape{batch, max_len};
+  for (int64_t d = 1; d < packed.dim(); ++d) shape.push_back(packed.size(d));
+  at::Tensor out = at::empty(shape, packed.options());
+  if (out.numel() == 0) return out;
+  unsigned char pad[16];
+  fill_pad_row(out, pad_value, pad);
+  copy_rows(packed.const_data_ptr(), out.data_ptr(), batch * max_len, out.nbytes() / (batch * max_len), pad,
+            UnpackMap{cu_seqlens.data_ptr<int32_t>(), max_len, packed.size(0)});
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(taste, CUDA, m) {
+  m.impl("pack", &pack_cuda);
+  m.impl("pack_offsets", &pack_offsets_cuda);
+  m.impl("unpack", &unpack_cuda);
+}
+
+}  // namespace taste

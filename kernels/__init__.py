@@ -1,0 +1,1 @@
+"""Triton kernels of taste-kernels, installed as the sub-package ``taste.kernels``."""

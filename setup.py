@@ -1,0 +1,150 @@
+"""Build of taste-kernels: the Python package `taste` plus its compiled op library `taste._C`.
+
+The C++ CPU kernels are always compiled. The CUDA kernels (csrc/cuda/*.cu) are compiled whenever the installed
+torch is a CUDA build and a CUDA toolkit is found, GPU present or not. Environment:
+
+- TASTE_SKIP_CUDA_BUILD=1: compile the CPU kernels only.
+- TORCH_CUDA_ARCH_LIST: GPU architectures (default "9.0", Hopper).
+- MAX_JOBS: parallel compile jobs (ninja).
+- CUDA_HOME / CUDA_PATH: the toolkit, when it is not found by itself (see find_cuda_home).
+"""
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(path):
+    return bool(path) and all(
+        os.path.isfile(os.path.join(path, *p)) for p in (("bin", "nvcc"), ("include", "cuda_runtime.h"))
+    )
+
+
+def _nvcc_wrapper_target(nvcc):
+    """The toolkit behind an nvcc that is a shell wrapper (`exec /opt/cuda-X/bin/nvcc "$@"`), if any."""
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    match = re.search(rb"(/\S+)/bin/nvcc\b", head)
+    return match.group(1).decode() if match else None
+
+
+def find_cuda_home():
+    """Locate a usable CUDA toolkit (bin/nvcc and include/cuda_runtime.h), or None.
+
+    torch guesses the toolkit from the directory of the first `nvcc` on PATH; where that nvcc is a wrapper
+    script (e.g. /usr/local/bin/nvcc) the guess is /usr/local, which has no CUDA libraries, and linking fails.
+    So check, in order: CUDA_HOME / CUDA_PATH, /usr/local/cuda, the target of an nvcc wrapper, the real
+    directory of nvcc, then /usr/local/cuda-* (newest first).
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        path = os.environ.get(var)
+        if path:
+            if _is_toolkit(path):
+                return path
+            print(
+                f"taste setup: {var}={path} is not a CUDA toolkit (no bin/nvcc or include/cuda_runtime.h); "
+                "looking elsewhere",
+                file=sys.stderr,
+            )
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [_nvcc_wrapper_target(nvcc), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((c for c in candidates if _is_toolkit(c)), None)
+
+
+def pip_cuda_include_dirs(cuda_home):
+    """Header folders of the nvidia-* wheels that a CUDA build of torch depends on, when the toolkit lacks them.
+
+    torch's CUDA headers include cusparse.h, cublas_v2.h, ...; a toolkit installed without its math libraries
+    (compiler and runtime only) has none of them, while the wheels that torch installs ship them. They are
+    added with -isystem, so that they come after the toolkit's own headers.
+    """
+    if os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(
+        os.path.dirname(h)
+        for root in nvidia.__path__
+        for h in glob.glob(os.path.join(root, "*", "include", "cusparse.h"))
+    )
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip() not in ("", "0", "false", "False", "no")
+
+
+def build_extensions():
+    try:
+        import torch
+    except ImportError:
+        sys.exit(
+            "taste-kernels: PyTorch is needed to build the extension but `import torch` failed.\n"
+            "Install torch first (pip install torch) and build with `pip install --no-build-isolation .`,\n"
+            "or use plain `pip install .`, whose isolated build environment installs torch itself."
+        )
+    cuda_home = None
+    want_cuda = torch.version.cuda is not None and not _truthy("TASTE_SKIP_CUDA_BUILD")
+    if want_cuda:
+        cuda_home = find_cuda_home()
+        if cuda_home is None:
+            print(
+                "taste setup: torch is a CUDA build but no CUDA toolkit was found; building the CPU kernels only "
+                "(set CUDA_HOME to build the CUDA kernels)",
+                file=sys.stderr,
+            )
+        else:
+            # cpp_extension reads CUDA_HOME when it is imported, so it must be set before the import below.
+            os.environ["CUDA_HOME"] = cuda_home
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    from torch.utils import cpp_extension
+
+    with_cuda = cuda_home is not None
+    sources = ["csrc/ops.cpp", "csrc/common.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # at::parallel_for expands to `#pragma omp parallel` in torch's headers: without -fopenmp it runs serially.
+    cxx = ["-O3", "-fopenmp"]
+    ext_cls = cpp_extension.CppExtension
+    kwargs = {}
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        ext_cls = cpp_extension.CUDAExtension
+        cxx.append("-DWITH_CUDA")
+        nvcc = ["-O3", "-DWITH_CUDA", "--expt-relaxed-constexpr"]
+        for inc in pip_cuda_include_dirs(cuda_home):
+            cxx += ["-isystem", inc]
+            nvcc += ["-isystem", inc]
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
+        print(
+            f"taste setup: compiling CUDA kernels with {cuda_home} for TORCH_CUDA_ARCH_LIST="
+            f"{os.environ['TORCH_CUDA_ARCH_LIST']}",
+            file=sys.stderr,
+        )
+    else:
+        kwargs["extra_compile_args"] = {"cxx": cxx}
+    ext = ext_cls("taste._C", sources, extra_link_args=["-fopenmp"], **kwargs)
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = build_extensions()
+
+setup(
+    packages=find_packages(include=["taste", "taste.*"]) + ["taste.kernels"],
+    package_dir={"taste.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,294 @@
+"""The Python face of every taste op: typed wrappers, fake (meta) kernels and autograd formulas.
+
+Ragged batches are packed (STYLE.md): ``(N, ...)`` rows plus ``cu_seqlens`` int32 ``(B + 1,)`` starting at 0.
+Word segments are ``word_offsets`` int32 ``(W_total + 1,)`` over the packed rows. ``-1`` marks "none".
+
+The kernels live in the compiled library ``taste._C`` (C++ for the CPU, CUDA for GPUs). If it cannot be
+loaded (a source checkout, a failed build) this module warns once and every op runs the plain-PyTorch
+reference of :mod:`taste.reference` instead; :data:`HAS_EXTENSION` says which one is in use.
+
+Value checks (offsets monotone and ending at N, word ids contiguous, lengths within T) always run on CPU
+tensors. On CUDA tensors they would cost a device sync, so they run only in ops that sync anyway (``pack``,
+``word_offsets``, ``segment_broadcast`` without ``num_rows``) or with ``TASTE_STRICT_CHECKS=1``; the CUDA
+kernels never read or write outside their tensors, whatever the offsets hold.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from taste import reference
+
+try:
+    from taste import _C  # noqa: F401  (loading it registers torch.ops.taste.*)
+
+    HAS_EXTENSION = True
+except ImportError as _err:  # pragma: no cover - exercised in a subprocess by the tests
+    HAS_EXTENSION = False
+    warnings.warn(
+        f"taste: the compiled extension taste._C could not be loaded ({_err}); every op falls back to the "
+        "plain-PyTorch reference in taste/reference.py (correct, slower). Reinstall with `pip install .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+_impl = torch.ops.taste if HAS_EXTENSION else reference
+
+
+class DelayLayout(NamedTuple):
+    """The TASLM input/label layout of a packed batch (see :func:`delay_layout`). Every field has M rows."""
+
+    cu_seqlens: Tensor  # (B + 1,) int32: sequence b owns rows [cu_seqlens[b], cu_seqlens[b + 1])
+    input_token: Tensor  # (M,) int64: packed index of the text token fed; -1 = BOS row, -2 = pad-text row
+    input_word: Tensor  # (M,) int64: global word whose TASTE embedding is fed; -1 = pad-audio embedding
+    label_token: Tensor  # (M,) int64: packed index of the text token to predict; -1 = no text label
+    label_word: Tensor  # (M,) int64: global word whose codes are the TASTE target; -1 = no TASTE label
+
+
+def pack(padded: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Packs the valid rows of a right-padded batch. Differentiable in ``padded``.
+
+    Args:
+        padded: ``(B, T, *)`` any dtype.
+        lengths: ``(B,)`` int32/int64 on the same device, ``0 <= lengths[b] <= T``.
+
+    Returns:
+        ``packed (N, *)`` with ``N = lengths.sum()`` and ``cu_seqlens (B + 1,)`` int32. ``N`` is read back to
+        the host (one sync on CUDA); use :func:`pack_offsets` when the offsets are already known.
+    """
+    return _impl.pack(padded, lengths)
+
+
+def pack_offsets(padded: Tensor, cu_seqlens: Tensor, total: int) -> Tensor:
+    """:func:`pack` with known offsets: ``(B, T, *)`` -> ``(total, *)`` with ``total = cu_seqlens[-1]``; no sync."""
+    return _impl.pack_offsets(padded, cu_seqlens, total)
+
+
+def unpack(packed: Tensor, cu_seqlens: Tensor, max_len: int, pad_value: float = 0.0) -> Tensor:
+    """Inverse of :func:`pack`. Differentiable in ``packed``.
+
+    Args:
+        packed: ``(N, *)`` any dtype.
+        cu_seqlens: ``(B + 1,)`` int32, ends at ``N``; every length at most ``max_len``.
+        max_len: padded length T of the output (a host int).
+        pad_value: value of the rows past each sequence's end.
+
+    Returns:
+        ``(B, max_len, *)``.
+    """
+    return _impl.unpack(packed, cu_seqlens, max_len, pad_value)
+
+
+def word_offsets(word_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Word segments of a packed batch, all sequences concatenated in order.
+
+    Args:
+        word_ids: ``(N,)`` int32/int64; within every sequence they start at 0 and step by 0 or 1.
+        cu_seqlens: ``(B + 1,)`` int32, ends at ``N``.
+
+    Returns:
+        ``(W_total + 1,)`` int32: word ``w`` (global index) owns rows ``[out[w], out[w + 1])``; ``out[-1] = N``.
+        ``W_total`` is read back to the host (one sync on CUDA).
+    """
+    return _impl.word_offsets(word_ids, cu_seqlens)
+
+
+def segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
+    """Deterministic per-segment sums: ``(N, *)`` float -> ``(S, *)`` with ``S = len(offsets) - 1``.
+
+    ``offsets`` is int32 ``(S + 1,)``, starts at 0, non-decreasing, ends at N. Empty segments give 0.
+    Accumulates in float32 for half types. Differentiable.
+    """
+    return _impl.segment_sum(x, offsets)
+
+
+def segment_mean(x: Tensor, offsets: Tensor) -> Tensor:
+    """Per-segment means (the subword-to-word average): ``(N, *)`` -> ``(S, *)``; empty segments give 0.
+
+    Same contract as :func:`segment_sum`; deterministic (no atomics on any device). Differentiable.
+    """
+    return _impl.segment_mean(x, offsets)
+
+
+def segment_broadcast(y: Tensor, offsets: Tensor, num_rows: int | None = None) -> Tensor:
+    """Copies each segment's row to all of its rows (the inverse of :func:`segment_mean`).
+
+    Args:
+        y: ``(S, *)`` any dtype, one row per segment.
+        offsets: ``(S + 1,)`` int32 as for :func:`segment_sum`.
+        num_rows: ``N = offsets[-1]`` when known on the host; otherwise it is read back (one sync on CUDA).
+
+    Returns:
+        ``(N, *)``. Differentiable in ``y``.
+    """
+    return _impl.segment_broadcast(y, offsets, num_rows)
+
+
+def segment_mean_broadcast(x: Tensor, offsets: Tensor) -> Tensor:
+    """Replaces every row by the mean of its segment: ``segment_broadcast(segment_mean(x))`` in one pass.
+
+    This is the official subword-to-word averaging (spec section 1.5) with no loop and no host sync: one read
+    and one write of ``x``. ``(N, *)`` float -> ``(N, *)``; same contract as :func:`segment_mean`.
+    Differentiable (the map is a symmetric projection, so its backward is itself).
+    """
+    return _impl.segment_mean_broadcast(x, offsets)
+
+
+def segment_sum_by_key(values: Tensor, keys: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
+    """Deterministic per-key sums and counts (sort-based; the RVQ's EMA statistics).
+
+    Args:
+        values: ``(N, *)`` float.
+        keys: ``(N,)`` int32/int64 in ``[-1, num_keys)``; rows with key -1 are ignored.
+        num_keys: number of keys K.
+
+    Returns:
+        ``sums (K, *)`` in ``values.dtype`` and ``counts (K,)`` int64. Differentiable in ``values``.
+    """
+    return _impl.segment_sum_by_key(values, keys, num_keys)
+
+
+def delay_layout(word_ids: Tensor, cu_seqlens: Tensor, delay: int = 1) -> DelayLayout:
+    """The TASLM word-delay input/label layout (spec section 2.4) of a packed batch, with no loop over it.
+
+    A sequence of L text tokens and W words becomes ``L + delay + 1`` rows. Row 0 feeds BOS; row ``p >= 1``
+    feeds text position ``j = p - 1``: token j for ``j < L``, the pad-text embedding for the ``delay`` tail
+    rows ``j >= L``. Tail row ``j`` counts as a one-row virtual word ``W + (j - L)``. The audio fed with
+    position j is the TASTE embedding of word ``v(j) - delay`` (``v`` = word of j, virtual on the tail), or the
+    pad-audio embedding when that is negative: every token of word w carries the word ``delay`` words back.
+    Row p predicts what row ``p + 1`` is fed: text token p for ``p < L`` (rows L.. have no text label, which
+    fixes the official 0-padding label bug), and the codes of word ``v(p) - delay`` when position p starts a
+    (virtual) word and that word exists. For ``delay = 1`` this is the worked example of spec section 2.4.
+
+    Args:
+        word_ids: ``(N,)`` int32/int64 word ids of the packed text tokens (0-based per sequence, contiguous).
+        cu_seqlens: ``(B + 1,)`` int32, ends at N.
+        delay: word delay k >= 0.
+
+    Returns:
+        :class:`DelayLayout` with ``M = N + B * (delay + 1)`` rows. Word indices are global (the index into
+        per-word rows of the whole batch, as produced by :func:`word_offsets`); token indices are packed.
+    """
+    return DelayLayout(*_impl.delay_layout(word_ids, cu_seqlens, delay))
+
+
+def _trailing(t: Tensor, start: int) -> tuple:
+    return tuple(t.shape[start:])
+
+
+if HAS_EXTENSION:
+    _ops = torch.ops.taste
+
+    # ---- fakes: shapes and dtypes only, for torch.compile / meta tensors ----
+    @torch.library.register_fake("taste::pack")
+    def _pack_fake(padded, lengths):
+        torch._check(padded.dim() >= 2, lambda: "taste: padded must have shape (B, T, ...)")
+        total = torch.library.get_ctx().new_dynamic_size()
+        cu = lengths.new_empty((lengths.shape[0] + 1,), dtype=torch.int32)
+        return padded.new_empty((total, *_trailing(padded, 2))), cu
+
+    @torch.library.register_fake("taste::pack_offsets")
+    def _pack_offsets_fake(padded, cu_seqlens, total):
+        return padded.new_empty((total, *_trailing(padded, 2)))
+
+    @torch.library.register_fake("taste::unpack")
+    def _unpack_fake(packed, cu_seqlens, max_len, pad_value=0.0):
+        return packed.new_empty((cu_seqlens.shape[0] - 1, max_len, *_trailing(packed, 1)))
+
+    @torch.library.register_fake("taste::word_offsets")
+    def _word_offsets_fake(word_ids, cu_seqlens):
+        # The size itself must be the unbacked symbol (W + 1 would leave W unrecoverable for the compiler).
+        return cu_seqlens.new_empty((torch.library.get_ctx().new_dynamic_size(min=1),))
+
+    @torch.library.register_fake("taste::segment_sum")
+    def _segment_sum_fake(x, offsets):
+        return x.new_empty((offsets.shape[0] - 1, *_trailing(x, 1)))
+
+    torch.library.register_fake("taste::segment_mean")(_segment_sum_fake)
+
+    @torch.library.register_fake("taste::segment_mean_broadcast")
+    def _segment_mean_broadcast_fake(x, offsets):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("taste::segment_broadcast")
+    def _segment_broadcast_fake(y, offsets, num_rows=None):
+        rows = torch.library.get_ctx().new_dynamic_size() if num_rows is None else num_rows
+        return y.new_empty((rows, *_trailing(y, 1)))
+
+    @torch.library.register_fake("taste::segment_sum_by_key")
+    def _segment_sum_by_key_fake(values, keys, num_keys):
+        return values.new_empty((num_keys, *_trailing(values, 1))), keys.new_empty((num_keys,), dtype=torch.int64)
+
+    @torch.library.register_fake("taste::delay_layout")
+    def _delay_layout_fake(word_ids, cu_seqlens, delay=1):
+        rows = word_ids.shape[0] + (cu_seqlens.shape[0] - 1) * (delay + 1)
+        idx = [word_ids.new_empty((rows,), dtype=torch.int64) for _ in range(4)]
+        return (cu_seqlens.new_empty(cu_seqlens.shape), *idx)
+
+    # ---- autograd: every backward is made of taste ops, so double backward works too ----
+    def _save_offsets(index: int):
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[index])
+            ctx.rows = inputs[0].shape[0]
+            ctx.max_len = inputs[0].shape[1] if inputs[0].dim() > 1 else 0
+
+        return setup_context
+
+    def _pack_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.max_len = inputs[0].shape[1]
+
+    def _pack_backward(ctx, grad, _grad_cu):
+        (cu,) = ctx.saved_tensors
+        return _ops.unpack(grad, cu, ctx.max_len, 0.0), None
+
+    def _pack_offsets_backward(ctx, grad):
+        (cu,) = ctx.saved_tensors
+        return _ops.unpack(grad, cu, ctx.max_len, 0.0), None, None
+
+    def _unpack_backward(ctx, grad):
+        (cu,) = ctx.saved_tensors
+        return _ops.pack_offsets(grad, cu, ctx.rows), None, None, None
+
+    def _segment_sum_backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        return _ops.segment_broadcast(grad, offsets, ctx.rows), None
+
+    def _segment_mean_backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        counts = offsets.diff().clamp(min=1).to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+        return _ops.segment_broadcast(grad / counts, offsets, ctx.rows), None
+
+    def _segment_mean_broadcast_backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        return _ops.segment_mean_broadcast(grad, offsets), None
+
+    def _segment_broadcast_backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        return _ops.segment_sum(grad, offsets), None, None
+
+    def _by_key_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def _by_key_backward(ctx, grad_sums, _grad_counts):
+        (keys,) = ctx.saved_tensors
+        valid = (keys >= 0).view(-1, *([1] * (grad_sums.dim() - 1)))
+        rows = grad_sums.index_select(0, keys.clamp(min=0).long())
+        return torch.where(valid, rows, torch.zeros_like(rows)), None, None
+
+    torch.library.register_autograd("taste::pack", _pack_backward, setup_context=_pack_setup)
+    torch.library.register_autograd("taste::pack_offsets", _pack_offsets_backward, setup_context=_save_offsets(1))
+    torch.library.register_autograd("taste::unpack", _unpack_backward, setup_context=_save_offsets(1))
+    torch.library.register_autograd("taste::segment_sum", _segment_sum_backward, setup_context=_save_offsets(1))
+    torch.library.register_autograd("taste::segment_mean", _segment_mean_backward, setup_context=_save_offsets(1))
+    torch.library.register_autograd(
+        "taste::segment_broadcast", _segment_broadcast_backward, setup_context=_save_offsets(1)
+    )
+    torch.library.register_autograd(
+        "taste::segment_mean_broadcast", _segment_mean_broadcast_backward, setup_context=_save_offsets(1)
+    )
+    torch.library.register_autograd("taste::segment_sum_by_key", _by_key_backward, setup_context=_by_key_setup)

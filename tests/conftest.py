@@ -1,0 +1,57 @@
+"""Shared helpers: devices, tolerances and random packed batches with the awkward cases built in."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# bench/ holds the official-style baselines that some tests cross-check against. Only that folder goes on the
+# path: the repository root would shadow the installed `taste` package with the source tree.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+HAS_CUDA = torch.cuda.is_available()
+cuda = pytest.mark.cuda
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+# (atol, rtol) by dtype, STYLE.md.
+TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1.3e-6),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1.6e-2),
+}
+
+# Ragged batch shapes: B = 1, empty and length-1 sequences, odd sizes, one long sequence.
+LENGTH_CASES = [[1], [7], [0], [3, 0, 1, 5], [13, 1, 0, 0, 29, 2], [100, 97, 3, 64, 1, 0, 55, 111]]
+
+
+def make_cu(lengths, device="cpu") -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return cu.to(device)
+
+
+def random_word_ids(lengths, gen: torch.Generator, p_new: float = 0.45, dtype=torch.int32, device="cpu"):
+    """Packed word ids: each token starts a new word with probability p_new (so length-1 and long words occur)."""
+    parts = []
+    for n in lengths:
+        starts = torch.rand(n, generator=gen) < p_new
+        if n:
+            starts[0] = True
+        parts.append(starts.long().cumsum(0) - 1)
+    ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return ids.to(dtype=dtype, device=device)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None):
+    atol, rtol = TOL[dtype or actual.dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

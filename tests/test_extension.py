@@ -1,0 +1,71 @@
+"""The compiled extension: loaded, CUDA kernels compiled in when torch has CUDA, and the fallback without it."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import taste
+from taste import ops
+
+OPS = [
+    "pack",
+    "pack_offsets",
+    "unpack",
+    "word_offsets",
+    "segment_sum",
+    "segment_mean",
+    "segment_broadcast",
+    "segment_mean_broadcast",
+    "segment_sum_by_key",
+    "delay_layout",
+]
+
+
+def test_extension_is_loaded():
+    assert taste.HAS_EXTENSION, "taste._C did not load: the build is broken"
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"taste::{name}", "CPU"), name
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU build: no CUDA kernels to compile")
+@pytest.mark.skipif(os.environ.get("TASTE_SKIP_CUDA_BUILD", "0") not in ("", "0"), reason="CUDA build skipped")
+def test_cuda_kernels_are_compiled_in():
+    missing = [n for n in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"taste::{n}", "CUDA")]
+    assert not missing, f"ops without a CUDA kernel: {missing} (was a CUDA toolkit found at build time?)"
+
+
+def test_fallback_to_reference_without_extension():
+    script = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["taste._C"] = None  # makes `from taste import _C` fail as in a source checkout
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import taste
+            from taste import ops
+        assert not taste.HAS_EXTENSION
+        assert sum("falls back" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
+        import torch
+        packed, cu = ops.pack(torch.arange(6.0).view(2, 3), torch.tensor([2, 1]))
+        assert packed.tolist() == [0.0, 1.0, 3.0] and cu.tolist() == [0, 2, 3]
+        offsets = ops.word_offsets(torch.tensor([0, 0, 1]), cu)
+        assert offsets.tolist() == [0, 2, 3]
+        assert ops.segment_mean(packed, offsets).tolist() == [0.5, 3.0]
+        print("ok")
+        """
+    )
+    env = dict(os.environ)
+    # The same `taste` as this test run uses, installed or a source checkout with an in-place build.
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(taste.__file__)), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_ops_have_docstrings_with_shapes():
+    for name in OPS:
+        doc = getattr(ops, name).__doc__
+        assert doc and "(" in doc, name
