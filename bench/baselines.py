@@ -81,3 +81,50 @@ def official_prepare_batch(token_ids, word_ids, codes_at_starts, lengths, delay:
         pad_sequence(taste_labels, batch_first=True, padding_value=-1),
         torch.tensor([n + delay + 1 for n in (int(v.item()) for v in lengths)], dtype=torch.int32),
     )
+
+
+def padded_aggregator(agg, ids, h_key, h_val, self_attention, cross_attention):
+    """The aggregator of spec 1.4 on a padded batch, with pluggable attention: the shape of the official code.
+
+    agg: a taste.TextQueryAggregator (its weights are used); ids: (B, S) prefixed token ids, padded;
+    self_attention(q, k, v) / cross_attention(q, k, v) take (B, H, S, Dh) / (B, H, E, Dh) tensors.
+    Returns the final-LayerNorm output (B, S, d).
+    """
+    B, S = ids.shape
+    H = agg.config.num_heads
+    positions = torch.arange(S, device=ids.device)
+    x = agg.embed_tokens(ids) + agg.embed_positions(positions)[None]
+
+    def heads(t):
+        return t.view(t.shape[0], t.shape[1], H, -1).transpose(1, 2)  # (B, H, T, Dh)
+
+    def merge(t):
+        return t.transpose(1, 2).reshape(B, S, -1)
+
+    for layer in agg.layers:
+        a = layer.self_attn
+        h = layer.self_attn_layer_norm(x)
+        x = x + a.out_proj(merge(self_attention(heads(a.q_proj(h)), heads(a.k_proj(h)), heads(a.v_proj(h)))))
+        a = layer.encoder_attn
+        h = layer.encoder_attn_layer_norm(x)
+        attn = cross_attention(heads(a.q_proj(h)), heads(a.k_proj(h_key)), heads(a.v_proj(h_val)))
+        x = x + a.out_proj(merge(attn))
+        x = x + layer.fc2(torch.nn.functional.gelu(layer.fc1(layer.final_layer_norm(x))))
+    return agg.layer_norm(x)
+
+
+def eager_attention(q, k, v, mask=None):
+    """HF 'eager' attention: the full (B, H, S, T) score and probability tensors, softmax in float32."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def official_prefixed_ids(tokens_pad, prefix_ids):
+    """Spec 1.4: prefix ++ padded tokens (pad 0) ++ EOS 50257-style end token after the padding (inert)."""
+    B = tokens_pad.shape[0]
+    prefix = torch.tensor(prefix_ids, device=tokens_pad.device).expand(B, -1)
+    eos = torch.full((B, 1), prefix_ids[0] - 1, device=tokens_pad.device, dtype=tokens_pad.dtype)
+    return torch.cat([prefix, tokens_pad, eos], dim=1)

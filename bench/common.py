@@ -70,30 +70,41 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device: str, reps: int = 0, budget_s: float = 0.5) -> float:
-    """Median wall time of fn() in ms, after warm-up; CUDA events on a GPU."""
-    for _ in range(3):
+def _time_once(fn, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_providers(fns: list, device: str, reps: int = 0, budget_s: float = 1.0) -> list[float]:
+    """Median wall time in ms of each fn, after warm-up; CUDA events on a GPU.
+
+    The providers are timed round-robin (one call of each per round), so that a slow drift of the machine
+    (other load, clocks) shifts them all alike instead of favouring whichever ran in a quiet moment.
+    """
+    for fn in fns:
+        for _ in range(2):
+            fn()
     sync(device)
-    if reps <= 0:  # enough repetitions to fill the budget, between 5 and 200
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        reps = int(min(200, max(5, budget_s / max(time.perf_counter() - t0, 1e-6))))
-    times = []
+    if reps <= 0:  # enough rounds to fill the budget, between 5 and 200
+        round_ms = sum(_time_once(fn, device) for fn in fns)
+        reps = int(min(200, max(5, budget_s * 1e3 / max(round_ms, 1e-3))))
+    times = [[] for _ in fns]
     for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            times[i].append(_time_once(fn, device))
+    return [statistics.median(t) for t in times]
+
+
+def time_ms(fn, device: str, reps: int = 0) -> float:
+    return time_providers([fn], device, reps)[0]
 
 
 def peak_mb(fn, device: str) -> float:
@@ -146,10 +157,8 @@ def copy_ceiling_gbps(device: str, nbytes: int = 1 << 30) -> float:
 
 def measure(case: str, providers: dict, device: str, reps: int = 0, bytes_moved: int = 0) -> list[Row]:
     """Times every provider of one case; the first provider is the baseline of the ratio column."""
-    rows = []
-    for name, fn in providers.items():
-        ms = time_ms(fn, device, reps)
-        rows.append(Row(case, name, ms, peak_mb(fn, device), bytes_moved))
+    times = time_providers(list(providers.values()), device, reps)
+    rows = [Row(case, name, ms, peak_mb(fn, device), bytes_moved) for (name, fn), ms in zip(providers.items(), times)]
     base = rows[0].median_ms
     for r in rows:
         r.ratio = base / r.median_ms

@@ -1,7 +1,32 @@
 """taste-kernels: TASTE / TASLM with fused kernels."""
 
-from taste import ops
-from taste.ops import HAS_EXTENSION, DelayLayout
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
 
-__all__ = ["ops", "HAS_EXTENSION", "DelayLayout"]
+
+def _source_checkout_kernels() -> None:
+    """In a source checkout `kernels/` sits next to `taste/` instead of inside it (setup.py installs it as
+    taste.kernels): register it under that name so that the same imports work from the repository."""
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.isdir(_os.path.join(here, "kernels")) or "taste.kernels" in _sys.modules:
+        return
+    init = _os.path.join(_os.path.dirname(here), "kernels", "__init__.py")
+    if not _os.path.isfile(init):
+        return
+    spec = _importlib_util.spec_from_file_location(
+        "taste.kernels", init, submodule_search_locations=[_os.path.dirname(init)]
+    )
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules["taste.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_source_checkout_kernels()
+
+from taste import ops  # noqa: E402
+from taste.aggregator import AggregatorConfig, TextQueryAggregator  # noqa: E402
+from taste.ops import HAS_EXTENSION, DelayLayout  # noqa: E402
+
+__all__ = ["ops", "HAS_EXTENSION", "DelayLayout", "AggregatorConfig", "TextQueryAggregator"]
 __version__ = "0.1.0"

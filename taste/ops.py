@@ -292,3 +292,6 @@ if HAS_EXTENSION:
         "taste::segment_mean_broadcast", _segment_mean_broadcast_backward, setup_context=_save_offsets(1)
     )
     torch.library.register_autograd("taste::segment_sum_by_key", _by_key_backward, setup_context=_by_key_setup)
+
+
+from taste.ops_attention import text_query_attention  # noqa: E402,F401  (Triton custom op, see the module)

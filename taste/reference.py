@@ -109,3 +109,89 @@ def delay_layout(word_ids: Tensor, cu_seqlens: Tensor, delay: int = 1):
     word_start = ~inside_lab | (p == 0) | (v_lab != prev)
     label_word = torch.where((p < L + delay) & word_start & (v_lab - delay >= 0), first + v_lab - delay, neg)
     return cu_out, input_token, input_word, label_token, label_word
+
+
+# ---- text-query attention (the aggregator's attention; taste.kernels.attention is the CUDA path) ----
+
+
+def _to_padded(t, cu, max_len, lengths, pad_value=0.0):
+    """Packed (N, H, ...) -> (B, H, max_len, ...); a view when every sequence fills max_len."""
+    if all(n == max_len for n in lengths):
+        return t.view(len(lengths), max_len, *t.shape[1:]).transpose(1, 2)
+    return unpack(t, cu, max_len, pad_value).transpose(1, 2)
+
+
+def _from_padded(t, cu, total, lengths):
+    """(B, H, M, ...) -> packed (N, H, ...); a reshape when every sequence fills M."""
+    t = t.transpose(1, 2)
+    if all(n == t.shape[1] for n in lengths):
+        return t.reshape(total, *t.shape[2:])
+    return pack_offsets(t, cu, total)
+
+
+def _padded_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """(B, H, M, D) views of q, k, v (copies only where a sequence is shorter than its max), the additive mask
+    (None where is_causal or no mask is needed), and which query rows see no key (None when every row sees one)."""
+    # Host lists: free on CPU, the device this path is for (on CUDA it is the float64 fallback).
+    lq, lk = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    batch = len(lq)
+
+    qp = _to_padded(q, cu_seqlens_q, max_seqlen_q, lq)
+    kp, vp = (_to_padded(t, cu_seqlens_k, max_seqlen_k, lk) for t in (k, v))
+    if (causal and lq == lk) or (not causal and all(n == max_seqlen_k for n in lk)):
+        # is_causal (top-left) equals bottom-right when Lq = Lk, and a row never reaches keys past its length.
+        no_key = None
+        if any(a > 0 and b == 0 for a, b in zip(lq, lk)):
+            no_key = torch.tensor([b == 0 for b in lk], device=q.device)[:, None].expand(batch, max_seqlen_q)
+        return qp, kp, vp, None, causal, no_key
+    lq_t, lk_t = _lengths(cu_seqlens_q), _lengths(cu_seqlens_k)
+    rows = torch.arange(max_seqlen_q, device=q.device)
+    cols = torch.arange(max_seqlen_k, device=q.device)
+    ok = cols[None, None, :] < lk_t[:, None, None]
+    if causal:  # bottom-right alignment: query i sees keys j <= i + (Lk - Lq)
+        ok = ok & (cols[None, None, :] <= rows[None, :, None] + (lk_t - lq_t)[:, None, None])
+    mask = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill(~ok, float("-inf"))[:, None]
+    return qp, kp, vp, mask, False, ~ok.any(-1)
+
+
+def text_query_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None):
+    """Softmax attention of packed queries (Nq, H, D) over packed keys/values (Nk, H, D), per sequence.
+
+    Returns (out (Nq, H, D) in q.dtype, lse (H, Nq) float32, float64 for float64 inputs; +inf where a query
+    sees no key, whose output is 0). Runs PyTorch's memory-efficient CPU attention kernel (the one behind
+    scaled_dot_product_attention) on padded views: no (B, H, Mq, Mk) tensor is held.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qp, kp, vp, mask, is_causal, no_key = _padded_attention_args(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal
+    )
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qp, kp, vp, 0.0, is_causal, attn_mask=mask, scale=scale
+    )  # (B, H, Mq, D), (B, H, Mq)
+    if no_key is not None:
+        lse = lse.masked_fill(no_key[:, None], float("inf"))
+    lq = cu_seqlens_q.diff().tolist()
+    out = _from_padded(out, cu_seqlens_q, q.shape[0], lq)  # (Nq, H, D)
+    return out, _from_padded(lse, cu_seqlens_q, q.shape[0], lq).t().contiguous()  # (H, Nq)
+
+
+def text_query_attention_backward(
+    grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None
+):
+    """Gradients (dq, dk, dv) of :func:`text_query_attention` from its saved out and lse."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qp, kp, vp, mask, is_causal, _ = _padded_attention_args(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal
+    )
+    lq, lk = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    gp = _to_padded(grad_out, cu_seqlens_q, max_seqlen_q, lq)
+    op = _to_padded(out, cu_seqlens_q, max_seqlen_q, lq)
+    lp = _to_padded(lse.t(), cu_seqlens_q, max_seqlen_q, lq, float("inf"))  # +inf: padded rows get no gradient
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        gp.contiguous(), qp, kp, vp, op.contiguous(), lp.contiguous(), 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+    return (
+        _from_padded(dq, cu_seqlens_q, q.shape[0], lq),
+        _from_padded(dk, cu_seqlens_k, k.shape[0], lk),
+        _from_padded(dv, cu_seqlens_k, v.shape[0], lk),
+    )

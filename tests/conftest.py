@@ -13,6 +13,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 HAS_CUDA = torch.cuda.is_available()
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (correctness only). Triton reads
+# this when a kernel is decorated, i.e. when taste.kernels.* is first imported, which happens after conftest.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+on_triton_interpreter = pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 (automatic without a GPU)")
 cuda = pytest.mark.cuda
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]

@@ -1,0 +1,228 @@
+"""The TASTE text-query aggregator (spec section 1.4): a Whisper-decoder-shaped stack whose text-token queries
+attend over the speech encoder, keys from one encoder hidden state and values from another.
+
+Parameter names are those of transformers' ``WhisperDecoder`` (``embed_tokens``, ``embed_positions``,
+``layers.{i}.self_attn.{q,k,v,out}_proj``, ``self_attn_layer_norm``, ``encoder_attn.*``,
+``encoder_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm``, ``layer_norm``), so the key mapping from a
+Whisper decoder is the identity, and from the official TASTE checkpoint it is the removal of
+:data:`OFFICIAL_PREFIX`. Dropout is not modelled (Whisper and TASTE train the aggregator without it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from taste.ops import text_query_attention
+
+OFFICIAL_PREFIX = "audio_tower.audio_joint_encoder_segmenter.audio_segmenter.decoder."
+WHISPER_PREFIX_IDS = (50258, 50259, 50360, 50364)  # <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    vocab_size: int = 51866
+    d_model: int = 1280
+    num_heads: int = 20
+    num_layers: int = 2
+    ffn_dim: int = 5120
+    max_positions: int = 448
+    prefix_ids: tuple[int, ...] = WHISPER_PREFIX_IDS
+    skip_prefix: int = 4  # the official skip_prefix_idx: leading outputs that are not text tokens
+    identity_v_proj: bool = True  # make_v_proj_identity: cross-attention values start as the raw value states
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def distil_large_v3(cls, **overrides) -> AggregatorConfig:
+        """The official aggregator: distil-whisper/distil-large-v3's decoder (2 layers, 1280, 20 x 64)."""
+        return replace(cls(), **overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> AggregatorConfig:
+        """A small random model for tests and CPU experiments (head dim 32, vocabulary of 1000 ids)."""
+        base = cls(
+            vocab_size=1000,
+            d_model=64,
+            num_heads=2,
+            num_layers=2,
+            ffn_dim=128,
+            max_positions=96,
+            prefix_ids=(996, 997, 998, 999),
+        )
+        return replace(base, **overrides)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+class WhisperAttentionProjections(nn.Module):
+    """Whisper's bias layout: q, v and out with bias, k without."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+
+class AggregatorLayer(nn.Module):
+    def __init__(self, config: AggregatorConfig):
+        super().__init__()
+        d = config.d_model
+        self.heads = config.num_heads
+        self.self_attn = WhisperAttentionProjections(d)
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.encoder_attn = WhisperAttentionProjections(d)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(d, config.ffn_dim)
+        self.fc2 = nn.Linear(config.ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(x.shape[0], self.heads, -1)  # (rows, H, Dh)
+
+    def forward(self, x, cu_seqlens, max_seqlen, key_states, value_states, cu_seqlens_k, max_seqlen_k):
+        n = x.shape[0]
+        h = self.self_attn_layer_norm(x)
+        a = self.self_attn
+        attn = text_query_attention(
+            self._heads(a.q_proj(h)),
+            self._heads(a.k_proj(h)),
+            self._heads(a.v_proj(h)),
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            causal=True,
+        )
+        x = x + a.out_proj(attn.reshape(n, -1))
+        h = self.encoder_attn_layer_norm(x)
+        a = self.encoder_attn
+        attn = text_query_attention(
+            self._heads(a.q_proj(h)),
+            self._heads(a.k_proj(key_states)),
+            self._heads(a.v_proj(value_states)),
+            cu_seqlens,
+            cu_seqlens_k,
+            max_seqlen,
+            max_seqlen_k,
+        )
+        x = x + a.out_proj(attn.reshape(n, -1))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class TextQueryAggregator(nn.Module):
+    """Text-token queries over the speech encoder; packed batches in and out, no host sync in forward."""
+
+    def __init__(self, *, config: AggregatorConfig):
+        super().__init__()
+        if config.d_model % config.num_heads:
+            raise ValueError(f"config.d_model ({config.d_model}) must be divisible by num_heads ({config.num_heads})")
+        if config.skip_prefix != len(config.prefix_ids):
+            raise ValueError(
+                f"config.skip_prefix must equal the prefix length {len(config.prefix_ids)} (the output has "
+                f"one row per text token), got {config.skip_prefix}"
+            )
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_positions = nn.Embedding(config.max_positions, config.d_model)
+        self.layers = nn.ModuleList(AggregatorLayer(config) for _ in range(config.num_layers))
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.register_buffer("prefix_ids", torch.tensor(config.prefix_ids, dtype=torch.long), persistent=False)
+        if config.identity_v_proj:
+            self.reset_v_proj_to_identity()
+
+    @torch.no_grad()
+    def reset_v_proj_to_identity(self) -> None:
+        """The official make_v_proj_identity: every cross-attention v_proj becomes W = I, b = 0."""
+        for layer in self.layers:
+            layer.encoder_attn.v_proj.weight.copy_(torch.eye(self.config.d_model))
+            layer.encoder_attn.v_proj.bias.zero_()
+
+    def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, h_key: Tensor, h_val: Tensor) -> Tensor:
+        """Aggregates each text token's view of its utterance.
+
+        Args:
+            tokens: ``(N,)`` int64 packed ASR text tokens, without the prefix (added here per sequence).
+            cu_seqlens: ``(B + 1,)`` int32 offsets of the sequences in ``tokens``.
+            max_seqlen: host int, the longest sequence (``max_seqlen + len(prefix) <= max_positions``).
+            h_key: ``(B, E, d_model)`` encoder states the keys are made from (Whisper's last hidden state).
+            h_val: ``(B, E, d_model)`` encoder states the values are made from (a shallow layer's output).
+
+        Returns:
+            ``(N, d_model)``: the final-LayerNorm output at every text token (prefix outputs dropped). Output
+            ``p`` is the state after reading token ``p``; ``taste.ops.segment_mean`` pools it into words.
+        """
+        cfg = self.config
+        prefix = len(cfg.prefix_ids)
+        if max_seqlen + prefix > cfg.max_positions:
+            raise ValueError(
+                f"max_seqlen + {prefix} prefix tokens must be <= max_positions={cfg.max_positions}, "
+                f"got max_seqlen={max_seqlen}"
+            )
+        if h_key.shape != h_val.shape or h_key.dim() != 3 or h_key.shape[-1] != cfg.d_model:
+            raise ValueError(
+                f"h_key and h_val must both be (B, E, {cfg.d_model}), got {tuple(h_key.shape)} and {tuple(h_val.shape)}"
+            )
+        batch, frames = h_key.shape[:2]
+        if cu_seqlens.shape[0] != batch + 1:
+            raise ValueError(
+                f"cu_seqlens must have B + 1 = {batch + 1} entries (B from h_key), got {cu_seqlens.shape[0]}"
+            )
+        n = tokens.shape[0]
+        dev = tokens.device
+        lengths = cu_seqlens.diff()
+        cu_p = cu_seqlens + prefix * torch.arange(batch + 1, device=dev, dtype=cu_seqlens.dtype)  # (B + 1,)
+        seq = torch.repeat_interleave(torch.arange(batch, device=dev), lengths, output_size=n)  # (N,)
+        token_rows = torch.arange(n, device=dev) + prefix * (seq + 1)  # where each token sits after its prefix
+        prefix_rows = (cu_p[:-1, None] + torch.arange(prefix, device=dev)).flatten()  # (B * P,)
+        ids = tokens.new_empty(n + batch * prefix)
+        ids[token_rows] = tokens
+        ids[prefix_rows] = self.prefix_ids.repeat(batch)
+        seq_p = torch.repeat_interleave(torch.arange(batch, device=dev), lengths + prefix, output_size=ids.shape[0])
+        positions = torch.arange(ids.shape[0], device=dev) - cu_p[seq_p]
+        x = self.embed_tokens(ids) + self.embed_positions(positions)  # (N + B*P, d)
+        key_states = h_key.reshape(batch * frames, -1)  # (B*E, d)
+        value_states = h_val.reshape(batch * frames, -1)
+        cu_k = torch.arange(batch + 1, device=dev, dtype=torch.int32) * frames
+        for layer in self.layers:
+            x = layer(x, cu_p, max_seqlen + prefix, key_states, value_states, cu_k, frames)
+        return self.layer_norm(x)[token_rows]  # (N, d): the skip_prefix prefix outputs dropped
+
+    @classmethod
+    def from_whisper_decoder(cls, decoder: nn.Module, **overrides) -> TextQueryAggregator:
+        """Builds the aggregator from a transformers ``WhisperDecoder`` (pretrained or random), copying its weights.
+
+        The key mapping is the identity (same parameter names). ``overrides`` replace config fields, e.g.
+        ``identity_v_proj=False`` to keep the decoder's cross-attention v_proj (the default re-initialises it
+        to the identity as the official seed model does). The module takes the decoder's dtype and device.
+        """
+        c = decoder.config
+        config = AggregatorConfig(
+            vocab_size=c.vocab_size,
+            d_model=c.d_model,
+            num_heads=c.decoder_attention_heads,
+            num_layers=c.decoder_layers,
+            ffn_dim=c.decoder_ffn_dim,
+            max_positions=c.max_target_positions,
+        )
+        config = replace(config, **overrides)
+        weight = decoder.embed_tokens.weight
+        with torch.device("meta"):
+            module = cls(config=replace(config, identity_v_proj=False))
+        module.load_state_dict(decoder.state_dict(), strict=True, assign=True)
+        module.prefix_ids = torch.tensor(config.prefix_ids, dtype=torch.long, device=weight.device)
+        module.config = config
+        if config.identity_v_proj:
+            module.reset_v_proj_to_identity()
+        return module.to(weight.dtype)
+
+    def load_official_state_dict(self, state_dict: dict, strict: bool = True):
+        """Loads the aggregator part of an official TASTE checkpoint (keys under :data:`OFFICIAL_PREFIX`)."""
+        own = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
+        return self.load_state_dict(own, strict=strict)

@@ -1,0 +1,192 @@
+"""``taste.ops.text_query_attention``: packed variable-length attention, Triton on CUDA, reference elsewhere.
+
+Registered with ``torch.library.custom_op`` (not ``triton_op``, see STYLE.md): the default kernel is the
+plain-PyTorch reference (CPU and any device), the CUDA kernel launches ``taste.kernels.attention``. The
+backward is a second custom op with the same split, so training works on both and compiles opaquely.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from taste import reference
+
+TRITON_HEAD_DIMS = (32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _uses_triton(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in TRITON_DTYPES
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("taste::text_query_attention", mutates_args=())
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    return reference.text_query_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    )
+
+
+@_attention.register_kernel("cuda")
+def _attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    if not _uses_triton(q):
+        return reference.text_query_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+        )
+    from taste.kernels.attention import text_query_attention_fwd
+
+    with torch.cuda.device(q.device):
+        return text_query_attention_fwd(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            causal,
+            scale,
+        )
+
+
+@_attention.register_fake
+def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("taste::text_query_attention_backward", mutates_args=())
+def _attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return reference.text_query_attention_backward(
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    )
+
+
+@_attention_backward.register_kernel("cuda")
+def _attention_backward_cuda(
+    grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+):
+    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    if not _uses_triton(q):
+        return reference.text_query_attention_backward(grad_out, q, k, v, out, lse, *args)
+    from taste.kernels.attention import text_query_attention_bwd
+
+    with torch.cuda.device(q.device):
+        return text_query_attention_bwd(grad_out, q.contiguous(), k.contiguous(), v.contiguous(), out, lse, *args)
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(grad_out, q, k, v, out, lse, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.args = (max_q, max_k, causal, scale)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_offsets(cu: Tensor, name: str, total: int, max_len: int, batch: int | None) -> None:
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise RuntimeError(f"taste: {name} must be a 1-D int32 tensor (B + 1,), got {cu.dtype} {tuple(cu.shape)}")
+    if batch is not None and cu.numel() != batch + 1:
+        raise RuntimeError(f"taste: {name} must have shape ({batch + 1},) like cu_seqlens_q, got {tuple(cu.shape)}")
+    if cu.device.type != "cpu" or torch.compiler.is_compiling():
+        return  # value checks would sync the device (STYLE.md); CPU tensors are checked
+    offsets = cu.tolist()
+    if offsets[0] != 0 or offsets[-1] != total:
+        raise RuntimeError(
+            f"taste: {name} must start at 0 and end at the number of rows ({total}), got {offsets[0]}..{offsets[-1]}"
+        )
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    if lengths and min(lengths) < 0:
+        raise RuntimeError(f"taste: {name} must be non-decreasing")
+    if lengths and max(lengths) > max_len:
+        raise RuntimeError(f"taste: a sequence of {max(lengths)} rows in {name} exceeds its max_seqlen={max_len}")
+
+
+def text_query_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Softmax attention of each sequence's queries over the same sequence's keys, on packed batches.
+
+    Args:
+        q: ``(Nq, H, D)`` float16/bfloat16/float32 (float64 runs the reference).
+        k, v: ``(Nk, H, D)``, same dtype and device.
+        cu_seqlens_q, cu_seqlens_k: ``(B + 1,)`` int32 offsets of the sequences in q and in k/v.
+        max_seqlen_q, max_seqlen_k: host ints bounding the sequence lengths (grid sizes; no sync).
+        causal: mask aligned bottom-right as in flash-attention: query i sees keys ``j <= i + Lk - Lq``
+            (for the aggregator's self-attention Lq = Lk and this is the usual lower triangle).
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``(Nq, H, D)`` in q.dtype; 0 for a query that sees no key. Differentiable in q, k and v (deterministic
+        backward). On CUDA the Triton kernels need D in (32, 64, 128).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3 or not t.is_floating_point():
+            raise RuntimeError(
+                f"taste: {name} must be a floating-point (rows, heads, head_dim) tensor, got {t.dtype} {tuple(t.shape)}"
+            )
+    if k.shape != v.shape or k.shape[1:] != q.shape[1:]:
+        raise RuntimeError(
+            f"taste: k and v must have shape (Nk, H, D) with q's H and D {tuple(q.shape[1:])}, got "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise RuntimeError(f"taste: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t.device != q.device:
+            raise RuntimeError(f"taste: {name} must be on the same device as q ({q.device}), got {t.device}")
+    if q.is_cuda and q.shape[-1] not in TRITON_HEAD_DIMS:
+        raise RuntimeError(f"taste: head_dim must be one of {TRITON_HEAD_DIMS} on CUDA, got {q.shape[-1]}")
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise RuntimeError(f"taste: max_seqlen_q and max_seqlen_k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
+    _check_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, None)
+    _check_offsets(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, cu_seqlens_q.shape[0] - 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)[0]

@@ -1,0 +1,162 @@
+"""TextQueryAggregator against transformers' own WhisperDecoder with the same weights."""
+
+import pytest
+import torch
+from conftest import DEVICES, HAS_CUDA, make_cu
+
+from taste import AggregatorConfig, TextQueryAggregator, ops
+from taste.aggregator import OFFICIAL_PREFIX
+
+transformers = pytest.importorskip("transformers")
+from transformers import WhisperConfig  # noqa: E402
+from transformers.models.whisper.modeling_whisper import WhisperDecoder  # noqa: E402
+
+PREFIX = (996, 997, 998, 999)
+
+
+def whisper_decoder(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(
+        vocab_size=1000,
+        d_model=64,
+        decoder_attention_heads=2,
+        decoder_layers=2,
+        decoder_ffn_dim=128,
+        max_target_positions=96,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        max_source_positions=50,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=996,
+    )
+    return WhisperDecoder(cfg).eval().to(dtype)
+
+
+class ValuesFrom(torch.nn.Module):
+    """Makes a Whisper cross-attention take its values from other states (the key source stays the input)."""
+
+    def __init__(self, proj, states):
+        super().__init__()
+        self.proj, self.states = proj, states
+
+    def forward(self, _ignored):
+        return self.proj(self.states)
+
+
+def hf_reference(decoder, tokens, cu, h_key, h_val):
+    """One utterance at a time through transformers' WhisperDecoder, prefix prepended, prefix outputs dropped."""
+    outs = []
+    for b in range(cu.numel() - 1):
+        ids = torch.cat([torch.tensor(PREFIX), tokens[cu[b] : cu[b + 1]]])[None]
+        originals = [layer.encoder_attn.v_proj for layer in decoder.layers]
+        for layer, proj in zip(decoder.layers, originals):
+            layer.encoder_attn.v_proj = ValuesFrom(proj, h_val[b : b + 1])
+        try:
+            hidden = decoder(input_ids=ids, encoder_hidden_states=h_key[b : b + 1]).last_hidden_state
+        finally:
+            for layer, proj in zip(decoder.layers, originals):
+                layer.encoder_attn.v_proj = proj
+        outs.append(hidden[0, len(PREFIX) :])
+    return torch.cat(outs)
+
+
+def batch(lengths, frames=50, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 990, (sum(lengths),), generator=gen)
+    h_key = torch.randn(len(lengths), frames, 64, generator=gen, dtype=dtype)
+    h_val = torch.randn(len(lengths), frames, 64, generator=gen, dtype=dtype)
+    return tokens, make_cu(lengths), h_key, h_val
+
+
+@pytest.mark.parametrize("lengths", [[1], [5, 1, 9], [30, 2, 17, 1]])
+def test_matches_whisper_decoder_with_separate_key_and_value_states(lengths):
+    decoder = whisper_decoder()
+    agg = TextQueryAggregator.from_whisper_decoder(decoder, prefix_ids=PREFIX, identity_v_proj=False)
+    tokens, cu, h_key, h_val = batch(lengths)
+    out = agg(tokens, cu, max(lengths), h_key, h_val)
+    assert out.shape == (sum(lengths), 64) and out.dtype == torch.float64
+    torch.testing.assert_close(out, hf_reference(decoder, tokens, cu, h_key, h_val), atol=1e-12, rtol=1e-12)
+    # Same states for keys and values: the unmodified transformers decoder.
+    out_same = agg(tokens, cu, max(lengths), h_key, h_key)
+    torch.testing.assert_close(out_same, hf_reference(decoder, tokens, cu, h_key, h_key), atol=1e-12, rtol=1e-12)
+
+
+def test_identity_v_proj_and_config_from_decoder():
+    agg = TextQueryAggregator.from_whisper_decoder(whisper_decoder(), prefix_ids=PREFIX)
+    cfg = agg.config
+    assert (cfg.d_model, cfg.num_heads, cfg.num_layers, cfg.ffn_dim, cfg.max_positions) == (64, 2, 2, 128, 96)
+    for layer in agg.layers:
+        assert torch.equal(layer.encoder_attn.v_proj.weight, torch.eye(64, dtype=torch.float64))
+        assert torch.equal(layer.encoder_attn.v_proj.bias, torch.zeros(64, dtype=torch.float64))
+        assert layer.encoder_attn.k_proj.bias is None and layer.self_attn.k_proj.bias is None
+    official = AggregatorConfig.distil_large_v3()
+    assert (official.d_model, official.num_heads, official.num_layers, official.ffn_dim) == (1280, 20, 2, 5120)
+    assert official.max_positions == 448 and official.prefix_ids == (50258, 50259, 50360, 50364)
+
+
+def test_official_checkpoint_keys_load():
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny())
+    state = {OFFICIAL_PREFIX + k: torch.randn_like(v) for k, v in agg.state_dict().items()}
+    state["audio_tower.vq.rvq.project_in.weight"] = torch.zeros(1)  # other parts of the checkpoint are skipped
+    agg.load_official_state_dict(state)
+    assert torch.equal(agg.layers[1].fc2.weight, state[OFFICIAL_PREFIX + "layers.1.fc2.weight"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_invariance_of_word_embeddings(device):
+    dtype = torch.float32
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny()).to(device)
+    lengths = [7, 12, 1, 30]
+    tokens, cu, h_key, h_val = batch(lengths, frames=80, dtype=dtype)
+    tokens, cu, h_key, h_val = tokens.to(device), cu.to(device), h_key.to(device), h_val.to(device)
+    word_ids = torch.tensor([0, 0, 1, 2, 2, 2, 3] + list(range(12)) + [0] + [i // 3 for i in range(30)], device=device)
+    offsets = ops.word_offsets(word_ids, cu)
+    words = ops.segment_mean(agg(tokens, cu, 30, h_key, h_val), offsets)
+    b = 1  # the second utterance alone
+    alone_cu = make_cu([12], device)
+    alone = agg(tokens[7:19], alone_cu, 12, h_key[b : b + 1], h_val[b : b + 1])
+    alone_words = ops.segment_mean(alone, ops.word_offsets(word_ids[7:19], alone_cu))
+    first_word = 4  # the first utterance has 4 words
+    torch.testing.assert_close(words[first_word : first_word + 12], alone_words, atol=2e-5, rtol=1e-5)
+
+
+def test_compiles_fullgraph_and_trains():
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny())
+    tokens, cu, h_key, h_val = batch([5, 9, 2], frames=40, dtype=torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(agg, fullgraph=True, backend="aot_eager")
+    eager = agg(tokens, cu, 9, h_key, h_val)
+    got = compiled(tokens, cu, 9, h_key, h_val)
+    torch.testing.assert_close(got, eager)
+    got.square().mean().backward()
+    grads = [p.grad for p in agg.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.cuda
+def test_gpu_bf16_matches_float64():
+    decoder = whisper_decoder()
+    ref_agg = TextQueryAggregator.from_whisper_decoder(decoder, prefix_ids=PREFIX, identity_v_proj=False)
+    agg = TextQueryAggregator.from_whisper_decoder(decoder, prefix_ids=PREFIX, identity_v_proj=False)
+    agg = agg.to("cuda", torch.bfloat16)
+    tokens, cu, h_key, h_val = batch([40, 3, 77])
+    ref = ref_agg(tokens, cu, 77, h_key, h_val)
+    out = agg(tokens.cuda(), cu.cuda(), 77, h_key.cuda().bfloat16(), h_val.cuda().bfloat16())
+    assert (out.double().cpu() - ref).abs().max().item() < 0.1  # bf16 through 2 layers of LayerNorm outputs
+
+
+def test_bad_input():
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny())
+    tokens, cu, h_key, h_val = batch([5, 9], dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"max_seqlen \+ 4 prefix tokens must be <= max_positions=96"):
+        agg(tokens, cu, 93, h_key, h_val)
+    with pytest.raises(ValueError, match=r"h_key and h_val must both be"):
+        agg(tokens, cu, 9, h_key, h_val[:, :10])
+    with pytest.raises(ValueError, match=r"cu_seqlens must have B \+ 1 = 2 entries"):
+        agg(tokens, cu, 9, h_key[:1], h_val[:1])
+    with pytest.raises(ValueError, match=r"skip_prefix must equal"):
+        TextQueryAggregator(config=AggregatorConfig.tiny(skip_prefix=2))

@@ -1,0 +1,200 @@
+"""text_query_attention: the custom op (reference on CPU, Triton on CUDA) and the Triton kernels themselves
+(in Triton's interpreter on CPU, natively on a GPU) against a per-sequence float64 softmax attention."""
+
+import pytest
+import torch
+from conftest import DEVICES, HAS_CUDA, make_cu, needs_cuda, on_triton_interpreter
+
+from taste import ops, reference
+
+# (query lengths, key lengths): B = 1, a length-1 query, an empty query sequence, empty keys, odd sizes.
+CROSS = [([1], [7]), ([5, 1, 0, 17], [40, 3, 7, 17]), ([3, 2], [0, 5]), ([33, 64, 9], [150, 129, 1])]
+SELF = [([1], [1]), ([5, 1, 0, 17], [5, 1, 0, 17]), ([3, 8], [6, 8])]  # the last: Lk > Lq (bottom-right)
+
+
+def naive(q, k, v, cu_q, cu_k, causal, scale):
+    """Per-sequence softmax(q k^T) v in float64; rows without keys give 0."""
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    for b in range(cu_q.numel() - 1):
+        qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        s = torch.einsum("qhd,khd->hqk", q[qs:qe].double(), k[ks:ke].double()) * scale
+        if causal:
+            i = torch.arange(qe - qs, device=q.device)[:, None]
+            j = torch.arange(ke - ks, device=q.device)[None]
+            s = s.masked_fill(j > i + (ke - ks) - (qe - qs), float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        out[qs:qe] = torch.einsum("hqk,khd->qhd", p, v[ks:ke].double())
+    return out
+
+
+def make(lq, lk, heads, dim, dtype, device, gen):
+    q, k, v = (torch.randn(sum(n), heads, dim, generator=gen).to(device, dtype) for n in (lq, lk, lk))
+    return q, k, v, make_cu(lq, device), make_cu(lk, device)
+
+
+def max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, scale):
+    """flash-attention's rule: at most twice the error of the same computation in PyTorch at the same dtype."""
+    same_dtype = naive(q, k, v, cu_q, cu_k, causal, scale).to(q.dtype)  # rounding at the inputs' dtype
+    pytorch_err = (same_dtype.double() - ref).abs().max().item()
+    return 2 * pytorch_err + {torch.float64: 1e-12, torch.float32: 2e-6}.get(q.dtype, 1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal,cases", [(False, CROSS), (True, SELF)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_op_matches_naive(device, causal, cases, dtype, gen):
+    for lq, lk in cases:
+        for dim in (32, 64):
+            q, k, v, cu_q, cu_k = make(lq, lk, 3, dim, dtype, device, gen)
+            out = ops.text_query_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal)
+            assert out.dtype == dtype and out.shape == q.shape
+            ref = naive(q, k, v, cu_q, cu_k, causal, dim**-0.5)
+            err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+            assert err <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, dim**-0.5), (lq, lk, dim, err)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_naive(device, causal, gen):
+    lq, lk = ([5, 1, 0, 7], [5, 1, 0, 7]) if causal else ([5, 1, 0, 7], [9, 3, 2, 0])
+    q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float64, device, gen)
+    grad = torch.randn_like(q)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    ops.text_query_attention(*ins, cu_q, cu_k, max(lq), max(lk), causal=causal, scale=0.3).backward(grad)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    naive(*ref, cu_q, cu_k, causal, 0.3).backward(grad)
+    for a, b in zip(ins, ref):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10)
+    if device == "cpu":
+        fn = lambda a, b, c: ops.text_query_attention(a, b, c, cu_q, cu_k, max(lq), max(lk), causal=causal)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (q, k, v)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device, gen):
+    q, k, v, cu_q, cu_k = make([3, 0, 4], [5, 2, 4], 2, 32, torch.float32, device, gen)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.taste.text_query_attention, (q, k, v, cu_q, cu_k, 4, 5, False, 0.2))
+    torch.library.opcheck(torch.ops.taste.text_query_attention, (q, k, v, cu_q, cu_k, 4, 5, True, 0.2))
+
+
+def test_compiles_fullgraph(gen):
+    q, k, v, cu_q, cu_k = make([3, 6], [50, 20], 2, 32, torch.float32, "cpu", gen)
+    fn = lambda q, k, v: ops.text_query_attention(q, k, v, cu_q, cu_k, 6, 50).sum(-1)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+
+
+BAD = [
+    (lambda q, k, v, c: ops.text_query_attention(q, k[:, :1], v, c, c, 4, 4), r"k and v must have shape"),
+    (lambda q, k, v, c: ops.text_query_attention(q, k.double(), v, c, c, 4, 4), r"one dtype"),
+    (lambda q, k, v, c: ops.text_query_attention(q[0], k, v, c, c, 4, 4), r"q must be a floating-point \(rows"),
+    (lambda q, k, v, c: ops.text_query_attention(q, k, v, c.long(), c, 4, 4), r"cu_seqlens_q must be a 1-D int32"),
+    (lambda q, k, v, c: ops.text_query_attention(q, k, v, c, c[:1], 4, 4), r"cu_seqlens_k must have shape \(2,\)"),
+    (lambda q, k, v, c: ops.text_query_attention(q, k, v, c, c, 3, 4), r"exceeds its max_seqlen=3"),
+    (lambda q, k, v, c: ops.text_query_attention(q, k, v, c - 1, c, 4, 4), r"must start at 0"),
+]
+
+
+@pytest.mark.parametrize("call,match", BAD)
+def test_bad_input(call, match):
+    q = torch.randn(4, 2, 32)
+    with pytest.raises(RuntimeError, match=match):
+        call(q, q.clone(), q.clone(), make_cu([4]))
+
+
+# ---- the Triton kernels themselves -------------------------------------------------------------------------
+
+
+def _triton_check(device, lq, lk, dim, dtype, causal, splits, gen):
+    from taste.kernels.attention import text_query_attention_bwd, text_query_attention_fwd
+
+    q, k, v, cu_q, cu_k = make(lq, lk, 2, dim, dtype, device, gen)
+    scale = dim**-0.5
+    out, lse = text_query_attention_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), causal, scale, num_splits=splits)
+    ref = naive(q, k, v, cu_q, cu_k, causal, scale)
+    assert (out.double() - ref).abs().max().item() <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, scale)
+    _, lse_ref = reference.text_query_attention(
+        q.double(), k.double(), v.double(), cu_q, cu_k, max(lq), max(lk), causal, scale
+    )
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    finite = torch.isfinite(lse_ref)
+    torch.testing.assert_close(
+        lse[finite].double(), lse_ref[finite], atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3
+    )
+    grad = torch.randn(q.shape, generator=gen).to(device, dtype)
+    dq, dk, dv = text_query_attention_bwd(grad, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), causal, scale)
+    ins = [t.double().requires_grad_() for t in (q, k, v)]
+    naive(*ins, cu_q, cu_k, causal, scale).backward(grad.double())
+    tol = 5e-5 if dtype == torch.float32 else 3e-2
+    for name, a, b in zip("qkv", (dq, dk, dv), ins):
+        err = (a.double() - b.grad).abs().max().item() if a.numel() else 0.0
+        assert err <= tol * max(1.0, b.grad.abs().max().item()), (name, err)
+    again = text_query_attention_bwd(grad, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), causal, scale)
+    assert all(torch.equal(a, b) for a, b in zip((dq, dk, dv), again)), "backward is not deterministic"
+
+
+@on_triton_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # no bf16 tl.dot in the interpreter (STYLE.md)
+@pytest.mark.parametrize("causal,cases", [(False, CROSS[:3]), (True, SELF)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_kernels_in_interpreter(dtype, causal, cases, splits, gen):
+    for lq, lk in cases:
+        _triton_check("cpu", lq, lk, 32, dtype, causal, splits, gen)
+    _triton_check("cpu", [70], [70 if causal else 130], 64, dtype, causal, splits, gen)  # several tiles
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("splits", [None, 1, 4])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_triton_kernels_on_gpu(dim, dtype, causal, splits, gen):
+    cases = SELF + [([100, 200, 7], [100, 200, 7])] if causal else CROSS + [([100, 150, 3], [1500, 1500, 1500])]
+    for lq, lk in cases:
+        _triton_check("cuda", lq, lk, dim, dtype, causal, splits, gen)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda)])
+def test_cuda_op_uses_triton_and_backward_matches(device, gen):
+    lq, lk = [100, 37, 1], [1500, 1500, 1500]
+    q, k, v, cu_q, cu_k = make(lq, lk, 20, 64, torch.bfloat16, device, gen)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ops.text_query_attention(*ins, cu_q, cu_k, 100, 1500)
+    ref = naive(q, k, v, cu_q, cu_k, False, 0.125)
+    assert (out.double() - ref).abs().max().item() < max_error_allowed(out, ref, q, k, v, cu_q, cu_k, False, 0.125)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in ins)
+
+
+def _fused_kv_check(device, dtype, gen):
+    from taste.kernels.attention_fused_kv import text_query_attention_fused_kv
+
+    H, D, d_model, E = 2, 32, 128, 70
+    lq = [5, 1, 0, 9]
+    cu_q, cu_k = make_cu(lq, device), make_cu([E] * 4, device)
+    q = torch.randn(sum(lq), H, D, generator=gen).to(device, dtype)
+    h_key, h_val = (torch.randn(4 * E, d_model, generator=gen).to(device, dtype) for _ in range(2))
+    w_k, w_v = ((torch.randn(H * D, d_model, generator=gen) / d_model**0.5).to(device, dtype) for _ in range(2))
+    b_v = torch.randn(H * D, generator=gen).to(device, dtype)
+    k = (h_key.double() @ w_k.double().T).view(-1, H, D)
+    v = (h_val.double() @ w_v.double().T + b_v.double()).view(-1, H, D)
+    ref = naive(q.double(), k, v, cu_q, cu_k, False, D**-0.5)
+    out = text_query_attention_fused_kv(q, h_key, h_val, w_k, w_v, b_v, cu_q, cu_k, 9, D**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.double() - ref).abs().max().item() < tol
+
+
+@on_triton_interpreter
+def test_fused_kv_projection_kernel_in_interpreter(gen):
+    _fused_kv_check("cpu", torch.float32, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_fused_kv_projection_kernel_on_gpu(dtype, gen):
+    _fused_kv_check("cuda", dtype, gen)
