@@ -220,7 +220,7 @@ def main() -> None:
         agg.requires_grad_(False)
     flex = None
     if flex_attention is not None and not args.no_flex:
-        flex = torch.compile(flex_attention, dynamic=False)
+        flex = torch.compile(flex_attention, dynamic=True)  # one compilation for every batch size
     rows = []
     for batch in args.batch or prob["batches"]:
         problem = make_problem(batch, prob["queries"], prob["frames"], prob["d_model"], dev, dtype)

@@ -159,6 +159,8 @@ def measure(case: str, providers: dict, device: str, reps: int = 0, bytes_moved:
     """Times every provider of one case; the first provider is the baseline of the ratio column."""
     times = time_providers(list(providers.values()), device, reps)
     rows = [Row(case, name, ms, peak_mb(fn, device), bytes_moved) for (name, fn), ms in zip(providers.items(), times)]
+    for r in rows:  # progress, in case a time limit stops the run before the table
+        print(f"  {case} | {r.provider}: {r.median_ms:.3f} ms, {r.peak_mb:.1f} MB", flush=True)
     base = rows[0].median_ms
     for r in rows:
         r.ratio = base / r.median_ms

@@ -27,6 +27,7 @@ _source_checkout_kernels()
 from taste import ops  # noqa: E402
 from taste.aggregator import AggregatorConfig, TextQueryAggregator  # noqa: E402
 from taste.ops import HAS_EXTENSION, DelayLayout  # noqa: E402
+from taste.rvq import ResidualVQ  # noqa: E402
 
-__all__ = ["ops", "HAS_EXTENSION", "DelayLayout", "AggregatorConfig", "TextQueryAggregator"]
+__all__ = ["ops", "HAS_EXTENSION", "DelayLayout", "AggregatorConfig", "TextQueryAggregator", "ResidualVQ"]
 __version__ = "0.1.0"

@@ -295,3 +295,10 @@ if HAS_EXTENSION:
 
 
 from taste.ops_attention import text_query_attention  # noqa: E402,F401  (Triton custom op, see the module)
+from taste.ops_rvq import (  # noqa: E402,F401  (Triton custom ops, see the module)
+    RVQQuantization,
+    rvq_decode,
+    rvq_ema_statistics,
+    rvq_encode,
+    rvq_quantize,
+)

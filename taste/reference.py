@@ -195,3 +195,46 @@ def text_query_attention_backward(
         _from_padded(dk, cu_seqlens_k, k.shape[0], lk),
         _from_padded(dv, cu_seqlens_k, v.shape[0], lk),
     )
+
+
+# ---- residual vector quantization (taste.kernels.rvq is the CUDA path) ----
+
+
+def rvq_encode(x, codebooks, num_stages, fast=False, row_chunk: int = 2048):
+    """Greedy residual nearest-codeword search over the stages of codebooks (Q, K, d) for rows x (N, d).
+
+    Returns indices (N, Q) int64 (-1 for stages >= num_stages), quantized (N, d) in x.dtype (the sum of the
+    chosen codewords) and the squared residual norm after each stage (N, Q) (0 where inactive), float32
+    (float64 for float64 x). Distances ||c||^2 - 2 r.c in float32 (float64); ties go to the lowest index.
+    `fast` changes nothing here (CPU products are exact). Rows are processed in chunks: no (N, K) matrix.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, q_total = x.shape[0], codebooks.shape[0]
+    stages = max(0, min(int(num_stages), q_total))
+    cb = codebooks.to(acc)
+    norms = (cb * cb).sum(-1)  # (Q, K)
+    indices = torch.full((n, q_total), -1, dtype=torch.int64, device=x.device)
+    quantized = torch.zeros(x.shape, dtype=acc, device=x.device)
+    sq_err = torch.zeros((n, q_total), dtype=acc, device=x.device)
+    for r0 in range(0, n, row_chunk):
+        residual = x[r0 : r0 + row_chunk].to(acc)
+        for s in range(stages):
+            idx = (norms[s][None] - 2.0 * residual @ cb[s].T).argmin(-1)  # (rows,)
+            chosen = cb[s][idx]
+            residual = residual - chosen
+            quantized[r0 : r0 + row_chunk] += chosen
+            indices[r0 : r0 + row_chunk, s] = idx
+            sq_err[r0 : r0 + row_chunk, s] = (residual * residual).sum(-1)
+    return indices, quantized.to(x.dtype), sq_err
+
+
+def rvq_decode(indices, codebooks, weights=None):
+    """Sum over stages of weights[:, q] * codebooks[q, indices[:, q]] (weights default 1); -1 contributes 0."""
+    out = codebooks.new_zeros((indices.shape[0], codebooks.shape[-1]))
+    for s in range(codebooks.shape[0]):
+        idx = indices[:, s]
+        scale = (idx >= 0).to(codebooks.dtype)
+        if weights is not None:
+            scale = scale * weights[:, s].to(codebooks.dtype)
+        out += codebooks[s][idx.clamp(min=0)] * scale[:, None]
+    return out

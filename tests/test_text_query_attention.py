@@ -149,7 +149,7 @@ def test_triton_kernels_in_interpreter(dtype, causal, cases, splits, gen):
 @pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("splits", [None, 1, 4])
+@pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_triton_kernels_on_gpu(dim, dtype, causal, splits, gen):

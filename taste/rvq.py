@@ -1,0 +1,212 @@
+"""``taste.ResidualVQ``: a drop-in for the official (vector-quantize-pytorch) ResidualVQ of TASTE (spec 1.6), on
+packed rows, with the fused kernels of :mod:`taste.ops_rvq`.
+
+State: ``embed (Q, K, d)`` codebooks, ``embed_avg (Q, K, d)`` and ``cluster_size (Q, K)`` EMA statistics,
+``initted (Q,)``, all float32 buffers (the codebooks are learnt by EMA, not by gradient). The official /
+vector-quantize-pytorch keys ``layers.{i}._codebook.{embed,embed_avg,cluster_size,initted}`` (with a leading
+dimension of 1) are stacked into these on load, and its unused ``mlps.*`` keys are dropped; ``project_in`` and
+``project_out`` keep their names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from taste.ops import rvq_decode, rvq_ema_statistics, rvq_encode, rvq_quantize, segment_sum_by_key
+
+OFFICIAL_PREFIX = "audio_tower.vq.rvq."
+_BUFFERS = ("embed", "embed_avg", "cluster_size", "initted")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ResidualVQ(nn.Module):
+    """Residual VQ with EMA codebooks, k-means initialisation and quantizer dropout.
+
+    Args (keyword-only): dim (input/output width, 1280 in TASTE), codebook_dim (256), num_quantizers (4),
+    codebook_size (512), decay (0.99), eps (1e-5, Laplace smoothing), kmeans_init (True), kmeans_iters (100),
+    quantize_dropout (True), threshold_ema_dead_code (0 = no dead-code replacement), commitment_weight (1.0),
+    fast (False: exact float32 distances; True: tf32 products on CUDA).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int = 1280,
+        codebook_dim: int = 256,
+        num_quantizers: int = 4,
+        codebook_size: int = 512,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 100,
+        quantize_dropout: bool = True,
+        threshold_ema_dead_code: float = 0.0,
+        commitment_weight: float = 1.0,
+        fast: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if min(dim, codebook_dim, num_quantizers, codebook_size) < 1:
+            raise ValueError("dim, codebook_dim, num_quantizers and codebook_size must be positive")
+        self.num_quantizers, self.codebook_size, self.codebook_dim = num_quantizers, codebook_size, codebook_dim
+        self.decay, self.eps, self.kmeans_iters = decay, eps, kmeans_iters
+        self.quantize_dropout, self.threshold_ema_dead_code = quantize_dropout, threshold_ema_dead_code
+        self.commitment_weight, self.fast = commitment_weight, fast
+        same = dim == codebook_dim
+        self.project_in = nn.Identity() if same else nn.Linear(dim, codebook_dim)
+        self.project_out = nn.Identity() if same else nn.Linear(codebook_dim, dim)
+        shape = (num_quantizers, codebook_size, codebook_dim)
+        embed = torch.zeros(shape) if kmeans_init else nn.init.kaiming_uniform_(torch.empty(shape))
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("cluster_size", torch.zeros(num_quantizers, codebook_size))
+        self.register_buffer("initted", torch.full((num_quantizers,), float(not kmeans_init)))
+        self._register_load_state_dict_pre_hook(self._from_official_layout)
+
+    # ---- inference helpers of spec 1.6 ----
+    def get_code_from_indices(self, indices: Tensor) -> Tensor:
+        """``(N, Q)`` -> ``(N, codebook_dim)``: the sum of the codewords (-1 contributes 0)."""
+        return rvq_decode(indices, self.embed)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """``(N, Q)`` -> ``(N, dim)``: project_out of :meth:`get_code_from_indices`."""
+        return self.project_out(self.get_code_from_indices(indices))
+
+    def get_indices_from_code(self, code: Tensor) -> Tensor:
+        """``(N, codebook_dim)`` -> ``(N, Q)``: the greedy residual search on a code vector (no project_in)."""
+        return rvq_encode(code.float(), self.embed, fast=self.fast)[0]
+
+    # ---- forward ----
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantizes packed rows.
+
+        Args:
+            x: ``(N, dim)`` float.
+
+        Returns:
+            ``quantized (N, dim)`` (straight-through in training), ``indices (N, Q)`` int64 (-1 for stages left out
+            by quantizer dropout) and ``commit_loss`` () float32 (0 in eval mode, as vector-quantize-pytorch).
+            Training also updates the codebooks by EMA (k-means-initialised on the first training batch).
+        """
+        z = self.project_in(x).float()  # the RVQ runs in float32 (spec 7.3)
+        if self.training and not self._all_initted():
+            self._kmeans_init(z.detach())
+        if not self.training:  # as vector-quantize-pytorch: no commitment loss outside training
+            indices, quantized = rvq_encode(z, self.embed, fast=self.fast)
+            return self.project_out(quantized), indices, z.new_zeros(())
+        num_stages = self._draw_num_stages(z.device) if self.quantize_dropout else None
+        # The backward needs the codebooks of this forward; the EMA update below changes the buffer in place.
+        out = rvq_quantize(z, self.embed.clone(), num_stages, fast=self.fast)
+        self._ema_update(z.detach(), out.indices)
+        return self.project_out(out.quantized), out.indices, out.commit_loss * self.commitment_weight
+
+    def _all_initted(self) -> bool:
+        # Read back once (after construction or a load), not at every step.
+        if not getattr(self, "_initted_seen", False):
+            self._initted_seen = bool(self.initted.all())
+        return self._initted_seen
+
+    def _draw_num_stages(self, device) -> Tensor:
+        """Quantizer dropout: j ~ U{0..Q-1} drawn on the device, stages > j skipped; rank 0's draw on every rank."""
+        depth = torch.randint(0, self.num_quantizers, (), device=device) + 1
+        if _distributed():
+            dist.broadcast(depth, src=0)
+        return depth
+
+    @torch.no_grad()
+    def _ema_update(self, z: Tensor, indices: Tensor) -> None:
+        counts, sums = rvq_ema_statistics(z, indices, self.embed)  # (Q, K), (Q, K, d)
+        picks = self._sample_stage_inputs(z, indices) if self.threshold_ema_dead_code > 0 else None
+        if _distributed():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.lerp_(counts, 1.0 - self.decay)
+        self.embed_avg.lerp_(sums, 1.0 - self.decay)
+        total = self.cluster_size.sum(-1, keepdim=True)
+        smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
+        self.embed.copy_(self.embed_avg / smoothed[..., None])
+        if picks is not None:
+            self._replace_dead_codes(picks)
+
+    def _sample_stage_inputs(self, z: Tensor, indices: Tensor) -> Tensor:
+        """(Q, K, d): K random rows of every stage's input residual (codebooks as they were in the forward)."""
+        rows = torch.randint(0, z.shape[0], (self.num_quantizers, self.codebook_size), device=z.device)
+        picks = []
+        for s in range(self.num_quantizers):
+            earlier = indices[rows[s]].clone()
+            earlier[:, s:] = -1  # only the stages before s
+            picks.append(z[rows[s]] - rvq_decode(earlier, self.embed))
+        return torch.stack(picks)
+
+    def _replace_dead_codes(self, picks: Tensor) -> None:
+        """Codes whose EMA count fell below the threshold get a random row of their stage's input residual (as
+        vector-quantize-pytorch's expire_codes_), without reading anything back to the host."""
+        dead = self.cluster_size < self.threshold_ema_dead_code  # (Q, K)
+        self.embed.copy_(torch.where(dead[..., None], picks, self.embed))
+        self.embed_avg.copy_(torch.where(dead[..., None], picks * self.threshold_ema_dead_code, self.embed_avg))
+        self.cluster_size.copy_(torch.where(dead, self.threshold_ema_dead_code, self.cluster_size))
+
+    @torch.no_grad()
+    def _kmeans_init(self, z: Tensor) -> None:
+        """Each uninitialised stage runs Lloyd's k-means on its input residual of this batch (initial centroids:
+        a random sample of rows; an empty cluster keeps its centroid), as vector-quantize-pytorch does. The
+        assignment step is the fused encoder with one stage; the update is a deterministic segment sum."""
+        residual = z
+        for s in range(self.num_quantizers):
+            if not bool(self.initted[s]):
+                means, bins = self._kmeans(residual)
+                self.embed[s] = means
+                self.embed_avg[s] = means
+                self.cluster_size[s] = bins
+                self.initted[s] = 1.0
+            _, chosen = rvq_encode(residual, self.embed[s : s + 1], fast=self.fast)
+            residual = residual - chosen
+        self._initted_seen = True
+
+    def _kmeans(self, samples: Tensor) -> tuple[Tensor, Tensor]:
+        n, k = samples.shape[0], self.codebook_size
+        if n == 0:
+            raise ValueError("k-means initialisation needs at least one row in the first training batch")
+        pick = (
+            torch.randperm(n, device=samples.device)[:k] if n >= k else torch.randint(0, n, (k,), device=samples.device)
+        )
+        if _distributed():  # every rank starts from rank 0's sample
+            pick_rows = samples[pick]
+            dist.broadcast(pick_rows, src=0)
+            means = pick_rows
+        else:
+            means = samples[pick]
+        bins = torch.zeros(k, device=samples.device)
+        for _ in range(self.kmeans_iters):
+            idx, _ = rvq_encode(samples, means[None], fast=self.fast)
+            sums, counts = segment_sum_by_key(samples, idx[:, 0], k)
+            counts = counts.to(samples.dtype)
+            if _distributed():
+                dist.all_reduce(sums)
+                dist.all_reduce(counts)
+            bins = counts
+            means = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], means)
+        return means, bins
+
+    # ---- checkpoints ----
+    def _from_official_layout(self, state_dict, prefix, *args, **kwargs):
+        self._initted_seen = False
+        if f"{prefix}layers.0._codebook.embed" not in state_dict:
+            return
+        for name in _BUFFERS:
+            parts = [state_dict.pop(f"{prefix}layers.{i}._codebook.{name}") for i in range(self.num_quantizers)]
+            own = getattr(self, name)  # per stage: drop the leading 1 ((1, K, d) -> (K, d), [1] or () -> ())
+            state_dict[f"{prefix}{name}"] = torch.stack([p.reshape(own.shape[1:]).to(own.dtype) for p in parts])
+        for key in [k for k in state_dict if k.startswith(f"{prefix}layers.") or k.startswith(f"{prefix}mlps.")]:
+            del state_dict[key]  # remaining per-layer keys and the unused implicit-codebook MLPs
+
+    def load_official_state_dict(self, state_dict: dict, strict: bool = True):
+        """Loads the RVQ part of an official TASTE checkpoint (keys under :data:`OFFICIAL_PREFIX`)."""
+        own = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
+        return self.load_state_dict(own, strict=strict)

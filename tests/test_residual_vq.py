@@ -1,0 +1,120 @@
+"""taste.ResidualVQ against vector-quantize-pytorch's ResidualVQ (the library the official TASTE code copied)."""
+
+import pytest
+import torch
+
+import taste
+from taste.rvq import OFFICIAL_PREFIX
+
+vqp = pytest.importorskip("vector_quantize_pytorch")
+
+KW = dict(dim=64, num_quantizers=4, codebook_size=32, codebook_dim=16, decay=0.9)
+
+
+def pair(seed=0):
+    torch.manual_seed(seed)
+    # rotation_trick=False: the plain straight-through estimator of the official TASTE copy (spec 1.6).
+    ref = vqp.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False, rotation_trick=False)
+    ours = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False)
+    assert str(ours.load_state_dict(ref.state_dict(), strict=True)) == "<All keys matched successfully>"
+    return ref, ours
+
+
+def test_eval_indices_and_outputs_identical():
+    ref, ours = pair()
+    ref.eval(), ours.eval()
+    x = torch.randn(500, 64)
+    q_ref, idx_ref, _ = ref(x[None])
+    q, idx, loss = ours(x)
+    assert torch.equal(idx, idx_ref[0])
+    torch.testing.assert_close(q, q_ref[0], atol=1e-6, rtol=1e-5)
+    assert loss == 0
+
+
+def test_one_training_step_matches_outputs_loss_gradients_and_ema():
+    ref, ours = pair(1)
+    ref.train(), ours.train()
+    x = torch.randn(300, 64)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    q_ref, idx_ref, losses_ref = ref(xr[None])
+    q, idx, loss = ours(xo)
+    assert torch.equal(idx, idx_ref[0])
+    torch.testing.assert_close(q, q_ref[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss, losses_ref.sum())
+    (q_ref.square().sum() + losses_ref.sum()).backward()
+    (q.square().sum() + loss).backward()
+    torch.testing.assert_close(xo.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.project_in.weight.grad, ref.project_in.weight.grad, atol=1e-3, rtol=1e-5)
+    for s in range(4):  # the EMA step gives the same codebooks and statistics
+        cb = ref.layers[s]._codebook
+        torch.testing.assert_close(ours.embed[s], cb.embed[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ours.embed_avg[s], cb.embed_avg[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ours.cluster_size[s], cb.cluster_size[0], atol=1e-6, rtol=1e-5)
+
+
+def test_helpers_of_the_spec():
+    _, ours = pair(2)
+    ours.eval()
+    x = torch.randn(40, 64)
+    _, idx, _ = ours(x)
+    code = ours.get_code_from_indices(idx)
+    assert code.shape == (40, 16)
+    torch.testing.assert_close(ours.get_output_from_indices(idx), ours.project_out(code))
+    # get_indices_from_code is the greedy residual search on the code itself (not an inverse of the encoder).
+    r, expected = code.double(), []
+    for s in range(4):
+        best = torch.cdist(r, ours.embed[s].double()).argmin(-1)
+        expected.append(best)
+        r = r - ours.embed[s].double()[best]
+    assert torch.equal(ours.get_indices_from_code(code), torch.stack(expected, 1))
+    dropped = idx.clone()
+    dropped[:, 2:] = -1
+    torch.testing.assert_close(ours.get_code_from_indices(dropped), ours.embed[0][idx[:, 0]] + ours.embed[1][idx[:, 1]])
+
+
+def test_kmeans_init_quantizer_dropout_and_dead_codes():
+    torch.manual_seed(3)
+    rvq = taste.ResidualVQ(**KW, kmeans_iters=10, quantize_dropout=True, threshold_ema_dead_code=0.5)
+    assert not rvq.initted.any()
+    x = torch.randn(400, 64)
+    depths = set()
+    for _ in range(12):
+        _, idx, loss = rvq(x)
+        depths.add(int((idx >= 0).all(0).sum()))
+        assert torch.isfinite(loss)
+    assert rvq.initted.all()
+    assert depths == {1, 2, 3, 4}, depths  # every prefix depth is drawn
+    # k-means gives codebooks that quantize far better than a random draw of rows.
+    rvq.eval()
+    z = rvq.project_in(x).float()
+    kmeans_err = (z - rvq.get_code_from_indices(rvq(x)[1])).square().mean()
+    assert kmeans_err < 0.8 * z.square().mean()
+
+
+def test_kmeans_assigns_centroids_to_cluster_means():
+    torch.manual_seed(4)
+    rvq = taste.ResidualVQ(dim=8, codebook_dim=8, num_quantizers=1, codebook_size=4, kmeans_iters=25)
+    centers = torch.tensor([[5.0] * 8, [-5.0] * 8, [5.0] * 4 + [-5.0] * 4, [-5.0] * 4 + [5.0] * 4])
+    x = (centers[:, None] + 0.1 * torch.randn(4, 50, 8)).reshape(-1, 8)
+    means, bins = rvq._kmeans(x)
+    assert sorted(bins.tolist()) == [50.0] * 4
+    for c in centers:
+        assert (means - c).norm(dim=1).min() < 0.2
+
+
+def test_official_checkpoint_layout():
+    ref, ours = pair(5)
+    state = {OFFICIAL_PREFIX + k: v for k, v in ref.state_dict().items()}
+    for s in range(4):  # the official checkpoint stores initted as [1] and has unused implicit-codebook MLPs
+        state[f"{OFFICIAL_PREFIX}layers.{s}._codebook.initted"] = torch.ones(1)
+    state[f"{OFFICIAL_PREFIX}mlps.0.layers.0.0.weight"] = torch.zeros(16, 16)
+    fresh = taste.ResidualVQ(**KW)
+    fresh.load_official_state_dict(state)
+    assert torch.equal(fresh.embed, ours.embed) and fresh.initted.all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="decay must be in"):
+        taste.ResidualVQ(**{**KW, "decay": 1.5})
+    with pytest.raises(ValueError, match="must be positive"):
+        taste.ResidualVQ(**{**KW, "codebook_size": 0})

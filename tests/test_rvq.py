@@ -1,0 +1,174 @@
+"""rvq_encode / rvq_quantize / rvq_decode / rvq_ema_statistics: op (reference on CPU, Triton on CUDA), and the
+Triton kernels themselves (interpreter on CPU, native on a GPU), against a float64 greedy search."""
+
+import pytest
+import torch
+from conftest import DEVICES, HAS_CUDA, on_triton_interpreter
+
+from taste import ops, reference
+
+
+def greedy_float64(x, codebooks, num_stages):
+    """Plain residual nearest-neighbour search with torch.cdist in float64."""
+    r = x.double()
+    idx = torch.full((x.shape[0], codebooks.shape[0]), -1, dtype=torch.long)
+    quantized = torch.zeros_like(r)
+    for s in range(num_stages):
+        best = torch.cdist(r, codebooks[s].double()).argmin(-1) if x.shape[0] else torch.zeros(0, dtype=torch.long)
+        idx[:, s] = best
+        quantized += codebooks[s].double()[best]
+        r = r - codebooks[s].double()[best]
+    return idx, quantized
+
+
+def problem(n, q, k, d, gen, device="cpu", dtype=torch.float32):
+    x = torch.randn(n, d, generator=gen).to(device, dtype)
+    codebooks = (torch.randn(q, k, d, generator=gen) * 0.6).to(device, dtype)
+    return x, codebooks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [0, 1, 37, 1000])
+@pytest.mark.parametrize("stages", [4, 2, 0])
+def test_encode_matches_float64_search(device, n, stages, gen):
+    x, codebooks = problem(n, 4, 96, 40, gen, device)
+    idx, quantized = ops.rvq_encode(x, codebooks, stages)
+    ref_idx, ref_q = greedy_float64(x.cpu(), codebooks.cpu(), stages)
+    assert idx.dtype == torch.int64 and idx.shape == (n, 4)
+    assert torch.equal(idx.cpu(), ref_idx)
+    torch.testing.assert_close(quantized.double().cpu(), ref_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.rvq_decode(idx, codebooks).double().cpu(), ref_q, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_go_to_the_lowest_index(device, gen):
+    x, codebooks = problem(8, 2, 64, 16, gen, device)
+    codebooks[0, 40] = codebooks[0, 9]  # duplicate codewords
+    codebooks[0, 63] = codebooks[0, 9]
+    codebooks[1, 50] = codebooks[1, 2]
+    x[:4] = codebooks[0, 9]  # exactly on the duplicated codeword
+    idx, _ = ops.rvq_encode(x, codebooks)
+    assert idx[:4, 0].tolist() == [9, 9, 9, 9]
+    assert not (idx[:, 0] == 40).any() and not (idx[:, 1] == 50).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_num_stages_as_device_tensor(device, gen):
+    x, codebooks = problem(20, 4, 32, 16, gen, device)
+    a, qa = ops.rvq_encode(x, codebooks, torch.tensor(3, device=device))
+    b, qb = ops.rvq_encode(x, codebooks, 3)
+    assert torch.equal(a, b) and torch.equal(qa, qb) and (a[:, 3] == -1).all() and (a[:, :3] >= 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_loss_and_gradients_match_manual_straight_through(device, gen):
+    x, codebooks = problem(50, 4, 32, 16, gen, device, torch.float64)
+    xg = x.clone().requires_grad_()
+    out = ops.rvq_quantize(xg, codebooks, 3)
+    (out.quantized.square().sum() + 7 * out.commit_loss).backward()
+    xr = x.clone().requires_grad_()
+    r, outs, loss = xr, [], 0.0
+    for s in range(3):  # vector-quantize-pytorch's ResidualVQ, straight-through, no rotation trick
+        c = codebooks[s][out.indices[:, s]]
+        outs.append(r + (c - r).detach())
+        loss = loss + ((c.detach() - r) ** 2).mean()
+        r = r - c.detach()
+    (sum(outs).square().sum() + 7 * loss).backward()
+    torch.testing.assert_close(out.commit_loss, loss)
+    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-10, rtol=1e-10)
+    assert out.stage_losses[3] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ema_statistics(device, gen):
+    x, codebooks = problem(300, 3, 16, 8, gen, device)
+    idx, _ = ops.rvq_encode(x, codebooks, 2)
+    counts, sums = ops.rvq_ema_statistics(x, idx, codebooks)
+    residual = x.double()
+    for s in range(3):
+        onehot = torch.nn.functional.one_hot(idx[:, s].clamp(min=0), 16).double() * (idx[:, s] >= 0)[:, None]
+        torch.testing.assert_close(counts[s].double(), onehot.sum(0))
+        torch.testing.assert_close(sums[s].double(), onehot.T @ residual, atol=1e-4, rtol=1e-5)
+        residual = residual - codebooks[s].double()[idx[:, s].clamp(min=0)] * (idx[:, s] >= 0)[:, None]
+    assert counts[2].sum() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device, gen):
+    x, codebooks = problem(9, 2, 16, 8, gen, device)
+    stages = torch.tensor(2, device=device)
+    torch.library.opcheck(torch.ops.taste.rvq_encode, (x.requires_grad_(), codebooks, stages, False))
+    idx, _ = ops.rvq_encode(x.detach(), codebooks)
+    torch.library.opcheck(torch.ops.taste.rvq_decode, (idx, codebooks, None))
+    torch.library.opcheck(torch.ops.taste.rvq_decode, (idx, codebooks, torch.rand(9, 2, device=device)))
+
+
+def test_compiles_fullgraph(gen):
+    x, codebooks = problem(33, 4, 32, 16, gen)
+    stages = torch.tensor(3)
+
+    def fn(x):
+        out = ops.rvq_quantize(x, codebooks, stages)
+        return out.quantized, out.commit_loss, ops.rvq_decode(out.indices, codebooks)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(x), fn(x)):
+        torch.testing.assert_close(a, b)
+
+
+BAD = [
+    (lambda x, c: ops.rvq_encode(x.long(), c), r"x must be a floating-point \(N, d\)"),
+    (lambda x, c: ops.rvq_encode(x[:, :5], c), r"x has d=5 but codebooks are \(Q, K, d\) = \(2, 16, 8\)"),
+    (lambda x, c: ops.rvq_encode(x, c[0]), r"codebooks must be a floating-point \(Q, K, d\)"),
+    (lambda x, c: ops.rvq_encode(x, c, 3), r"num_stages must be in \[0, 2\]"),
+    (lambda x, c: ops.rvq_decode(torch.tensor([[0, 16]]), c), r"indices must lie in \[-1, K=16\)"),
+    (lambda x, c: ops.rvq_decode(torch.tensor([[0, -2]]), c), r"indices must lie in"),
+    (lambda x, c: ops.rvq_decode(torch.tensor([[0, 1, 2]]), c), r"indices must be \(N, Q=2\)"),
+    (lambda x, c: ops.rvq_decode(torch.tensor([[0.0, 1.0]]), c), r"indices must be an int64"),
+]
+
+
+@pytest.mark.parametrize("call,match", BAD)
+def test_bad_input(call, match, gen):
+    x, codebooks = problem(4, 2, 16, 8, gen)
+    with pytest.raises(RuntimeError, match=match):
+        call(x, codebooks)
+
+
+# ---- the Triton kernels themselves --------------------------------------------------------------------------
+
+
+def _kernel_check(device, n, d, k, gen, fast=False, dtype=torch.float32):
+    from taste.kernels.rvq import rvq_decode_fwd, rvq_encode_fwd
+
+    x, codebooks = problem(n, 4, k, d, gen, device, dtype)
+    codebooks[2, k - 1] = codebooks[2, 0]  # a tie
+    for stages in (4, 1):
+        ns = torch.tensor(stages, dtype=torch.int32, device=device)
+        idx, quantized, sq_err = rvq_encode_fwd(x, codebooks, codebooks.float().square().sum(-1), ns, fast)
+        ref_idx, ref_q, ref_err = reference.rvq_encode(x, codebooks, stages)
+        if fast:  # tf32/bf16 products may flip near-ties: require nearly all rows to agree
+            assert (idx == ref_idx).float().mean().item() > 0.98
+        else:
+            assert torch.equal(idx, ref_idx)
+            torch.testing.assert_close(quantized.float(), ref_q.float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(sq_err, ref_err.float(), atol=1e-3, rtol=1e-4)
+        weights = torch.rand(n, 4, generator=gen).to(device)
+        torch.testing.assert_close(
+            rvq_decode_fwd(idx, codebooks, weights), reference.rvq_decode(idx, codebooks, weights)
+        )
+
+
+@on_triton_interpreter
+def test_triton_kernels_in_interpreter(gen):
+    _kernel_check("cpu", 45, 48, 80, gen)  # odd N, d not a power of two, K not a multiple of the tile
+    _kernel_check("cpu", 1, 16, 64, gen)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_triton_kernels_on_gpu(fast, gen):
+    _kernel_check("cuda", 6400, 256, 512, gen, fast=fast)
+    _kernel_check("cuda", 33, 48, 80, gen, fast=fast)
