@@ -154,34 +154,6 @@ def attention_providers(agg, p, train, flex):
     return {name: _step(fn, train) for name, fn in providers.items()}, bytes_moved
 
 
-def projection_providers(agg, p):
-    """Cross-attention including the K/V projections of the encoder states: cuBLAS projections + our kernel,
-    against the experimental kernel that projects K/V tiles on chip (kernels/attention_fused_kv.py)."""
-    from taste.kernels.attention_fused_kv import text_query_attention_fused_kv
-
-    layer = agg.layers[0].encoder_attn
-    H, B, E = agg.config.num_heads, p["lengths"].numel(), p["h_key"].shape[1]
-    with torch.no_grad():
-        q = layer.q_proj(agg.embed_tokens(p["tokens"])).view(p["n"], H, -1)
-    h_key, h_val = p["h_key"].reshape(B * E, -1), p["h_val"].reshape(B * E, -1)
-    cu_k = torch.arange(B + 1, device=q.device, dtype=torch.int32) * E
-    scale = q.shape[-1] ** -0.5
-
-    def unfused():
-        k, v = layer.k_proj(h_key).view(B * E, H, -1), layer.v_proj(h_val).view(B * E, H, -1)
-        return ops.text_query_attention(q, k, v, p["cu"], cu_k, p["S"], E)
-
-    def fused():
-        return text_query_attention_fused_kv(
-            q, h_key, h_val, layer.k_proj.weight, layer.v_proj.weight, layer.v_proj.bias, p["cu"], cu_k, p["S"], scale
-        )
-
-    return {
-        "(4) cuBLAS K/V + ours": lambda: _no_grad(unfused),
-        "(5) ours, K/V projected in-kernel": lambda: _no_grad(fused),
-    }
-
-
 def _step(fn, train):
     if not train:
         return lambda: _no_grad(fn)
@@ -230,8 +202,6 @@ def main() -> None:
         )
         providers, nbytes = attention_providers(agg, problem, args.train, flex)
         rows += measure(f"attention+pooling {label}", providers, dev, args.reps, bytes_moved=nbytes)
-        if dev == "cuda":
-            rows += measure(f"kv-projection+attention {label}", projection_providers(agg, problem), dev, args.reps)
     ceiling = copy_ceiling_gbps(dev) if dev == "cuda" else None
     report(f"bench/aggregator.py {mode} on {dev}, {dtype}", rows, dev, args.json, ceiling)
 

@@ -45,12 +45,13 @@ def official_prepare_single(token_ids, word_ids, codes_at_starts, delay: int = 1
     (-1 = pad audio), the text labels (L + delay + 1,) and the TASTE labels (L + delay + 1, Q), -1 = ignore.
     """
     L, Q = codes_at_starts.shape
-    is_start = torch.ones(L, dtype=torch.bool)
+    dev = token_ids.device
+    is_start = torch.ones(L, dtype=torch.bool, device=dev)
     is_start[1:] = word_ids[1:] != word_ids[:-1]
     starts = torch.nonzero(is_start).flatten()
     W = starts.numel()
-    audio = torch.full((L + delay, Q), -1, dtype=torch.long)
-    taste_labels = torch.full((L + delay + 1, Q), -1, dtype=torch.long)
+    audio = torch.full((L + delay, Q), -1, dtype=torch.long, device=dev)
+    taste_labels = torch.full((L + delay + 1, Q), -1, dtype=torch.long, device=dev)
     for w in range(W):
         code = codes_at_starts[int(starts[w])]
         target = w + delay  # the word whose tokens carry word w's code
@@ -62,8 +63,8 @@ def official_prepare_single(token_ids, word_ids, codes_at_starts, delay: int = 1
             last = first + 1
         audio[first:last] = code
         taste_labels[first] = code
-    text = torch.cat([token_ids.long(), torch.full((delay,), PAD_TEXT, dtype=torch.long)])
-    text_labels = torch.cat([token_ids.long(), torch.full((delay + 1,), -1, dtype=torch.long)])
+    text = torch.cat([token_ids.long(), torch.full((delay,), PAD_TEXT, dtype=torch.long, device=dev)])
+    text_labels = torch.cat([token_ids.long(), torch.full((delay + 1,), -1, dtype=torch.long, device=dev)])
     return text, audio, text_labels, taste_labels
 
 

@@ -169,32 +169,3 @@ def test_cuda_op_uses_triton_and_backward_matches(device, gen):
     out.float().square().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in ins)
 
-
-def _fused_kv_check(device, dtype, gen):
-    from taste.kernels.attention_fused_kv import text_query_attention_fused_kv
-
-    H, D, d_model, E = 2, 32, 128, 70
-    lq = [5, 1, 0, 9]
-    cu_q, cu_k = make_cu(lq, device), make_cu([E] * 4, device)
-    q = torch.randn(sum(lq), H, D, generator=gen).to(device, dtype)
-    h_key, h_val = (torch.randn(4 * E, d_model, generator=gen).to(device, dtype) for _ in range(2))
-    w_k, w_v = ((torch.randn(H * D, d_model, generator=gen) / d_model**0.5).to(device, dtype) for _ in range(2))
-    b_v = torch.randn(H * D, generator=gen).to(device, dtype)
-    k = (h_key.double() @ w_k.double().T).view(-1, H, D)
-    v = (h_val.double() @ w_v.double().T + b_v.double()).view(-1, H, D)
-    ref = naive(q.double(), k, v, cu_q, cu_k, False, D**-0.5)
-    out = text_query_attention_fused_kv(q, h_key, h_val, w_k, w_v, b_v, cu_q, cu_k, 9, D**-0.5)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (out.double() - ref).abs().max().item() < tol
-
-
-@on_triton_interpreter
-def test_fused_kv_projection_kernel_in_interpreter(gen):
-    _fused_kv_check("cpu", torch.float32, gen)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_fused_kv_projection_kernel_on_gpu(dtype, gen):
-    _fused_kv_check("cuda", dtype, gen)
