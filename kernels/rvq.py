@@ -143,7 +143,7 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool):
     sq_err = torch.empty((n, nq), dtype=torch.float32, device=x.device)
     if n == 0:
         return indices, quantized, sq_err
-    block_d = triton.next_power_of_2(dim)
+    block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs K >= 16 on GPUs
     block_m = 16 if block_d >= 512 else 32
     block_k = 32 if block_d >= 512 else 64
     _rvq_encode_fwd_kernel[(triton.cdiv(n, block_m),)](

@@ -154,6 +154,22 @@ def _padded_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return qp, kp, vp, mask, False, ~ok.any(-1)
 
 
+def _cpu_attention_kernel(q) -> bool:
+    """Whether PyTorch's memory-efficient CPU attention kernel applies (it exists for CPU tensors only)."""
+    return q.device.type == "cpu"
+
+
+def _scores(qp, kp, mask, is_causal, scale):
+    """(B, H, Mq, Mk) masked scores in float32 (float64 for float64 inputs)."""
+    dtype = torch.float64 if qp.dtype == torch.float64 else torch.float32
+    s = (qp.to(dtype) @ kp.to(dtype).transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.to(dtype)
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
 def text_query_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None):
     """Softmax attention of packed queries (Nq, H, D) over packed keys/values (Nk, H, D), per sequence.
 
@@ -165,9 +181,14 @@ def text_query_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     qp, kp, vp, mask, is_causal, no_key = _padded_attention_args(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal
     )
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qp, kp, vp, 0.0, is_causal, attn_mask=mask, scale=scale
-    )  # (B, H, Mq, D), (B, H, Mq)
+    if _cpu_attention_kernel(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qp, kp, vp, 0.0, is_causal, attn_mask=mask, scale=scale
+        )  # (B, H, Mq, D), (B, H, Mq)
+    else:  # other devices (float64 on CUDA): the plain formula, with the full score tensor
+        s = _scores(qp, kp, mask, is_causal, scale)
+        lse = torch.logsumexp(s, -1)
+        out = (torch.exp(s - lse[..., None]).nan_to_num(0.0) @ vp.to(s.dtype)).to(q.dtype)
     if no_key is not None:
         lse = lse.masked_fill(no_key[:, None], float("inf"))
     lq = cu_seqlens_q.diff().tolist()
@@ -187,9 +208,18 @@ def text_query_attention_backward(
     gp = _to_padded(grad_out, cu_seqlens_q, max_seqlen_q, lq)
     op = _to_padded(out, cu_seqlens_q, max_seqlen_q, lq)
     lp = _to_padded(lse.t(), cu_seqlens_q, max_seqlen_q, lq, float("inf"))  # +inf: padded rows get no gradient
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        gp.contiguous(), qp, kp, vp, op.contiguous(), lp.contiguous(), 0.0, is_causal, attn_mask=mask, scale=scale
-    )
+    if _cpu_attention_kernel(q):
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gp.contiguous(), qp, kp, vp, op.contiguous(), lp.contiguous(), 0.0, is_causal, attn_mask=mask, scale=scale
+        )
+    else:  # the flash-attention backward formulas, with the full score tensor
+        s = _scores(qp, kp, mask, is_causal, scale)
+        p = torch.exp(s - lp[..., None].to(s.dtype))  # lse = +inf (no key, padding) gives 0
+        g = gp.to(s.dtype)
+        dv = p.transpose(-1, -2) @ g
+        ds = p * (g @ vp.to(s.dtype).transpose(-1, -2) - (g * op.to(s.dtype)).sum(-1, keepdim=True))
+        dq, dk = ds @ kp.to(s.dtype) * scale, ds.transpose(-1, -2) @ qp.to(s.dtype) * scale
+        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     return (
         _from_padded(dq, cu_seqlens_q, q.shape[0], lq),
         _from_padded(dk, cu_seqlens_k, k.shape[0], lk),

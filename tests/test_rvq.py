@@ -164,6 +164,7 @@ def _kernel_check(device, n, d, k, gen, fast=False, dtype=torch.float32):
 def test_triton_kernels_in_interpreter(gen):
     _kernel_check("cpu", 45, 48, 80, gen)  # odd N, d not a power of two, K not a multiple of the tile
     _kernel_check("cpu", 1, 16, 64, gen)
+    _kernel_check("cpu", 20, 8, 16, gen)  # d below the 16 that tl.dot needs on a GPU: padded block
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -172,3 +173,4 @@ def test_triton_kernels_in_interpreter(gen):
 def test_triton_kernels_on_gpu(fast, gen):
     _kernel_check("cuda", 6400, 256, 512, gen, fast=fast)
     _kernel_check("cuda", 33, 48, 80, gen, fast=fast)
+    _kernel_check("cuda", 20, 8, 16, gen, fast=fast)

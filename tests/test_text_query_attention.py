@@ -70,6 +70,25 @@ def test_gradients_match_naive(device, causal, gen):
         assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (q, k, v)))
 
 
+@pytest.mark.parametrize("causal,cases", [(False, CROSS), (True, SELF)])
+def test_reference_formula_path_used_off_cpu(monkeypatch, causal, cases, gen):
+    """The reference's plain-formula path (devices without PyTorch's CPU attention kernel, e.g. float64 on
+    CUDA), exercised on CPU tensors: values and gradients against the naive attention."""
+    monkeypatch.setattr(reference, "_cpu_attention_kernel", lambda q: False)
+    for lq, lk in cases:
+        q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float64, "cpu", gen)
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ops.text_query_attention(*ins, cu_q, cu_k, max(lq), max(lk), causal=causal)
+        ref_ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = naive(*ref_ins, cu_q, cu_k, causal, 32**-0.5)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        grad = torch.randn_like(ref)
+        out.backward(grad)
+        ref.backward(grad)
+        for a, b in zip(ins, ref_ins):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device, gen):
     q, k, v, cu_q, cu_k = make([3, 0, 4], [5, 2, 4], 2, 32, torch.float32, device, gen)
@@ -117,8 +136,9 @@ def _triton_check(device, lq, lk, dim, dtype, causal, splits, gen):
     ref = naive(q, k, v, cu_q, cu_k, causal, scale)
     assert (out.double() - ref).abs().max().item() <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, scale)
     _, lse_ref = reference.text_query_attention(
-        q.double(), k.double(), v.double(), cu_q, cu_k, max(lq), max(lk), causal, scale
+        *(t.double().cpu() for t in (q, k, v)), cu_q.cpu(), cu_k.cpu(), max(lq), max(lk), causal, scale
     )
+    lse_ref = lse_ref.to(device)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
     finite = torch.isfinite(lse_ref)
     torch.testing.assert_close(
@@ -168,4 +188,3 @@ def test_cuda_op_uses_triton_and_backward_matches(device, gen):
     assert (out.double() - ref).abs().max().item() < max_error_allowed(out, ref, q, k, v, cu_q, cu_k, False, 0.125)
     out.float().square().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in ins)
-
