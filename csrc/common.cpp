@@ -223,3 +223,37 @@ std::tuple<at::Tensor, int64_t> lengths_to_cu_seqlens(const at::Tensor& lengths,
 }
 
 }  // namespace taste
+
+namespace taste {
+
+void check_broadcast_args(const at::Tensor& y, const at::Tensor& offsets) {
+  TORCH_CHECK(y.dim() >= 1, "taste: y must have shape (segments, ...), got a scalar");
+  check_offsets_tensor(offsets, "offsets");
+  check_same_device(y, "y", offsets, "offsets");
+  TORCH_CHECK(y.size(0) == offsets.size(0) - 1, "taste: y must have one row per segment (", offsets.size(0) - 1,
+              " = len(offsets) - 1), got ", y.size(0));
+}
+
+std::vector<int64_t> output_shape(std::initializer_list<int64_t> lead, const at::Tensor& t, int64_t from) {
+  std::vector<int64_t> shape(lead);
+  for (int64_t d = from; d < t.dim(); ++d) shape.push_back(t.size(d));
+  return shape;
+}
+
+DelayLayoutBuffers prepare_delay_layout(const at::Tensor& word_ids, const at::Tensor& cu_seqlens, int64_t delay) {
+  check_word_args(word_ids, cu_seqlens);
+  TORCH_CHECK(delay >= 0, "taste: delay must be >= 0, got ", delay);
+  check_word_ids_values(word_ids, cu_seqlens);
+  DelayLayoutBuffers b;
+  b.word_ids = word_ids.contiguous();
+  b.cu_seqlens = cu_seqlens.contiguous();
+  b.batch = b.cu_seqlens.size(0) - 1;
+  b.rows = b.word_ids.size(0) + b.batch * (delay + 1);
+  std::tie(b.words, b.base) = words_per_sequence(b.word_ids, b.cu_seqlens);
+  const auto opts = b.cu_seqlens.options().dtype(at::kLong);
+  b.cu_out = (b.cu_seqlens.to(at::kLong) + at::arange(b.batch + 1, opts) * (delay + 1)).to(at::kInt);
+  for (at::Tensor* t : {&b.input_token, &b.input_word, &b.label_token, &b.label_word}) *t = at::empty({b.rows}, opts);
+  return b;
+}
+
+}  // namespace taste

@@ -5,8 +5,10 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #if defined(__CUDACC__)
 #define TASTE_HD __host__ __device__ __forceinline__
@@ -90,6 +92,18 @@ void check_word_args(const at::Tensor& word_ids, const at::Tensor& cu_seqlens);
 // Validates lengths (0 <= length <= max_len) and returns (cu_seqlens int32 (B + 1,), total rows). One host sync.
 std::tuple<at::Tensor, int64_t> lengths_to_cu_seqlens(const at::Tensor& lengths, int64_t max_len);
 
+void check_broadcast_args(const at::Tensor& y, const at::Tensor& offsets);
+// {lead..., t.sizes()[from:]...}: the shape of an output whose leading dims change and trailing dims are t's.
+std::vector<int64_t> output_shape(std::initializer_list<int64_t> lead, const at::Tensor& t, int64_t from);
+
+// Everything the delay_layout kernels need besides the row function: checks, per-sequence word counts and
+// first global words (int64 (B,)), the output offsets (int32 (B + 1,)) and the four int64 (M,) outputs.
+struct DelayLayoutBuffers {
+  at::Tensor word_ids, cu_seqlens, cu_out, words, base, input_token, input_word, label_token, label_word;
+  int64_t batch, rows;
+};
+DelayLayoutBuffers prepare_delay_layout(const at::Tensor& word_ids, const at::Tensor& cu_seqlens, int64_t delay);
+
 // ---- implementations shared by composite ops ----
 // out[w] = sum (or mean) of x[perm[r]] for r in [offsets[w], offsets[w+1]) (perm optional, int64). With
 // broadcast (mean only, no perm) the mean is written to every row of its segment instead: out has x's shape.
@@ -101,6 +115,14 @@ at::Tensor segment_reduce_cuda(const at::Tensor& x, const at::Tensor& offsets,
 #endif
 using SegmentReduceFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
                                        bool);
+
+// segment_sum / segment_mean / segment_mean_broadcast on one device: checks, then that device's reduction.
+template <SegmentReduceFn Reduce, bool Mean, bool Broadcast>
+at::Tensor segment_reduce_op(const at::Tensor& x, const at::Tensor& offsets) {
+  check_float_dtype(x, "x");
+  check_segment_args(x, "x", offsets, x.dim() >= 1 ? x.size(0) : -1);
+  return Reduce(x, offsets, std::nullopt, Mean, Broadcast);
+}
 
 // Deterministic, sort-based per-key sums and counts (csrc/common.cpp; same code for every device).
 std::tuple<at::Tensor, at::Tensor> segment_sum_by_key_impl(const at::Tensor& values, const at::Tensor& keys,

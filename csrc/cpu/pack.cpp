@@ -4,22 +4,15 @@
 #include <torch/library.h>
 
 #include <cstring>
-#include <vector>
 
 #include "../common.h"
 
 namespace taste {
 namespace {
 
-std::vector<int64_t> packed_shape(const at::Tensor& padded, int64_t total) {
-  std::vector<int64_t> shape{total};
-  for (int64_t d = 2; d < padded.dim(); ++d) shape.push_back(padded.size(d));
-  return shape;
-}
-
 at::Tensor gather_sequences(const at::Tensor& padded_in, const at::Tensor& cu_seqlens, int64_t total) {
   const at::Tensor padded = padded_in.contiguous();
-  at::Tensor packed = at::empty(packed_shape(padded, total), padded.options());
+  at::Tensor packed = at::empty(output_shape({total}, padded, 2), padded.options());
   const int64_t batch = padded.size(0), T = padded.size(1);
   if (total == 0) return packed;
   const int64_t row_bytes = padded.numel() == 0 ? 0 : padded.nbytes() / (batch * T);
@@ -51,9 +44,7 @@ at::Tensor unpack_cpu(const at::Tensor& packed_in, const at::Tensor& cu_seqlens_
   const at::Tensor packed = packed_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
   const int64_t batch = cu_seqlens.size(0) - 1;
-  std::vector<int64_t> shape{batch, max_len};
-  for (int64_t d = 1; d < packed.dim(); ++d) shape.push_back(packed.size(d));
-  at::Tensor out = at::empty(shape, packed.options());
+  at::Tensor out = at::empty(output_shape({batch, max_len}, packed, 1), packed.options());
   if (out.numel() == 0) return out;
   const int64_t row_bytes = out.nbytes() / (batch * max_len);
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();

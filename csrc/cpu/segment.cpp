@@ -18,9 +18,7 @@ at::Tensor segment_reduce_cpu(const at::Tensor& x_in, const at::Tensor& offsets_
   const at::Tensor x = x_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t segments = offsets.size(0) - 1;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  if (!broadcast) shape[0] = segments;
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = at::empty(output_shape({broadcast ? x.size(0) : segments}, x, 1), x.options());
   const int64_t rows = x.size(0);
   const int64_t F = rows == 0 ? out.numel() / std::max<int64_t>(segments, 1) : x.numel() / rows;
   if (out.numel() == 0 || segments == 0) return out;
@@ -57,30 +55,9 @@ at::Tensor segment_reduce_cpu(const at::Tensor& x_in, const at::Tensor& offsets_
 
 namespace {
 
-at::Tensor segment_sum_cpu(const at::Tensor& x, const at::Tensor& offsets) {
-  check_float_dtype(x, "x");
-  check_segment_args(x, "x", offsets, x.dim() >= 1 ? x.size(0) : -1);
-  return segment_reduce_cpu(x, offsets, std::nullopt, /*mean=*/false, /*broadcast=*/false);
-}
-
-at::Tensor segment_mean_cpu(const at::Tensor& x, const at::Tensor& offsets) {
-  check_float_dtype(x, "x");
-  check_segment_args(x, "x", offsets, x.dim() >= 1 ? x.size(0) : -1);
-  return segment_reduce_cpu(x, offsets, std::nullopt, /*mean=*/true, /*broadcast=*/false);
-}
-
-at::Tensor segment_mean_broadcast_cpu(const at::Tensor& x, const at::Tensor& offsets) {
-  check_float_dtype(x, "x");
-  check_segment_args(x, "x", offsets, x.dim() >= 1 ? x.size(0) : -1);
-  return segment_reduce_cpu(x, offsets, std::nullopt, /*mean=*/true, /*broadcast=*/true);
-}
-
 at::Tensor segment_broadcast_cpu(const at::Tensor& y_in, const at::Tensor& offsets_in,
                                  std::optional<int64_t> num_rows) {
-  TORCH_CHECK(y_in.dim() >= 1, "taste: y must have shape (segments, ...), got a scalar");
-  check_offsets_tensor(offsets_in, "offsets");
-  TORCH_CHECK(y_in.size(0) == offsets_in.size(0) - 1, "taste: y must have one row per segment (",
-              offsets_in.size(0) - 1, " = len(offsets) - 1), got ", y_in.size(0));
+  check_broadcast_args(y_in, offsets_in);
   const at::Tensor offsets = offsets_in.contiguous();
   const int32_t* o = offsets.data_ptr<int32_t>();
   const int64_t segments = offsets.size(0) - 1;
@@ -88,9 +65,7 @@ at::Tensor segment_broadcast_cpu(const at::Tensor& y_in, const at::Tensor& offse
   TORCH_CHECK(rows >= 0, "taste: num_rows must be >= 0, got ", rows);
   check_segment_args(y_in, "y", offsets, rows);
   const at::Tensor y = y_in.contiguous();
-  std::vector<int64_t> shape(y.sizes().begin(), y.sizes().end());
-  shape[0] = rows;
-  at::Tensor out = at::empty(shape, y.options());
+  at::Tensor out = at::empty(output_shape({rows}, y, 1), y.options());
   if (out.numel() == 0) return out;
   const int64_t row_bytes = out.nbytes() / rows;
   const char* src = static_cast<const char*>(y.const_data_ptr());
@@ -112,10 +87,10 @@ std::tuple<at::Tensor, at::Tensor> segment_sum_by_key_cpu(const at::Tensor& valu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(taste, CPU, m) {
-  m.impl("segment_sum", &segment_sum_cpu);
-  m.impl("segment_mean", &segment_mean_cpu);
+  m.impl("segment_sum", &segment_reduce_op<&segment_reduce_cpu, false, false>);
+  m.impl("segment_mean", &segment_reduce_op<&segment_reduce_cpu, true, false>);
+  m.impl("segment_mean_broadcast", &segment_reduce_op<&segment_reduce_cpu, true, true>);
   m.impl("segment_broadcast", &segment_broadcast_cpu);
-  m.impl("segment_mean_broadcast", &segment_mean_broadcast_cpu);
   m.impl("segment_sum_by_key", &segment_sum_by_key_cpu);
 }
 

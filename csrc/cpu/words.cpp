@@ -44,35 +44,22 @@ at::Tensor word_offsets_cpu(const at::Tensor& word_ids_in, const at::Tensor& cu_
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_layout_cpu(
-    const at::Tensor& word_ids_in, const at::Tensor& cu_seqlens_in, int64_t delay) {
-  check_word_args(word_ids_in, cu_seqlens_in);
-  TORCH_CHECK(delay >= 0, "taste: delay must be >= 0, got ", delay);
-  check_word_ids_values(word_ids_in, cu_seqlens_in);
-  const at::Tensor word_ids = word_ids_in.contiguous();
-  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
-  const int64_t batch = cu_seqlens.size(0) - 1;
-  const int64_t rows = word_ids.size(0) + batch * (delay + 1);
-  auto [words, base] = words_per_sequence(word_ids, cu_seqlens);
-  const at::Tensor cu_out =
-      (cu_seqlens.to(at::kLong) + at::arange(batch + 1, cu_seqlens.options().dtype(at::kLong)) * (delay + 1))
-          .to(at::kInt);
-  const auto opts = cu_seqlens.options().dtype(at::kLong);
-  at::Tensor input_token = at::empty({rows}, opts), input_word = at::empty({rows}, opts);
-  at::Tensor label_token = at::empty({rows}, opts), label_word = at::empty({rows}, opts);
-  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
-  const int32_t* co = cu_out.data_ptr<int32_t>();
-  const int64_t* wc = words.data_ptr<int64_t>();
-  const int64_t* wb = base.data_ptr<int64_t>();
-  int64_t *it = input_token.data_ptr<int64_t>(), *iw = input_word.data_ptr<int64_t>();
-  int64_t *lt = label_token.data_ptr<int64_t>(), *lw = label_word.data_ptr<int64_t>();
-  AT_DISPATCH_INDEX_TYPES(word_ids.scalar_type(), "delay_layout_cpu", [&] {
-    const index_t* wid = word_ids.const_data_ptr<index_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t L = cu[b + 1] - cu[b];
+    const at::Tensor& word_ids, const at::Tensor& cu_seqlens, int64_t delay) {
+  DelayLayoutBuffers b = prepare_delay_layout(word_ids, cu_seqlens, delay);
+  const int32_t* cu = b.cu_seqlens.data_ptr<int32_t>();
+  const int32_t* co = b.cu_out.data_ptr<int32_t>();
+  const int64_t* wc = b.words.data_ptr<int64_t>();
+  const int64_t* wb = b.base.data_ptr<int64_t>();
+  int64_t *it = b.input_token.data_ptr<int64_t>(), *iw = b.input_word.data_ptr<int64_t>();
+  int64_t *lt = b.label_token.data_ptr<int64_t>(), *lw = b.label_word.data_ptr<int64_t>();
+  AT_DISPATCH_INDEX_TYPES(b.word_ids.scalar_type(), "delay_layout_cpu", [&] {
+    const index_t* wid = b.word_ids.const_data_ptr<index_t>();
+    at::parallel_for(0, b.batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t L = cu[s + 1] - cu[s];
         for (int64_t p = 0; p < L + delay + 1; ++p) {
-          const DelayRow r = delay_row(wid + cu[b], L, wc[b], wb[b], cu[b], delay, p);
-          const int64_t m = co[b] + p;
+          const DelayRow r = delay_row(wid + cu[s], L, wc[s], wb[s], cu[s], delay, p);
+          const int64_t m = co[s] + p;
           it[m] = r.input_token;
           iw[m] = r.input_word;
           lt[m] = r.label_token;
@@ -81,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_lay
       }
     });
   });
-  return {cu_out, input_token, input_word, label_token, label_word};
+  return {b.cu_out, b.input_token, b.input_word, b.label_token, b.label_word};
 }
 
 }  // namespace

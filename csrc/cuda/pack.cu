@@ -2,8 +2,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "rows.cuh"
 
 namespace taste {
@@ -31,9 +29,7 @@ struct UnpackMap {  // padded row (b, t) <- packed row cu[b] + t, or the pad val
 
 at::Tensor gather_sequences_cuda(const at::Tensor& padded_in, const at::Tensor& cu_seqlens, int64_t total) {
   const at::Tensor padded = padded_in.contiguous();
-  std::vector<int64_t> shape{total};
-  for (int64_t d = 2; d < padded.dim(); ++d) shape.push_back(padded.size(d));
-  at::Tensor packed = at::empty(shape, padded.options());
+  at::Tensor packed = at::empty(output_shape({total}, padded, 2), padded.options());
   const int64_t batch = padded.size(0), T = padded.size(1);
   if (packed.numel() == 0 || batch == 0 || T == 0) return packed;
   unsigned char pad[16];
@@ -63,9 +59,7 @@ at::Tensor unpack_cuda(const at::Tensor& packed_in, const at::Tensor& cu_seqlens
   const at::Tensor packed = packed_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
   const int64_t batch = cu_seqlens.size(0) - 1;
-  std::vector<int64_t> shape{batch, max_len};
-  for (int64_t d = 1; d < packed.dim(); ++d) shape.push_back(packed.size(d));
-  at::Tensor out = at::empty(shape, packed.options());
+  at::Tensor out = at::empty(output_shape({batch, max_len}, packed, 1), packed.options());
   if (out.numel() == 0) return out;
   unsigned char pad[16];
   fill_pad_row(out, pad_value, pad);

@@ -84,9 +84,7 @@ at::Tensor segment_reduce_cuda(const at::Tensor& x_in, const at::Tensor& offsets
   const at::Tensor x = x_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t segments = offsets.size(0) - 1;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  if (!broadcast) shape[0] = segments;
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = at::empty(output_shape({broadcast ? x.size(0) : segments}, x, 1), x.options());
   if (out.numel() == 0 || segments == 0) return out;
   const int64_t F = out.numel() / out.size(0);
   at::Tensor perm;
@@ -106,31 +104,9 @@ at::Tensor segment_reduce_cuda(const at::Tensor& x_in, const at::Tensor& offsets
 
 namespace {
 
-at::Tensor segment_sum_cuda(const at::Tensor& x, const at::Tensor& offsets) {
-  check_float_dtype(x, "x");
-  check_segment_args(x, "x", offsets, x.dim() >= 1 ? x.size(0) : -1);
-  return segment_reduce_cuda(x, offsets, std::nullopt, /*mean=*/false, /*broadcast=*/false);
-}
-
-at::Tensor segment_mean_cuda(const at::Tensor& x, const at::Tensor& offsets) {
-  check_float_dtype(x, "x");
-  check_segment_args(x, "x", offsets, x.dim() >= 1 ? x.size(0) : -1);
-  return segment_reduce_cuda(x, offsets, std::nullopt, /*mean=*/true, /*broadcast=*/false);
-}
-
-at::Tensor segment_mean_broadcast_cuda(const at::Tensor& x, const at::Tensor& offsets) {
-  check_float_dtype(x, "x");
-  check_segment_args(x, "x", offsets, x.dim() >= 1 ? x.size(0) : -1);
-  return segment_reduce_cuda(x, offsets, std::nullopt, /*mean=*/true, /*broadcast=*/true);
-}
-
 at::Tensor segment_broadcast_cuda(const at::Tensor& y_in, const at::Tensor& offsets_in,
                                   std::optional<int64_t> num_rows) {
-  TORCH_CHECK(y_in.dim() >= 1, "taste: y must have shape (segments, ...), got a scalar");
-  check_offsets_tensor(offsets_in, "offsets");
-  check_same_device(y_in, "y", offsets_in, "offsets");
-  TORCH_CHECK(y_in.size(0) == offsets_in.size(0) - 1, "taste: y must have one row per segment (",
-              offsets_in.size(0) - 1, " = len(offsets) - 1), got ", y_in.size(0));
+  check_broadcast_args(y_in, offsets_in);
   const c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t segments = offsets.size(0) - 1;
@@ -144,9 +120,7 @@ at::Tensor segment_broadcast_cuda(const at::Tensor& y_in, const at::Tensor& offs
   TORCH_CHECK(rows >= 0, "taste: num_rows must be >= 0, got ", rows);
   check_segment_args(y_in, "y", offsets, rows);
   const at::Tensor y = y_in.contiguous();
-  std::vector<int64_t> shape(y.sizes().begin(), y.sizes().end());
-  shape[0] = rows;
-  at::Tensor out = at::empty(shape, y.options());
+  at::Tensor out = at::empty(output_shape({rows}, y, 1), y.options());
   if (out.numel() == 0) return out;
   unsigned char pad[16];
   fill_pad_row(out, 0.0, pad);
@@ -164,10 +138,10 @@ std::tuple<at::Tensor, at::Tensor> segment_sum_by_key_cuda(const at::Tensor& val
 }  // namespace
 
 TORCH_LIBRARY_IMPL(taste, CUDA, m) {
-  m.impl("segment_sum", &segment_sum_cuda);
-  m.impl("segment_mean", &segment_mean_cuda);
+  m.impl("segment_sum", &segment_reduce_op<&segment_reduce_cuda, false, false>);
+  m.impl("segment_mean", &segment_reduce_op<&segment_reduce_cuda, true, false>);
+  m.impl("segment_mean_broadcast", &segment_reduce_op<&segment_reduce_cuda, true, true>);
   m.impl("segment_broadcast", &segment_broadcast_cuda);
-  m.impl("segment_mean_broadcast", &segment_mean_broadcast_cuda);
   m.impl("segment_sum_by_key", &segment_sum_by_key_cuda);
 }
 

@@ -92,32 +92,20 @@ __global__ void delay_layout_kernel(const word_t* __restrict__ wid, const int32_
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_layout_cuda(
-    const at::Tensor& word_ids_in, const at::Tensor& cu_seqlens_in, int64_t delay) {
-  check_word_args(word_ids_in, cu_seqlens_in);
-  TORCH_CHECK(delay >= 0, "taste: delay must be >= 0, got ", delay);
-  check_word_ids_values(word_ids_in, cu_seqlens_in);
-  const c10::cuda::CUDAGuard guard(word_ids_in.device());
-  const at::Tensor word_ids = word_ids_in.contiguous();
-  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
-  const int64_t batch = cu_seqlens.size(0) - 1, n_rows = word_ids.size(0);
-  const int64_t rows = n_rows + batch * (delay + 1);
-  auto [words, base] = words_per_sequence(word_ids, cu_seqlens);
-  const at::Tensor cu_out =
-      (cu_seqlens.to(at::kLong) + at::arange(batch + 1, cu_seqlens.options().dtype(at::kLong)) * (delay + 1))
-          .to(at::kInt);
-  const auto opts = cu_seqlens.options().dtype(at::kLong);
-  at::Tensor input_token = at::empty({rows}, opts), input_word = at::empty({rows}, opts);
-  at::Tensor label_token = at::empty({rows}, opts), label_word = at::empty({rows}, opts);
-  if (rows == 0) return {cu_out, input_token, input_word, label_token, label_word};
-  AT_DISPATCH_INDEX_TYPES(word_ids.scalar_type(), "delay_layout_cuda", [&] {
-    delay_layout_kernel<index_t><<<blocks_for(rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        word_ids.const_data_ptr<index_t>(), cu_seqlens.const_data_ptr<int32_t>(), cu_out.const_data_ptr<int32_t>(),
-        words.const_data_ptr<int64_t>(), base.const_data_ptr<int64_t>(), batch, n_rows, rows, delay,
-        input_token.data_ptr<int64_t>(), input_word.data_ptr<int64_t>(), label_token.data_ptr<int64_t>(),
-        label_word.data_ptr<int64_t>());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {cu_out, input_token, input_word, label_token, label_word};
+    const at::Tensor& word_ids, const at::Tensor& cu_seqlens, int64_t delay) {
+  const c10::cuda::CUDAGuard guard(word_ids.device());
+  DelayLayoutBuffers b = prepare_delay_layout(word_ids, cu_seqlens, delay);
+  if (b.rows > 0) {
+    AT_DISPATCH_INDEX_TYPES(b.word_ids.scalar_type(), "delay_layout_cuda", [&] {
+      delay_layout_kernel<index_t><<<blocks_for(b.rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          b.word_ids.const_data_ptr<index_t>(), b.cu_seqlens.const_data_ptr<int32_t>(),
+          b.cu_out.const_data_ptr<int32_t>(), b.words.const_data_ptr<int64_t>(), b.base.const_data_ptr<int64_t>(),
+          b.batch, b.word_ids.size(0), b.rows, delay, b.input_token.data_ptr<int64_t>(),
+          b.input_word.data_ptr<int64_t>(), b.label_token.data_ptr<int64_t>(), b.label_word.data_ptr<int64_t>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {b.cu_out, b.input_token, b.input_word, b.label_token, b.label_word};
 }
 
 }  // namespace
