@@ -59,60 +59,47 @@ class AggregatorConfig:
         return self.d_model // self.num_heads
 
 
-class WhisperAttentionProjections(nn.Module):
+class WhisperAttention(nn.Module):
     """Whisper's bias layout: q, v and out with bias, k without."""
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, num_heads: int):
         super().__init__()
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model)
         self.q_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self.heads = num_heads
+
+    def forward(self, h_q, h_k, h_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
+        """Packed attention of h_q's rows over h_k / h_v's rows (all (rows, d_model)) -> (rows of h_q, d_model)."""
+
+        def heads(t):
+            return t.view(t.shape[0], self.heads, -1)  # (rows, H, Dh)
+
+        attn = text_query_attention(
+            heads(self.q_proj(h_q)), heads(self.k_proj(h_k)), heads(self.v_proj(h_v)),
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+        )  # fmt: skip
+        return self.out_proj(attn.reshape(h_q.shape[0], -1))
 
 
 class AggregatorLayer(nn.Module):
     def __init__(self, config: AggregatorConfig):
         super().__init__()
         d = config.d_model
-        self.heads = config.num_heads
-        self.self_attn = WhisperAttentionProjections(d)
+        self.self_attn = WhisperAttention(d, config.num_heads)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.encoder_attn = WhisperAttentionProjections(d)
+        self.encoder_attn = WhisperAttention(d, config.num_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(d, config.ffn_dim)
         self.fc2 = nn.Linear(config.ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        return x.view(x.shape[0], self.heads, -1)  # (rows, H, Dh)
-
     def forward(self, x, cu_seqlens, max_seqlen, key_states, value_states, cu_seqlens_k, max_seqlen_k):
-        n = x.shape[0]
         h = self.self_attn_layer_norm(x)
-        a = self.self_attn
-        attn = text_query_attention(
-            self._heads(a.q_proj(h)),
-            self._heads(a.k_proj(h)),
-            self._heads(a.v_proj(h)),
-            cu_seqlens,
-            cu_seqlens,
-            max_seqlen,
-            max_seqlen,
-            causal=True,
-        )
-        x = x + a.out_proj(attn.reshape(n, -1))
+        x = x + self.self_attn(h, h, h, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         h = self.encoder_attn_layer_norm(x)
-        a = self.encoder_attn
-        attn = text_query_attention(
-            self._heads(a.q_proj(h)),
-            self._heads(a.k_proj(key_states)),
-            self._heads(a.v_proj(value_states)),
-            cu_seqlens,
-            cu_seqlens_k,
-            max_seqlen,
-            max_seqlen_k,
-        )
-        x = x + a.out_proj(attn.reshape(n, -1))
+        x = x + self.encoder_attn(h, key_states, value_states, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
