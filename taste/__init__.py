@@ -28,6 +28,18 @@ from taste import ops  # noqa: E402
 from taste.aggregator import AggregatorConfig, TextQueryAggregator  # noqa: E402
 from taste.ops import HAS_EXTENSION, DelayLayout  # noqa: E402
 from taste.rvq import ResidualVQ  # noqa: E402
+from taste.tokenizer import QuantizerConfig, TasteConfig, TasteTokenizer, TokenizerOutput  # noqa: E402
 
-__all__ = ["ops", "HAS_EXTENSION", "DelayLayout", "AggregatorConfig", "TextQueryAggregator", "ResidualVQ"]
+__all__ = [
+    "ops",
+    "HAS_EXTENSION",
+    "DelayLayout",
+    "AggregatorConfig",
+    "TextQueryAggregator",
+    "ResidualVQ",
+    "QuantizerConfig",
+    "TasteConfig",
+    "TasteTokenizer",
+    "TokenizerOutput",
+]
 __version__ = "0.1.0"

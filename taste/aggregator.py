@@ -82,6 +82,16 @@ class WhisperAttention(nn.Module):
         )  # fmt: skip
         return self.out_proj(attn.reshape(h_q.shape[0], -1))
 
+    def forward_dense(self, x: Tensor) -> Tensor:
+        """Unmasked self-attention over every row of a dense ``(B, T, d_model)`` batch (the speech encoder's)."""
+        b, t, d = x.shape
+
+        def heads(p):
+            return p.view(b, t, self.heads, -1).transpose(1, 2)  # (B, H, T, Dh)
+
+        o = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.out_proj(o.transpose(1, 2).reshape(b, t, d))
+
 
 class AggregatorLayer(nn.Module):
     def __init__(self, config: AggregatorConfig):

@@ -1,0 +1,150 @@
+"""Whisper-compatible log-mel features for whole batches, in torch, on any device (spec section 1.2).
+
+The features equal openai-whisper's ``log_mel_spectrogram`` of the audio padded (or trimmed) to the window:
+Hann STFT with n_fft 400 and hop 160 at 16 kHz, the last frame dropped, power spectrum, the mel filters that
+openai-whisper ships (``assets/mel_filters.npz``, 80 or 128 bins), ``log10(max(mel, 1e-10))``, a floor at the
+utterance's maximum minus 8, then ``(x + 4) / 4``. The window is 30 s (Whisper's, 3000 frames) by default
+and configurable for small models. Unlike the official front-end, every utterance of a batch keeps its own
+length (the official batched path used the first sample's length for all).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from taste.text import _package_file
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+
+
+def mel_filters(n_mels: int, device=None) -> Tensor:
+    """``(n_mels, 201)`` float32: openai-whisper's mel filter bank (``n_mels`` 80 or 128)."""
+    if n_mels not in (80, 128):
+        raise ValueError(f"n_mels must be 80 or 128 (the filter banks openai-whisper ships), got {n_mels}")
+    with np.load(_package_file("whisper", "assets/mel_filters.npz", "openai-whisper")) as f:
+        return torch.from_numpy(f[f"mel_{n_mels}"]).to(device=device, dtype=torch.float32)
+
+
+def resample(wave: Tensor, orig_rate: int, new_rate: int = SAMPLE_RATE, *, zero_crossings: int = 6) -> Tensor:
+    """Band-limited resampling of ``(..., T)`` audio by a Hann-windowed sinc (polyphase, one conv1d).
+
+    The low-pass sits at 0.99 of the lower Nyquist frequency; ``zero_crossings`` sets the filter length. The
+    output has ``ceil(T * new_rate / orig_rate)`` samples.
+    """
+    if orig_rate <= 0 or new_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got orig_rate={orig_rate}, new_rate={new_rate}")
+    if orig_rate == new_rate:
+        return wave
+    g = math.gcd(orig_rate, new_rate)
+    up, down = new_rate // g, orig_rate // g  # `down` input samples make `up` output samples
+    cutoff = 0.99 * min(up, down) / 2  # in cycles per block of `down` inputs / `up` outputs
+    half = zero_crossings / (2 * cutoff)  # filter half-length in block units
+    width = math.ceil(half * down)  # in input samples
+    k = torch.arange(-width, width + down, dtype=torch.float64)  # input offsets
+    p = torch.arange(up, dtype=torch.float64)[:, None]  # output phases
+    t = p / up - k / down  # (up, taps): time from each input tap to each output phase, in block units
+    window = torch.where(t.abs() <= half, torch.cos(math.pi * t / (2 * half)) ** 2, 0.0)
+    kernel = (2 * cutoff / down) * torch.sinc(2 * cutoff * t) * window  # (up, taps)
+    shape = wave.shape
+    x = wave.reshape(-1, 1, shape[-1])
+    kernel = kernel.to(x.dtype if x.is_floating_point() else torch.float32).to(x.device)
+    x = nn.functional.pad(x.to(kernel.dtype), (width, width + down))
+    y = nn.functional.conv1d(x, kernel[:, None, :], stride=down)  # (R, up, blocks)
+    y = y.transpose(1, 2).reshape(x.shape[0], -1)  # interleave the phases
+    n_out = math.ceil(shape[-1] * up / down)
+    return y[:, :n_out].reshape(*shape[:-1], n_out)
+
+
+def batch_waveforms(
+    waveforms: Sequence[Tensor],
+    sample_rate: int | Sequence[int] = SAMPLE_RATE,
+    *,
+    window_seconds: float = 30.0,
+    truncate: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Validates, resamples to 16 kHz and zero-pads a list of mono waveforms into one batch.
+
+    Args:
+        waveforms: B tensors of shape ``(T,)`` (or ``(1, T)``), any float dtype.
+        sample_rate: their rate (one for all, or one per waveform).
+        window_seconds: the feature window; longer audio is refused unless ``truncate``.
+        truncate: cut audio longer than the window (the official front-end does, silently).
+
+    Returns:
+        ``audio (B, window_samples)`` float32 and ``lengths (B,)`` int64 (samples before padding).
+    """
+    if isinstance(waveforms, Tensor):
+        raise TypeError("waveforms must be a list of 1-D tensors (one per utterance), got a single tensor")
+    if len(waveforms) == 0:
+        raise ValueError("waveforms is empty: need at least one utterance")
+    rates = [sample_rate] * len(waveforms) if isinstance(sample_rate, int) else list(sample_rate)
+    if len(rates) != len(waveforms):
+        raise ValueError(f"sample_rate has {len(rates)} entries for {len(waveforms)} waveforms")
+    limit = round(window_seconds * SAMPLE_RATE)
+    out, lengths = [], []
+    for i, (w, rate) in enumerate(zip(waveforms, rates)):
+        w = torch.as_tensor(w)
+        if w.dim() == 2 and w.shape[0] == 1:
+            w = w[0]
+        if w.dim() != 1:
+            raise ValueError(
+                f"waveforms[{i}] must be mono, shape (T,) or (1, T); got {tuple(w.shape)} (mix channels down first)"
+            )
+        if w.numel() == 0:
+            raise ValueError(f"waveforms[{i}] is empty")
+        if not w.is_floating_point():
+            raise TypeError(f"waveforms[{i}] must be floating point in [-1, 1], got {w.dtype}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"waveforms[{i}] contains NaN or infinite samples")
+        w = resample(w.float(), rate, SAMPLE_RATE)
+        if w.numel() > limit:
+            if not truncate:
+                raise ValueError(
+                    f"waveforms[{i}] lasts {w.numel() / SAMPLE_RATE:.2f} s, longer than the {window_seconds:g} s "
+                    "window; split it or pass truncate=True"
+                )
+            w = w[:limit]
+        out.append(w)
+        lengths.append(w.numel())
+    audio = out[0].new_zeros(len(out), limit)
+    for i, w in enumerate(out):
+        audio[i, : w.numel()] = w
+    return audio, torch.tensor(lengths)
+
+
+class LogMel(nn.Module):
+    """Batched Whisper log-mel: ``audio (B, window_samples)`` float -> ``(B, n_mels, window_frames)`` float32.
+
+    ``window_frames = window_seconds * 100`` (3000 for Whisper's 30 s). Audio shorter than the window is
+    zero-padded (as Whisper's ``pad_or_trim``); longer audio is an error.
+    """
+
+    def __init__(self, *, n_mels: int = 128, window_seconds: float = 30.0):
+        super().__init__()
+        self.n_mels = n_mels
+        self.window_samples = round(window_seconds * SAMPLE_RATE)
+        if self.window_samples % HOP_LENGTH:
+            raise ValueError(f"window_seconds * 16000 must be a multiple of {HOP_LENGTH}, got {window_seconds}")
+        self.frames = self.window_samples // HOP_LENGTH
+        self.register_buffer("filters", mel_filters(n_mels), persistent=False)
+        self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
+
+    def forward(self, audio: Tensor) -> Tensor:
+        if audio.dim() != 2:
+            raise ValueError(f"audio must be (B, samples), got shape {tuple(audio.shape)}")
+        if audio.shape[1] > self.window_samples:
+            raise ValueError(f"audio has {audio.shape[1]} samples, more than the window ({self.window_samples})")
+        audio = nn.functional.pad(audio.float(), (0, self.window_samples - audio.shape[1]))
+        spec = torch.stft(audio, N_FFT, HOP_LENGTH, window=self.window, return_complex=True)  # (B, 201, F + 1)
+        power = spec[..., :-1].abs() ** 2
+        mel = self.filters @ power  # (B, n_mels, F)
+        log_spec = mel.clamp(min=1e-10).log10()
+        log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
+        return (log_spec + 4.0) / 4.0

@@ -1,0 +1,288 @@
+"""The TASTE tokenizer (spec sections 1.1-1.6): speech + transcript in, one residual-VQ code row per word out.
+
+Pipeline: batched Whisper log-mel (:mod:`taste.audio`) -> the speech encoder (:mod:`taste.encoder`: keys from
+its final LayerNorm, values from layer ``value_layer``) -> the text-query aggregator over the transcript's
+Whisper tokens -> the subword-to-word mean (``segment_mean``) -> the residual VQ on one row per word. The
+official code quantises every subword after broadcasting the word mean; the rows of one word are identical
+there, so pooling first gives the same codes with one VQ row per word.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from taste import ops
+from taste.aggregator import WHISPER_PREFIX_IDS, AggregatorConfig, TextQueryAggregator
+from taste.audio import LogMel, batch_waveforms
+from taste.encoder import EncoderConfig, SpeechEncoder
+from taste.rvq import ResidualVQ
+from taste.text import DualTokenizer, TextBatch
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """:class:`taste.ResidualVQ` settings (spec 1.6); ``dim`` is the aggregator's d_model."""
+
+    num_quantizers: int = 4
+    codebook_size: int = 512
+    codebook_dim: int = 256
+    decay: float = 0.99
+    eps: float = 1e-5
+    kmeans_init: bool = True
+    kmeans_iters: int = 100
+    quantize_dropout: bool = True
+    threshold_ema_dead_code: float = 0.0
+
+
+@dataclass(frozen=True)
+class TasteConfig:
+    encoder: EncoderConfig = EncoderConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    quantizer: QuantizerConfig = QuantizerConfig()
+    freeze_encoder: bool = True  # the official recipe never trains the Whisper encoder
+    asr_tokenizer: str = "whisper"  # see taste.text: "whisper", "llama3" or a tokenizer directory
+    llm_tokenizer: str = "llama3"
+
+    @classmethod
+    def official(cls, **overrides) -> TasteConfig:
+        """distil-large-v3 shapes: 32 x 1280 encoder (values after 6 layers), 2-layer aggregator, RVQ 4 x 512 x 256."""
+        return replace(cls(), **overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> TasteConfig:
+        """A small model for CPUs and from-scratch training: 80 mels over a 10 s window, width 128, real Whisper
+        token ids (so it reads real transcripts), RVQ 4 x 64 x 32; the encoder is trainable."""
+        base = cls(
+            encoder=EncoderConfig(
+                n_mels=80, window_seconds=10.0, d_model=128, num_layers=4, num_heads=4, ffn_dim=512, value_layer=2
+            ),
+            aggregator=AggregatorConfig(d_model=128, num_heads=4, num_layers=2, ffn_dim=512, max_positions=448),
+            quantizer=QuantizerConfig(codebook_size=64, codebook_dim=32, kmeans_iters=20),
+            freeze_encoder=False,
+        )
+        return replace(base, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TasteConfig:
+        agg = dict(d["aggregator"])
+        agg["prefix_ids"] = tuple(agg.get("prefix_ids", WHISPER_PREFIX_IDS))
+        rest = {k: v for k, v in d.items() if k not in ("encoder", "aggregator", "quantizer")}
+        return cls(
+            encoder=EncoderConfig(**d["encoder"]),
+            aggregator=AggregatorConfig(**agg),
+            quantizer=QuantizerConfig(**d["quantizer"]),
+            **rest,
+        )
+
+
+@dataclass
+class TokenizerOutput:
+    """word_codes ``(W_total, Q)`` int64 (-1: stage not used); word_cu_seqlens ``(B + 1,)`` int32 words per
+    utterance; word_embeddings ``(W_total, d_model)``: the quantised TASTE embeddings (straight-through in
+    training; the pooled aggregator output when ``quantize=False``); commit_loss () float32."""
+
+    word_codes: Tensor
+    word_cu_seqlens: Tensor
+    word_embeddings: Tensor
+    commit_loss: Tensor
+
+
+class TasteTokenizer(nn.Module):
+    """Speech + transcript -> TASTE codes and embeddings, packed batches, no per-sample loops."""
+
+    def __init__(self, *, config: TasteConfig):
+        super().__init__()
+        enc, agg, q = config.encoder, config.aggregator, config.quantizer
+        if enc.d_model != agg.d_model:
+            raise ValueError(f"encoder.d_model ({enc.d_model}) must equal aggregator.d_model ({agg.d_model})")
+        self.config = config
+        self.frontend = LogMel(n_mels=enc.n_mels, window_seconds=enc.window_seconds)
+        self.encoder = SpeechEncoder(config=enc)
+        self.aggregator = TextQueryAggregator(config=agg)
+        self.quantizer = ResidualVQ(dim=agg.d_model, **dataclasses.asdict(q))
+        if config.freeze_encoder:
+            self.encoder.requires_grad_(False)
+        self._text: DualTokenizer | None = None
+
+    # ---- the model ----
+    def encode_speech(self, mel: Tensor) -> tuple[Tensor, Tensor]:
+        """``mel (B, n_mels, frames)`` -> ``(h_key, h_val)`` ``(B, frames / 2, d_model)``; no graph when frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            return self.encoder(mel)
+
+    def embed_words(
+        self, h_key: Tensor, h_val: Tensor, asr_tokens: Tensor, asr_cu_seqlens: Tensor, max_seqlen: int,
+        word_offsets: Tensor,
+    ) -> Tensor:  # fmt: skip
+        """Aggregator + word mean: ``(W_total, d_model)`` continuous word embeddings (before the VQ). No host sync;
+        runs under ``torch.compile(fullgraph=True)``."""
+        per_token = self.aggregator(asr_tokens, asr_cu_seqlens, max_seqlen, h_key, h_val)  # (N, d)
+        return ops.segment_mean(per_token, word_offsets)  # (W_total, d)
+
+    def forward(
+        self,
+        mel: Tensor,
+        asr_tokens: Tensor,
+        asr_cu_seqlens: Tensor,
+        asr_word_ids: Tensor,
+        *,
+        max_seqlen: int | None = None,
+        word_offsets: Tensor | None = None,
+        quantize: bool = True,
+    ) -> TokenizerOutput:
+        """Tokenises a batch.
+
+        Args:
+            mel: ``(B, n_mels, frames)`` float log-mel (:class:`taste.audio.LogMel`).
+            asr_tokens: ``(N,)`` int64 packed Whisper token ids of the transcripts (no special tokens).
+            asr_cu_seqlens: ``(B + 1,)`` int32; every utterance has at least one token.
+            asr_word_ids: ``(N,)`` int32/int64 word index of each token, 0-based within its utterance.
+            max_seqlen: host int, the longest utterance in tokens; read back from ``asr_cu_seqlens`` if None.
+            word_offsets: ``(W_total + 1,)`` int32 (:class:`taste.text.PackedText` has it); computed if None.
+                Passing both keeps the forward free of host syncs.
+            quantize: False skips the VQ (training stage 1-2): codes are all -1, embeddings the pooled vectors.
+        """
+        if mel.shape[0] + 1 != asr_cu_seqlens.shape[0]:
+            raise ValueError(
+                f"asr_cu_seqlens must have B + 1 = {mel.shape[0] + 1} entries (B from mel), "
+                f"got {asr_cu_seqlens.shape[0]}"
+            )
+        if asr_tokens.shape != asr_word_ids.shape:
+            raise ValueError(
+                f"asr_word_ids {tuple(asr_word_ids.shape)} must match asr_tokens {tuple(asr_tokens.shape)}"
+            )
+        if max_seqlen is None:
+            max_seqlen = int(asr_cu_seqlens.diff().max())
+        if word_offsets is None:
+            word_offsets = ops.word_offsets(asr_word_ids, asr_cu_seqlens)
+        h_key, h_val = self.encode_speech(mel)
+        words = self.embed_words(h_key, h_val, asr_tokens, asr_cu_seqlens, max_seqlen, word_offsets)
+        counts = asr_word_ids[asr_cu_seqlens[1:].long() - 1].to(torch.int32) + 1  # (B,) words per utterance
+        word_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0, dtype=torch.int32)])
+        if not quantize:
+            codes = torch.full((words.shape[0], self.quantizer.num_quantizers), -1, device=words.device)
+            return TokenizerOutput(codes, word_cu, words, words.new_zeros((), dtype=torch.float32))
+        quantized, codes, commit = self.quantizer(words.float())  # the VQ runs in float32 (spec 7.3)
+        return TokenizerOutput(codes, word_cu, quantized.to(words.dtype), commit)
+
+    def embeddings_from_codes(self, codes: Tensor) -> Tensor:
+        """``(W, Q)`` int64 codes (-1 = stage not used) -> ``(W, d_model)`` TASTE embeddings."""
+        if codes.dim() != 2 or codes.shape[1] != self.quantizer.num_quantizers:
+            raise ValueError(f"codes must be (W, {self.quantizer.num_quantizers}), got {tuple(codes.shape)}")
+        return self.quantizer.get_output_from_indices(codes)
+
+    # ---- raw audio and text ----
+    @property
+    def text_tokenizer(self) -> DualTokenizer:
+        if self._text is None:
+            agg = self.config.aggregator
+            self._text = DualTokenizer(
+                self.config.asr_tokenizer, None, max_asr_tokens=agg.max_positions - len(agg.prefix_ids)
+            )
+        return self._text
+
+    def prepare(
+        self, waveforms: Sequence[Tensor], texts: Sequence[str], sample_rate: int | Sequence[int] = 16000
+    ) -> tuple[Tensor, TextBatch]:
+        """Host-side batch preparation: ``(mel (B, n_mels, frames) on the model's device, TextBatch)``."""
+        if len(waveforms) != len(texts):
+            raise ValueError(f"got {len(waveforms)} waveforms but {len(texts)} texts")
+        text = self.text_tokenizer(texts)
+        audio, _ = batch_waveforms(waveforms, sample_rate, window_seconds=self.config.encoder.window_seconds)
+        return self.frontend(audio.to(self.frontend.filters.device)), text
+
+    def tokenize(self, mel: Tensor, text: TextBatch, *, quantize: bool = True) -> TokenizerOutput:
+        """:meth:`forward` on a prepared batch (the tensors of ``text`` moved to ``mel``'s device)."""
+        dev, asr = mel.device, text.asr
+        return self(
+            mel, asr.tokens.to(dev), asr.cu_seqlens.to(dev), asr.word_ids.to(dev),
+            max_seqlen=asr.max_seqlen, word_offsets=asr.word_offsets.to(dev), quantize=quantize,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def encode(
+        self, waveforms: Sequence[Tensor], texts: Sequence[str], sample_rate: int | Sequence[int] = 16000
+    ) -> list[Tensor]:
+        """Codes of each utterance: B tensors ``(W_i, Q)`` int64 on the CPU, one row per word of its text."""
+        was_training = self.training
+        self.eval()
+        try:
+            mel, text = self.prepare(waveforms, texts, sample_rate)
+            out = self.tokenize(mel, text)
+        finally:
+            self.train(was_training)
+        return list(out.word_codes.cpu().split(text.word_cu_seqlens.diff().tolist()))
+
+    # ---- checkpoints ----
+    def save_pretrained(self, directory: str) -> None:
+        """Writes ``config.json`` and ``model.safetensors`` (weights and codebook buffers) into ``directory``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "model": "TasteTokenizer"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, device=None, dtype=None) -> TasteTokenizer:
+        """Loads a model written by :meth:`save_pretrained`."""
+        from safetensors.torch import load_file
+
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise FileNotFoundError(f"{directory!r} has no {name}: not a TasteTokenizer.save_pretrained directory")
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            config = TasteConfig.from_dict(json.load(f))
+        with torch.device("meta"):
+            model = cls(config=config)
+        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)), strict=True, assign=True)
+        model.frontend = LogMel(n_mels=config.encoder.n_mels, window_seconds=config.encoder.window_seconds)
+        model.aggregator.prefix_ids = torch.tensor(config.aggregator.prefix_ids, dtype=torch.long)
+        if config.freeze_encoder:
+            model.encoder.requires_grad_(False)
+        return model.to_precision(device=device, dtype=dtype)
+
+    def to_precision(self, *, device=None, dtype=None) -> TasteTokenizer:
+        """Moves the model to ``device`` and casts the encoder and aggregator to ``dtype``; the quantizer stays
+        float32 (codebook distances in float32, spec 7.3)."""
+        self.to(device=device)
+        if dtype is not None:
+            self.encoder.to(dtype=dtype)
+            self.aggregator.to(dtype=dtype)
+        return self
+
+    @classmethod
+    def from_whisper(
+        cls, local_dir: str, *, value_layer: int = 6, quantizer: QuantizerConfig | None = None, dtype=None, **overrides
+    ) -> TasteTokenizer:
+        """The seed model from a local Whisper checkpoint (transformers layout): its encoder and decoder weights,
+        the cross-attention ``v_proj`` set to the identity (spec 1.4), a fresh RVQ (k-means-initialised on the
+        first training batch). float32 unless ``dtype``; ``overrides`` replace :class:`TasteConfig` fields."""
+        from transformers import WhisperModel
+
+        if not os.path.isdir(local_dir):
+            raise FileNotFoundError(f"local_dir {local_dir!r} is not a directory (a local Whisper checkpoint)")
+        whisper = WhisperModel.from_pretrained(local_dir).float()
+        encoder = SpeechEncoder.from_whisper_encoder(whisper.encoder, value_layer=value_layer)
+        aggregator = TextQueryAggregator.from_whisper_decoder(whisper.decoder)
+        config = TasteConfig(
+            encoder=encoder.config, aggregator=aggregator.config, quantizer=quantizer or QuantizerConfig(), **overrides
+        )
+        model = cls(config=config)
+        model.encoder, model.aggregator = encoder, aggregator
+        if config.freeze_encoder:
+            model.encoder.requires_grad_(False)
+        return model.to_precision(dtype=dtype)
