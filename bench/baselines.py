@@ -129,3 +129,113 @@ def official_prefixed_ids(tokens_pad, prefix_ids):
     prefix = torch.tensor(prefix_ids, device=tokens_pad.device).expand(B, -1)
     eos = torch.full((B, 1), prefix_ids[0] - 1, device=tokens_pad.device, dtype=tokens_pad.dtype)
     return torch.cat([prefix, tokens_pad, eos], dim=1)
+
+
+class CdistLoop(torch.nn.Module):
+    """The plain way: project, then per stage torch.cdist + argmin over the full (N, K) matrix (ours: a
+    taste.ResidualVQ whose projections and codebooks are used)."""
+
+    def __init__(self, ours):
+        super().__init__()
+        self.ours = ours
+
+    def forward(self, x):
+        z = self.ours.project_in(x)
+        residual, quantized, loss, indices = z, 0.0, 0.0, []
+        for codebook in self.ours.embed:
+            idx = torch.cdist(residual, codebook).argmin(-1)
+            chosen = codebook[idx]
+            quantized = quantized + residual + (chosen - residual).detach()
+            loss = loss + (chosen.detach() - residual).square().mean()
+            residual = residual - chosen.detach()
+            indices.append(idx)
+        return self.ours.project_out(quantized), torch.stack(indices, 1), loss
+
+    def get_output_from_indices(self, indices):
+        code = sum(cb[indices[:, s]] for s, cb in enumerate(self.ours.embed))
+        return self.ours.project_out(code)
+
+
+def official_frontend(model, waveforms):
+    """Spec 1.2 the official way: pad or trim each 16 kHz waveform to the window, one STFT per utterance."""
+    window = model.frontend.window_samples
+    mels = []
+    for w in waveforms:
+        audio = w.new_zeros(window)
+        audio[: w.numel()] = w[:window]
+        mels.append(model.frontend(audio[None])[0])
+    return torch.stack(mels)
+
+
+def official_codes_from_states(model, h_key, h_val, texts, encode_word):
+    """Spec 1.1 and 1.4-1.6 the official way, from the encoder states: per-utterance per-word tokenisation padded
+    with 0, the padded eager aggregator with the prefix and an EOS after the padding, the span-loop word average
+    at subword level (EOS column dropped), an unfused cdist VQ on every subword, then the code of each word's
+    first subword. Returns B int64 tensors (W_i, Q)."""
+    ids, word_ids = [], []
+    for text in texts:
+        tokens, wids = [], []
+        for w, word in enumerate(text.split()):
+            piece = encode_word(" " + word)
+            tokens += piece
+            wids += [w] * len(piece)
+        ids.append(torch.tensor(tokens))
+        word_ids.append(torch.tensor(wids))
+    dev = h_key.device
+    lengths = torch.tensor([t.numel() for t in ids])
+    tok_pad = pad_sequence(ids, batch_first=True, padding_value=0).to(dev)
+    wid_pad = pad_sequence(word_ids, batch_first=True, padding_value=0).to(dev)
+    agg = model.aggregator
+    prefixed = official_prefixed_ids(tok_pad, agg.config.prefix_ids)
+    causal = torch.ones(prefixed.shape[1], prefixed.shape[1], dtype=torch.bool, device=dev).tril()
+    out = padded_aggregator(
+        agg, prefixed, h_key, h_val, lambda q, k, v: eager_attention(q, k, v, causal), eager_attention
+    )
+    P = len(agg.config.prefix_ids)
+    z = official_word_average(out[:, P:-1], wid_pad, lengths)  # (B, S, d)
+    valid = torch.arange(z.shape[1], device=dev)[None] < lengths.to(dev)[:, None]
+    _, codes, _ = CdistLoop(model.quantizer)(z[valid].float())  # (S_total, Q)
+    result, start = [], 0
+    for b, n in enumerate(lengths.tolist()):
+        wid = word_ids[b]
+        first = torch.ones(n, dtype=torch.bool)
+        first[1:] = wid[1:] != wid[:-1]
+        result.append(codes[start : start + n][first.to(dev)].cpu())
+        start += n
+    return result
+
+
+def hf_whisper_encoder(model):
+    """transformers' WhisperEncoder with the weights of ``model.encoder`` (what the official code runs), as a
+    function mel -> (h_key, h_val) that keeps every hidden state as the official forward does."""
+    import transformers
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    c = model.encoder.config
+    if c.value_layer >= c.num_layers:
+        raise ValueError("transformers' last hidden_states entry is after the final LayerNorm: value_layer too deep")
+    config = transformers.WhisperConfig(
+        num_mel_bins=c.n_mels, d_model=c.d_model, encoder_layers=c.num_layers, encoder_attention_heads=c.num_heads,
+        encoder_ffn_dim=c.ffn_dim, max_source_positions=c.frames,
+    )  # fmt: skip
+    hf = WhisperEncoder(config).to(next(model.encoder.parameters()).device).eval()
+    hf.load_state_dict(model.encoder.state_dict())
+
+    def encode(mel):
+        out = hf(mel, output_hidden_states=True)
+        return out.last_hidden_state, out.hidden_states[c.value_layer]
+
+    return encode
+
+
+def official_tokenizer_codes(model, waveforms, texts, encode_word, encoder=None):
+    """The TASTE tokenizer the way the official code runs it (spec 1.1-1.6, items 1-10 of section 6), with the
+    weights of ``model`` (a taste.TasteTokenizer in eval mode): :func:`official_frontend`, the encoder on the
+    padded batch (``encoder``: mel -> (h_key, h_val), default ``model.encoder``), then
+    :func:`official_codes_from_states`.
+
+    waveforms: B 1-D float tensors at 16 kHz; texts: B strings; encode_word: str -> list of ASR ids.
+    Returns B int64 tensors (W_i, Q).
+    """
+    h_key, h_val = (encoder or model.encoder)(official_frontend(model, waveforms))
+    return official_codes_from_states(model, h_key, h_val, texts, encode_word)

@@ -16,6 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import CdistLoop  # noqa: E402
 from common import measure, parse, parser, report  # noqa: E402
 
 import taste  # noqa: E402
@@ -26,30 +27,6 @@ except ImportError:
     VQPResidualVQ = None
 
 KW = dict(dim=1280, codebook_dim=256, num_quantizers=4, codebook_size=512, decay=0.99)
-
-
-class CdistLoop(torch.nn.Module):
-    """The plain way: project, then per stage torch.cdist + argmin over the full (N, K) matrix."""
-
-    def __init__(self, ours: taste.ResidualVQ):
-        super().__init__()
-        self.ours = ours
-
-    def forward(self, x):
-        z = self.ours.project_in(x)
-        residual, quantized, loss, indices = z, 0.0, 0.0, []
-        for codebook in self.ours.embed:
-            idx = torch.cdist(residual, codebook).argmin(-1)
-            chosen = codebook[idx]
-            quantized = quantized + residual + (chosen - residual).detach()
-            loss = loss + (chosen.detach() - residual).square().mean()
-            residual = residual - chosen.detach()
-            indices.append(idx)
-        return self.ours.project_out(quantized), torch.stack(indices, 1), loss
-
-    def get_output_from_indices(self, indices):
-        code = sum(cb[indices[:, s]] for s, cb in enumerate(self.ours.embed))
-        return self.ours.project_out(code)
 
 
 def main() -> None:

@@ -123,12 +123,14 @@ class LogMel(nn.Module):
     """Batched Whisper log-mel: ``audio (B, window_samples)`` float -> ``(B, n_mels, window_frames)`` float32.
 
     ``window_frames = window_seconds * 100`` (3000 for Whisper's 30 s). Audio shorter than the window is
-    zero-padded (as Whisper's ``pad_or_trim``); longer audio is an error.
+    zero-padded (as Whisper's ``pad_or_trim``); longer audio is an error. Utterances go through the STFT
+    ``chunk`` at a time: its complex spectrum is 10x the size of the features, and a few utterances per call
+    already keep the FFT busy.
     """
 
-    def __init__(self, *, n_mels: int = 128, window_seconds: float = 30.0):
+    def __init__(self, *, n_mels: int = 128, window_seconds: float = 30.0, chunk: int = 4):
         super().__init__()
-        self.n_mels = n_mels
+        self.n_mels, self.chunk = n_mels, chunk
         self.window_samples = round(window_seconds * SAMPLE_RATE)
         if self.window_samples % HOP_LENGTH:
             raise ValueError(f"window_seconds * 16000 must be a multiple of {HOP_LENGTH}, got {window_seconds}")
@@ -142,9 +144,11 @@ class LogMel(nn.Module):
         if audio.shape[1] > self.window_samples:
             raise ValueError(f"audio has {audio.shape[1]} samples, more than the window ({self.window_samples})")
         audio = nn.functional.pad(audio.float(), (0, self.window_samples - audio.shape[1]))
-        spec = torch.stft(audio, N_FFT, HOP_LENGTH, window=self.window, return_complex=True)  # (B, 201, F + 1)
-        power = spec[..., :-1].abs() ** 2
-        mel = self.filters @ power  # (B, n_mels, F)
-        log_spec = mel.clamp(min=1e-10).log10()
+        out = audio.new_empty(audio.shape[0], self.n_mels, self.frames)
+        for part, dest in zip(audio.split(self.chunk), out.split(self.chunk)):
+            # (b, 201, F + 1) complex, freed once its power spectrum exists; the last frame is dropped
+            spec = torch.stft(part, N_FFT, HOP_LENGTH, window=self.window, return_complex=True)
+            torch.matmul(self.filters, spec[..., :-1].abs().square_(), out=dest)
+        log_spec = out.clamp_(min=1e-10).log10_()  # (B, n_mels, F)
         log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
-        return (log_spec + 4.0) / 4.0
+        return log_spec.add_(4.0).div_(4.0)

@@ -24,6 +24,39 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@torch.no_grad()
+def kmeans(
+    samples: Tensor, num_clusters: int, iters: int, *, fast: bool = False, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means on ``(n, d)`` float32 rows -> ``(centroids (k, d), counts (k,))``.
+
+    Initial centroids are a random sample of rows (with replacement when ``n < k``); an empty cluster keeps its
+    centroid. The assignment step is the fused RVQ encoder with one stage (the (n, k) distances never touch
+    memory), the update a deterministic segment sum. Under ``torch.distributed`` every rank starts from rank 0's
+    sample and the sums and counts are all-reduced, so all ranks end with the same centroids.
+    """
+    n, k, dev = samples.shape[0], num_clusters, samples.device
+    if n == 0:
+        raise ValueError("k-means needs at least one sample row")
+    if n >= k:
+        pick = torch.randperm(n, generator=generator, device="cpu")[:k].to(dev)
+    else:
+        pick = torch.randint(0, n, (k,), generator=generator, device="cpu").to(dev)
+    means = samples[pick]
+    if _distributed():
+        dist.broadcast(means, src=0)
+    counts = torch.zeros(k, device=dev)
+    for _ in range(iters):
+        idx, _ = rvq_encode(samples, means[None], fast=fast)
+        sums, counts = segment_sum_by_key(samples, idx[:, 0], k)
+        counts = counts.to(samples.dtype)
+        if _distributed():
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        means = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], means)
+    return means, counts
+
+
 class ResidualVQ(nn.Module):
     """Residual VQ with EMA codebooks, k-means initialisation and quantizer dropout.
 
@@ -160,7 +193,7 @@ class ResidualVQ(nn.Module):
         residual = z
         for s in range(self.num_quantizers):
             if not bool(self.initted[s]):
-                means, bins = self._kmeans(residual)
+                means, bins = kmeans(residual, self.codebook_size, self.kmeans_iters, fast=self.fast)
                 self.embed[s] = means
                 self.embed_avg[s] = means
                 self.cluster_size[s] = bins
@@ -168,31 +201,6 @@ class ResidualVQ(nn.Module):
             _, chosen = rvq_encode(residual, self.embed[s : s + 1], fast=self.fast)
             residual = residual - chosen
         self._initted_seen = True
-
-    def _kmeans(self, samples: Tensor) -> tuple[Tensor, Tensor]:
-        n, k = samples.shape[0], self.codebook_size
-        if n == 0:
-            raise ValueError("k-means initialisation needs at least one row in the first training batch")
-        pick = (
-            torch.randperm(n, device=samples.device)[:k] if n >= k else torch.randint(0, n, (k,), device=samples.device)
-        )
-        if _distributed():  # every rank starts from rank 0's sample
-            pick_rows = samples[pick]
-            dist.broadcast(pick_rows, src=0)
-            means = pick_rows
-        else:
-            means = samples[pick]
-        bins = torch.zeros(k, device=samples.device)
-        for _ in range(self.kmeans_iters):
-            idx, _ = rvq_encode(samples, means[None], fast=self.fast)
-            sums, counts = segment_sum_by_key(samples, idx[:, 0], k)
-            counts = counts.to(samples.dtype)
-            if _distributed():
-                dist.all_reduce(sums)
-                dist.all_reduce(counts)
-            bins = counts
-            means = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], means)
-        return means, bins
 
     # ---- checkpoints ----
     def _from_official_layout(self, state_dict, prefix, *args, **kwargs):

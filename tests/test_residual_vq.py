@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import taste
-from taste.rvq import OFFICIAL_PREFIX
+from taste.rvq import OFFICIAL_PREFIX, kmeans
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
@@ -93,10 +93,9 @@ def test_kmeans_init_quantizer_dropout_and_dead_codes():
 
 def test_kmeans_assigns_centroids_to_cluster_means():
     torch.manual_seed(4)
-    rvq = taste.ResidualVQ(dim=8, codebook_dim=8, num_quantizers=1, codebook_size=4, kmeans_iters=25)
     centers = torch.tensor([[5.0] * 8, [-5.0] * 8, [5.0] * 4 + [-5.0] * 4, [-5.0] * 4 + [5.0] * 4])
     x = (centers[:, None] + 0.1 * torch.randn(4, 50, 8)).reshape(-1, 8)
-    means, bins = rvq._kmeans(x)
+    means, bins = kmeans(x, 4, 25)
     assert sorted(bins.tolist()) == [50.0] * 4
     for c in centers:
         assert (means - c).norm(dim=1).min() < 0.2

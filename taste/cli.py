@@ -1,0 +1,142 @@
+"""The ``taste`` command line.
+
+taste corpus OUT_DIR --num N          speak built-in sentences with espeak-ng -> wavs + manifest.jsonl
+taste units MANIFEST --k 256          50 Hz k-means units of log-mel frames -> MANIFEST.units.jsonl
+taste init-tokenizer OUT_DIR          a seed TasteTokenizer (random preset, or --whisper LOCAL_DIR)
+taste encode MANIFEST --model DIR -o codes.jsonl    batched TASTE codes, one row per word
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_corpus(args) -> None:
+    from taste.corpus import synthesize_corpus
+
+    t = time.perf_counter()
+    path = synthesize_corpus(args.out_dir, args.num, seed=args.seed, workers=args.workers)
+    print(f"wrote {args.num} utterances and {path} in {time.perf_counter() - t:.1f} s")
+
+
+def cmd_units(args) -> None:
+    from taste.corpus import compute_units
+
+    t = time.perf_counter()
+    path = compute_units(args.manifest, args.k, iters=args.iters, n_mels=args.n_mels, seed=args.seed, out=args.out)
+    print(f"wrote {path} and its unit_centroids.safetensors in {time.perf_counter() - t:.1f} s")
+
+
+def cmd_init_tokenizer(args) -> None:
+    import torch
+
+    from taste.tokenizer import TasteConfig, TasteTokenizer
+
+    torch.manual_seed(args.seed)
+    if args.whisper:
+        model = TasteTokenizer.from_whisper(args.whisper, value_layer=args.value_layer)
+    else:
+        model = TasteTokenizer(config=getattr(TasteConfig, args.preset)())
+    model.save_pretrained(args.out_dir)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"wrote a {params:.1f} M-parameter TasteTokenizer to {args.out_dir}")
+
+
+def cmd_encode(args) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from taste.corpus import read_manifest, read_wav
+    from taste.tokenizer import TasteTokenizer
+
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = _device(args.device)
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = TasteTokenizer.from_pretrained(args.model, device=device, dtype=dtype).eval()
+    rows = read_manifest(args.manifest)
+    # Length-bucketed batches: sorting by duration keeps every batch's utterances alike.
+    order = sorted(range(len(rows)), key=lambda i: rows[i].get("duration", 0.0))
+    results: dict[int, list] = {}
+    t, seconds = time.perf_counter(), 0.0
+    with tqdm(total=len(rows), unit="utt", disable=args.quiet) as bar:
+        for start in range(0, len(order), args.batch_size):
+            batch = order[start : start + args.batch_size]
+            audio = [read_wav(rows[i]["audio_path"]) for i in batch]
+            seconds += sum(a.numel() / rate for a, rate in audio)
+            codes = model.encode([a for a, _ in audio], [rows[i]["text"] for i in batch], [r for _, r in audio])
+            for i, c in zip(batch, codes):
+                results[i] = c.tolist()
+            bar.update(len(batch))
+            bar.set_postfix(rtf=f"{(time.perf_counter() - t) / max(seconds, 1e-9):.4f}")
+    with open(args.output, "w") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({"id": row["id"], "words": row["text"].split(), "codes": results[i]}) + "\n")
+    elapsed = time.perf_counter() - t
+    print(
+        f"encoded {len(rows)} utterances ({seconds:.1f} s of audio) in {elapsed:.1f} s on {device}: "
+        f"{len(rows) / elapsed:.1f} utt/s, real-time factor {elapsed / seconds:.4f} -> {args.output}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="taste", description="TASTE speech tokenization tools")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("corpus", help="synthesise a speech corpus with espeak-ng")
+    c.add_argument("out_dir")
+    c.add_argument("--num", type=int, default=100, help="number of utterances (default 100)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=int, default=4, help="espeak-ng processes in parallel")
+    c.set_defaults(func=cmd_corpus)
+
+    u = sub.add_parser("units", help="50 Hz discrete units by k-means over log-mel frames")
+    u.add_argument("manifest")
+    u.add_argument("--k", type=int, default=256, help="number of units (default 256)")
+    u.add_argument("--iters", type=int, default=30, help="Lloyd iterations (default 30)")
+    u.add_argument("--n-mels", type=int, default=80, choices=(80, 128))
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("-o", "--out", default=None, help="output manifest (default MANIFEST.units.jsonl)")
+    u.set_defaults(func=cmd_units)
+
+    i = sub.add_parser("init-tokenizer", help="write a seed TasteTokenizer (save_pretrained layout)")
+    i.add_argument("out_dir")
+    i.add_argument("--preset", choices=("tiny", "official"), default="tiny", help="random weights of this shape")
+    i.add_argument("--whisper", default=None, help="local Whisper checkpoint directory to seed from instead")
+    i.add_argument("--value-layer", type=int, default=6)
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=cmd_init_tokenizer)
+
+    e = sub.add_parser("encode", help="TASTE codes for every utterance of a manifest")
+    e.add_argument("manifest")
+    e.add_argument("--model", required=True, help="a TasteTokenizer.save_pretrained directory")
+    e.add_argument("-o", "--output", required=True, help="JSONL: id, words, codes (W x Q)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_encode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (RuntimeError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"taste {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""A real speech corpus without downloads, and discrete unit targets for it.
+
+``synthesize_corpus`` speaks built-in English sentences with espeak-ng (the Debian package), varying the voice,
+speaking rate and pitch per utterance, and writes 16 kHz 16-bit mono wavs plus a JSONL manifest with one row
+per utterance: ``id, path`` (relative to the manifest), ``text, voice, rate, pitch, duration`` (seconds).
+
+``compute_units`` turns every utterance into 50 Hz discrete units: Whisper-style log-mel frames (80 bins, the
+log floor taken per utterance, two 10 ms frames averaged per 20 ms unit), clustered by k-means whose assignment
+step is the fused RVQ kernel with one stage. The centroids are saved so that units map back to mel frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import wave
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from taste.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, mel_filters, resample
+
+UNIT_RATE = 50  # units per second, the rate of CosyVoice's S3 tokens (spec 1.1 item 6)
+
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "She sells sea shells by the sea shore every summer.",
+    "A journey of a thousand miles begins with a single step.",
+    "Please call Stella and ask her to bring these things from the store.",
+    "The weather today is cloudy with a chance of light rain in the evening.",
+    "My grandmother kept a small garden full of tomatoes and sweet peppers.",
+    "We will meet at the train station at half past seven tomorrow morning.",
+    "Learning a new language takes patience, practice and a little courage.",
+    "The museum opens its new exhibition on ancient maps next Friday.",
+    "He poured a cup of hot coffee and read the newspaper quietly.",
+    "Bright stars filled the night sky above the silent mountain lake.",
+    "Our team finished the project two days ahead of schedule.",
+    "The children laughed as the puppy chased its own tail around the yard.",
+    "Remember to turn off the lights when you leave the office.",
+    "Fresh bread from the bakery smells wonderful early in the morning.",
+    "The river flows slowly through the green valley towards the sea.",
+    "Can you tell me the way to the nearest post office?",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "The old clock on the wall stopped at exactly midnight.",
+    "Heavy snow closed the mountain roads for three whole days.",
+    "I would like a glass of water and a bowl of vegetable soup.",
+    "The pilot announced that we would land in twenty minutes.",
+    "Music drifted from an open window on the quiet street.",
+    "Every morning he runs five kilometres along the beach.",
+    "The library has thousands of books on history and science.",
+    "Thank you very much for your kind and thoughtful letter.",
+    "A sudden gust of wind blew the papers off the table.",
+    "The violinist played a gentle melody for the wedding guests.",
+    "Turn left at the second traffic light and park behind the bank.",
+    "The committee will announce its decision at the end of the month.",
+    "Autumn leaves covered the path in red, orange and gold.",
+    "Engineers tested the bridge carefully before it opened to traffic.",
+    "She painted the kitchen a pale shade of blue last weekend.",
+    "Why does the moon look larger when it is close to the horizon?",
+    "The little boat rocked gently in the harbour at sunset.",
+    "Our neighbours invited us to dinner on Saturday evening.",
+    "He forgot his umbrella and got completely soaked in the storm.",
+    "The recipe calls for two eggs, a cup of flour and some butter.",
+    "Volunteers planted one hundred trees in the city park.",
+    "The teacher explained the experiment step by step.",
+    "Do not forget to water the plants while I am away.",
+    "A gray cat slept peacefully on the warm windowsill.",
+    "The concert was cancelled because the singer had a cold.",
+    "They walked along the cliffs and watched the waves crash below.",
+    "Please speak a little more slowly so that everyone can follow.",
+    "The bakery on the corner sells the best apple pie in town.",
+    "Seven golden ducks swam across the pond in a neat line.",
+    "The storm knocked out power to half of the town overnight.",
+    "She answered every question with a calm and steady voice.",
+    "Good ideas often arrive when you least expect them.",
+)
+# espeak-ng's own English voices (no mbrola needed) and its voice variants.
+VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan")
+VARIANTS = ("", "+m1", "+m3", "+m5", "+f1", "+f2", "+f4", "+klatt")
+
+
+def espeak_binary() -> str:
+    path = shutil.which("espeak-ng")
+    if path is None:
+        raise RuntimeError(
+            "espeak-ng is not installed; the corpus is synthesised with it (Debian/Ubuntu: apt-get install espeak-ng)"
+        )
+    return path
+
+
+def read_wav(path: str) -> tuple[Tensor, int]:
+    """A 16-bit PCM wav -> ``((T,) float32 in [-1, 1], sample_rate)``; several channels are averaged."""
+    with wave.open(path, "rb") as w:
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{path}: only 16-bit PCM wavs are read, got {8 * w.getsampwidth()}-bit samples")
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+        channels, rate = w.getnchannels(), w.getframerate()
+    return torch.from_numpy(data.reshape(-1, channels).mean(axis=1)), rate
+
+
+def write_wav(path: str, audio: Tensor, sample_rate: int = SAMPLE_RATE) -> None:
+    """``(T,)`` float in [-1, 1] -> 16-bit PCM mono wav."""
+    pcm = (audio.clamp(-1, 1) * 32767).round().to(torch.int16).numpy()
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.astype("<i2").tobytes())
+
+
+def _speak(binary: str, text: str, voice: str, rate: int, pitch: int) -> tuple[Tensor, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "out.wav")
+        cmd = [binary, "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", path, "--", text]
+        subprocess.run(cmd, check=True, capture_output=True)
+        return read_wav(path)
+
+
+def synthesize_corpus(out_dir: str, num: int, *, seed: int = 0, workers: int = 4) -> str:
+    """Writes ``num`` utterances and ``manifest.jsonl`` into ``out_dir``; returns the manifest path."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    binary = espeak_binary()
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num):
+        rows.append(
+            {
+                "id": f"utt{i:06d}",
+                "text": SENTENCES[i % len(SENTENCES)] if i < len(SENTENCES) else rng.choice(SENTENCES),
+                "voice": rng.choice(VOICES) + rng.choice(VARIANTS),
+                "rate": rng.randint(130, 210),  # words per minute
+                "pitch": rng.randint(25, 75),  # espeak's 0-99 scale
+            }
+        )
+    os.makedirs(os.path.join(out_dir, "wavs"), exist_ok=True)
+
+    def make(row: dict) -> dict:
+        audio, rate = _speak(binary, row["text"], row["voice"], row["rate"], row["pitch"])
+        audio = resample(audio, rate, SAMPLE_RATE)
+        rel = os.path.join("wavs", f"{row['id']}.wav")
+        write_wav(os.path.join(out_dir, rel), audio)
+        return {"id": row["id"], "path": rel, **{k: row[k] for k in ("text", "voice", "rate", "pitch")},
+                "duration": round(audio.numel() / SAMPLE_RATE, 4)}  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = list(pool.map(make, rows))
+    manifest = os.path.join(out_dir, "manifest.jsonl")
+    write_manifest(manifest, done)
+    return manifest
+
+
+def read_manifest(path: str) -> list[dict]:
+    """Rows of a JSONL manifest, with ``path`` made absolute (relative paths are relative to the manifest)."""
+    rows = []
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            for key in ("id", "path", "text"):
+                if key not in row:
+                    raise ValueError(f"{path}:{n}: manifest row has no {key!r} field")
+            row["audio_path"] = os.path.join(base, row["path"])
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+def write_manifest(path: str, rows: list[dict]) -> None:
+    """Writes JSONL rows; a row read by :func:`read_manifest` gets its ``path`` relative to the new file."""
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, "w") as f:
+        for row in rows:
+            out = {k: v for k, v in row.items() if k != "audio_path"}
+            if "audio_path" in row:
+                out["path"] = os.path.relpath(row["audio_path"], base)
+            f.write(json.dumps(out) + "\n")
+
+
+def unit_features(audio: Tensor, n_mels: int = 80) -> Tensor:
+    """``(T,)`` 16 kHz audio -> ``(T // 320, n_mels)``: Whisper-style log-mel at 50 Hz (pairs of frames averaged)."""
+    window = torch.hann_window(N_FFT, device=audio.device)
+    spec = torch.stft(audio.float(), N_FFT, HOP_LENGTH, window=window, return_complex=True)[..., :-1]
+    mel = mel_filters(n_mels, audio.device) @ spec.abs().square()  # (n_mels, F)
+    log_spec = mel.clamp(min=1e-10).log10()
+    log_spec = (torch.maximum(log_spec, log_spec.max() - 8.0) + 4.0) / 4.0
+    pairs = log_spec.shape[1] // 2
+    return log_spec[:, : 2 * pairs].reshape(n_mels, pairs, 2).mean(-1).T.contiguous()  # (pairs, n_mels)
+
+
+def iter_features(rows: list[dict], n_mels: int) -> Iterator[Tensor]:
+    for row in rows:
+        audio, rate = read_wav(row["audio_path"])
+        yield unit_features(resample(audio, rate, SAMPLE_RATE), n_mels)
+
+
+def compute_units(
+    manifest: str, k: int = 256, *, iters: int = 30, n_mels: int = 80, max_frames: int = 200_000, seed: int = 0,
+    out: str | None = None,
+) -> str:  # fmt: skip
+    """Fits k-means on (up to ``max_frames``) 50 Hz log-mel frames of the manifest, assigns every frame, and
+    writes ``out`` (default ``<manifest>.units.jsonl``: the manifest rows plus ``units``) and the centroids to
+    ``unit_centroids.safetensors`` beside it. Returns the new manifest's path."""
+    from safetensors.torch import save_file
+
+    from taste.ops import rvq_encode
+    from taste.rvq import kmeans
+
+    rows = read_manifest(manifest)
+    feats = list(iter_features(rows, n_mels))
+    frames = torch.cat(feats)  # (F_total, n_mels)
+    if frames.shape[0] < k:
+        raise ValueError(f"the manifest has {frames.shape[0]} frames, fewer than k={k} units")
+    g = torch.Generator().manual_seed(seed)
+    sample = frames[torch.randperm(frames.shape[0], generator=g)[:max_frames]]
+    centroids, _ = kmeans(sample, k, iters, generator=g)
+    for row, f in zip(rows, feats):
+        row["units"] = rvq_encode(f, centroids[None])[0][:, 0].tolist()
+        row["unit_rate"] = UNIT_RATE
+    out = out or os.path.splitext(manifest)[0] + ".units.jsonl"
+    write_manifest(out, rows)
+    meta = {"n_mels": str(n_mels), "unit_rate": str(UNIT_RATE), "k": str(k)}
+    path = os.path.join(os.path.dirname(os.path.abspath(out)), "unit_centroids.safetensors")
+    save_file({"centroids": centroids.contiguous()}, path, metadata=meta)
+    return out

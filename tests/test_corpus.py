@@ -1,0 +1,90 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from taste import cli, corpus
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    out = tmp_path_factory.mktemp("corpus")
+    assert cli.main(["corpus", str(out), "--num", "12", "--seed", "3"]) == 0
+    return out / "manifest.jsonl"
+
+
+@needs_espeak
+def test_corpus_is_real_varied_speech(manifest):
+    rows = corpus.read_manifest(str(manifest))
+    assert len(rows) == 12
+    assert {"id", "path", "text", "voice", "rate", "pitch", "duration"} <= set(rows[0])
+    assert len({r["voice"] for r in rows}) > 3 and len({r["rate"] for r in rows}) > 3
+    for row in rows:
+        audio, rate = corpus.read_wav(row["audio_path"])
+        assert rate == 16000 and abs(audio.numel() / 16000 - row["duration"]) < 1e-3
+        assert 0.5 < row["duration"] < 10.0
+        assert audio.abs().max() > 0.05  # speech, not silence
+        assert row["text"] in corpus.SENTENCES
+
+
+@needs_espeak
+def test_units_at_50_hz(manifest, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "units.jsonl"
+    assert cli.main(["units", str(manifest), "--k", "16", "--iters", "5", "-o", str(out)]) == 0
+    rows = corpus.read_manifest(str(out))  # the paths were rewritten relative to the new manifest
+    centroids = load_file(str(tmp_path / "unit_centroids.safetensors"))["centroids"]
+    assert centroids.shape == (16, 80)
+    for row in rows:
+        audio, _ = corpus.read_wav(row["audio_path"])
+        assert len(row["units"]) == audio.numel() // 320 and row["unit_rate"] == 50
+        assert 0 <= min(row["units"]) and max(row["units"]) < 16
+    # the units are the nearest centroids of the 50 Hz features
+    feats = corpus.unit_features(corpus.read_wav(rows[0]["audio_path"])[0])
+    assert feats.shape == (len(rows[0]["units"]), 80)
+    nearest = torch.cdist(feats.double(), centroids.double()).argmin(1)
+    agree = (nearest == torch.tensor(rows[0]["units"])).float().mean()
+    assert agree > 0.99
+    assert len(set(u for r in rows for u in r["units"])) > 8
+
+
+@needs_espeak
+def test_encode_command(manifest, tmp_path):
+    model_dir, codes = tmp_path / "model", tmp_path / "codes.jsonl"
+    assert cli.main(["init-tokenizer", str(model_dir), "--preset", "tiny"]) == 0
+    argv = ["encode", str(manifest), "--model", str(model_dir), "-o", str(codes), "--batch-size", "5", "--quiet"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in open(codes)]
+    src = corpus.read_manifest(str(manifest))
+    assert [r["id"] for r in rows] == [r["id"] for r in src]
+    for r, s in zip(rows, src):
+        assert len(r["codes"]) == len(s["text"].split()) == len(r["words"]) and len(r["codes"][0]) == 4
+
+
+def test_corpus_refuses_without_espeak(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert cli.main(["corpus", str(tmp_path), "--num", "2"]) == 1
+    assert "espeak-ng is not installed" in capsys.readouterr().err
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    assert cli.main(["corpus", str(tmp_path), "--num", "0"]) == 1
+    assert "num must be >= 1" in capsys.readouterr().err
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hi"}\n')
+    assert cli.main(["units", str(tmp_path / "m.jsonl")]) == 1
+    assert "no 'path' field" in capsys.readouterr().err
+    assert cli.main(["encode", str(tmp_path / "m.jsonl"), "--model", str(tmp_path / "none"), "-o", "x"]) == 1
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_wav_round_trip(tmp_path):
+    x = torch.linspace(-1, 1, 1000)
+    corpus.write_wav(str(tmp_path / "a.wav"), x, 8000)
+    y, rate = corpus.read_wav(str(tmp_path / "a.wav"))
+    assert rate == 8000 and (x - y).abs().max() < 1e-4

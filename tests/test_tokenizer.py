@@ -1,0 +1,179 @@
+import dataclasses
+
+import pytest
+import torch
+from baselines import official_tokenizer_codes
+
+import taste
+from taste import ops
+from taste.encoder import EncoderConfig
+from taste.text import whisper_encoding
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world",
+    "Antidisestablishmentarianism is a rather long word, isn't it?",
+    "Short one here",
+    "Seven golden ducks swam across the pond in a neat line.",
+]
+
+
+def small_config(**overrides):
+    """tiny() with a 3 s window and two encoder layers, to keep the tests quick. Few codes per stage: with as many
+    codes as words, k-means leaves later stages near-duplicate codewords, true ties that two correct
+    implementations may break differently."""
+    tiny = taste.TasteConfig.tiny()
+    encoder = dataclasses.replace(tiny.encoder, window_seconds=3.0, num_layers=2, value_layer=1)
+    quantizer = dataclasses.replace(tiny.quantizer, codebook_size=4, kmeans_iters=5)
+    return dataclasses.replace(tiny, encoder=encoder, quantizer=quantizer, **overrides)
+
+
+def speech(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [0.1 * torch.randn(int(16000 * (0.8 + 0.4 * i)), generator=g) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = taste.TasteTokenizer(config=small_config())
+    with torch.no_grad():  # k-means-initialise the codebooks on one batch
+        m.train()
+        m.tokenize(*m.prepare(speech(), TEXTS))
+    return m.eval()
+
+
+def test_forward_is_the_composition_of_the_parts(model):
+    mel, text = model.prepare(speech(), TEXTS)
+    assert mel.shape == (5, 80, 300)
+    with torch.no_grad():
+        out = model.tokenize(mel, text)
+        h_key, h_val = model.encoder(mel)
+        a = text.asr
+        per_token = model.aggregator(a.tokens, a.cu_seqlens, a.max_seqlen, h_key, h_val)
+        words = ops.segment_mean(per_token, ops.word_offsets(a.word_ids, a.cu_seqlens))
+        quantized, codes, _ = model.quantizer(words)
+    n_words = [len(t.split()) for t in TEXTS]
+    assert out.word_codes.shape == (sum(n_words), 4) and out.word_codes.dtype == torch.long
+    assert out.word_cu_seqlens.tolist() == torch.tensor([0] + n_words).cumsum(0).tolist()
+    assert out.word_cu_seqlens.dtype == torch.int32
+    assert torch.equal(out.word_codes, codes)
+    torch.testing.assert_close(out.word_embeddings, quantized)
+    torch.testing.assert_close(model.embeddings_from_codes(out.word_codes), out.word_embeddings)
+    assert len(set(out.word_codes[:, 0].tolist())) >= 3  # initialised codebooks: the codes say something
+    # the same with host-side values left to forward (it reads them back itself)
+    again = model(mel, a.tokens, a.cu_seqlens, a.word_ids)
+    assert torch.equal(again.word_codes, out.word_codes)
+
+
+def test_codes_match_the_official_style_pipeline(model):
+    ours = model.encode(speech(), TEXTS)
+    with torch.no_grad():
+        ref = official_tokenizer_codes(model, speech(), TEXTS, whisper_encoding().encode_ordinary)
+    for a, b, text in zip(ours, ref, TEXTS):
+        assert a.shape == (len(text.split()), 4)
+        assert torch.equal(a, b)
+
+
+def test_batch_invariance(model):
+    waves = speech()
+    together = model.encode(waves, TEXTS)
+    for i in range(len(TEXTS)):
+        assert torch.equal(model.encode([waves[i]], [TEXTS[i]])[0], together[i])
+    order = [3, 0, 4, 2, 1]
+    shuffled = model.encode([waves[i] for i in order], [TEXTS[i] for i in order])
+    for j, i in enumerate(order):
+        assert torch.equal(shuffled[j], together[i])
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = taste.TasteTokenizer.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.encode(speech(), TEXTS), model.encode(speech(), TEXTS)))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        taste.TasteTokenizer.from_pretrained(tmp_path / "missing")
+
+
+def test_compiled_aggregator_pooling_and_vq(model):
+    mel, text = model.prepare(speech(), TEXTS)
+    a = text.asr
+    with torch.no_grad():
+        h_key, h_val = model.encoder(mel)
+
+        def words_and_codes(h_key, h_val, tokens, cu, offsets):
+            words = model.embed_words(h_key, h_val, tokens, cu, a.max_seqlen, offsets)
+            return words, model.quantizer(words)[1]
+
+        eager = words_and_codes(h_key, h_val, a.tokens, a.cu_seqlens, a.word_offsets)
+        compiled = torch.compile(words_and_codes, backend="aot_eager", fullgraph=True)
+        got = compiled(h_key, h_val, a.tokens, a.cu_seqlens, a.word_offsets)
+    torch.testing.assert_close(got[0], eager[0])
+    assert torch.equal(got[1], eager[1])
+
+
+def test_training_step_and_no_vq_stage():
+    torch.manual_seed(1)
+    model = taste.TasteTokenizer(config=small_config(freeze_encoder=True)).train()
+    mel, text = model.prepare(speech(), TEXTS)
+    out = model.tokenize(mel, text, quantize=False)
+    assert bool((out.word_codes == -1).all()) and float(out.commit_loss) == 0.0
+    out.word_embeddings.square().mean().backward()
+    assert model.aggregator.layers[1].fc1.weight.grad is not None
+    assert all(p.grad is None for p in model.encoder.parameters())
+    model.zero_grad()
+    out = model.tokenize(mel, text)
+    (out.word_embeddings.square().mean() + out.commit_loss).backward()
+    assert model.quantizer.project_in.weight.grad is not None
+    assert model.aggregator.embed_tokens.weight.grad is not None
+    assert bool(model.quantizer.initted.all())
+    trainable = taste.TasteTokenizer(config=small_config(freeze_encoder=False)).train()
+    trainable.tokenize(mel, text, quantize=False).word_embeddings.sum().backward()
+    assert trainable.encoder.conv1.weight.grad is not None
+
+
+def test_from_whisper_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.WhisperConfig(
+        vocab_size=51866, num_mel_bins=80, d_model=64, encoder_layers=3, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=96, max_source_positions=150,
+        max_target_positions=64,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    whisper = transformers.WhisperModel(config).eval()
+    whisper.save_pretrained(tmp_path)
+    model = taste.TasteTokenizer.from_whisper(str(tmp_path), value_layer=2).eval()
+    assert model.config.encoder == EncoderConfig(
+        n_mels=80, window_seconds=3.0, d_model=64, num_layers=3, num_heads=2, ffn_dim=96, value_layer=2
+    )
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    layer = model.aggregator.layers[0].encoder_attn.v_proj  # the official seed: identity values
+    assert torch.equal(layer.weight, torch.eye(64)) and not layer.bias.any()
+    torch.testing.assert_close(model.aggregator.layers[1].fc1.weight, whisper.decoder.layers[1].fc1.weight)
+    mel, _ = model.prepare(speech(2), TEXTS[:2])
+    with torch.no_grad():
+        ref = whisper.encoder(mel, output_hidden_states=True)
+        h_key, h_val = model.encoder(mel)
+    torch.testing.assert_close(h_key, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_val, ref.hidden_states[2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        taste.TasteTokenizer.from_whisper(str(tmp_path / "nope"))
+
+
+def test_bad_input(model):
+    mel, text = model.prepare(speech(2), TEXTS[:2])
+    a = text.asr
+    with pytest.raises(ValueError, match="asr_cu_seqlens must have B \\+ 1 = 2 entries"):
+        model(mel[:1], a.tokens, a.cu_seqlens, a.word_ids)
+    with pytest.raises(ValueError, match="asr_word_ids .* must match asr_tokens"):
+        model(mel, a.tokens, a.cu_seqlens, a.word_ids[:-1])
+    with pytest.raises(ValueError, match=r"codes must be \(W, 4\)"):
+        model.embeddings_from_codes(torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="got 2 waveforms but 1 texts"):
+        model.encode(speech(2), TEXTS[:1])
+    with pytest.raises(ValueError, match="longer than the 3 s window"):
+        model.encode([torch.zeros(16000 * 4)], ["too long"])
+    with pytest.raises(ValueError, match="encoder.d_model .* must equal aggregator.d_model"):
+        taste.TasteTokenizer(config=small_config(aggregator=taste.AggregatorConfig(d_model=64, num_heads=2)))
