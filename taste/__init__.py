@@ -29,6 +29,7 @@ from taste.aggregator import AggregatorConfig, TextQueryAggregator  # noqa: E402
 from taste.ops import HAS_EXTENSION, DelayLayout  # noqa: E402
 from taste.rvq import ResidualVQ  # noqa: E402
 from taste.tokenizer import QuantizerConfig, TasteConfig, TasteTokenizer, TokenizerOutput  # noqa: E402
+from taste.unit_decoder import UnitDecoder, UnitDecoderConfig, UnitDecoderOutput  # noqa: E402
 
 __all__ = [
     "ops",
@@ -41,5 +42,8 @@ __all__ = [
     "TasteConfig",
     "TasteTokenizer",
     "TokenizerOutput",
+    "UnitDecoder",
+    "UnitDecoderConfig",
+    "UnitDecoderOutput",
 ]
 __version__ = "0.1.0"

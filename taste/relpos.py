@@ -1,0 +1,152 @@
+"""ESPnet / WeNet-style causal transformer encoders with relative-position self-attention (spec section 1.7), the
+building blocks of the unit decoder. Parameter names follow the official checkpoint (``embed.out.{0,1}``,
+``encoders.{i}.self_attn.{linear_q,linear_k,linear_v,linear_out,linear_pos,pos_bias_u,pos_bias_v}``,
+``feed_forward.{w_1,w_2}``, ``norm_mha``/``norm_ff`` in the Conformer-style encoders, ``norm1``/``norm2`` in the
+transformer "LLM", ``after_norm``).
+
+Relative attention, per head: ``score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_pos p(i - j)) / sqrt(d_k)`` where
+``p(k)`` is the sinusoid of relative offset ``k`` (sin at even channels, cos at odd ones, as ESPnet's table) and
+``W_pos`` is bias-free. ESPnet computes the second term over offsets ``+(T-1)..-(T-1)`` and aligns it with the
+Transformer-XL ``rel_shift``; every attention here is causal (``j <= i``), so only offsets ``0..T-1`` are used
+and they are gathered directly, which gives the same scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def relative_sinusoids(length: int, d_model: int, device=None, dtype=torch.float32) -> Tensor:
+    """``(length, d_model)``: ESPnet's positional table for offsets ``0..length-1`` (sin even, cos odd)."""
+    pos = torch.arange(length, dtype=torch.float64, device=device)[:, None]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64, device=device) * -(math.log(10000.0) / d_model))
+    table = torch.zeros(length, d_model, dtype=torch.float64, device=device)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)
+    return table.to(dtype)
+
+
+def causal_mask(lengths: Tensor, size: int) -> Tensor:
+    """``(B, size, size)`` bool: query i may see key j when ``j <= i`` and ``j < length`` (padding keys hidden)."""
+    j = torch.arange(size, device=lengths.device)
+    return (j[None, :] <= j[:, None])[None] & (j < lengths[:, None])[:, None, :]
+
+
+class RelPositionAttention(nn.Module):
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
+        self.heads, self.d_k = heads, d_model // heads
+        self.linear_q = nn.Linear(d_model, d_model)
+        self.linear_k = nn.Linear(d_model, d_model)
+        self.linear_v = nn.Linear(d_model, d_model)
+        self.linear_out = nn.Linear(d_model, d_model)
+        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.empty(heads, self.d_k))
+        self.pos_bias_v = nn.Parameter(torch.empty(heads, self.d_k))
+        nn.init.xavier_uniform_(self.pos_bias_u)
+        nn.init.xavier_uniform_(self.pos_bias_v)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(x.shape[0], -1, self.heads, self.d_k).transpose(1, 2)  # (B, H, T, d_k)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, T, d)`` -> keys and values ``(B, H, T, d_k)`` (what a KV cache stores)."""
+        return self._heads(self.linear_k(x)), self._heads(self.linear_v(x))
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor, positions: Tensor, pos_table: Tensor) -> Tensor:
+        """Queries from ``x (B, Tq, d)`` over ``k, v (B, H, Tk, d_k)``.
+
+        ``mask (B, Tq, Tk)`` bool (True = may attend); ``positions (B, Tq)`` int64 absolute index of each query
+        (keys sit at 0..Tk-1); ``pos_table (P, d)`` relative sinusoids with ``P >= max offset + 1``.
+        """
+        q = self._heads(self.linear_q(x))  # (B, H, Tq, d_k)
+        p = self.linear_pos(pos_table).view(-1, self.heads, self.d_k).transpose(0, 1)  # (H, P, d_k)
+        ac = (q + self.pos_bias_u[:, None]) @ k.transpose(-1, -2)  # (B, H, Tq, Tk)
+        bd_by_offset = (q + self.pos_bias_v[:, None]) @ p.transpose(-1, -2)[None]  # (B, H, Tq, P)
+        offset = (positions[:, :, None] - torch.arange(k.shape[2], device=x.device)).clamp_(0, p.shape[1] - 1)
+        bd = bd_by_offset.gather(-1, offset[:, None].expand(-1, self.heads, -1, -1))  # (B, H, Tq, Tk)
+        scores = (ac + bd) / math.sqrt(self.d_k)
+        probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+        out = self.dropout(probs) @ v  # (B, H, Tq, d_k)
+        return self.linear_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int, activation: str, dropout: float):
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, ffn_dim)
+        self.w_2 = nn.Linear(ffn_dim, d_model)
+        self.act = {"swish": F.silu, "relu": F.relu}[activation]
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_2(self.dropout(self.act(self.w_1(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN block: attention then feed-forward, each with a residual. ``conformer`` picks the official
+    parameter names of the Conformer-style encoders (norm_mha/norm_ff) over the transformer's (norm1/norm2)."""
+
+    def __init__(self, d_model, heads, ffn_dim, activation, dropout, attn_dropout, *, conformer: bool):
+        super().__init__()
+        self.self_attn = RelPositionAttention(d_model, heads, attn_dropout)
+        self.feed_forward = FeedForward(d_model, ffn_dim, activation, dropout)
+        self._norms = ("norm_mha", "norm_ff") if conformer else ("norm1", "norm2")
+        for name in self._norms:
+            self.add_module(name, nn.LayerNorm(d_model, eps=1e-12))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask, positions, pos_table, cache: tuple[Tensor, Tensor] | None = None):
+        """Queries ``x (B, Tq, d)`` at ``positions (B, Tq)``. Without ``cache`` they attend among themselves
+        (keys at 0..Tq-1). With ``cache = (k, v)`` preallocated ``(B, H, T_cap, d_k)`` buffers, this step's keys
+        and values are written at ``positions`` first and the queries attend over the whole buffer (``mask``
+        is then ``(B, Tq, T_cap)``): prefill and one-token steps are the same call."""
+        h = getattr(self, self._norms[0])(x)
+        k, v = self.self_attn.project_kv(h)
+        if cache is not None:
+            index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            cache[0].scatter_(2, index, k)
+            cache[1].scatter_(2, index, v)
+            k, v = cache
+        x = x + self.dropout(self.self_attn.attend(h, k, v, mask, positions, pos_table))
+        return x + self.dropout(self.feed_forward(getattr(self, self._norms[1])(x)))
+
+
+class RelPosEncoder(nn.Module):
+    """Input layer (Linear + LayerNorm + dropout, ReLU for the transformer "LLM"), x sqrt(d_model), positional
+    dropout, ``num_layers`` causal blocks, final LayerNorm. Works on padded ``(B, T, in_dim)`` batches."""
+
+    def __init__(self, in_dim, d_model, num_layers, heads, ffn_dim, *, activation, conformer, input_relu, dropout,
+                 pos_dropout, attn_dropout):  # fmt: skip
+        super().__init__()
+        layers = [nn.Linear(in_dim, d_model), nn.LayerNorm(d_model, eps=1e-5), nn.Dropout(dropout)]
+        self.embed = nn.Module()
+        self.embed.out = nn.Sequential(*layers, *([nn.ReLU()] if input_relu else []))
+        self.pos_dropout = nn.Dropout(pos_dropout)
+        self.xscale = math.sqrt(d_model)
+        self.encoders = nn.ModuleList(
+            Block(d_model, heads, ffn_dim, activation, dropout, attn_dropout, conformer=conformer)
+            for _ in range(num_layers)
+        )
+        self.after_norm = nn.LayerNorm(d_model, eps=1e-5)
+
+    def embed_input(self, x: Tensor) -> Tensor:
+        return self.pos_dropout(self.embed.out(x) * self.xscale)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """``x (B, T, in_dim)``, ``lengths (B,)`` -> ``(B, T, d_model)`` (rows past a length are don't-care)."""
+        t = x.shape[1]
+        mask = causal_mask(lengths, t)
+        positions = torch.arange(t, device=x.device).expand(x.shape[0], -1)
+        table = relative_sinusoids(t, self.after_norm.normalized_shape[0], x.device, x.dtype)
+        x = self.embed_input(x)
+        for layer in self.encoders:
+            x = layer(x, mask, positions, table)
+        return self.after_norm(x)
