@@ -88,6 +88,38 @@ def cmd_encode(args) -> None:
     )
 
 
+def cmd_train_tokenizer(args) -> None:
+    from taste.train import TrainConfig, train
+
+    cfg = TrainConfig.from_json(args.config, **({"out_dir": args.out_dir} if args.out_dir else {}))
+    train(cfg, stop_after=args.stop_after, progress=not args.quiet)
+    print(f"stage {cfg.stage}: {cfg.out_dir}")
+
+
+def cmd_eval_tokenizer(args) -> None:
+    from taste.evaluate import evaluate
+
+    metrics = evaluate(args.model, args.manifest, eval_size=args.eval_size, batch_size=args.batch_size,
+                       seed=args.seed, device=args.device)  # fmt: skip
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+
+
+def cmd_resynthesize(args) -> None:
+    from safetensors.torch import load_file
+
+    from taste.corpus import read_wav, write_wav
+    from taste.evaluate import resynthesize
+
+    audio, rate = read_wav(args.wav)
+    centroids = load_file(args.centroids)["centroids"]
+    codes, wave = resynthesize(args.model, audio, args.text, centroids, seed=args.seed, sample_rate=rate)
+    write_wav(args.output, wave)
+    print(f"{codes.shape[0]} words, codes {codes.tolist()} -> {args.output} ({wave.numel() / 16000:.2f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="taste", description="TASTE speech tokenization tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -125,6 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_encode)
+
+    t = sub.add_parser("train-tokenizer", help="stage-1 training (text / no_vq / vq) from a JSON config")
+    t.add_argument("config", help="JSON with the fields of taste.train.TrainConfig")
+    t.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train_tokenizer)
+
+    v = sub.add_parser("eval-tokenizer", help="unit accuracy, bitrate and duration consistency on held-out rows")
+    v.add_argument("model", help="a train-tokenizer out_dir (or its final/)")
+    v.add_argument("manifest", help="the units manifest it was trained on (the last --eval-size rows)")
+    v.add_argument("--eval-size", type=int, default=64)
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default=None)
+    v.add_argument("--json", default=None, help="also write the metrics here")
+    v.set_defaults(func=cmd_eval_tokenizer)
+
+    r = sub.add_parser("resynthesize", help="wav + transcript -> TASTE codes -> units -> Griffin-Lim wav")
+    r.add_argument("wav")
+    r.add_argument("--text", required=True)
+    r.add_argument("--model", required=True, help="a train-tokenizer out_dir")
+    r.add_argument("--centroids", required=True, help="the unit_centroids.safetensors of `taste units`")
+    r.add_argument("-o", "--output", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_resynthesize)
     return p
 
 

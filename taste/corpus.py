@@ -1,6 +1,7 @@
 """A real speech corpus without downloads, and discrete unit targets for it.
 
-``synthesize_corpus`` speaks built-in English sentences with espeak-ng (the Debian package), varying the voice,
+``synthesize_corpus`` speaks built-in English sentences (50 fixed ones, then random combinations of built-in
+subjects, verbs, objects and endings: 45 000 distinct sentences) with espeak-ng (the Debian package), varying the voice,
 speaking rate and pitch per utterance, and writes 16 kHz 16-bit mono wavs plus a JSONL manifest with one row
 per utterance: ``id, path`` (relative to the manifest), ``text, voice, rate, pitch, duration`` (seconds).
 
@@ -81,6 +82,85 @@ SENTENCES = (
     "She answered every question with a calm and steady voice.",
     "Good ideas often arrive when you least expect them.",
 )
+# Word lists for more sentences than the fixed ones: subject + verb phrase + object + ending.
+_SUBJECTS = (
+    "the old farmer",
+    "my younger sister",
+    "a tired student",
+    "the new manager",
+    "our friendly neighbour",
+    "the little girl",
+    "a famous painter",
+    "the quiet librarian",
+    "his best friend",
+    "the taxi driver",
+    "a curious child",
+    "the night nurse",
+    "every good teacher",
+    "the brave firefighter",
+    "my uncle",
+    "the busy chef",
+    "a young musician",
+    "the city council",
+    "her grandfather",
+    "the lost traveller",
+)
+_VERBS = (
+    "carefully opened",
+    "quickly painted",
+    "happily carried",
+    "slowly repaired",
+    "proudly showed",
+    "nervously checked",
+    "gently cleaned",
+    "suddenly dropped",
+    "finally found",
+    "quietly watched",
+    "loudly described",
+    "patiently explained",
+    "secretly borrowed",
+    "eagerly bought",
+    "kindly offered",
+)
+_OBJECTS = (
+    "a wooden box",
+    "the broken window",
+    "three yellow flowers",
+    "an ancient map",
+    "the heavy suitcase",
+    "a bowl of warm soup",
+    "the red bicycle",
+    "two silver keys",
+    "a long letter",
+    "the garden gate",
+    "a basket of apples",
+    "the kitchen table",
+    "an empty bottle",
+    "the blue umbrella",
+    "a small painting",
+)
+_ENDINGS = (
+    "before breakfast",
+    "near the river",
+    "after the long meeting",
+    "in the afternoon",
+    "at the station",
+    "during the storm",
+    "for the whole family",
+    "without a word",
+    "on a sunny morning",
+    "at midnight",
+)
+
+
+def sentence(i: int, rng: random.Random) -> str:
+    """The i-th corpus sentence: the fixed ones first, then random combinations of the word lists above."""
+    if i < len(SENTENCES):
+        return SENTENCES[i]
+    text = " ".join(rng.choice(part) for part in (_SUBJECTS, _VERBS, _OBJECTS, _ENDINGS))
+    return text[0].upper() + text[1:] + rng.choice((".", ".", ".", "!", "?"))
+
+
 # espeak-ng's own English voices (no mbrola needed) and its voice variants.
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan")
 VARIANTS = ("", "+m1", "+m3", "+m5", "+f1", "+f2", "+f4", "+klatt")
@@ -134,7 +214,7 @@ def synthesize_corpus(out_dir: str, num: int, *, seed: int = 0, workers: int = 4
         rows.append(
             {
                 "id": f"utt{i:06d}",
-                "text": SENTENCES[i % len(SENTENCES)] if i < len(SENTENCES) else rng.choice(SENTENCES),
+                "text": sentence(i, rng),
                 "voice": rng.choice(VOICES) + rng.choice(VARIANTS),
                 "rate": rng.randint(130, 210),  # words per minute
                 "pitch": rng.randint(25, 75),  # espeak's 0-99 scale

@@ -10,7 +10,6 @@ there, so pooling first gives the same codes with one VQ row per word.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -21,11 +20,10 @@ from torch import Tensor, nn
 from taste import ops
 from taste.aggregator import WHISPER_PREFIX_IDS, AggregatorConfig, TextQueryAggregator
 from taste.audio import LogMel, batch_waveforms
+from taste.checkpoint import read_model, save_model
 from taste.encoder import EncoderConfig, SpeechEncoder
 from taste.rvq import ResidualVQ
 from taste.text import DualTokenizer, TextBatch
-
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -228,27 +226,16 @@ class TasteTokenizer(nn.Module):
     # ---- checkpoints ----
     def save_pretrained(self, directory: str) -> None:
         """Writes ``config.json`` and ``model.safetensors`` (weights and codebook buffers) into ``directory``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "model": "TasteTokenizer"})
+        save_model(directory, self.config.to_dict(), self)
 
     @classmethod
     def from_pretrained(cls, directory: str, *, device=None, dtype=None) -> TasteTokenizer:
         """Loads a model written by :meth:`save_pretrained`."""
-        from safetensors.torch import load_file
-
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"{directory!r} has no {name}: not a TasteTokenizer.save_pretrained directory")
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            config = TasteConfig.from_dict(json.load(f))
+        raw, state = read_model(directory, "TasteTokenizer")
+        config = TasteConfig.from_dict(raw)
         with torch.device("meta"):
             model = cls(config=config)
-        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)), strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
         model.frontend = LogMel(n_mels=config.encoder.n_mels, window_seconds=config.encoder.window_seconds)
         model.aggregator.prefix_ids = torch.tensor(config.aggregator.prefix_ids, dtype=torch.long)
         if config.freeze_encoder:

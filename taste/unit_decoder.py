@@ -11,6 +11,7 @@ pads internally with ``taste.ops.unpack`` and gathers, no per-sample loops.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, replace
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taste import ops
+from taste.checkpoint import read_model, save_model
 from taste.relpos import RelPosEncoder, relative_sinusoids
 
 OFFICIAL_PREFIX = "speech_decoder."
@@ -248,6 +250,18 @@ class UnitDecoder(nn.Module):
         pl = plen[rows]
         h = self.llm(_join(prompt[rows], pl, emb), pl + n)
         return h[torch.arange(rows.numel(), device=h.device), pl + n - 1]
+
+    def save_pretrained(self, directory: str) -> None:
+        """``config.json`` + ``model.safetensors`` (the layout of :mod:`taste.checkpoint`)."""
+        save_model(directory, dataclasses.asdict(self.config), self)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, device=None) -> UnitDecoder:
+        raw, state = read_model(directory, "UnitDecoder")
+        with torch.device("meta"):
+            model = cls(config=UnitDecoderConfig(**raw))
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device)
 
     def load_official_state_dict(self, state_dict: dict, strict: bool = True):
         """Loads the unit decoder of an official TASTE checkpoint (keys under :data:`OFFICIAL_PREFIX`)."""

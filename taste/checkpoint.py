@@ -1,0 +1,34 @@
+"""The on-disk layout every model of this package uses: ``config.json`` (its config as JSON) and
+``model.safetensors`` (its state dict: weights and buffers) in one directory."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+def save_model(directory: str, config: dict, module: nn.Module) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "model": type(module).__name__})
+
+
+def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config dict, state dict)`` of a :func:`save_model` directory; ``kind`` names the model in errors."""
+    from safetensors.torch import load_file
+
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise FileNotFoundError(f"{directory!r} has no {name}: not a {kind}.save_pretrained directory")
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        config = json.load(f)
+    return config, load_file(os.path.join(directory, WEIGHTS_NAME))

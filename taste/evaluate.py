@@ -1,0 +1,128 @@
+"""What a trained stage-1 model preserves (``taste eval-tokenizer``) and what it sounds like (``taste resynthesize``).
+
+Metrics on the held-out rows of a units manifest (the last ``eval_size``, never trained on):
+- teacher-forced unit accuracy, top-1 and top-5, over every target (units and EOS);
+- code bitrate (bits of the word codes per second of speech) and token rate (words per second);
+- duration consistency: units sampled by the decoder (top-k, seeded) against the reference count, as the mean
+  absolute relative error ``|n_gen - n_ref| / n_ref`` and the correlation of the two counts.
+
+Resynthesis: codes -> unit decoder -> units -> the k-means centroids (50 Hz log-mel frames) -> mel power ->
+linear magnitude (least squares through the mel filters) -> Griffin-Lim (torch STFT) -> a 16 kHz wav.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from taste.audio import HOP_LENGTH, N_FFT, mel_filters
+from taste.train import Stage1Model, UnitCorpus
+
+
+def _stage(model_dir: str) -> str:
+    for d in (os.path.join(model_dir, "final"), model_dir):
+        path = os.path.join(d, "train_config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)["stage"]
+    return "vq"
+
+
+@torch.no_grad()
+def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: int = 16, seed: int = 0,
+             stage: str | None = None, device=None) -> dict:  # fmt: skip
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stage = stage or _stage(model_dir)
+    model = Stage1Model.from_pretrained(model_dir, device=device).eval()
+    corpus = UnitCorpus(manifest)
+    n = len(corpus.rows)
+    rows = list(range(max(0, n - eval_size), n))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    top1 = top5 = targets = 0
+    ce_sum, words, seconds, n_ref, n_gen = 0.0, 0, 0.0, [], []
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size]
+        batch = corpus.batch(idx, model, device, need_audio=stage != "text")
+        _, out, tok = model(batch, stage)
+        best = out.logits.float().topk(5, dim=-1).indices
+        top1 += int((best[:, 0] == out.targets).sum())
+        top5 += int((best == out.targets[:, None]).any(1).sum())
+        targets += out.targets.numel()
+        ce_sum += float(torch.nn.functional.cross_entropy(out.logits.float(), out.targets, reduction="sum"))
+        words += int(batch["text"].word_cu_seqlens[-1])
+        seconds += sum(corpus.audio[i].numel() for i in idx) / 16000
+        a = batch["text"].asr
+        taste = None if tok is None else tok.word_embeddings
+        units = model.decoder.generate(
+            a.tokens.to(device), a.cu_seqlens.to(device), a.max_seqlen, taste=taste,
+            word_offsets=a.word_offsets.to(device), speaker=batch["speaker"], generator=gen,
+        )  # fmt: skip
+        n_gen += [u.numel() for u in units]
+        n_ref += [corpus.units[i].numel() for i in idx]
+    ref, got = torch.tensor(n_ref, dtype=torch.float64), torch.tensor(n_gen, dtype=torch.float64)
+    q = model.tokenizer.quantizer
+    bits_per_word = q.num_quantizers * math.log2(q.codebook_size) if stage == "vq" else float("nan")
+    return {
+        "stage": stage,
+        "utterances": len(rows),
+        "unit_top1": top1 / targets,
+        "unit_top5": top5 / targets,
+        "unit_ce": ce_sum / targets,
+        "duration_abs_rel_error": float(((got - ref).abs() / ref).mean()),
+        "duration_corr": float(torch.corrcoef(torch.stack([got, ref]))[0, 1]),
+        "word_rate_per_s": words / seconds,
+        "code_bitrate_bps": bits_per_word * words / seconds,
+    }
+
+
+def griffin_lim(magnitude: torch.Tensor, iters: int = 64, seed: int = 0) -> torch.Tensor:
+    """``(201, F)`` STFT magnitudes (n_fft 400, hop 160) -> ``(T,)`` waveform (fast Griffin-Lim, momentum 0.99)."""
+    window = torch.hann_window(N_FFT, device=magnitude.device)
+    g = torch.Generator(device=magnitude.device).manual_seed(seed)
+    angles = torch.exp(2j * math.pi * torch.rand(magnitude.shape, generator=g, device=magnitude.device))
+    previous = torch.zeros_like(angles)
+    length = magnitude.shape[1] * HOP_LENGTH  # Whisper's framing: T samples <-> T / 160 frames (last one dropped)
+    for _ in range(iters):
+        wave = torch.istft(magnitude * angles, N_FFT, HOP_LENGTH, window=window, length=length)
+        rebuilt = torch.stft(wave, N_FFT, HOP_LENGTH, window=window, return_complex=True)[:, : magnitude.shape[1]]
+        accelerated = rebuilt - 0.99 / 1.99 * previous
+        previous = rebuilt
+        angles = accelerated / accelerated.abs().clamp(min=1e-8)
+    return torch.istft(magnitude * angles, N_FFT, HOP_LENGTH, window=window, length=length)
+
+
+def units_to_wave(units: torch.Tensor, centroids: torch.Tensor, iters: int = 64) -> torch.Tensor:
+    """``(T,)`` 50 Hz units + ``(K, 80)`` centroids (normalised Whisper log-mel) -> 16 kHz waveform in [-1, 1]."""
+    frames = centroids[units].T.repeat_interleave(2, dim=1)  # (80, 2T) at 100 Hz
+    power_mel = torch.pow(10.0, frames.double() * 4.0 - 4.0)
+    filters = mel_filters(centroids.shape[1]).double()  # (80, 201)
+    power = (torch.linalg.pinv(filters) @ power_mel).clamp(min=0)  # (201, 2T), least squares
+    wave = griffin_lim(power.sqrt().float(), iters)
+    return wave / wave.abs().max().clamp(min=1e-6) * 0.9
+
+
+@torch.no_grad()
+def resynthesize(model_dir: str, audio: torch.Tensor, text: str, centroids: torch.Tensor, *, seed: int = 0,
+                 sample_rate: int = 16000) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One utterance through TASTE and back: ``(codes (W, Q), waveform (T,) at 16 kHz)``."""
+    from taste.audio import resample
+    from taste.corpus import unit_features
+
+    model = Stage1Model.from_pretrained(model_dir).eval()
+    stage = _stage(model_dir)
+    tok = model.tokenizer
+    mel, batch = tok.prepare([audio], [text], sample_rate)
+    a = batch.asr
+    speaker = unit_features(resample(audio.float(), sample_rate, 16000)).mean(0, keepdim=True)
+    out = tok.tokenize(mel, batch, quantize=stage == "vq")
+    taste = None if stage == "text" else out.word_embeddings
+    if stage == "vq":
+        taste = tok.embeddings_from_codes(out.word_codes)
+    units = model.decoder.generate(
+        a.tokens, a.cu_seqlens, a.max_seqlen, taste=taste, word_offsets=a.word_offsets, speaker=speaker,
+        generator=torch.Generator().manual_seed(seed),
+    )[0]  # fmt: skip
+    return out.word_codes, units_to_wave(units, centroids)

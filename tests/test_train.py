@@ -1,0 +1,136 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import taste
+from taste import corpus
+from taste.evaluate import evaluate, griffin_lim, resynthesize
+from taste.train import Stage1Model, TrainConfig, latest_checkpoint, state_digest, train
+from taste.unit_decoder import UnitDecoderConfig
+
+NUM_UNITS = 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A units manifest of 14 noise utterances (0.5-1.5 s) with random units, and a small seed model."""
+    root = tmp_path_factory.mktemp("train")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    os.makedirs(root / "wavs")
+    for i in range(14):
+        seconds = 0.5 + (i % 5) * 0.25
+        audio = 0.1 * torch.randn(int(16000 * seconds), generator=g)
+        corpus.write_wav(str(root / "wavs" / f"u{i}.wav"), audio)
+        units = torch.randint(0, NUM_UNITS, (int(seconds * 50),), generator=g).tolist()
+        rows.append({"id": f"u{i}", "path": f"wavs/u{i}.wav", "text": corpus.SENTENCES[i][:30].strip(), "units": units})
+    with open(root / "units.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    tiny = taste.TasteConfig.tiny()
+    tcfg = dataclasses.replace(
+        tiny,
+        encoder=dataclasses.replace(tiny.encoder, window_seconds=2.0, num_layers=1, value_layer=1),
+        aggregator=dataclasses.replace(tiny.aggregator, num_layers=1),
+        quantizer=dataclasses.replace(tiny.quantizer, codebook_size=8, kmeans_iters=3),
+    )
+    dcfg = UnitDecoderConfig.tiny(num_units=NUM_UNITS, spk_dim=80, text_layers=1, audio_layers=1, lm_layers=1)
+    torch.manual_seed(0)
+    Stage1Model(taste.TasteTokenizer(config=tcfg), taste.UnitDecoder(config=dcfg)).save_pretrained(root / "seed")
+    return root
+
+
+def config(data, out, **kw):
+    base = dict(manifest=str(data / "units.jsonl"), out_dir=str(out), init_from=str(data / "seed"), steps=6,
+                batch_size=4, save_every=2, log_every=1, eval_size=4, warmup=2, lr=3e-3)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_interrupted_run_resumes_to_the_same_weights(data, tmp_path):
+    whole = train(config(data, tmp_path / "a"), progress=False)
+    cfg = config(data, tmp_path / "b")
+    train(cfg, stop_after=3, progress=False)  # "killed" after step 3; its last checkpoint is step 2
+    assert latest_checkpoint(cfg.out_dir).endswith("checkpoint-2")
+    assert not os.path.isdir(tmp_path / "b" / "final")
+    resumed = train(cfg, progress=False)
+    assert state_digest(resumed) == state_digest(whole)
+    assert bool(whole.tokenizer.quantizer.initted.all())  # stage vq: k-means ran on the first batch
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(r["loss"] > 0 for r in log)
+    assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stages_train_their_own_parts(data, tmp_path):
+    seed = Stage1Model.from_pretrained(str(data / "seed"))
+    text = train(config(data, tmp_path / "text", stage="text", steps=2), progress=False)
+    assert state_digest(text.tokenizer) == state_digest(seed.tokenizer)  # 1-1 leaves the tokenizer alone
+    assert not torch.equal(text.decoder.llm_decoder.weight, seed.decoder.llm_decoder.weight)
+    no_vq = train(config(data, tmp_path / "no_vq", stage="no_vq", steps=2, init_from=str(tmp_path / "text")),
+                  progress=False)  # fmt: skip
+    assert not torch.equal(
+        no_vq.tokenizer.aggregator.layers[0].fc1.weight, seed.tokenizer.aggregator.layers[0].fc1.weight
+    )
+    assert not bool(no_vq.tokenizer.quantizer.initted.any())
+    with open(tmp_path / "no_vq" / "final" / "train_config.json") as f:
+        assert json.load(f)["stage"] == "no_vq"
+
+
+def test_evaluation_and_resynthesis(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, steps=2), progress=False)
+    m = evaluate(str(out), str(data / "units.jsonl"), eval_size=4, batch_size=3)
+    assert m["stage"] == "vq" and m["utterances"] == 4
+    assert 0 <= m["unit_top1"] <= m["unit_top5"] <= 1 and m["unit_ce"] > 0
+    assert m["duration_abs_rel_error"] >= 0 and m["code_bitrate_bps"] > 0
+    rows = corpus.read_manifest(str(data / "units.jsonl"))
+    audio, _ = corpus.read_wav(rows[0]["audio_path"])
+    centroids = torch.randn(NUM_UNITS, 80) * 0.3
+    codes, wave = resynthesize(str(out), audio, rows[0]["text"], centroids)
+    assert codes.shape == (len(rows[0]["text"].split()), 4)
+    assert wave.dim() == 1 and wave.numel() % 320 == 0 and wave.numel() > 0 and wave.abs().max() <= 0.9 + 1e-6
+
+
+def test_griffin_lim_recovers_a_signal():
+    t = torch.arange(16000) / 16000
+    x = torch.sin(2 * torch.pi * 440 * t) + 0.5 * torch.sin(2 * torch.pi * 1250 * t)
+    window = torch.hann_window(400)
+    target = torch.stft(x, 400, 160, window=window, return_complex=True).abs()
+    y = griffin_lim(target, iters=64)
+    got = torch.stft(y, 400, 160, window=window, return_complex=True).abs()
+    n = min(got.shape[1], target.shape[1])
+    error = (got[:, 2 : n - 2] - target[:, 2 : n - 2]).norm() / target[:, 2 : n - 2].norm()
+    assert error < 0.1
+
+
+def test_ddp_on_two_cpu_ranks_keeps_identical_weights(data, tmp_path):
+    cfg = config(data, tmp_path / "ddp", steps=3, batch_size=2, write_rank_digests=True)
+    path = tmp_path / "ddp.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "taste.cli", "train-tokenizer", str(path), "--quiet"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    digests = [(tmp_path / "ddp" / f"rank{r}.sha256").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    assert digests[0] != state_digest(Stage1Model.from_pretrained(str(data / "seed")))
+
+
+def test_bad_config(data, tmp_path):
+    with pytest.raises(ValueError, match="stage must be one of"):
+        config(data, tmp_path, stage="stage2")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        config(data, tmp_path, batch_size=0)
+    (tmp_path / "c.json").write_text(json.dumps({"manifest": "m", "out_dir": "o", "learning_rate": 1}))
+    with pytest.raises(ValueError, match=r"unknown training options \['learning_rate'\]"):
+        TrainConfig.from_json(str(tmp_path / "c.json"))
+    with pytest.raises(ValueError, match="not more than eval_size=20"):
+        train(config(data, tmp_path / "x", eval_size=20), progress=False)
+    (tmp_path / "plain.jsonl").write_text('{"id": "a", "path": "a.wav", "text": "hi"}\n')
+    corpus.write_wav(str(tmp_path / "a.wav"), torch.zeros(1600))
+    with pytest.raises(ValueError, match="has no 'units' field"):
+        train(config(data, tmp_path / "y", manifest=str(tmp_path / "plain.jsonl")), progress=False)
