@@ -93,24 +93,33 @@ class WhisperAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(b, t, d))
 
 
-class AggregatorLayer(nn.Module):
-    def __init__(self, config: AggregatorConfig):
+class WhisperLayer(nn.Module):
+    """Whisper's pre-LN layer parts shared by the encoder and the aggregator: self-attention and the GELU FFN."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, eps: float):
         super().__init__()
-        d = config.d_model
-        self.self_attn = WhisperAttention(d, config.num_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.encoder_attn = WhisperAttention(d, config.num_heads)
-        self.encoder_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(d, config.ffn_dim)
-        self.fc2 = nn.Linear(config.ffn_dim, d)
-        self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.self_attn = WhisperAttention(d_model, num_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model, eps=eps)
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model, eps=eps)
+
+    def ffn(self, x: Tensor) -> Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class AggregatorLayer(WhisperLayer):
+    def __init__(self, config: AggregatorConfig):
+        super().__init__(config.d_model, config.num_heads, config.ffn_dim, config.layer_norm_eps)
+        self.encoder_attn = WhisperAttention(config.d_model, config.num_heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(self, x, cu_seqlens, max_seqlen, key_states, value_states, cu_seqlens_k, max_seqlen_k):
         h = self.self_attn_layer_norm(x)
         x = x + self.self_attn(h, h, h, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         h = self.encoder_attn_layer_norm(x)
         x = x + self.encoder_attn(h, key_states, value_states, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        return self.ffn(x)
 
 
 class TextQueryAggregator(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taste.aggregator import WhisperAttention
+from taste.aggregator import WhisperLayer
 
 
 @dataclass(frozen=True)
@@ -55,19 +55,12 @@ def sinusoids(length: int, channels: int) -> Tensor:
     return torch.cat([t.sin(), t.cos()], dim=1)
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(WhisperLayer):
     def __init__(self, config: EncoderConfig):
-        super().__init__()
-        d = config.d_model
-        self.self_attn = WhisperAttention(d, config.num_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(d, config.ffn_dim)
-        self.fc2 = nn.Linear(config.ffn_dim, d)
-        self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        super().__init__(config.d_model, config.num_heads, config.ffn_dim, config.layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn.forward_dense(self.self_attn_layer_norm(x))
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        return self.ffn(x + self.self_attn.forward_dense(self.self_attn_layer_norm(x)))
 
 
 class SpeechEncoder(nn.Module):

@@ -164,3 +164,11 @@ def test_bad_input():
         m.prompt(**{**cond(b), "word_offsets": None})
     with pytest.raises(ValueError, match="divisible by heads"):
         RelPositionAttention(30, 4)
+
+
+def test_compiles_fullgraph():
+    m, b = make(), batch()
+    eager = m(**b)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)(**b)
+    torch.testing.assert_close(compiled.logits, eager.logits)
+    torch.testing.assert_close(compiled.loss, eager.loss)
