@@ -59,6 +59,21 @@ class AggregatorConfig:
         return self.d_model // self.num_heads
 
 
+@torch.no_grad()
+def whisper_init(module: nn.Module, std: float = 0.02) -> None:
+    """Whisper's random initialisation (transformers' ``init_std``): linear, convolution and embedding weights
+    N(0, std), biases 0, LayerNorms 1 / 0. Matters for models trained from scratch: PyTorch's default N(0, 1)
+    embeddings make the tied output layer's logits, and the residual stream, far too large."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Embedding)):
+            m.weight.normal_(0.0, std)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+
+
 class WhisperAttention(nn.Module):
     """Whisper's bias layout: q, v and out with bias, k without."""
 
@@ -140,6 +155,7 @@ class TextQueryAggregator(nn.Module):
         self.layers = nn.ModuleList(AggregatorLayer(config) for _ in range(config.num_layers))
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.register_buffer("prefix_ids", torch.tensor(config.prefix_ids, dtype=torch.long), persistent=False)
+        whisper_init(self)
         if config.identity_v_proj:
             self.reset_v_proj_to_identity()
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taste.aggregator import WhisperLayer
+from taste.aggregator import WhisperLayer, whisper_init
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,12 @@ class SpeechEncoder(nn.Module):
         self.conv1 = nn.Conv1d(config.n_mels, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(config.frames, d)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        whisper_init(self)
         self.embed_positions.requires_grad_(False)
         with torch.no_grad():
             self.embed_positions.weight.copy_(sinusoids(config.frames, d))
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
-        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
 
     def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
         expected = 2 * self.config.frames

@@ -195,7 +195,7 @@ class ResidualVQ(nn.Module):
             if not bool(self.initted[s]):
                 means, bins = kmeans(residual, self.codebook_size, self.kmeans_iters, fast=self.fast)
                 self.embed[s] = means
-                self.embed_avg[s] = means
+                self.embed_avg[s] = means * bins[:, None]  # EMA sums, as vector-quantize-pytorch
                 self.cluster_size[s] = bins
                 self.initted[s] = 1.0
             _, chosen = rvq_encode(residual, self.embed[s : s + 1], fast=self.fast)

@@ -58,12 +58,17 @@ class TasteConfig:
     @classmethod
     def tiny(cls, **overrides) -> TasteConfig:
         """A small model for CPUs and from-scratch training: 80 mels over a 10 s window, width 128, real Whisper
-        token ids (so it reads real transcripts), RVQ 4 x 64 x 32; the encoder is trainable."""
+        token ids (so it reads real transcripts), RVQ 4 x 64 x 32; the encoder is trainable; Whisper's random
+        initialisation and no identity v_proj."""
         base = cls(
             encoder=EncoderConfig(
                 n_mels=80, window_seconds=10.0, d_model=128, num_layers=4, num_heads=4, ffn_dim=512, value_layer=2
             ),
-            aggregator=AggregatorConfig(d_model=128, num_heads=4, num_layers=2, ffn_dim=512, max_positions=448),
+            # identity_v_proj is the official seed's choice for a pretrained Whisper; from scratch, the raw value
+            # states would add one large constant to every query and drown the token embeddings
+            aggregator=AggregatorConfig(
+                d_model=128, num_heads=4, num_layers=2, ffn_dim=512, max_positions=448, identity_v_proj=False
+            ),
             quantizer=QuantizerConfig(codebook_size=64, codebook_dim=32, kmeans_iters=20),
             freeze_encoder=False,
         )

@@ -5,6 +5,11 @@ Stages: ``text`` (1-1: the unit decoder from text alone), ``no_vq`` (1-2: TASTE 
 ``vq`` (1-3: with the residual VQ, k-means-initialised on the first batch). Each starts from the previous one's
 model (``init_from``). Loss: unit cross-entropy averaged over targets + the commitment loss (1-3).
 
+``asr`` is a stage 0 for models trained from scratch: the official recipe starts from a pretrained Whisper, whose
+decoder already attends to the speech of the next word; a random tiny model gets that from next-token prediction
+of the transcript given the speech (the aggregator with its token embedding as the tied output layer, as in
+Whisper), before stage 1-1.
+
 A run writes into ``out_dir``: ``checkpoint-{step}/`` every ``save_every`` steps and at the end (the model as
 ``tokenizer/`` and ``decoder/`` pretrained directories plus ``trainer.pt``: optimizer, scheduler, RNG states and
 the data position), ``final/`` (the model only) and ``log.jsonl``. Started again on the same ``out_dir`` it resumes
@@ -24,6 +29,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -33,7 +39,7 @@ from taste.corpus import read_manifest, read_wav, unit_features
 from taste.tokenizer import TasteConfig, TasteTokenizer
 from taste.unit_decoder import UnitDecoder, UnitDecoderConfig
 
-STAGES = ("text", "no_vq", "vq")
+STAGES = ("asr", "text", "no_vq", "vq")
 
 
 @dataclass
@@ -111,6 +117,8 @@ class Stage1Model(nn.Module):
         text = batch["text"]
         a = text.asr
         dev = batch["units"].device
+        if stage == "asr":
+            return self.asr_loss(batch)
         taste, words, commit = None, None, torch.zeros((), device=dev)
         if stage != "text":
             words = self.tokenizer.tokenize(batch["mel"], text, quantize=stage == "vq")
@@ -120,6 +128,21 @@ class Stage1Model(nn.Module):
             batch["max_units"], taste=taste, word_offsets=a.word_offsets.to(dev), speaker=batch["speaker"],
         )  # fmt: skip
         return out.loss.float() + commit, out, words
+
+    def asr_loss(self, batch: dict):
+        """Stage 0: next ASR token given the speech and the tokens so far (the last token of each utterance has no
+        target). Returns ``(loss, SimpleNamespace(targets=...), None)``."""
+        a, tok = batch["text"].asr, self.tokenizer
+        dev = batch["mel"].device
+        tokens, cu = a.tokens.to(dev), a.cu_seqlens.to(dev)
+        h_key, h_val = tok.encode_speech(batch["mel"])
+        states = tok.aggregator(tokens, cu, a.max_seqlen, h_key, h_val)  # (N, d)
+        logits = states @ tok.aggregator.embed_tokens.weight.T  # (N, vocab): Whisper ties its output layer
+        last = torch.zeros(tokens.shape[0], dtype=torch.bool, device=dev)
+        last[cu[1:].long() - 1] = True
+        targets = torch.where(last, -100, tokens.roll(-1))
+        loss = nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
+        return loss, SimpleNamespace(targets=targets[~last]), None
 
 
 class UnitCorpus:

@@ -117,3 +117,18 @@ def test_bad_arguments():
         taste.ResidualVQ(**{**KW, "decay": 1.5})
     with pytest.raises(ValueError, match="must be positive"):
         taste.ResidualVQ(**{**KW, "codebook_size": 0})
+
+
+def test_kmeans_init_keeps_the_ema_state_consistent():
+    """After k-means initialisation the EMA sums are means x counts (as vector-quantize-pytorch), so one more EMA
+    step on the same batch leaves the codebook where k-means put it instead of shrinking it by the counts."""
+    torch.manual_seed(6)
+    centers = torch.randn(4, 8) * 5
+    x = (centers[:, None] + 0.1 * torch.randn(4, 60, 8)).reshape(-1, 8)
+    rvq = taste.ResidualVQ(dim=8, codebook_dim=8, num_quantizers=1, codebook_size=4, kmeans_iters=10,
+                           quantize_dropout=False).train()  # fmt: skip
+    rvq(x)
+    torch.testing.assert_close(rvq.embed_avg[0], rvq.embed[0] * rvq.cluster_size[0][:, None], atol=1e-3, rtol=1e-3)
+    before = rvq.embed.clone()
+    rvq(x)
+    assert (rvq.embed - before).abs().max() < 0.05
