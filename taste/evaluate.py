@@ -1,7 +1,8 @@
 """What a trained stage-1 model preserves (``taste eval-tokenizer``) and what it sounds like (``taste resynthesize``).
 
 Metrics on the held-out rows of a units manifest (the last ``eval_size``, never trained on):
-- teacher-forced unit accuracy, top-1 and top-5, over every target (units and EOS);
+- teacher-forced unit accuracy, top-1 and top-5, over every target (units and EOS), and the cross-entropy, also
+  with the TASTE rows shuffled across the words of the batch (how much the decoder relies on them);
 - code bitrate (bits of the word codes per second of speech) and token rate (words per second);
 - duration consistency: units sampled by the decoder (top-k, seeded) against the reference count, as the mean
   absolute relative error ``|n_gen - n_ref| / n_ref`` and the correlation of the two counts.
@@ -42,7 +43,8 @@ def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: 
     rows = list(range(max(0, n - eval_size), n))
     gen = torch.Generator(device=device).manual_seed(seed)
     top1 = top5 = targets = 0
-    ce_sum, words, seconds, n_ref, n_gen = 0.0, 0, 0.0, [], []
+    ce_sum, ce_shuffled, words, seconds, n_ref, n_gen = 0.0, 0.0, 0, 0.0, [], []
+    shuffle = torch.Generator().manual_seed(seed)
     for start in range(0, len(rows), batch_size):
         idx = rows[start : start + batch_size]
         batch = corpus.batch(idx, model, device, need_audio=stage != "text")
@@ -56,6 +58,15 @@ def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: 
         seconds += sum(corpus.audio[i].numel() for i in idx) / 16000
         a = batch["text"].asr
         taste = None if tok is None else tok.word_embeddings
+        if taste is not None:  # the same batch with the TASTE rows of its words shuffled: does the decoder use them?
+            perm = torch.randperm(taste.shape[0], generator=shuffle).to(device)
+            other = model.decoder(
+                a.tokens.to(device), a.cu_seqlens.to(device), a.max_seqlen, batch["units"], batch["unit_cu_seqlens"],
+                batch["max_units"], taste=taste[perm], word_offsets=a.word_offsets.to(device), speaker=batch["speaker"],
+            )  # fmt: skip
+            ce_shuffled += float(
+                torch.nn.functional.cross_entropy(other.logits.float(), other.targets, reduction="sum")
+            )
         units = model.decoder.generate(
             a.tokens.to(device), a.cu_seqlens.to(device), a.max_seqlen, taste=taste,
             word_offsets=a.word_offsets.to(device), speaker=batch["speaker"], generator=gen,
@@ -71,6 +82,7 @@ def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: 
         "unit_top1": top1 / targets,
         "unit_top5": top5 / targets,
         "unit_ce": ce_sum / targets,
+        "unit_ce_taste_shuffled": ce_shuffled / targets if stage != "text" else float("nan"),
         "duration_abs_rel_error": float(((got - ref).abs() / ref).mean()),
         "duration_corr": float(torch.corrcoef(torch.stack([got, ref]))[0, 1]),
         "word_rate_per_s": words / seconds,

@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     eval_size: int = 64  # the manifest's last rows, never trained on
     bf16: bool = True  # autocast on CUDA (ignored on the CPU)
+    asr_token_dropout: float = 0.0  # stage asr: share of input tokens hidden (so the audio must be read)
     write_rank_digests: bool = False  # each rank writes a digest of its final weights (checks DDP agreement)
 
     def __post_init__(self):
@@ -118,7 +119,7 @@ class Stage1Model(nn.Module):
         a = text.asr
         dev = batch["units"].device
         if stage == "asr":
-            return self.asr_loss(batch)
+            return self.asr_loss(batch, batch.get("token_dropout", 0.0))
         taste, words, commit = None, None, torch.zeros((), device=dev)
         if stage != "text":
             words = self.tokenizer.tokenize(batch["mel"], text, quantize=stage == "vq")
@@ -129,14 +130,19 @@ class Stage1Model(nn.Module):
         )  # fmt: skip
         return out.loss.float() + commit, out, words
 
-    def asr_loss(self, batch: dict):
+    def asr_loss(self, batch: dict, token_dropout: float = 0.0):
         """Stage 0: next ASR token given the speech and the tokens so far (the last token of each utterance has no
-        target). Returns ``(loss, SimpleNamespace(targets=...), None)``."""
+        target). ``token_dropout`` hides that share of the input tokens (replaced by the first prefix id), so that
+        the transcript alone cannot predict the next token. Returns ``(loss, SimpleNamespace(targets=...), None)``."""
         a, tok = batch["text"].asr, self.tokenizer
         dev = batch["mel"].device
         tokens, cu = a.tokens.to(dev), a.cu_seqlens.to(dev)
+        inputs = tokens
+        if self.training and token_dropout > 0:
+            hide = torch.rand(tokens.shape, device=dev) < token_dropout
+            inputs = torch.where(hide, tok.aggregator.prefix_ids[0], tokens)
         h_key, h_val = tok.encode_speech(batch["mel"])
-        states = tok.aggregator(tokens, cu, a.max_seqlen, h_key, h_val)  # (N, d)
+        states = tok.aggregator(inputs, cu, a.max_seqlen, h_key, h_val)  # (N, d)
         logits = states @ tok.aggregator.embed_tokens.weight.T  # (N, vocab): Whisper ties its output layer
         last = torch.zeros(tokens.shape[0], dtype=torch.bool, device=dev)
         last[cu[1:].long() - 1] = True
@@ -297,6 +303,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
         total = 0.0
         for _ in range(cfg.accum):
             batch = corpus.batch(stream.next(), model, device, need_audio=cfg.stage != "text")
+            batch["token_dropout"] = cfg.asr_token_dropout
             with autocast:
                 loss, out, _ = ddp(batch, cfg.stage)
             (loss / cfg.accum).backward()

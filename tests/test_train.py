@@ -84,7 +84,7 @@ def test_evaluation_and_resynthesis(data, tmp_path):
     train(config(data, out, steps=2), progress=False)
     m = evaluate(str(out), str(data / "units.jsonl"), eval_size=4, batch_size=3)
     assert m["stage"] == "vq" and m["utterances"] == 4
-    assert 0 <= m["unit_top1"] <= m["unit_top5"] <= 1 and m["unit_ce"] > 0
+    assert 0 <= m["unit_top1"] <= m["unit_top5"] <= 1 and m["unit_ce"] > 0 and m["unit_ce_taste_shuffled"] > 0
     assert m["duration_abs_rel_error"] >= 0 and m["code_bitrate_bps"] > 0
     rows = corpus.read_manifest(str(data / "units.jsonl"))
     audio, _ = corpus.read_wav(rows[0]["audio_path"])
