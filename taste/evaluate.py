@@ -60,10 +60,7 @@ def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: 
         taste = None if tok is None else tok.word_embeddings
         if taste is not None:  # the same batch with the TASTE rows of its words shuffled: does the decoder use them?
             perm = torch.randperm(taste.shape[0], generator=shuffle).to(device)
-            other = model.decoder(
-                a.tokens.to(device), a.cu_seqlens.to(device), a.max_seqlen, batch["units"], batch["unit_cu_seqlens"],
-                batch["max_units"], taste=taste[perm], word_offsets=a.word_offsets.to(device), speaker=batch["speaker"],
-            )  # fmt: skip
+            other = model.decode(batch, taste[perm])
             ce_shuffled += float(
                 torch.nn.functional.cross_entropy(other.logits.float(), other.targets, reduction="sum")
             )

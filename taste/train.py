@@ -116,7 +116,6 @@ class Stage1Model(nn.Module):
     def forward(self, batch: dict, stage: str):
         """``(loss, decoder output, tokenizer output or None)`` of one packed batch (see :class:`UnitCorpus`)."""
         text = batch["text"]
-        a = text.asr
         dev = batch["units"].device
         if stage == "asr":
             return self.asr_loss(batch, batch.get("token_dropout", 0.0))
@@ -124,11 +123,16 @@ class Stage1Model(nn.Module):
         if stage != "text":
             words = self.tokenizer.tokenize(batch["mel"], text, quantize=stage == "vq")
             taste, commit = words.word_embeddings, words.commit_loss
-        out = self.decoder(
+        out = self.decode(batch, taste)
+        return out.loss.float() + commit, out, words
+
+    def decode(self, batch: dict, taste):
+        """The unit decoder's teacher-forced output on a batch, given word-level TASTE rows (or None)."""
+        a, dev = batch["text"].asr, batch["units"].device
+        return self.decoder(
             a.tokens.to(dev), a.cu_seqlens.to(dev), a.max_seqlen, batch["units"], batch["unit_cu_seqlens"],
             batch["max_units"], taste=taste, word_offsets=a.word_offsets.to(dev), speaker=batch["speaker"],
         )  # fmt: skip
-        return out.loss.float() + commit, out, words
 
     def asr_loss(self, batch: dict, token_dropout: float = 0.0):
         """Stage 0: next ASR token given the speech and the tokens so far (the last token of each utterance has no
