@@ -12,13 +12,21 @@ from torch import nn
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
-def save_model(directory: str, config: dict, module: nn.Module) -> None:
+def save_model(directory: str, config: dict, module: nn.Module, keep: set[str] | None = None) -> None:
+    """Writes ``config`` and the state dict (only the keys in ``keep`` when given). Tensors that share storage
+    (tied weights) are written once, under their first name."""
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in module.state_dict().items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        if (keep is not None and k not in keep) or (ptr is not None and ptr in seen):
+            continue
+        seen.add(ptr)
+        state[k] = v.detach().contiguous().cpu()
     save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "model": type(module).__name__})
 
 

@@ -10,7 +10,8 @@ import torch
 import taste
 from taste import corpus
 from taste.evaluate import evaluate, griffin_lim, resynthesize
-from taste.train import Stage1Model, TrainConfig, latest_checkpoint, state_digest, train
+from taste.train import Stage1Model, TrainConfig, train
+from taste.trainer import latest_checkpoint, state_digest
 from taste.unit_decoder import UnitDecoderConfig
 
 NUM_UNITS = 16

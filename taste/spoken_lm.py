@@ -1,0 +1,480 @@
+"""TASLM, the spoken language model of TASTE (spec section 2): a causal LM adapted with LoRA that reads and writes
+text tokens and TASTE codes together, with a word-level delay.
+
+Packed end to end: a batch is the concatenated Llama tokens of its utterances with ``cu_seqlens``, per-token word
+ids and one code row per word. :func:`taste.ops.delay_layout` turns it into the input/label rows of spec 2.4 and
+everything else is gathers; the backbone sees one packed row sequence whose position ids restart per utterance
+(transformers then masks attention per utterance). Generation lives in :mod:`taste.generate`.
+
+Weight names follow the official checkpoint under ``spoken_lm.`` (``fuse_for_bridge_in_llm``,
+``extract_for_bridge_out_llm``, ``pad_text_unit_embed``, ``pad_audio_unit_embed``, ``language_model`` as peft
+wraps it), so :meth:`TasteSpokenLM.load_official_state_dict` is a prefix strip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from taste import ops
+from taste.checkpoint import read_model, save_model
+from taste.rvq import ResidualVQ
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HEADS = ("latent", "classifier")
+OFFICIAL_PREFIX = "spoken_lm."
+
+
+def _llama(**overrides) -> dict:
+    base = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+                rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})  # fmt: skip
+    return {**base, **overrides}
+
+
+@dataclass(frozen=True)
+class SpokenLMConfig:
+    """TASLM shapes and choices.
+
+    ``backbone`` holds LlamaConfig fields (a random backbone of that shape) unless ``backbone_path`` names a local
+    transformers checkpoint directory. ``lora_r = 0`` trains the whole backbone instead of LoRA adapters (for tiny
+    models learnt from scratch). ``head``: ``"latent"`` (the released TASLM_emb head ``continue_latent_linear_last``)
+    or ``"classifier"`` (``linear_last``: 4 x K logits, TASLM_token). ``official_latent`` reproduces two quirks of the
+    official latent head (spec 7.1): the training sample carries the gradient of mu + sigma, and inference uses
+    z = mu + sigma instead of mu. ``text_kl_weight`` > 0 mixes KL(reference || model) into the text loss (spec 2.6),
+    the reference being the backbone with its adapters disabled.
+    """
+
+    backbone: dict = field(default_factory=_llama)
+    backbone_path: str | None = None
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.05
+    taste_dim: int = 1280  # width of a TASTE word embedding (the tokenizer's RVQ dim)
+    codebook_dim: int = 256
+    num_quantizers: int = 4
+    codebook_size: int = 512
+    head: str = "latent"
+    official_latent: bool = False
+    delay: int = 1
+    bos_id: int = 128000
+    eos_id: int = 128001
+    text_weight: float = 0.5
+    taste_weight: float = 0.5
+    text_kl_weight: float = 0.0
+    fusion_init: tuple = (-2.0, 2.0)  # mixing logits (audio, text): "zero audio" at the start
+    llm_tokenizer: str = "llama3"
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.delay < 1:
+            raise ValueError(f"delay must be >= 1 (the code of a word is predicted after it ends), got {self.delay}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        if not 0.0 <= self.text_kl_weight <= 1.0:
+            raise ValueError(f"text_kl_weight must be in [0, 1], got {self.text_kl_weight}")
+        if self.text_kl_weight > 0 and self.lora_r == 0:
+            raise ValueError("text_kl_weight > 0 needs LoRA (lora_r > 0): the reference is the backbone without them")
+
+    @classmethod
+    def llama_3_2_1b(cls, **overrides) -> SpokenLMConfig:
+        """The released TASLM: Llama-3.2-1B shapes, LoRA r 64 / alpha 128, latent head, TASTE 4 x 512 x 256."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> SpokenLMConfig:
+        """A 2-layer, 64-wide Llama with the real Llama-3 vocabulary, matching ``TasteConfig.tiny()``'s RVQ."""
+        backbone = _llama(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=2048, rope_scaling=None)  # fmt: skip
+        base = dict(backbone=backbone, lora_r=8, lora_alpha=16, lora_dropout=0.0, taste_dim=128, codebook_dim=32,
+                    num_quantizers=4, codebook_size=64)  # fmt: skip
+        return cls(**{**base, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpokenLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SpokenLMConfig fields {sorted(unknown)}")
+        d = dict(d)
+        if "fusion_init" in d:
+            d["fusion_init"] = tuple(d["fusion_init"])
+        return cls(**d)
+
+
+@dataclass
+class SpokenLMOutput:
+    """Losses (float32 scalars) and teacher-forced accuracies of a packed batch."""
+
+    loss: Tensor
+    text_loss: Tensor
+    taste_loss: Tensor
+    text_accuracy: Tensor
+    code_accuracy: Tensor  # (Q,) per RVQ layer
+    taste_mse: Tensor  # between the 256-d code sums of the predicted and the target codes
+
+
+class WeightedSumFusion(nn.Module):
+    """in = a_a * (W a + b) + a_t * e with (a_a, a_t) = softmax(weights) (spec 2.3)."""
+
+    def __init__(self, taste_dim: int, hidden: int, init: tuple):
+        super().__init__()
+        self.weights = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+        self.linear = nn.Linear(taste_dim, hidden)
+
+    def forward(self, text: Tensor, audio: Tensor) -> Tensor:
+        alpha = self.weights.softmax(0)
+        return (alpha[0] * self.linear(audio.to(self.linear.weight.dtype)) + alpha[1] * text.float()).to(text.dtype)
+
+
+class LatentHead(nn.Module):
+    """``continue_latent_linear_last``: mu = W h + b, learned log-variance, codes by RVQ search on z."""
+
+    def __init__(self, hidden: int, codebook_dim: int):
+        super().__init__()
+        self.fc_mu = nn.Linear(hidden, codebook_dim)
+        self.b_logvar = nn.Parameter(torch.zeros(codebook_dim))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return self.fc_mu(h.float()), self.b_logvar
+
+
+class ClassifierHead(nn.Module):
+    """``linear_last``: ``(R, hidden) -> (R, Q, K)`` logits."""
+
+    def __init__(self, hidden: int, num_quantizers: int, codebook_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, num_quantizers * codebook_size)
+        self.shape = (num_quantizers, codebook_size)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.linear(h.float()).view(-1, *self.shape)
+
+
+def _build_backbone(config: SpokenLMConfig) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if config.backbone_path:
+        if not os.path.isdir(config.backbone_path):
+            raise FileNotFoundError(f"backbone_path {config.backbone_path!r} is not a directory")
+        model = AutoModelForCausalLM.from_pretrained(config.backbone_path, attn_implementation="sdpa")
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**config.backbone, attn_implementation="sdpa"))
+    if config.lora_r == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=list(LORA_TARGETS))  # fmt: skip
+    return get_peft_model(model, lora)
+
+
+class TasteSpokenLM(nn.Module):
+    """TASLM (spec 2): backbone (+ LoRA), input fusion, output head and the frozen RVQ codebooks of the tokenizer.
+
+    Build with :meth:`from_tokenizer` (shares a trained tokenizer's RVQ) or directly from a config.
+    """
+
+    def __init__(self, *, config: SpokenLMConfig):
+        super().__init__()
+        self.config = config
+        self.language_model = _build_backbone(config)
+        hidden = self.causal_lm.config.hidden_size
+        self.fuse_for_bridge_in_llm = WeightedSumFusion(config.taste_dim, hidden, config.fusion_init)
+        if config.head == "latent":
+            self.extract_for_bridge_out_llm = LatentHead(hidden, config.codebook_dim)
+        else:
+            self.extract_for_bridge_out_llm = ClassifierHead(hidden, config.num_quantizers, config.codebook_size)
+        self.pad_text_unit_embed = nn.Parameter(torch.zeros(hidden))
+        self.pad_audio_unit_embed = nn.Parameter(torch.zeros(config.taste_dim))
+        self.vq = ResidualVQ(dim=config.taste_dim, codebook_dim=config.codebook_dim,
+                             num_quantizers=config.num_quantizers, codebook_size=config.codebook_size,
+                             kmeans_init=False, quantize_dropout=False)  # fmt: skip
+        self.vq.requires_grad_(False)
+        if config.lora_r > 0:  # peft froze the backbone; the rest of this module trains
+            for name, p in self.named_parameters():
+                if name.startswith("language_model."):
+                    p.requires_grad_("lora_" in name)
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else None
+
+    # ---- parts ----
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers CausalLM inside (LoRA layers, if any, sit in it)."""
+        lm = self.language_model
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.causal_lm.model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.causal_lm.lm_head
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vq.eval()  # frozen codebooks: never an EMA update, never a commitment loss
+        return self
+
+    def run_backbone(self, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None, cache=None):
+        """``(B, T, hidden)`` input embeddings -> last hidden states ``(B, T, hidden)``."""
+        kw = {}
+        if cache is not None:
+            kw[self._cache_kwarg or "past_key_values"] = cache
+            kw["use_cache"] = True
+        else:
+            kw["use_cache"] = False
+        out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, **kw)
+        return out.last_hidden_state
+
+    def word_audio(self, codes: Tensor) -> Tensor:
+        """``(W, Q)`` codes -> ``(W, taste_dim)`` TASTE word embeddings (``get_output_from_indices``)."""
+        return self.vq.get_output_from_indices(codes)
+
+    def fuse(self, text: Tensor, audio: Tensor) -> Tensor:
+        return self.fuse_for_bridge_in_llm(text, audio)
+
+    def latent(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``(R, hidden)`` -> the point estimate z used for the codes at inference, and mu."""
+        mu, logvar = self.extract_for_bridge_out_llm(h)
+        z = mu + (0.5 * logvar).exp() if self.config.official_latent else mu
+        return z, mu
+
+    def predict_codes(self, h: Tensor, top_p: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+        """``(R, hidden)`` -> ``(R, Q)`` codes: RVQ search on z (latent head) or per-layer argmax / top-p."""
+        if self.config.head == "latent":
+            return self.vq.get_indices_from_code(self.latent(h)[0])
+        logits = self.extract_for_bridge_out_llm(h)  # (R, Q, K)
+        if top_p <= 0:
+            return logits.argmax(-1)
+        from taste.generate import top_p_filter
+
+        flat = top_p_filter(logits.flatten(0, 1), top_p)
+        return torch.multinomial(flat.softmax(-1), 1, generator=generator).view(logits.shape[:2])
+
+    # ---- layout ----
+    def embed_layout(self, tokens: Tensor, layout: ops.DelayLayout, audio: Tensor | None) -> Tensor:
+        """The fused input rows ``(M, hidden)`` of a layout: BOS rows plain, other rows fuse(text, audio)."""
+        embed = self.decoder.embed_tokens
+        ext = torch.cat([tokens, tokens.new_full((1,), self.config.bos_id)])  # index N = BOS
+        ids = ext[torch.where(layout.input_token >= 0, layout.input_token, tokens.shape[0])]
+        text = embed(ids)  # (M, hidden)
+        text = torch.where((layout.input_token == -2)[:, None], self.pad_text_unit_embed.to(text.dtype), text)
+        pad_audio = self.pad_audio_unit_embed
+        if audio is None or audio.shape[0] == 0:
+            a = pad_audio.expand(layout.input_word.shape[0], -1)
+        else:
+            a = torch.where((layout.input_word >= 0)[:, None], audio[layout.input_word.clamp(min=0)], pad_audio)
+        fused = self.fuse(text, a)
+        return torch.where((layout.input_token == -1)[:, None], text, fused)
+
+    @staticmethod
+    def layout_positions(layout: ops.DelayLayout) -> Tensor:
+        """``(M,)`` position of every row inside its sequence."""
+        out_len = layout.cu_seqlens.diff().long()
+        m = layout.input_token.shape[0]
+        seq = torch.repeat_interleave(torch.arange(out_len.numel(), device=out_len.device), out_len, output_size=m)
+        return torch.arange(m, device=out_len.device) - layout.cu_seqlens.long()[seq]
+
+    def hidden_states(self, tokens, cu_seqlens, word_ids, codes) -> tuple[Tensor, ops.DelayLayout]:
+        """The backbone's last hidden state on every layout row ``(M, hidden)``, and the layout."""
+        layout = ops.delay_layout(word_ids, cu_seqlens, self.config.delay)
+        audio = self.word_audio(codes) if codes is not None else None
+        x = self.embed_layout(tokens, layout, audio)  # (M, hidden)
+        return self.run_backbone(x[None], self.layout_positions(layout)[None])[0], layout
+
+    def forward(self, tokens: Tensor, cu_seqlens: Tensor, word_ids: Tensor, codes: Tensor | None) -> SpokenLMOutput:
+        """Teacher-forced losses of a packed batch (spec 2.4-2.6).
+
+        Args:
+            tokens: ``(N,)`` int64 Llama ids of all utterances, concatenated (no BOS).
+            cu_seqlens: ``(B + 1,)`` int32 token offsets; every utterance has at least one token.
+            word_ids: ``(N,)`` int32 word of each token, 0-based within its utterance.
+            codes: ``(W_total, Q)`` int64 TASTE codes, one row per word in order, or None (text only).
+        """
+        self._check_batch(tokens, cu_seqlens, word_ids, codes)
+        delay = self.config.delay
+        h, layout = self.hidden_states(tokens, cu_seqlens, word_ids, codes)
+
+        n, b = tokens.shape[0], cu_seqlens.shape[0] - 1
+        lengths = cu_seqlens.diff().long()
+        seq = torch.repeat_interleave(torch.arange(b, device=tokens.device), lengths, output_size=n)
+        text_rows = torch.arange(n, device=tokens.device) + seq * (delay + 1)  # the rows whose label is a token
+        logits = self.lm_head(h[text_rows]).float()  # (N, V)
+        ce = F.cross_entropy(logits, tokens)
+        text_loss = ce
+        if self.config.text_kl_weight > 0:
+            text_loss = (
+                self.config.text_kl_weight * self._text_kl(tokens, cu_seqlens, seq, logits)
+                + (1 - self.config.text_kl_weight) * ce
+            )
+        text_accuracy = (logits.argmax(-1) == tokens).float().mean()
+
+        zero = logits.new_zeros(())
+        q = self.config.num_quantizers
+        if codes is None:
+            taste_loss, code_acc, mse = zero, logits.new_zeros(q), zero
+        else:
+            w = codes.shape[0]
+            key = torch.where(layout.label_word >= 0, layout.label_word, layout.label_word.numel() + w)
+            taste_rows = torch.argsort(key, stable=True)[:w]  # taste_rows[i] predicts word i's codes
+            taste_loss, pred = self._taste_loss(h[taste_rows], codes)
+            valid = (codes >= 0).all(-1)
+            code_acc = ((pred == codes) & valid[:, None]).float().sum(0) / valid.sum().clamp(min=1)
+            mse = (self.vq.get_code_from_indices(pred) - self.vq.get_code_from_indices(codes)).pow(2).mean()
+        loss = self.config.text_weight * text_loss + self.config.taste_weight * taste_loss
+        return SpokenLMOutput(loss, text_loss.detach(), taste_loss.detach(), text_accuracy, code_acc, mse)
+
+    def _taste_loss(self, h: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+        valid = (codes >= 0).all(-1)  # rows whose 4 labels are valid
+        denom = valid.sum().clamp(min=1)
+        if self.config.head == "classifier":
+            logits = self.extract_for_bridge_out_llm(h)  # (W, Q, K)
+            ce = F.cross_entropy(logits.flatten(0, 1), codes.clamp(min=0).flatten(), reduction="none")
+            loss = (ce.view(codes.shape) * valid[:, None]).sum() / (denom * codes.shape[1])
+            return loss, logits.detach().argmax(-1)
+        mu, logvar = self.extract_for_bridge_out_llm(h)  # (W, d), (d,)
+        sigma = (0.5 * logvar).exp()
+        eps = torch.randn_like(mu)
+        if self.config.official_latent:  # forward value: a sample; gradient: that of mu + sigma
+            z = (mu + sigma) + (mu + sigma * eps - (mu + sigma)).detach()
+        else:
+            z = mu + sigma * eps
+        y = self.vq.get_code_from_indices(codes.clamp(min=0)).detach()  # (W, d)
+        rows = valid[:, None].float()
+        reg = ((z - y).pow(2) * rows).sum() / (denom * y.shape[1])
+        kl = 0.5 * ((sigma.pow(2) + (mu - y).pow(2) - 1 - logvar) * rows).sum() / (denom * y.shape[1])
+        with torch.no_grad():
+            pred = self.vq.get_indices_from_code(self.latent(h)[0])
+        return 0.5 * reg + 0.5 * kl, pred
+
+    def _text_kl(self, tokens: Tensor, cu_seqlens: Tensor, seq: Tensor, logits: Tensor) -> Tensor:
+        """KL(p_ref || p) over the text rows; the reference reads the plain tokens with BOS, adapters disabled."""
+        n, b = tokens.shape[0], cu_seqlens.shape[0] - 1
+        dev = tokens.device
+        starts = cu_seqlens.long()[:-1] + torch.arange(b, device=dev)  # BOS rows of the reference input
+        ids = torch.full((n + b,), self.config.bos_id, dtype=torch.long, device=dev)
+        tok_rows = torch.arange(n, device=dev) + seq + 1
+        ids[tok_rows] = tokens
+        pos = torch.arange(n + b, device=dev) - starts[torch.repeat_interleave(torch.arange(b, device=dev),
+                                                                               cu_seqlens.diff().long() + 1,
+                                                                               output_size=n + b)]  # fmt: skip
+        with torch.no_grad(), self.language_model.disable_adapter():
+            h = self.run_backbone(self.decoder.embed_tokens(ids)[None], pos[None])[0]
+            ref = self.lm_head(h[tok_rows - 1]).float().log_softmax(-1)  # row before each token predicts it
+        return F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="batchmean")
+
+    def _check_batch(self, tokens, cu_seqlens, word_ids, codes) -> None:
+        if tokens.dim() != 1 or tokens.dtype != torch.int64:
+            raise ValueError(f"tokens must be a (N,) int64 tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"cu_seqlens must be a (B+1,) int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
+        if word_ids.shape != tokens.shape:
+            raise ValueError(f"word_ids must have tokens' shape {tuple(tokens.shape)}, got {tuple(word_ids.shape)}")
+        if codes is not None and (codes.dim() != 2 or codes.shape[1] != self.config.num_quantizers):
+            raise ValueError(f"codes must be (W_total, {self.config.num_quantizers}) int64, got {tuple(codes.shape)}")
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool((cu_seqlens.diff() < 1).any()):
+                raise ValueError("every utterance needs at least one token (cu_seqlens must be strictly increasing)")
+            if codes is not None:
+                words = int((word_ids[cu_seqlens[1:].long() - 1].long() + 1).sum())
+                if words != codes.shape[0]:
+                    raise ValueError(f"codes has {codes.shape[0]} rows but the batch has {words} words")
+
+    def generate(self, tokens=None, cu_seqlens=None, word_ids=None, codes=None, *, num_sequences=None,
+                 config=None, generator=None, use_cache=True, compile=False):  # fmt: skip
+        """Batched continuation of packed prompts (spec 2.7), see :mod:`taste.generate`.
+
+        Args:
+            tokens, cu_seqlens, word_ids: the prompts' Llama ids ``(N,)`` int64, ``(B + 1,)`` int32 offsets and
+                ``(N,)`` int32 word ids; None for the zero prompt (then ``num_sequences`` sequences from BOS).
+            codes: ``(W_total, Q)`` codes of the prompt words (speech prompt), or None (text prompt).
+            config: a :class:`taste.generate.GenerationConfig`.
+            generator: torch.Generator for sampling.
+            use_cache: False re-runs the whole sequence every step (the reference algorithm).
+            compile: run the one-row step under torch.compile (``reduce-overhead`` on CUDA).
+
+        Returns:
+            :class:`taste.generate.GenerationOutput`.
+        """
+        from taste.generate import GenerationConfig, generate
+
+        return generate(self, tokens, cu_seqlens, word_ids, codes, num_sequences=num_sequences,
+                        config=config or GenerationConfig(), generator=generator, use_cache=use_cache,
+                        compile=compile)  # fmt: skip
+
+    # ---- checkpoints ----
+    def save_pretrained(self, directory: str, *, full: bool | None = None) -> None:
+        """``config.json`` + ``model.safetensors``. Adapter, bridges, heads and RVQ only (``full=False``) when the
+        backbone comes from ``backbone_path``; everything otherwise (a random backbone cannot be rebuilt)."""
+        if full is None:
+            full = self.config.backbone_path is None
+        keep = None
+        if not full:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            keep = trainable | {k for k in self.state_dict() if k.startswith("vq.")}
+        save_model(directory, {**self.config.to_dict(), "saved_full": full}, self, keep=keep)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, device=None) -> TasteSpokenLM:
+        raw, state = read_model(directory, "TasteSpokenLM")
+        full = raw.pop("saved_full", True)
+        model = cls(config=SpokenLMConfig.from_dict(raw))
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{directory}: weights this model does not have: {result.unexpected_keys[:5]}")
+        own = model.state_dict()
+        loaded = {(v.untyped_storage().data_ptr(), tuple(v.shape)) for k, v in own.items() if k in state}
+        missing = [k for k in result.missing_keys if (own[k].untyped_storage().data_ptr(), tuple(own[k].shape))
+                   not in loaded]  # fmt: skip
+        if full and missing:
+            raise ValueError(f"{directory}: weights missing from the checkpoint: {missing[:5]}")
+        return model.to(device)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, config: SpokenLMConfig | None = None, **overrides) -> TasteSpokenLM:
+        """A TASLM whose RVQ is ``tokenizer``'s (a :class:`taste.TasteTokenizer`); shapes taken from it."""
+        vq = tokenizer.quantizer
+        dims = dict(taste_dim=tokenizer.config.quantizer.dim, codebook_dim=vq.codebook_dim,
+                    num_quantizers=vq.num_quantizers, codebook_size=vq.codebook_size)  # fmt: skip
+        config = dataclasses.replace(config or SpokenLMConfig(), **dims, **overrides)
+        model = cls(config=config)
+        model.vq.load_state_dict(vq.state_dict())
+        return model
+
+    def merge_lora(self) -> TasteSpokenLM:
+        """Folds the LoRA adapters into the backbone weights (for deployment); afterwards ``lora_r`` is 0."""
+        if self.config.lora_r == 0:
+            return self
+        self.language_model = self.language_model.merge_and_unload()
+        self.config = dataclasses.replace(self.config, lora_r=0, text_kl_weight=0.0)
+        return self
+
+    def load_official_state_dict(self, state_dict: dict, strict: bool = True):
+        """Loads the spoken LM of an official checkpoint (keys under ``spoken_lm.``; the RVQ under
+        ``audio_tower.vq.rvq.`` through ResidualVQ's official mapping). A separate ``lm_head.weight`` is accepted
+        (tied backbones keep the embedding)."""
+        own = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
+        if self.causal_lm.config.tie_word_embeddings:
+            own = {k: v for k, v in own.items() if not k.endswith("lm_head.weight")}
+        vq_prefix = "audio_tower.vq.rvq."
+        vq = {k[len(vq_prefix) :]: v for k, v in state_dict.items() if k.startswith(vq_prefix)}
+        if vq:
+            self.vq.load_official_state_dict(vq, strict=strict)
+        own.update({f"vq.{k}": v for k, v in self.vq.state_dict().items()})
+        return self.load_state_dict(own, strict=strict)

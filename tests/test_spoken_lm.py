@@ -1,0 +1,255 @@
+"""TASLM model (spec 2.1-2.6): official names and LoRA count, packed == per utterance, the losses against an
+independent per-utterance build of the spec's layout table, gradients, checkpoints, merge, compile, bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from taste.spoken_lm import SpokenLMConfig, TasteSpokenLM  # noqa: E402
+
+SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "official_state_dict.json")
+
+
+def make(head="latent", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TasteSpokenLM(config=SpokenLMConfig.tiny(head=head, **kw)).eval()
+    with torch.no_grad():  # non-trivial adapters, bridges and codebooks (they start at zero / identity)
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "pad_" in name:
+                p.normal_(0, 0.2)
+        model.fuse_for_bridge_in_llm.weights.copy_(torch.tensor([0.3, -0.1]))
+        model.vq.embed.normal_()
+    return model
+
+
+def batch(seed=1, lengths=((0, 0, 1, 2, 2), (0, 1, 1), (0,)), q=4, k=64):
+    g = torch.Generator().manual_seed(seed)
+    word_ids = [torch.tensor(w, dtype=torch.int32) for w in lengths]
+    tokens = [torch.randint(0, 120000, (len(w),), generator=g) for w in lengths]
+    codes = [torch.randint(0, k, (int(w[-1]) + 1, q), generator=g) for w in word_ids]
+    cu = torch.tensor([0, *[len(w) for w in lengths]]).cumsum(0).to(torch.int32)
+    return tokens, word_ids, codes, cu
+
+
+def packed(tokens, word_ids, codes, cu):
+    return torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes)
+
+
+@pytest.fixture(scope="module")
+def latent():
+    return make("latent")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return make("classifier")
+
+
+def test_llama_3_2_1b_names_shapes_and_lora_count():
+    with torch.device("meta"):
+        model = TasteSpokenLM(config=SpokenLMConfig.llama_3_2_1b())
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora == 45_088_768  # the paper's "45M": 16 x 64 x [2(2048+2048) + 2(2048+512) + 3(2048+8192)]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or not n.startswith("language_model.") for n in trainable)
+    assert "fuse_for_bridge_in_llm.linear.weight" in trainable and "extract_for_bridge_out_llm.fc_mu.weight" in trainable
+    if not os.path.isfile(SPEC):
+        pytest.skip("the spec's official_state_dict.json is not next to this checkout")
+    with open(SPEC) as f:
+        keys = json.load(f)["keys"]
+    official = {k[len("spoken_lm.") :]: shape for k, shape, _ in keys if k.startswith("spoken_lm.")}
+    ours = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("vq.")}
+    assert ours == official
+
+
+def test_packed_equals_each_utterance_alone(latent):
+    tokens, word_ids, codes, cu = batch()
+    with torch.no_grad():
+        h, _ = latent.hidden_states(*packed(tokens, word_ids, codes, cu))
+        alone = [
+            latent.hidden_states(t, torch.tensor([0, len(t)], dtype=torch.int32), w, c)[0]
+            for t, w, c in zip(tokens, word_ids, codes)
+        ]
+    torch.testing.assert_close(h, torch.cat(alone), atol=1e-5, rtol=1.3e-6)
+
+
+def spec_rows(model, t, w, c):
+    """Spec 2.4's table for one utterance, built position by position: inputs (L+2, hidden), text labels at
+    positions < L, TASTE labels {position: word}."""
+    emb = model.decoder.embed_tokens
+    audio_of = model.word_audio(c)
+    pad_a, pad_t = model.pad_audio_unit_embed, model.pad_text_unit_embed
+    length, words = len(t), int(w[-1]) + 1
+    rows = [emb(torch.tensor(model.config.bos_id))]
+    for j in range(length + 1):
+        text = emb(t[j]) if j < length else pad_t
+        word = int(w[j]) if j < length else words
+        audio = audio_of[word - 1] if word >= 1 else pad_a
+        rows.append(model.fuse(text[None], audio[None])[0])
+    labels = {}
+    for i in range(1, length):
+        if w[i] != w[i - 1]:
+            labels[i] = int(w[i]) - 1
+    labels[length] = words - 1
+    return torch.stack(rows), labels
+
+
+@pytest.mark.parametrize("head", ["classifier", "latent"])
+def test_losses_match_an_independent_build_of_the_spec_layout(head, latent, classifier):
+    model = latent if head == "latent" else classifier
+    tokens, word_ids, codes, cu = batch(seed=3)
+    torch.manual_seed(11)
+    out = model(*packed(tokens, word_ids, codes, cu))
+    text_logits, text_targets, code_h, code_targets = [], [], [], []
+    for t, w, c in zip(tokens, word_ids, codes):
+        x, labels = spec_rows(model, t, w, c)
+        h = model.causal_lm.model(inputs_embeds=x[None]).last_hidden_state[0]  # one utterance, plain causal
+        text_logits.append(model.lm_head(h[: len(t)]))
+        text_targets.append(t)
+        for pos, word in sorted(labels.items(), key=lambda kv: kv[1]):
+            code_h.append(h[pos])
+            code_targets.append(c[word])
+    ce = F.cross_entropy(torch.cat(text_logits).float(), torch.cat(text_targets))
+    torch.testing.assert_close(out.text_loss, ce, atol=1e-5, rtol=1e-5)
+    h, y_codes = torch.stack(code_h), torch.stack(code_targets)
+    if head == "classifier":
+        logits = model.extract_for_bridge_out_llm(h)
+        ref = F.cross_entropy(logits.flatten(0, 1), y_codes.flatten())
+    else:
+        mu, logvar = model.extract_for_bridge_out_llm(h)
+        torch.manual_seed(11)
+        eps = torch.randn_like(mu)
+        sigma = (0.5 * logvar).exp()
+        y = model.vq.get_code_from_indices(y_codes)
+        reg = F.mse_loss(mu + sigma * eps, y)
+        kl = 0.5 * (sigma**2 + (mu - y) ** 2 - 1 - logvar).mean()
+        ref = 0.5 * reg + 0.5 * kl
+    torch.testing.assert_close(out.taste_loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, 0.5 * ce + 0.5 * ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_only_the_trainable_parts(latent):
+    tokens, word_ids, codes, cu = batch()
+    latent.train()
+    try:
+        latent.zero_grad()
+        latent(*packed(tokens, word_ids, codes, cu)).loss.backward()
+    finally:
+        latent.eval()
+    grads = {n for n, p in latent.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("lora_A" in n for n in grads) and "fuse_for_bridge_in_llm.linear.weight" in grads
+    assert "pad_audio_unit_embed" in grads and "extract_for_bridge_out_llm.b_logvar" in grads
+    assert not any("base_layer" in n or "embed_tokens" in n for n in grads)
+    assert latent.vq.embed.grad is None
+
+
+def test_text_kl_against_the_adapter_free_reference():
+    model = make("latent", text_kl_weight=0.9)
+    tokens, word_ids, codes, cu = batch()
+    out = model(torch.cat(tokens), cu, torch.cat(word_ids), None)  # text only: no TASTE loss
+    assert out.taste_loss == 0
+    kls, ces = [], []
+    with torch.no_grad():
+        for t, w in zip(tokens, word_ids):
+            x, _ = spec_rows(model, t, w, torch.zeros(int(w[-1]) + 1, 4, dtype=torch.long))
+            x = torch.cat([x[:1], model.fuse(x[1:] * 0 + model.decoder.embed_tokens(torch.cat([t, t[:1]])),
+                                              model.pad_audio_unit_embed.expand(len(t) + 1, -1))])  # pad audio
+            x[-1] = model.fuse(model.pad_text_unit_embed[None], model.pad_audio_unit_embed[None])[0]
+            logp = model.lm_head(model.causal_lm.model(inputs_embeds=x[None]).last_hidden_state[0, : len(t)])
+            logp = logp.float().log_softmax(-1)
+            with model.language_model.disable_adapter():
+                ids = torch.cat([torch.tensor([model.config.bos_id]), t])
+                ref = model.lm_head(model.causal_lm.model(input_ids=ids[None]).last_hidden_state[0, : len(t)])
+            ref = ref.float().log_softmax(-1)
+            kls.append((ref.exp() * (ref - logp)).sum(-1))
+            ces.append(-logp.gather(1, t[:, None])[:, 0])
+    kl, ce = torch.cat(kls).mean(), torch.cat(ces).mean()
+    torch.testing.assert_close(out.text_loss, 0.9 * kl + 0.1 * ce, atol=1e-5, rtol=1e-5)
+
+
+def test_official_latent_quirk_and_code_prediction(latent):
+    h = torch.randn(5, latent.causal_lm.config.hidden_size)
+    with torch.no_grad():
+        latent.extract_for_bridge_out_llm.b_logvar.fill_(0.5)
+        z, mu = latent.latent(h)
+        torch.testing.assert_close(z, mu)
+        official = TasteSpokenLM.__new__(TasteSpokenLM)
+        official.__dict__.update(latent.__dict__)
+        official.config = SpokenLMConfig.tiny(official_latent=True)
+        z2, _ = official.latent(h)
+        torch.testing.assert_close(z2, mu + torch.exp(torch.tensor(0.25)))
+        codes = latent.predict_codes(h)
+        assert torch.equal(codes, latent.vq.get_indices_from_code(mu))
+        latent.extract_for_bridge_out_llm.b_logvar.zero_()
+
+
+def test_save_load_full_and_adapter_only(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = make("classifier")
+    model.save_pretrained(str(tmp_path / "full"))
+    again = TasteSpokenLM.from_pretrained(str(tmp_path / "full"))
+    tokens, word_ids, codes, cu = batch()
+    args = packed(tokens, word_ids, codes, cu)
+    with torch.no_grad():
+        torch.testing.assert_close(again.hidden_states(*args)[0], model.hidden_states(*args)[0])
+    # a backbone from a directory: only adapters, bridges, heads and the RVQ are written
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SpokenLMConfig.tiny().backbone)).save_pretrained(str(tmp_path / "llama"))
+    model = make("latent", backbone_path=str(tmp_path / "llama"))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter" / "model.safetensors"))
+    assert not any("base_layer" in k or "embed_tokens" in k for k in saved)
+    assert any("lora_A" in k for k in saved) and "vq.embed" in saved
+    again = TasteSpokenLM.from_pretrained(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(again.hidden_states(*args)[0], model.hidden_states(*args)[0])
+
+
+def test_merge_lora_keeps_the_function(latent):
+    model = make("latent", seed=4)
+    tokens, word_ids, codes, cu = batch()
+    args = packed(tokens, word_ids, codes, cu)
+    with torch.no_grad():
+        before = model.hidden_states(*args)[0]
+        model.merge_lora()
+        after = model.hidden_states(*args)[0]
+    assert model.config.lora_r == 0 and not any("lora_" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph(classifier):
+    tokens, word_ids, codes, cu = batch()
+    args = packed(tokens, word_ids, codes, cu)
+    ref = classifier(*args)
+    out = torch.compile(classifier, fullgraph=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(out.loss, ref.loss)
+
+
+def test_bad_input(classifier):
+    tokens, word_ids, codes, cu = batch()
+    t, c, w, k = packed(tokens, word_ids, codes, cu)
+    with pytest.raises(ValueError, match="tokens must be"):
+        classifier(t.int(), c, w, k)
+    with pytest.raises(ValueError, match="cu_seqlens must be"):
+        classifier(t, c.long(), w, k)
+    with pytest.raises(ValueError, match="codes has 5 rows but the batch has 6 words"):
+        classifier(t, c, w, k[:5])
+    with pytest.raises(ValueError, match="at least one token"):
+        classifier(t, torch.tensor([0, 5, 5, 9], dtype=torch.int32), w, k)
+    with pytest.raises(ValueError, match="codes must be"):
+        classifier(t, c, w, k[:, :2])
+    with pytest.raises(ValueError, match="head must be one of"):
+        SpokenLMConfig.tiny(head="mlp")
+    with pytest.raises(ValueError, match="needs LoRA"):
+        SpokenLMConfig.tiny(lora_r=0, text_kl_weight=0.5)
+    with pytest.raises(FileNotFoundError, match="backbone_path"):
+        TasteSpokenLM(config=SpokenLMConfig.tiny(backbone_path="/nonexistent/llama"))
