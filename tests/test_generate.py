@@ -1,0 +1,147 @@
+"""Batched KV-cached TASLM generation (spec 2.7): cache == full re-run, batch == one by one, the state machine
+agrees with the training layout, stop rules, sampler tables, sampling, compile."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from taste.generate import GenerationConfig, sampler_tables, top_p_filter  # noqa: E402
+from taste.text import llama3_encoding  # noqa: E402
+
+from test_spoken_lm import batch, make  # noqa: E402
+
+GREEDY = GenerationConfig(extra_words=3, text_top_p=0.0, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module", params=["latent", "classifier"])
+def model(request):
+    return make(request.param, seed=2)
+
+
+def prompt(seed=1):
+    tokens, word_ids, codes, cu = batch(seed=seed)
+    return tokens, word_ids, codes, cu
+
+
+def test_sampler_tables_follow_the_spec():
+    enc = llama3_encoding()
+    t = sampler_tables("llama3")
+    assert t.word_start.numel() == enc.n_vocab == 128256
+    (hello,) = enc.encode_ordinary(" Hello")
+    (bare,) = enc.encode_ordinary("Hello")
+    (dot,) = enc.encode_ordinary(".")
+    (bang,) = enc.encode_ordinary("!")
+    (newline,) = enc.encode_ordinary("\n")
+    assert t.word_start[hello] and not t.word_start[bare] and t.word_start[128000]
+    assert not t.ban[hello] and not t.ban[dot] and t.ban[bang] and t.ban[newline] and t.ban[128001]
+    assert t.sentence_end[dot] and t.sentence_end[enc.encode_ordinary("...")[0]] and not t.sentence_end[hello]
+    assert sampler_tables("llama3") is t  # built once per tokenizer
+    bigger = sampler_tables("llama3", 128300)
+    assert bigger.ban[128256:].all()
+
+
+def test_top_p_filter_keeps_the_smallest_head():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]]))
+    out = top_p_filter(logits, 0.7)
+    # cumulative 0.5, 0.8 (> 0.7: dropped), ...; the top-1 always stays
+    assert torch.isfinite(out[0]).tolist() == [True, False, False, False]
+    assert torch.isfinite(out[1]).tolist() == [True, False, False, False]
+    out = top_p_filter(logits, 0.85)
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
+
+
+def test_greedy_with_cache_equals_full_rerun(model):
+    tokens, word_ids, codes, cu = prompt()
+    args = (torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes))
+    a = model.generate(*args, config=GREEDY)
+    b = model.generate(*args, config=GREEDY, use_cache=False)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes)
+    assert torch.equal(a.word_start, b.word_start) and torch.equal(a.num_words, b.num_words)
+    assert (a.num_words > 0).all()
+
+
+def test_batch_equals_one_by_one(model):
+    tokens, word_ids, codes, cu = prompt()
+    out = model.generate(torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes), config=GREEDY)
+    for i, (t, w, c) in enumerate(zip(tokens, word_ids, codes)):
+        one = model.generate(t, torch.tensor([0, len(t)], dtype=torch.int32), w, c, config=GREEDY)
+        n = one.tokens.shape[1]
+        assert torch.equal(one.tokens[0], out.tokens[i, :n]) and (out.tokens[i, n:] == -1).all()
+        assert torch.equal(one.codes[0], out.codes[i]) and one.num_words[0] == out.num_words[i]
+
+
+def test_generation_agrees_with_the_training_layout(model):
+    """Teacher forcing the prompt + generated words through the training layout reproduces every greedy choice:
+    each text token is the (ban-masked) argmax at its row, each code row the prediction at its word's row."""
+    tokens, word_ids, codes, cu = prompt(seed=5)
+    t, w, c = tokens[0], word_ids[0], codes[0]
+    out = model.generate(t, torch.tensor([0, len(t)], dtype=torch.int32), w, c, config=GREEDY)
+    gen = out.tokens[0][out.tokens[0] >= 0]
+    starts = out.word_start[0][: gen.numel()]
+    gen_words = int(w[-1]) + 1 + torch.cumsum(starts.long(), 0) - 1
+    full_t, full_w = torch.cat([t, gen]), torch.cat([w, gen_words.int()])
+    full_c = torch.cat([c, out.codes[0, : int(out.num_words[0])]])
+    with torch.no_grad():
+        h, layout = model.hidden_states(full_t, torch.tensor([0, len(full_t)], dtype=torch.int32), full_w, full_c)
+        tables = sampler_tables("llama3")
+        logits = model.lm_head(h[len(t) : len(full_t)]).float().masked_fill(tables.ban, float("-inf"))
+        logits[0] = logits[0].masked_fill(~tables.word_start, float("-inf"))
+        assert torch.equal(logits.argmax(-1), gen)
+        rows = torch.argsort(torch.where(layout.label_word >= 0, layout.label_word, 10**6), stable=True)
+        rows = rows[c.shape[0] : full_c.shape[0]]  # the rows that predict the generated words' codes
+        assert torch.equal(model.predict_codes(h[rows]), full_c[c.shape[0] :])
+
+
+def test_stop_rules_and_text_prompt():
+    model = make("latent", seed=2)
+    tables = sampler_tables("llama3")
+    with torch.no_grad():  # make "." the greedy choice after the first word: generation stops at extra_words
+        (dot,) = llama3_encoding().encode_ordinary(".")
+        head = model.lm_head.weight if not hasattr(model.lm_head, "base_layer") else model.lm_head.base_layer.weight
+        head[dot] += 50 * model.causal_lm.model.norm.weight.sign()
+    out = model.generate(num_sequences=2, config=GenerationConfig(extra_words=1, text_top_p=0.0))
+    for b in range(2):
+        toks = out.tokens[b][out.tokens[b] >= 0]
+        assert tables.word_start[toks[0]]  # the first generated token is forced to start a word
+        assert toks[-1] == dot and out.num_words[b] == 1 and (out.codes[b, 0] >= 0).all()
+    # the hard limit: 3 x extra_words words when no sentence end comes
+    model = make("latent", seed=3)
+    out = model.generate(num_sequences=1, config=GenerationConfig(extra_words=2, text_top_p=0.0, max_new_tokens=400))
+    assert out.num_words[0] <= 6
+    assert ((out.codes[0] >= 0).all(-1).sum()) == out.num_words[0]
+    # a text prompt (no codes) continues too
+    tokens, word_ids, _, cu = prompt()
+    out = model.generate(torch.cat(tokens), cu, torch.cat(word_ids), None, config=GREEDY)
+    assert (out.num_words > 0).all()
+
+
+def test_sampling_is_seeded_and_respects_the_ban():
+    model = make("classifier", seed=2)
+    cfg = GenerationConfig(extra_words=3, text_top_p=0.9, text_temperature=1.5, taste_top_p=0.9, max_new_tokens=16)
+    a = model.generate(num_sequences=3, config=cfg, generator=torch.Generator().manual_seed(7))
+    b = model.generate(num_sequences=3, config=cfg, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes)
+    kept = a.tokens[a.tokens >= 0]
+    assert not sampler_tables("llama3").ban[kept].any()
+    assert not torch.equal(a.tokens[0], a.tokens[1])
+
+
+def test_compiled_step_matches_eager():
+    model = make("latent", seed=2)
+    tokens, word_ids, codes, cu = prompt()
+    args = (torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes))
+    cfg = GenerationConfig(extra_words=2, text_top_p=0.0, max_new_tokens=8)
+    a = model.generate(*args, config=cfg)
+    b = model.generate(*args, config=cfg, compile=True)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes)
+
+
+def test_bad_generation_input(model):
+    with pytest.raises(ValueError, match="num_sequences"):
+        model.generate(config=GREEDY)
+    with pytest.raises(ValueError, match="extra_words"):
+        GenerationConfig(extra_words=0)
+    with pytest.raises(ValueError, match="text_temperature"):
+        GenerationConfig(text_temperature=0.0)
