@@ -120,6 +120,87 @@ def cmd_resynthesize(args) -> None:
     print(f"{codes.shape[0]} words, codes {codes.tolist()} -> {args.output} ({wave.numel() / 16000:.2f} s)")
 
 
+def cmd_train_lm(args) -> None:
+    from taste.train_lm import LMTrainConfig, train_lm
+
+    cfg = LMTrainConfig.from_json(args.config, **({"out_dir": args.out_dir} if args.out_dir else {}))
+    train_lm(cfg, stop_after=args.stop_after, progress=not args.quiet)
+    print(f"spoken LM: {cfg.out_dir}")
+
+
+def _generation_config(args):
+    from taste.generate import GenerationConfig
+
+    top_p = 0.0 if args.greedy else args.top_p
+    return GenerationConfig(extra_words=args.extra_words, text_top_p=top_p, text_temperature=args.temperature,
+                            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)  # fmt: skip
+
+
+def _load_lm(path: str, device: str):
+    import os
+
+    from taste.spoken_lm import TasteSpokenLM
+
+    final = os.path.join(path, "final")
+    return TasteSpokenLM.from_pretrained(final if os.path.isdir(final) else path, device=device).eval()
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from taste.continuation import generated_words, prompt_batch
+
+    device = _device(args.device)
+    lm = _load_lm(args.model, device)
+    config = _generation_config(args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    t = time.perf_counter()
+    if args.prompt:
+        words = [p.split() for p in args.prompt]
+        if any(not w for w in words):
+            raise ValueError("every --prompt needs at least one word")
+        tokens, cu, word_ids = prompt_batch(words, lm.config.llm_tokenizer)
+        out = lm.generate(tokens, cu, word_ids, None, config=config, generator=generator)
+    else:
+        words = [[] for _ in range(args.num)]
+        out = lm.generate(num_sequences=args.num, config=config, generator=generator)
+    elapsed = time.perf_counter() - t
+    rows = generated_words(lm, out)
+    with open(args.output, "w") as f:
+        for prompt, (new, codes) in zip(words, rows):
+            f.write(json.dumps({"prompt": " ".join(prompt), "words": new, "codes": codes.tolist()}) + "\n")
+    n = sum(len(new) for new, _ in rows)
+    print(f"{len(rows)} sequences, {n} words in {elapsed:.2f} s on {device} -> {args.output}")
+
+
+def cmd_continue(args) -> None:
+    from safetensors.torch import load_file
+
+    from taste.continuation import continue_speech
+    from taste.corpus import read_wav, write_wav
+    from taste.train import Stage1Model
+
+    lm = _load_lm(args.lm, "cpu")
+    stage1 = Stage1Model.from_pretrained(args.tokenizer_model).eval()
+    audio, rate = read_wav(args.wav)
+    centroids = load_file(args.centroids)["centroids"]
+    result = continue_speech(lm, stage1, audio, args.text, centroids, sample_rate=rate, config=_generation_config(args),
+                             seed=args.seed, only_new=args.only_new)  # fmt: skip
+    write_wav(args.output, result["wave"])
+    print(f"prompt: {' '.join(result['prompt_words'])}\ncontinuation: {' '.join(result['new_words'])}\n"
+          f"{result['units'].numel()} units -> {args.output} ({result['wave'].numel() / 16000:.2f} s)")  # fmt: skip
+
+
+def _add_sampling(p) -> None:
+    p.add_argument("--extra-words", type=int, default=8, help="words to generate before a sentence end may stop")
+    p.add_argument("--top-p", type=float, default=0.3)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--greedy", action="store_true", help="greedy text (top-p 0)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="taste", description="TASTE speech tokenization tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,6 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=cmd_resynthesize)
+
+    lt = sub.add_parser("train-lm", help="train the spoken LM (TASLM) on `taste encode` codes from a JSON config")
+    lt.add_argument("config", help="JSON with the fields of taste.train_lm.LMTrainConfig")
+    lt.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    lt.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    lt.add_argument("--quiet", action="store_true")
+    lt.set_defaults(func=cmd_train_lm)
+
+    g = sub.add_parser("generate", help="text + TASTE codes from the spoken LM (zero or text prompts), batched")
+    g.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")
+    g.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
+    g.add_argument("--num", type=int, default=4, help="sequences to generate without --prompt")
+    g.add_argument("-o", "--output", required=True, help="JSONL: prompt, words, codes (W x Q)")
+    g.add_argument("--device", default=None)
+    _add_sampling(g)
+    g.set_defaults(func=cmd_generate)
+
+    k = sub.add_parser("continue", help="speech continuation: wav + transcript -> TASLM -> unit decoder -> wav")
+    k.add_argument("wav")
+    k.add_argument("--text", required=True, help="the prompt's transcript")
+    k.add_argument("--lm", required=True, help="a train-lm out_dir")
+    k.add_argument("--tokenizer-model", required=True, help="the stage 1-3 train-tokenizer out_dir")
+    k.add_argument("--centroids", required=True, help="the unit_centroids.safetensors of `taste units`")
+    k.add_argument("--only-new", action="store_true", help="synthesise only the generated words")
+    k.add_argument("-o", "--output", required=True)
+    _add_sampling(k)
+    k.set_defaults(func=cmd_continue)
     return p
 
 

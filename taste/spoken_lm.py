@@ -450,7 +450,8 @@ class TasteSpokenLM(nn.Module):
     def from_tokenizer(cls, tokenizer, config: SpokenLMConfig | None = None, **overrides) -> TasteSpokenLM:
         """A TASLM whose RVQ is ``tokenizer``'s (a :class:`taste.TasteTokenizer`); shapes taken from it."""
         vq = tokenizer.quantizer
-        dims = dict(taste_dim=tokenizer.config.quantizer.dim, codebook_dim=vq.codebook_dim,
+        out = vq.project_out
+        dims = dict(taste_dim=out.out_features if isinstance(out, nn.Linear) else vq.codebook_dim, codebook_dim=vq.codebook_dim,
                     num_quantizers=vq.num_quantizers, codebook_size=vq.codebook_size)  # fmt: skip
         config = dataclasses.replace(config or SpokenLMConfig(), **dims, **overrides)
         model = cls(config=config)

@@ -1,0 +1,137 @@
+"""TASLM training (spec 2.6, 3.1 stage 2): the spoken LM learns text and TASTE codes together from the per-word
+codes of a trained tokenizer (``taste encode`` output), through the loop of :mod:`taste.trainer` (checkpoints and
+exact resume, accumulation, bf16 on CUDA, torchrun DDP). Only the trainable weights (LoRA, bridges, heads) and the
+RVQ are saved when the backbone comes from ``backbone_path``; :meth:`taste.TasteSpokenLM.merge_lora` folds the
+adapters in for deployment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from taste.spoken_lm import SpokenLMConfig, TasteSpokenLM
+from taste.text import WordTokenizer
+from taste.trainer import LoopConfig, fit, setup_distributed
+
+PRESETS = ("tiny", "llama_3_2_1b")
+
+
+@dataclass(kw_only=True)
+class LMTrainConfig(LoopConfig):
+    """A TASLM run (the loop options of :class:`taste.trainer.LoopConfig` plus these)."""
+
+    codes: str  # `taste encode` JSONL: one row per utterance with "words" and "codes" (W x Q)
+    tokenizer: str  # the TasteTokenizer directory that produced the codes (its RVQ becomes the LM's)
+    init_from: str | None = None  # a previous train-lm out_dir (its final/) or a TasteSpokenLM directory
+    preset: str = "tiny"  # SpokenLMConfig preset when not init_from
+    model: dict = field(default_factory=dict)  # SpokenLMConfig overrides, e.g. {"lora_r": 0, "head": "classifier"}
+    lr: float = 5e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+
+
+class CodeCorpus:
+    """Utterances of a ``taste encode`` JSONL as Llama tokens, word ids and per-word codes, and packed batches."""
+
+    def __init__(self, path: str, llm_tokenizer: str = "llama3", num_quantizers: int | None = None):
+        tok = WordTokenizer(llm_tokenizer)
+        self.tokens, self.word_ids, self.codes, self.words = [], [], [], []
+        with open(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                words, codes = row.get("words"), torch.tensor(row.get("codes", []), dtype=torch.long)
+                if not words or codes.dim() != 2 or codes.shape[0] != len(words):
+                    raise ValueError(f"{path}:{line_no}: needs 'words' and one 'codes' row per word")
+                if num_quantizers is not None and codes.shape[1] != num_quantizers:
+                    msg = f"{path}:{line_no}: codes have {codes.shape[1]} layers, the model has {num_quantizers}"
+                    raise ValueError(msg)
+                ids = [tok.word(w) for w in words]
+                self.tokens.append(torch.tensor([i for w in ids for i in w], dtype=torch.long))
+                self.word_ids.append(torch.tensor([k for k, w in enumerate(ids) for _ in w], dtype=torch.int32))
+                self.codes.append(codes)
+                self.words.append(words)
+        if not self.tokens:
+            raise ValueError(f"{path} holds no utterances")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, indices: list[int], device) -> dict:
+        lengths = torch.tensor([self.tokens[i].numel() for i in indices])
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+        return {
+            "tokens": torch.cat([self.tokens[i] for i in indices]).to(device),
+            "cu_seqlens": cu.to(device),
+            "word_ids": torch.cat([self.word_ids[i] for i in indices]).to(device),
+            "codes": torch.cat([self.codes[i] for i in indices]).to(device),
+        }
+
+
+def build_model(cfg: LMTrainConfig) -> TasteSpokenLM:
+    if cfg.init_from:
+        final = os.path.join(cfg.init_from, "final")
+        return TasteSpokenLM.from_pretrained(final if os.path.isdir(final) else cfg.init_from)
+    from taste.tokenizer import TasteTokenizer
+
+    tokenizer = TasteTokenizer.from_pretrained(cfg.tokenizer)
+    base = getattr(SpokenLMConfig, cfg.preset)(**cfg.model)
+    return TasteSpokenLM.from_tokenizer(tokenizer, base)
+
+
+@torch.no_grad()
+def evaluate_lm(model: TasteSpokenLM, corpus: CodeCorpus, indices: list[int], batch_size: int = 16) -> dict:
+    """Teacher-forced metrics on ``indices`` (spec 2.6): text loss and accuracy, per-layer code accuracy and the
+    MSE between predicted and target code sums, averaged over utterance batches weighted by their size."""
+    was = model.training
+    model.eval()
+    device = model.pad_text_unit_embed.device
+    sums, n = {}, 0
+    try:
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            out = model(**corpus.batch(idx, device))
+            values = {"text_loss": out.text_loss, "text_accuracy": out.text_accuracy, "taste_mse": out.taste_mse}
+            values.update({f"code_accuracy_{q}": a for q, a in enumerate(out.code_accuracy)})
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+            n += len(idx)
+    finally:
+        model.train(was)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def train_lm(cfg: LMTrainConfig, *, stop_after: int | None = None, progress: bool = True) -> TasteSpokenLM:
+    """Runs (or resumes) a TASLM run; at the end writes ``final/`` and ``final/eval.json`` (held-out rows)."""
+    _, rank, _, device = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(cfg)
+    corpus = CodeCorpus(cfg.codes, model.config.llm_tokenizer, model.config.num_quantizers)
+    if len(corpus) <= cfg.eval_size:
+        raise ValueError(f"{cfg.codes} has {len(corpus)} rows, not more than eval_size={cfg.eval_size}")
+    model.to(device).train()
+
+    def compute(module, batch):
+        return module(**batch).loss, int(batch["tokens"].numel())
+
+    train_idx = list(range(len(corpus) - cfg.eval_size))
+    fit(cfg, model, lengths=[t.numel() for t in corpus.tokens], train_idx=train_idx,
+        make_batch=lambda idx: corpus.batch(idx, device), compute=compute, reload=TasteSpokenLM.from_pretrained,
+        stop_after=stop_after, progress=progress, count_name="tokens")  # fmt: skip
+    final = os.path.join(cfg.out_dir, "final")
+    if rank == 0 and os.path.isdir(final) and cfg.eval_size:
+        metrics = evaluate_lm(model, corpus, list(range(len(corpus) - cfg.eval_size, len(corpus))), cfg.batch_size)
+        with open(os.path.join(final, "eval.json"), "w") as f:
+            json.dump({**metrics, "config": dataclasses.asdict(cfg)}, f, indent=2)
+    return model

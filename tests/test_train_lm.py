@@ -1,0 +1,106 @@
+"""`taste train-lm` (exact resume, held-out metrics), `taste generate` and `taste continue` on tiny models."""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from taste.cli import main  # noqa: E402
+from taste.corpus import SENTENCES, write_wav  # noqa: E402
+from taste.spoken_lm import SpokenLMConfig, TasteSpokenLM  # noqa: E402
+from taste.tokenizer import TasteConfig, TasteTokenizer  # noqa: E402
+from taste.train_lm import CodeCorpus, LMTrainConfig, train_lm  # noqa: E402
+from taste.trainer import state_digest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    tok = TasteTokenizer(config=TasteConfig.tiny())
+    with torch.no_grad():
+        tok.quantizer.embed.normal_()
+        tok.quantizer.initted.fill_(1)
+    tok.save_pretrained(str(root / "tokenizer"))
+    g = torch.Generator().manual_seed(0)
+    q, k = tok.quantizer.num_quantizers, tok.quantizer.codebook_size
+    with open(root / "codes.jsonl", "w") as f:
+        for i in range(20):
+            words = SENTENCES[i % len(SENTENCES)].split()[:6]
+            codes = torch.randint(0, k, (len(words), q), generator=g).tolist()
+            f.write(json.dumps({"id": f"u{i}", "words": words, "codes": codes}) + "\n")
+    return root
+
+
+def config(data, out, **kw):
+    base = dict(codes=str(data / "codes.jsonl"), tokenizer=str(data / "tokenizer"), out_dir=str(out), steps=4,
+                batch_size=4, save_every=2, log_every=1, eval_size=4, warmup=1, lr=1e-2)  # fmt: skip
+    return LMTrainConfig(**{**base, **kw})
+
+
+def test_corpus_tokenises_words_like_training(data):
+    corpus = CodeCorpus(str(data / "codes.jsonl"))
+    b = corpus.batch([0, 1], "cpu")
+    assert b["cu_seqlens"].dtype == torch.int32 and b["cu_seqlens"][-1] == b["tokens"].numel()
+    words = int(b["word_ids"][b["cu_seqlens"][1] - 1]) + 1 + int(b["word_ids"][-1]) + 1
+    assert b["codes"].shape[0] == words
+
+
+def test_resume_reaches_the_same_weights(data, tmp_path):
+    straight = train_lm(config(data, tmp_path / "a"), progress=False)
+    train_lm(config(data, tmp_path / "b"), stop_after=3, progress=False)  # interrupted after step 3
+    assert os.path.isdir(tmp_path / "b" / "checkpoint-2") and not os.path.isdir(tmp_path / "b" / "final")
+    resumed = train_lm(config(data, tmp_path / "b"), progress=False)  # resumes at 2, step 3 is redone
+    assert state_digest(resumed) == state_digest(straight)
+    metrics = json.load(open(tmp_path / "a" / "final" / "eval.json"))
+    assert 0 <= metrics["text_accuracy"] <= 1 and "code_accuracy_3" in metrics
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("tokens_per_s" in r for r in log)
+    again = TasteSpokenLM.from_pretrained(str(tmp_path / "a" / "final"))
+    assert state_digest(again) == state_digest(straight)
+
+
+def test_cli_train_generate_and_bad_config(data, tmp_path):
+    cfg = tmp_path / "lm.json"
+    cfg.write_text(json.dumps({**json.loads(json.dumps(config(data, tmp_path / "run").__dict__)), "steps": 2}))
+    assert main(["train-lm", str(cfg), "--quiet"]) == 0
+    out = tmp_path / "gen.jsonl"
+    args = ["generate", str(tmp_path / "run"), "--greedy", "--extra-words", "2", "--max-new-tokens", "12", "-o"]
+    assert main([*args, str(out), "--prompt", "the cat sat", "--prompt", "a dog"]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["prompt"] for r in rows] == ["the cat sat", "a dog"]
+    assert all(len(r["codes"]) == len(r["words"]) >= 1 for r in rows)
+    assert main([*args, str(out), "--num", "3"]) == 0
+    assert len(open(out).readlines()) == 3
+    cfg.write_text(json.dumps({"codes": "x", "tokenizer": "y", "out_dir": "z", "learning_rate": 1}))
+    assert main(["train-lm", str(cfg)]) == 1
+    with pytest.raises(ValueError, match="preset must be one of"):
+        config(data, tmp_path / "c", preset="huge")
+
+
+def test_continue_end_to_end(data, tmp_path):
+    from safetensors.torch import save_file
+
+    from taste.train import Stage1Model
+
+    torch.manual_seed(0)
+    stage1 = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None)
+    with torch.no_grad():
+        stage1.tokenizer.quantizer.embed.normal_()
+        stage1.tokenizer.quantizer.initted.fill_(1)
+    stage1.save_pretrained(str(tmp_path / "stage1"))
+    lm = TasteSpokenLM.from_tokenizer(stage1.tokenizer, SpokenLMConfig.tiny())
+    lm.save_pretrained(str(tmp_path / "lm"))
+    save_file({"centroids": torch.randn(16, 80)}, str(tmp_path / "centroids.safetensors"))
+    t = torch.arange(16000) / 16000
+    write_wav(str(tmp_path / "prompt.wav"), 0.3 * torch.sin(2 * torch.pi * 220 * t))
+    out = tmp_path / "cont.wav"
+    argv = ["continue", str(tmp_path / "prompt.wav"), "--text", "hello there", "--lm", str(tmp_path / "lm"),
+            "--tokenizer-model", str(tmp_path / "stage1"), "--centroids", str(tmp_path / "centroids.safetensors"),
+            "--greedy", "--extra-words", "1", "--max-new-tokens", "6", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert out.stat().st_size > 1000
