@@ -239,3 +239,49 @@ def official_tokenizer_codes(model, waveforms, texts, encode_word, encoder=None)
     """
     h_key, h_val = (encoder or model.encoder)(official_frontend(model, waveforms))
     return official_codes_from_states(model, h_key, h_val, texts, encode_word)
+
+
+@torch.no_grad()
+def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_new_tokens: int):
+    """The official TASLM generation algorithm (spec 2.7, 2.8) on the same weights, greedy, batch 1: the sampler
+    tables rebuilt per call, the whole sequence re-run through the backbone at every step without a cache, lm_head
+    and the code head + RVQ search on every position, the ban mask written into the full logits, the state machine
+    in Python with a host read per step, inputs grown by concatenation. Returns (tokens, codes) of the new words."""
+    from taste import ops
+    from taste.generate import sampler_tables
+
+    if model.config.delay != 1:
+        raise ValueError("the official algorithm has delay 1")
+    tables = sampler_tables.__wrapped__(model.config.llm_tokenizer, model.causal_lm.config.vocab_size,
+                                        model.config.eos_id)  # fmt: skip
+    vocab = model.causal_lm.config.vocab_size
+    ban, word_start, sentence_end = tables.ban[:vocab], tables.word_start[:vocab], tables.sentence_end[:vocab]
+    cu = torch.tensor([0, tokens.numel()], dtype=torch.int32)
+    layout = ops.delay_layout(word_ids, cu, 1)
+    audio = model.word_audio(codes)
+    embeds = model.embed_layout(tokens, layout, audio)[: tokens.numel() + 1]  # BOS + the prompt's rows
+    cur_audio = audio[-1]  # the prompt's last word, queued for the first generated word
+    out_tokens, out_codes, words, final = [], [], 0, False
+    while True:
+        h = model.run_backbone(embeds[None], torch.arange(embeds.shape[0])[None])[0]
+        logits = model.lm_head(h).float()
+        logits[:, ban] = -100000.0
+        if not out_tokens:
+            logits[-1, ~word_start] = -100000.0
+        all_codes = model.predict_codes(h)  # every position, as the official head
+        token = int(logits[-1].argmax())
+        if final:
+            out_codes.append(all_codes[-1])
+            break
+        is_start = not out_tokens or bool(word_start[token])
+        if is_start:
+            words += 1
+            if words > 1:
+                out_codes.append(all_codes[-1])
+                cur_audio = model.word_audio(all_codes[-1:])[0]
+        out_tokens.append(token)
+        final = (words >= extra_words and bool(sentence_end[token])) or words >= 3 * extra_words
+        final = final or len(out_tokens) >= max_new_tokens
+        text = model.decoder.embed_tokens(torch.tensor([token]))
+        embeds = torch.cat([embeds, model.fuse(text, cur_audio[None])])
+    return torch.tensor(out_tokens), torch.stack(out_codes)

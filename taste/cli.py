@@ -191,6 +191,13 @@ def cmd_continue(args) -> None:
           f"{result['units'].numel()} units -> {args.output} ({result['wave'].numel() / 16000:.2f} s)")  # fmt: skip
 
 
+def cmd_merge_lora(args) -> None:
+    lm = _load_lm(args.model, "cpu")
+    lm.merge_lora().save_pretrained(args.output, full=True)
+    n = sum(p.numel() for p in lm.parameters()) / 1e6
+    print(f"merged the LoRA adapters into the backbone: {n:.1f}M parameters -> {args.output}")
+
+
 def _add_sampling(p) -> None:
     p.add_argument("--extra-words", type=int, default=8, help="words to generate before a sentence end may stop")
     p.add_argument("--top-p", type=float, default=0.3)
@@ -291,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-o", "--output", required=True)
     _add_sampling(k)
     k.set_defaults(func=cmd_continue)
+
+    m = sub.add_parser("merge-lora", help="fold a spoken LM's LoRA adapters into its backbone (full checkpoint)")
+    m.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")
+    m.add_argument("output")
+    m.set_defaults(func=cmd_merge_lora)
     return p
 
 

@@ -164,6 +164,12 @@ class ClassifierHead(nn.Module):
 
 
 def _build_backbone(config: SpokenLMConfig) -> nn.Module:
+    try:  # packed batches rely on transformers masking each sequence from restarting position ids
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "TasteSpokenLM needs transformers >= 4.53 (packed sequences) and peft: pip install 'taste-kernels[lm]'"
+        ) from e
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if config.backbone_path:
@@ -451,7 +457,8 @@ class TasteSpokenLM(nn.Module):
         """A TASLM whose RVQ is ``tokenizer``'s (a :class:`taste.TasteTokenizer`); shapes taken from it."""
         vq = tokenizer.quantizer
         out = vq.project_out
-        dims = dict(taste_dim=out.out_features if isinstance(out, nn.Linear) else vq.codebook_dim, codebook_dim=vq.codebook_dim,
+        taste_dim = out.out_features if isinstance(out, nn.Linear) else vq.codebook_dim
+        dims = dict(taste_dim=taste_dim, codebook_dim=vq.codebook_dim,
                     num_quantizers=vq.num_quantizers, codebook_size=vq.codebook_size)  # fmt: skip
         config = dataclasses.replace(config or SpokenLMConfig(), **dims, **overrides)
         model = cls(config=config)

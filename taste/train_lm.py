@@ -90,9 +90,12 @@ def build_model(cfg: LMTrainConfig) -> TasteSpokenLM:
 
 
 @torch.no_grad()
-def evaluate_lm(model: TasteSpokenLM, corpus: CodeCorpus, indices: list[int], batch_size: int = 16) -> dict:
+def evaluate_lm(model: TasteSpokenLM, corpus: CodeCorpus, indices: list[int], batch_size: int = 16,
+                train_indices: list[int] | None = None) -> dict:  # fmt: skip
     """Teacher-forced metrics on ``indices`` (spec 2.6): text loss and accuracy, per-layer code accuracy and the
-    MSE between predicted and target code sums, averaged over utterance batches weighted by their size."""
+    MSE between predicted and target code sums, averaged over utterance batches weighted by their size. With
+    ``train_indices``, also the accuracy of always answering each layer's most frequent training code
+    (``code_accuracy_majority_{q}``), the floor a model that learnt nothing about speech reaches."""
     was = model.training
     model.eval()
     device = model.pad_text_unit_embed.device
@@ -108,7 +111,14 @@ def evaluate_lm(model: TasteSpokenLM, corpus: CodeCorpus, indices: list[int], ba
             n += len(idx)
     finally:
         model.train(was)
-    return {k: v / max(n, 1) for k, v in sums.items()}
+    metrics = {k: v / max(n, 1) for k, v in sums.items()}
+    if train_indices:
+        train_codes = torch.cat([corpus.codes[i] for i in train_indices])
+        held = torch.cat([corpus.codes[i] for i in indices])
+        for q in range(train_codes.shape[1]):
+            majority = torch.bincount(train_codes[:, q].clamp(min=0)).argmax()
+            metrics[f"code_accuracy_majority_{q}"] = float((held[:, q] == majority).float().mean())
+    return metrics
 
 
 def train_lm(cfg: LMTrainConfig, *, stop_after: int | None = None, progress: bool = True) -> TasteSpokenLM:
@@ -131,7 +141,8 @@ def train_lm(cfg: LMTrainConfig, *, stop_after: int | None = None, progress: boo
         stop_after=stop_after, progress=progress, count_name="tokens")  # fmt: skip
     final = os.path.join(cfg.out_dir, "final")
     if rank == 0 and os.path.isdir(final) and cfg.eval_size:
-        metrics = evaluate_lm(model, corpus, list(range(len(corpus) - cfg.eval_size, len(corpus))), cfg.batch_size)
+        held = list(range(len(corpus) - cfg.eval_size, len(corpus)))
+        metrics = evaluate_lm(model, corpus, held, cfg.batch_size, train_indices=train_idx)
         with open(os.path.join(final, "eval.json"), "w") as f:
             json.dump({**metrics, "config": dataclasses.asdict(cfg)}, f, indent=2)
     return model

@@ -7,10 +7,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from test_spoken_lm import batch, make  # noqa: E402
+
 from taste.generate import GenerationConfig, sampler_tables, top_p_filter  # noqa: E402
 from taste.text import llama3_encoding  # noqa: E402
-
-from test_spoken_lm import batch, make  # noqa: E402
 
 GREEDY = GenerationConfig(extra_words=3, text_top_p=0.0, max_new_tokens=24)
 
@@ -145,3 +145,16 @@ def test_bad_generation_input(model):
         GenerationConfig(extra_words=0)
     with pytest.raises(ValueError, match="text_temperature"):
         GenerationConfig(text_temperature=0.0)
+
+
+def test_equals_the_official_algorithm(model):
+    """The official per-step algorithm (bench/baselines.py: full re-run, Python state machine) picks the same
+    tokens and codes as the batched cached generation, greedy, for every prompt of a batch."""
+    from baselines import official_generate
+
+    tokens, word_ids, codes, cu = prompt(seed=5)
+    out = model.generate(torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes), config=GREEDY)
+    for i, (t, w, c) in enumerate(zip(tokens, word_ids, codes)):
+        ref_tokens, ref_codes = official_generate(model, t, w, c, extra_words=3, max_new_tokens=24)
+        assert torch.equal(out.tokens[i][out.tokens[i] >= 0], ref_tokens)
+        assert torch.equal(out.codes[i, : int(out.num_words[i])], ref_codes)

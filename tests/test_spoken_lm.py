@@ -58,7 +58,9 @@ def test_llama_3_2_1b_names_shapes_and_lora_count():
     assert lora == 45_088_768  # the paper's "45M": 16 x 64 x [2(2048+2048) + 2(2048+512) + 3(2048+8192)]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or not n.startswith("language_model.") for n in trainable)
-    assert "fuse_for_bridge_in_llm.linear.weight" in trainable and "extract_for_bridge_out_llm.fc_mu.weight" in trainable
+    assert (
+        "fuse_for_bridge_in_llm.linear.weight" in trainable and "extract_for_bridge_out_llm.fc_mu.weight" in trainable
+    )
     if not os.path.isfile(SPEC):
         pytest.skip("the spec's official_state_dict.json is not next to this checkout")
     with open(SPEC) as f:
@@ -158,8 +160,15 @@ def test_text_kl_against_the_adapter_free_reference():
     with torch.no_grad():
         for t, w in zip(tokens, word_ids):
             x, _ = spec_rows(model, t, w, torch.zeros(int(w[-1]) + 1, 4, dtype=torch.long))
-            x = torch.cat([x[:1], model.fuse(x[1:] * 0 + model.decoder.embed_tokens(torch.cat([t, t[:1]])),
-                                              model.pad_audio_unit_embed.expand(len(t) + 1, -1))])  # pad audio
+            x = torch.cat(
+                [
+                    x[:1],
+                    model.fuse(
+                        x[1:] * 0 + model.decoder.embed_tokens(torch.cat([t, t[:1]])),
+                        model.pad_audio_unit_embed.expand(len(t) + 1, -1),
+                    ),
+                ]
+            )  # pad audio
             x[-1] = model.fuse(model.pad_text_unit_embed[None], model.pad_audio_unit_embed[None])[0]
             logp = model.lm_head(model.causal_lm.model(inputs_embeds=x[None]).last_hidden_state[0, : len(t)])
             logp = logp.float().log_softmax(-1)

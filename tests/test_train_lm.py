@@ -57,7 +57,7 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
     resumed = train_lm(config(data, tmp_path / "b"), progress=False)  # resumes at 2, step 3 is redone
     assert state_digest(resumed) == state_digest(straight)
     metrics = json.load(open(tmp_path / "a" / "final" / "eval.json"))
-    assert 0 <= metrics["text_accuracy"] <= 1 and "code_accuracy_3" in metrics
+    assert 0 <= metrics["text_accuracy"] <= 1 and "code_accuracy_3" in metrics and "code_accuracy_majority_3" in metrics
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all("tokens_per_s" in r for r in log)
     again = TasteSpokenLM.from_pretrained(str(tmp_path / "a" / "final"))
@@ -76,6 +76,9 @@ def test_cli_train_generate_and_bad_config(data, tmp_path):
     assert all(len(r["codes"]) == len(r["words"]) >= 1 for r in rows)
     assert main([*args, str(out), "--num", "3"]) == 0
     assert len(open(out).readlines()) == 3
+    assert main(["merge-lora", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = TasteSpokenLM.from_pretrained(str(tmp_path / "merged"))
+    assert merged.config.lora_r == 0 and not any("lora_" in n for n, _ in merged.named_parameters())
     cfg.write_text(json.dumps({"codes": "x", "tokenizer": "y", "out_dir": "z", "learning_rate": 1}))
     assert main(["train-lm", str(cfg)]) == 1
     with pytest.raises(ValueError, match="preset must be one of"):
