@@ -198,6 +198,15 @@ def cmd_merge_lora(args) -> None:
     print(f"merged the LoRA adapters into the backbone: {n:.1f}M parameters -> {args.output}")
 
 
+def _add_training(sub, name: str, help: str, config_class: str, func) -> None:
+    t = sub.add_parser(name, help=help)
+    t.add_argument("config", help=f"JSON with the fields of {config_class}")
+    t.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=func)
+
+
 def _add_sampling(p) -> None:
     p.add_argument("--extra-words", type=int, default=8, help="words to generate before a sentence end may stop")
     p.add_argument("--top-p", type=float, default=0.3)
@@ -246,12 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_encode)
 
-    t = sub.add_parser("train-tokenizer", help="stage-1 training (text / no_vq / vq) from a JSON config")
-    t.add_argument("config", help="JSON with the fields of taste.train.TrainConfig")
-    t.add_argument("--out-dir", default=None, help="override the config's out_dir")
-    t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
-    t.add_argument("--quiet", action="store_true")
-    t.set_defaults(func=cmd_train_tokenizer)
+    _add_training(sub, "train-tokenizer", "stage-1 training (text / no_vq / vq) from a JSON config",
+                  "taste.train.TrainConfig", cmd_train_tokenizer)  # fmt: skip
 
     v = sub.add_parser("eval-tokenizer", help="unit accuracy, bitrate and duration consistency on held-out rows")
     v.add_argument("model", help="a train-tokenizer out_dir (or its final/)")
@@ -272,12 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=cmd_resynthesize)
 
-    lt = sub.add_parser("train-lm", help="train the spoken LM (TASLM) on `taste encode` codes from a JSON config")
-    lt.add_argument("config", help="JSON with the fields of taste.train_lm.LMTrainConfig")
-    lt.add_argument("--out-dir", default=None, help="override the config's out_dir")
-    lt.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
-    lt.add_argument("--quiet", action="store_true")
-    lt.set_defaults(func=cmd_train_lm)
+    _add_training(sub, "train-lm", "train the spoken LM (TASLM) on `taste encode` codes from a JSON config",
+                  "taste.train_lm.LMTrainConfig", cmd_train_lm)  # fmt: skip
 
     g = sub.add_parser("generate", help="text + TASTE codes from the spoken LM (zero or text prompts), batched")
     g.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")
