@@ -5,7 +5,7 @@
 #   OUTDIR/build.log        pip install --no-build-isolation --no-deps into a temporary prefix
 #   OUTDIR/tests.log        pytest (all tests; CUDA ones run here)
 #   OUTDIR/bench.log        every benchmark's table
-#   OUTDIR/<bench>.json     every benchmark's numbers (packing, aggregator, rvq, aggregator_train)
+#   OUTDIR/bench.json       every benchmark's numbers by name (packing, aggregator, rvq, aggregator_train, generate)
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -56,6 +56,20 @@ run_bench packing bench/packing.py
 run_bench aggregator bench/aggregator.py
 run_bench rvq bench/rvq.py
 run_bench aggregator_train bench/aggregator.py --train --no-flex
+run_bench generate bench/generate.py --compile
+# One JSON for all benchmarks: the device tool brings back at most 8 files.
+"$py" - "$out" <<'PY' && rm -f "$out"/packing.json "$out"/aggregator.json "$out"/rvq.json "$out"/aggregator_train.json "$out"/generate.json
+import json, os, sys
+out = sys.argv[1]
+merged = {}
+for name in ("packing", "aggregator", "rvq", "aggregator_train", "generate"):
+    path = os.path.join(out, name + ".json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            merged[name] = json.load(f)
+with open(os.path.join(out, "bench.json"), "w") as f:
+    json.dump(merged, f, indent=1)
+PY
 step "done (tests rc=$tests_rc, status=$status)"
 grep -v '^wrote' "$out/bench.log" | tail -60
 exit $status
