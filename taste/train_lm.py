@@ -94,8 +94,9 @@ def evaluate_lm(model: TasteSpokenLM, corpus: CodeCorpus, indices: list[int], ba
                 train_indices: list[int] | None = None) -> dict:  # fmt: skip
     """Teacher-forced metrics on ``indices`` (spec 2.6): text loss and accuracy, per-layer code accuracy and the
     MSE between predicted and target code sums, averaged over utterance batches weighted by their size. With
-    ``train_indices``, also the accuracy of always answering each layer's most frequent training code
-    (``code_accuracy_majority_{q}``), the floor a model that learnt nothing about speech reaches."""
+    ``train_indices``, the floors a model that learnt nothing about speech reaches: the accuracy of always
+    answering each layer's most frequent training code (``code_accuracy_majority_{q}``) and the MSE of always
+    answering the mean training code sum (``taste_mse_mean_floor``)."""
     was = model.training
     model.eval()
     device = model.pad_text_unit_embed.device
@@ -118,6 +119,9 @@ def evaluate_lm(model: TasteSpokenLM, corpus: CodeCorpus, indices: list[int], ba
         for q in range(train_codes.shape[1]):
             majority = torch.bincount(train_codes[:, q].clamp(min=0)).argmax()
             metrics[f"code_accuracy_majority_{q}"] = float((held[:, q] == majority).float().mean())
+        vq = model.vq
+        mean = vq.get_code_from_indices(train_codes.to(vq.embed.device)).mean(0)
+        metrics["taste_mse_mean_floor"] = float((vq.get_code_from_indices(held.to(mean.device)) - mean).pow(2).mean())
     return metrics
 
 
