@@ -154,8 +154,18 @@ def cmd_generate(args) -> None:
     lm = _load_lm(args.model, device)
     config = _generation_config(args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.prompt and args.codes:
+        raise ValueError("give text prompts (--prompt) or speech prompts (--codes), not both")
     t = time.perf_counter()
-    if args.prompt:
+    if args.codes:  # speech prompts: words + TASTE codes of `taste encode` rows
+        from taste.train_lm import CodeCorpus
+
+        corpus = CodeCorpus(args.codes, lm.config.llm_tokenizer, lm.config.num_quantizers)
+        idx = list(range(min(args.num, len(corpus))))
+        b = corpus.batch(idx, device)
+        words = [corpus.words[i] for i in idx]
+        out = lm.generate(b["tokens"], b["cu_seqlens"], b["word_ids"], b["codes"], config=config, generator=generator)
+    elif args.prompt:
         words = [p.split() for p in args.prompt]
         if any(not w for w in words):
             raise ValueError("every --prompt needs at least one word")
@@ -189,6 +199,22 @@ def cmd_continue(args) -> None:
     write_wav(args.output, result["wave"])
     print(f"prompt: {' '.join(result['prompt_words'])}\ncontinuation: {' '.join(result['new_words'])}\n"
           f"{result['units'].numel()} units -> {args.output} ({result['wave'].numel() / 16000:.2f} s)")  # fmt: skip
+
+
+def cmd_eval_lm(args) -> None:
+    from taste.train_lm import CodeCorpus, evaluate_lm
+
+    lm = _load_lm(args.model, _device(args.device))
+    corpus = CodeCorpus(args.codes, lm.config.llm_tokenizer, lm.config.num_quantizers)
+    n = len(corpus)
+    if not 0 < args.eval_size < n:
+        raise ValueError(f"--eval-size must be in [1, {n - 1}] for {n} rows, got {args.eval_size}")
+    metrics = evaluate_lm(lm, corpus, list(range(n - args.eval_size, n)), args.batch_size,
+                          train_indices=list(range(n - args.eval_size)))  # fmt: skip
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
 
 
 def cmd_merge_lora(args) -> None:
@@ -280,10 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(sub, "train-lm", "train the spoken LM (TASLM) on `taste encode` codes from a JSON config",
                   "taste.train_lm.LMTrainConfig", cmd_train_lm)  # fmt: skip
 
-    g = sub.add_parser("generate", help="text + TASTE codes from the spoken LM (zero or text prompts), batched")
+    g = sub.add_parser("generate", help="text + TASTE codes from the spoken LM (zero, text or speech prompts), batched")
     g.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")
     g.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
-    g.add_argument("--num", type=int, default=4, help="sequences to generate without --prompt")
+    g.add_argument("--codes", default=None, help="speech prompts: the first --num rows of a `taste encode` JSONL")
+    g.add_argument("--num", type=int, default=4, help="sequences without --prompt (zero prompt, or --codes rows)")
     g.add_argument("-o", "--output", required=True, help="JSONL: prompt, words, codes (W x Q)")
     g.add_argument("--device", default=None)
     _add_sampling(g)
@@ -299,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-o", "--output", required=True)
     _add_sampling(k)
     k.set_defaults(func=cmd_continue)
+
+    el = sub.add_parser("eval-lm", help="teacher-forced text and code metrics of a spoken LM on held-out rows")
+    el.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")
+    el.add_argument("codes", help="the `taste encode` JSONL it was trained on (the last --eval-size rows)")
+    el.add_argument("--eval-size", type=int, default=64)
+    el.add_argument("--batch-size", type=int, default=16)
+    el.add_argument("--device", default=None)
+    el.add_argument("--json", default=None, help="also write the metrics here")
+    el.set_defaults(func=cmd_eval_lm)
 
     m = sub.add_parser("merge-lora", help="fold a spoken LM's LoRA adapters into its backbone (full checkpoint)")
     m.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")

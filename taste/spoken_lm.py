@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taste import ops
+from taste.bridge import ClassifierHead, LatentHead, WeightedSumFusion, build_backbone
 from taste.checkpoint import read_model, save_model
 from taste.rvq import ResidualVQ
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEADS = ("latent", "classifier")
 OFFICIAL_PREFIX = "spoken_lm."
 
@@ -126,67 +125,6 @@ class SpokenLMOutput:
     taste_mse: Tensor  # between the 256-d code sums of the predicted and the target codes
 
 
-class WeightedSumFusion(nn.Module):
-    """in = a_a * (W a + b) + a_t * e with (a_a, a_t) = softmax(weights) (spec 2.3)."""
-
-    def __init__(self, taste_dim: int, hidden: int, init: tuple):
-        super().__init__()
-        self.weights = nn.Parameter(torch.tensor(init, dtype=torch.float32))
-        self.linear = nn.Linear(taste_dim, hidden)
-
-    def forward(self, text: Tensor, audio: Tensor) -> Tensor:
-        alpha = self.weights.softmax(0)
-        return (alpha[0] * self.linear(audio.to(self.linear.weight.dtype)) + alpha[1] * text.float()).to(text.dtype)
-
-
-class LatentHead(nn.Module):
-    """``continue_latent_linear_last``: mu = W h + b, learned log-variance, codes by RVQ search on z."""
-
-    def __init__(self, hidden: int, codebook_dim: int):
-        super().__init__()
-        self.fc_mu = nn.Linear(hidden, codebook_dim)
-        self.b_logvar = nn.Parameter(torch.zeros(codebook_dim))
-
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return self.fc_mu(h.float()), self.b_logvar
-
-
-class ClassifierHead(nn.Module):
-    """``linear_last``: ``(R, hidden) -> (R, Q, K)`` logits."""
-
-    def __init__(self, hidden: int, num_quantizers: int, codebook_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden, num_quantizers * codebook_size)
-        self.shape = (num_quantizers, codebook_size)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.linear(h.float()).view(-1, *self.shape)
-
-
-def _build_backbone(config: SpokenLMConfig) -> nn.Module:
-    try:  # packed batches rely on transformers masking each sequence from restarting position ids
-        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-    except ImportError as e:
-        raise ImportError(
-            "TasteSpokenLM needs transformers >= 4.53 (packed sequences) and peft: pip install 'taste-kernels[lm]'"
-        ) from e
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    if config.backbone_path:
-        if not os.path.isdir(config.backbone_path):
-            raise FileNotFoundError(f"backbone_path {config.backbone_path!r} is not a directory")
-        model = AutoModelForCausalLM.from_pretrained(config.backbone_path, attn_implementation="sdpa")
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**config.backbone, attn_implementation="sdpa"))
-    if config.lora_r == 0:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=list(LORA_TARGETS))  # fmt: skip
-    return get_peft_model(model, lora)
-
-
 class TasteSpokenLM(nn.Module):
     """TASLM (spec 2): backbone (+ LoRA), input fusion, output head and the frozen RVQ codebooks of the tokenizer.
 
@@ -196,7 +134,7 @@ class TasteSpokenLM(nn.Module):
     def __init__(self, *, config: SpokenLMConfig):
         super().__init__()
         self.config = config
-        self.language_model = _build_backbone(config)
+        self.language_model = build_backbone(config)
         hidden = self.causal_lm.config.hidden_size
         self.fuse_for_bridge_in_llm = WeightedSumFusion(config.taste_dim, hidden, config.fusion_init)
         if config.head == "latent":
@@ -345,27 +283,15 @@ class TasteSpokenLM(nn.Module):
         return SpokenLMOutput(loss, text_loss.detach(), taste_loss.detach(), text_accuracy, code_acc, mse)
 
     def _taste_loss(self, h: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-        valid = (codes >= 0).all(-1)  # rows whose 4 labels are valid
-        denom = valid.sum().clamp(min=1)
+        """The head's loss on the rows ``h (W, hidden)`` that predict ``codes (W, Q)``, and its predicted codes."""
+        head = self.extract_for_bridge_out_llm
         if self.config.head == "classifier":
-            logits = self.extract_for_bridge_out_llm(h)  # (W, Q, K)
-            ce = F.cross_entropy(logits.flatten(0, 1), codes.clamp(min=0).flatten(), reduction="none")
-            loss = (ce.view(codes.shape) * valid[:, None]).sum() / (denom * codes.shape[1])
-            return loss, logits.detach().argmax(-1)
-        mu, logvar = self.extract_for_bridge_out_llm(h)  # (W, d), (d,)
-        sigma = (0.5 * logvar).exp()
-        eps = torch.randn_like(mu)
-        if self.config.official_latent:  # forward value: a sample; gradient: that of mu + sigma
-            z = (mu + sigma) + (mu + sigma * eps - (mu + sigma)).detach()
-        else:
-            z = mu + sigma * eps
-        y = self.vq.get_code_from_indices(codes.clamp(min=0)).detach()  # (W, d)
-        rows = valid[:, None].float()
-        reg = ((z - y).pow(2) * rows).sum() / (denom * y.shape[1])
-        kl = 0.5 * ((sigma.pow(2) + (mu - y).pow(2) - 1 - logvar) * rows).sum() / (denom * y.shape[1])
+            return head.loss(h, codes)
+        loss = head.loss(h, self.vq.get_code_from_indices(codes.clamp(min=0)), (codes >= 0).all(-1),
+                         official=self.config.official_latent)  # fmt: skip
         with torch.no_grad():
             pred = self.vq.get_indices_from_code(self.latent(h)[0])
-        return 0.5 * reg + 0.5 * kl, pred
+        return loss, pred
 
     def _text_kl(self, tokens: Tensor, cu_seqlens: Tensor, seq: Tensor, logits: Tensor) -> Tensor:
         """KL(p_ref || p) over the text rows; the reference reads the plain tokens with BOS, adapters disabled."""

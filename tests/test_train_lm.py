@@ -77,6 +77,13 @@ def test_cli_train_generate_and_bad_config(data, tmp_path):
     assert all(len(r["codes"]) == len(r["words"]) >= 1 for r in rows)
     assert main([*args, str(out), "--num", "3"]) == 0
     assert len(open(out).readlines()) == 3
+    assert main([*args, str(out), "--num", "2", "--codes", str(data / "codes.jsonl")]) == 0  # speech prompts
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["prompt"] for r in rows] == [" ".join(w) for w in CodeCorpus(str(data / "codes.jsonl")).words[:2]]
+    assert main(["eval-lm", str(tmp_path / "run"), str(data / "codes.jsonl"), "--eval-size", "4", "--json",
+                 str(tmp_path / "m.json")]) == 0  # fmt: skip
+    assert "code_accuracy_majority_0" in json.load(open(tmp_path / "m.json"))
+    assert main(["eval-lm", str(tmp_path / "run"), str(data / "codes.jsonl"), "--eval-size", "20"]) == 1
     assert main(["merge-lora", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
     merged = TasteSpokenLM.from_pretrained(str(tmp_path / "merged"))
     assert merged.config.lora_r == 0 and not any("lora_" in n for n, _ in merged.named_parameters())

@@ -1,0 +1,102 @@
+"""TASLM's parts around TASTE (spec 2.1, 2.3, 2.5, 2.6): the backbone (+ LoRA) and the bridges, with the official
+names: the input fusion (``fuse_for_bridge_in_llm``) and the output heads (``extract_for_bridge_out_llm``) with
+their losses."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class WeightedSumFusion(nn.Module):
+    """in = a_a * (W a + b) + a_t * e with (a_a, a_t) = softmax(weights) (spec 2.3); float32 inside."""
+
+    def __init__(self, taste_dim: int, hidden: int, init: tuple):
+        super().__init__()
+        self.weights = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+        self.linear = nn.Linear(taste_dim, hidden)
+
+    def forward(self, text: Tensor, audio: Tensor) -> Tensor:
+        """``text (R, hidden)`` (any float dtype), ``audio (R, taste_dim)`` -> ``(R, hidden)`` in text's dtype."""
+        alpha = self.weights.softmax(0)
+        return (alpha[0] * self.linear(audio.to(self.linear.weight.dtype)) + alpha[1] * text.float()).to(text.dtype)
+
+
+class LatentHead(nn.Module):
+    """``continue_latent_linear_last`` (TASLM_emb): mu = W h + b, a learned log-variance vector."""
+
+    def __init__(self, hidden: int, codebook_dim: int):
+        super().__init__()
+        self.fc_mu = nn.Linear(hidden, codebook_dim)
+        self.b_logvar = nn.Parameter(torch.zeros(codebook_dim))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``(R, hidden)`` -> ``mu (R, d)`` float32 and ``logvar (d,)``."""
+        return self.fc_mu(h.float()), self.b_logvar
+
+    def loss(self, h: Tensor, y: Tensor, valid: Tensor, *, official: bool = False) -> Tensor:
+        """0.5 MSE(z, y) + 0.5 KL(N(mu, sigma^2) || N(y, 1)) over the ``valid (R,)`` rows of the target code sums
+        ``y (R, d)``, z the reparameterised sample. ``official``: the sample carries the gradient of mu + sigma."""
+        mu, logvar = self(h)
+        sigma = (0.5 * logvar).exp()
+        eps = torch.randn_like(mu)
+        if official:  # forward value: a sample; gradient: that of mu + sigma
+            z = (mu + sigma) + (mu + sigma * eps - (mu + sigma)).detach()
+        else:
+            z = mu + sigma * eps
+        y = y.detach()
+        rows = valid[:, None].float()
+        denom = valid.sum().clamp(min=1) * y.shape[1]
+        reg = ((z - y).pow(2) * rows).sum() / denom
+        kl = 0.5 * ((sigma.pow(2) + (mu - y).pow(2) - 1 - logvar) * rows).sum() / denom
+        return 0.5 * reg + 0.5 * kl
+
+
+class ClassifierHead(nn.Module):
+    """``linear_last`` (TASLM_token): ``(R, hidden) -> (R, Q, K)`` logits."""
+
+    def __init__(self, hidden: int, num_quantizers: int, codebook_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, num_quantizers * codebook_size)
+        self.shape = (num_quantizers, codebook_size)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.linear(h.float()).view(-1, *self.shape)
+
+    def loss(self, h: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy averaged over the Q layers and the rows whose codes are all valid, and the argmax codes."""
+        logits = self(h)  # (R, Q, K)
+        valid = (codes >= 0).all(-1)
+        ce = F.cross_entropy(logits.flatten(0, 1), codes.clamp(min=0).flatten(), reduction="none")
+        loss = (ce.view(codes.shape) * valid[:, None]).sum() / (valid.sum().clamp(min=1) * codes.shape[1])
+        return loss, logits.detach().argmax(-1)
+
+
+def build_backbone(config) -> nn.Module:
+    """The transformers causal LM of a :class:`taste.SpokenLMConfig`, wrapped by peft LoRA when ``lora_r > 0``."""
+    try:  # packed batches rely on transformers masking each sequence from restarting position ids
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "TasteSpokenLM needs transformers >= 4.53 (packed sequences) and peft: pip install 'taste-kernels[lm]'"
+        ) from e
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if config.backbone_path:
+        if not os.path.isdir(config.backbone_path):
+            raise FileNotFoundError(f"backbone_path {config.backbone_path!r} is not a directory")
+        model = AutoModelForCausalLM.from_pretrained(config.backbone_path, attn_implementation="sdpa")
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**config.backbone, attn_implementation="sdpa"))
+    if config.lora_r == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=list(LORA_TARGETS))  # fmt: skip
+    return get_peft_model(model, lora)
