@@ -402,13 +402,16 @@ class TasteSpokenLM(nn.Module):
     def load_official_state_dict(self, state_dict: dict, strict: bool = True):
         """Loads the spoken LM of an official checkpoint (keys under ``spoken_lm.``; the RVQ under
         ``audio_tower.vq.rvq.`` through ResidualVQ's official mapping). A separate ``lm_head.weight`` is accepted
-        (tied backbones keep the embedding)."""
+        and, for a tied backbone, replaced by the embedding it is tied to."""
         own = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
-        if self.causal_lm.config.tie_word_embeddings:
-            own = {k: v for k, v in own.items() if not k.endswith("lm_head.weight")}
-        vq_prefix = "audio_tower.vq.rvq."
-        vq = {k[len(vq_prefix) :]: v for k, v in state_dict.items() if k.startswith(vq_prefix)}
-        if vq:
-            self.vq.load_official_state_dict(vq, strict=strict)
+        if self.causal_lm.config.tie_word_embeddings:  # the tied alias follows the embedding
+            embed = [k for k in own if k.endswith("model.embed_tokens.weight")]
+            for k in [k for k in self.state_dict() if k.endswith("lm_head.weight")]:
+                if embed:
+                    own[k] = own[embed[0]]
+        from taste.rvq import OFFICIAL_PREFIX as RVQ_PREFIX
+
+        if any(k.startswith(RVQ_PREFIX) for k in state_dict):
+            self.vq.load_official_state_dict(state_dict, strict=strict)
         own.update({f"vq.{k}": v for k, v in self.vq.state_dict().items()})
         return self.load_state_dict(own, strict=strict)

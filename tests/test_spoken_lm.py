@@ -262,3 +262,24 @@ def test_bad_input(classifier):
         SpokenLMConfig.tiny(lora_r=0, text_kl_weight=0.5)
     with pytest.raises(FileNotFoundError, match="backbone_path"):
         TasteSpokenLM(config=SpokenLMConfig.tiny(backbone_path="/nonexistent/llama"))
+
+
+def test_load_official_state_dict():
+    """The official checkpoint's layout: everything under ``spoken_lm.`` (an untied ``lm_head.weight`` included, as
+    the released files probably hold it) and the RVQ under ``audio_tower.vq.rvq.layers.{i}._codebook``."""
+    source = make("latent", seed=7)
+    state = {"spoken_lm." + k: v.clone() for k, v in source.state_dict().items() if not k.startswith("vq.")}
+    for q in range(source.config.num_quantizers):
+        for name in ("embed", "embed_avg", "cluster_size"):
+            state[f"audio_tower.vq.rvq.layers.{q}._codebook.{name}"] = getattr(source.vq, name)[q][None].clone()
+        state[f"audio_tower.vq.rvq.layers.{q}._codebook.initted"] = torch.ones(1)
+    for name in ("project_in", "project_out"):
+        for part in ("weight", "bias"):
+            state[f"audio_tower.vq.rvq.{name}.{part}"] = getattr(getattr(source.vq, name), part).clone()
+    head = "spoken_lm.language_model.base_model.model.lm_head.weight"
+    state[head] = torch.zeros_like(state[head])  # an untied copy in the file: the tied embedding wins
+    state["speech_decoder.other.weight"] = torch.zeros(1)  # other components are ignored
+    target = make("latent", seed=8)
+    target.load_official_state_dict(state)
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
