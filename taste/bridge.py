@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class WeightedSumFusion(nn.Module):
     """in = a_a * (W a + b) + a_t * e with (a_a, a_t) = softmax(weights) (spec 2.3); float32 inside."""
@@ -77,6 +75,13 @@ class ClassifierHead(nn.Module):
         return loss, logits.detach().argmax(-1)
 
 
+def _linear_names(model: nn.Module) -> list[str]:
+    """The names of every nn.Linear inside the LM but its output layer (q/k/v/o and gate/up/down for Llama), as
+    the official ``_find_all_linear_names``; works for any transformers causal LM family."""
+    output = model.get_output_embeddings()
+    return sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output})
+
+
 def build_backbone(config) -> nn.Module:
     """The transformers causal LM of a :class:`taste.SpokenLMConfig`, wrapped by peft LoRA when ``lora_r > 0``."""
     try:  # packed batches rely on transformers masking each sequence from restarting position ids
@@ -98,5 +103,5 @@ def build_backbone(config) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=list(LORA_TARGETS))  # fmt: skip
+                      task_type="CAUSAL_LM", target_modules=_linear_names(model))  # fmt: skip
     return get_peft_model(model, lora)
