@@ -282,6 +282,6 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
         out_tokens.append(token)
         final = (words >= extra_words and bool(sentence_end[token])) or words >= 3 * extra_words
         final = final or len(out_tokens) >= max_new_tokens
-        text = model.decoder.embed_tokens(torch.tensor([token]))
+        text = model.embed_tokens(torch.tensor([token]))
         embeds = torch.cat([embeds, model.fuse(text, cur_audio[None])])
     return torch.tensor(out_tokens), torch.stack(out_codes)

@@ -285,7 +285,7 @@ def generate(
         done = done | (in_tail & (tail == 0))
         tail = torch.where(in_text & stop, torch.full_like(tail, delay), tail)
 
-        text = model.decoder.embed_tokens(token)
+        text = model.embed_tokens(token)
         text = torch.where(in_tail[:, None], model.pad_text_unit_embed.to(text.dtype), text)
         x = model.fuse(text, cur_audio)[:, None]  # (B, 1, hidden)
         col = width + s

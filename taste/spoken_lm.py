@@ -162,11 +162,17 @@ class TasteSpokenLM(nn.Module):
 
     @property
     def decoder(self) -> nn.Module:
-        return self.causal_lm.model
+        """The transformer body (embeddings to final norm) of the causal LM."""
+        lm = self.causal_lm
+        return lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.causal_lm.get_input_embeddings()
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.causal_lm.lm_head
+        return self.causal_lm.get_output_embeddings()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -212,7 +218,7 @@ class TasteSpokenLM(nn.Module):
     # ---- layout ----
     def embed_layout(self, tokens: Tensor, layout: ops.DelayLayout, audio: Tensor | None) -> Tensor:
         """The fused input rows ``(M, hidden)`` of a layout: BOS rows plain, other rows fuse(text, audio)."""
-        embed = self.decoder.embed_tokens
+        embed = self.embed_tokens
         ext = torch.cat([tokens, tokens.new_full((1,), self.config.bos_id)])  # index N = BOS
         ids = ext[torch.where(layout.input_token >= 0, layout.input_token, tokens.shape[0])]
         text = embed(ids)  # (M, hidden)
@@ -305,7 +311,7 @@ class TasteSpokenLM(nn.Module):
                                                                                cu_seqlens.diff().long() + 1,
                                                                                output_size=n + b)]  # fmt: skip
         with torch.no_grad(), self.language_model.disable_adapter():
-            h = self.run_backbone(self.decoder.embed_tokens(ids)[None], pos[None])[0]
+            h = self.run_backbone(self.embed_tokens(ids)[None], pos[None])[0]
             ref = self.lm_head(h[tok_rows - 1]).float().log_softmax(-1)  # row before each token predicts it
         return F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="batchmean")
 

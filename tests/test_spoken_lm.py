@@ -283,3 +283,31 @@ def test_load_official_state_dict():
     target.load_official_state_dict(state)
     for k, v in source.state_dict().items():
         assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_another_transformers_family_from_a_directory(tmp_path):
+    """A Qwen2 backbone (not Llama) from a local directory: LoRA on its own linear layers, packed batches and
+    cached generation work the same way."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from taste.generate import GenerationConfig
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(str(tmp_path / "qwen"))
+    model = TasteSpokenLM(config=SpokenLMConfig.tiny(backbone_path=str(tmp_path / "qwen"))).eval()
+    adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    tokens, word_ids, codes, cu = batch()
+    with torch.no_grad():
+        h, _ = model.hidden_states(*packed(tokens, word_ids, codes, cu))
+        alone = [
+            model.hidden_states(t, torch.tensor([0, len(t)], dtype=torch.int32), w, c)[0]
+            for t, w, c in zip(tokens, word_ids, codes)
+        ]
+    torch.testing.assert_close(h, torch.cat(alone), atol=1e-5, rtol=1.3e-6)
+    cfg = GenerationConfig(extra_words=2, text_top_p=0.0, max_new_tokens=10)
+    a = model.generate(*packed(tokens, word_ids, codes, cu), config=cfg)
+    b = model.generate(*packed(tokens, word_ids, codes, cu), config=cfg, use_cache=False)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes)
