@@ -244,7 +244,9 @@ def _add_sampling(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="taste", description="TASTE speech tokenization tools")
+    p = argparse.ArgumentParser(
+        prog="taste", description="TASTE speech tokenization and the TASLM spoken language model"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("corpus", help="synthesise a speech corpus with espeak-ng")
