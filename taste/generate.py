@@ -200,6 +200,8 @@ def generate(
         word_ids, codes = torch.zeros(0, dtype=torch.int32), None
     elif cu_seqlens is None or word_ids is None:
         raise ValueError("a prompt needs tokens, cu_seqlens and word_ids")
+    model._check_batch(tokens.cpu(), cu_seqlens.cpu(), word_ids.cpu(), None if codes is None else codes.cpu(),
+                       allow_empty=True)  # fmt: skip
     delay, q = model.config.delay, model.config.num_quantizers
     prompt = _Prompt(model, tokens, cu_seqlens, word_ids, codes, device)
     b, width = prompt.batch, prompt.width

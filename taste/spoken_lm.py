@@ -315,7 +315,8 @@ class TasteSpokenLM(nn.Module):
             ref = self.lm_head(h[tok_rows - 1]).float().log_softmax(-1)  # row before each token predicts it
         return F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="batchmean")
 
-    def _check_batch(self, tokens, cu_seqlens, word_ids, codes) -> None:
+    def _check_batch(self, tokens, cu_seqlens, word_ids, codes, *, allow_empty: bool = False) -> None:
+        """Clear errors for malformed packed batches; value checks only where they cost no device sync (CPU)."""
         if tokens.dim() != 1 or tokens.dtype != torch.int64:
             raise ValueError(f"tokens must be a (N,) int64 tensor, got {tokens.dtype} {tuple(tokens.shape)}")
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
@@ -326,13 +327,18 @@ class TasteSpokenLM(nn.Module):
             raise ValueError(f"word_ids must have tokens' shape {tuple(tokens.shape)}, got {tuple(word_ids.shape)}")
         if codes is not None and (codes.dim() != 2 or codes.shape[1] != self.config.num_quantizers):
             raise ValueError(f"codes must be (W_total, {self.config.num_quantizers}) int64, got {tuple(codes.shape)}")
-        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool((cu_seqlens.diff() < 1).any()):
-                raise ValueError("every utterance needs at least one token (cu_seqlens must be strictly increasing)")
-            if codes is not None:
-                words = int((word_ids[cu_seqlens[1:].long() - 1].long() + 1).sum())
-                if words != codes.shape[0]:
-                    raise ValueError(f"codes has {codes.shape[0]} rows but the batch has {words} words")
+        if tokens.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != tokens.numel() or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to N={tokens.numel()}, got {cu_seqlens.tolist()}")
+        if not allow_empty and bool((lengths < 1).any()):
+            raise ValueError("every utterance needs at least one token (cu_seqlens must be strictly increasing)")
+        if codes is not None:
+            last = word_ids[(cu_seqlens[1:].long() - 1).clamp(min=0)].long() + 1 if tokens.numel() else lengths
+            words = int(torch.where(lengths > 0, last, 0).sum())
+            if words != codes.shape[0]:
+                raise ValueError(f"codes has {codes.shape[0]} rows but the batch has {words} words")
 
     def generate(self, tokens=None, cu_seqlens=None, word_ids=None, codes=None, *, num_sequences=None,
                  config=None, generator=None, use_cache=True, compile=False):  # fmt: skip

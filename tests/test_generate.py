@@ -141,6 +141,14 @@ def test_compiled_step_matches_eager():
 def test_bad_generation_input(model):
     with pytest.raises(ValueError, match="num_sequences"):
         model.generate(config=GREEDY)
+    tokens, word_ids, codes, cu = prompt()
+    t, w, c = torch.cat(tokens), torch.cat(word_ids), torch.cat(codes)
+    with pytest.raises(ValueError, match="codes has 5 rows but the batch has 6 words"):
+        model.generate(t, cu, w, c[:5], config=GREEDY)
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
+        model.generate(t, cu - 1, w, c, config=GREEDY)
+    with pytest.raises(ValueError, match="tokens must be"):
+        model.generate(t.int(), cu, w, c, config=GREEDY)
     with pytest.raises(ValueError, match="extra_words"):
         GenerationConfig(extra_words=0)
     with pytest.raises(ValueError, match="text_temperature"):
