@@ -61,3 +61,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def torchrun_rank_digests(subcommand: str, config: dict, out_dir, port: int, ranks: int = 2) -> list[str]:
+    """Runs ``taste SUBCOMMAND CONFIG`` under torchrun with ``ranks`` CPU processes (gloo) and returns the weight
+    digest each rank wrote (the config must set ``write_rank_digests``)."""
+    import json
+    import subprocess
+
+    path = str(out_dir).rstrip("/") + ".json"
+    with open(path, "w") as f:
+        json.dump(config, f)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
+           "-m", "taste.cli", subcommand, path, "--quiet"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [open(os.path.join(str(out_dir), f"rank{r}.sha256")).read() for r in range(ranks)]

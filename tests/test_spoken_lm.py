@@ -70,15 +70,17 @@ def test_llama_3_2_1b_names_shapes_and_lora_count():
     assert ours == official
 
 
+def assert_packed_equals_alone(model, tokens, word_ids, codes, cu):
+    with torch.no_grad():
+        h, _ = model.hidden_states(*packed(tokens, word_ids, codes, cu))
+        alone = [model.hidden_states(t, torch.tensor([0, len(t)], dtype=torch.int32), w, c)[0]
+                 for t, w, c in zip(tokens, word_ids, codes)]  # fmt: skip
+    torch.testing.assert_close(h, torch.cat(alone), atol=1e-5, rtol=1.3e-6)
+
+
 def test_packed_equals_each_utterance_alone(latent):
     tokens, word_ids, codes, cu = batch()
-    with torch.no_grad():
-        h, _ = latent.hidden_states(*packed(tokens, word_ids, codes, cu))
-        alone = [
-            latent.hidden_states(t, torch.tensor([0, len(t)], dtype=torch.int32), w, c)[0]
-            for t, w, c in zip(tokens, word_ids, codes)
-        ]
-    torch.testing.assert_close(h, torch.cat(alone), atol=1e-5, rtol=1.3e-6)
+    assert_packed_equals_alone(latent, tokens, word_ids, codes, cu)
 
 
 def spec_rows(model, t, w, c):
@@ -300,13 +302,7 @@ def test_another_transformers_family_from_a_directory(tmp_path):
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     tokens, word_ids, codes, cu = batch()
-    with torch.no_grad():
-        h, _ = model.hidden_states(*packed(tokens, word_ids, codes, cu))
-        alone = [
-            model.hidden_states(t, torch.tensor([0, len(t)], dtype=torch.int32), w, c)[0]
-            for t, w, c in zip(tokens, word_ids, codes)
-        ]
-    torch.testing.assert_close(h, torch.cat(alone), atol=1e-5, rtol=1.3e-6)
+    assert_packed_equals_alone(model, tokens, word_ids, codes, cu)
     cfg = GenerationConfig(extra_words=2, text_top_p=0.0, max_new_tokens=10)
     a = model.generate(*packed(tokens, word_ids, codes, cu), config=cfg)
     b = model.generate(*packed(tokens, word_ids, codes, cu), config=cfg, use_cache=False)

@@ -1,11 +1,10 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import torchrun_rank_digests
 
 import taste
 from taste import corpus
@@ -109,14 +108,7 @@ def test_griffin_lim_recovers_a_signal():
 
 def test_ddp_on_two_cpu_ranks_keeps_identical_weights(data, tmp_path):
     cfg = config(data, tmp_path / "ddp", steps=3, batch_size=2, write_rank_digests=True)
-    path = tmp_path / "ddp.json"
-    path.write_text(json.dumps(dataclasses.asdict(cfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "taste.cli", "train-tokenizer", str(path), "--quiet"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    digests = [(tmp_path / "ddp" / f"rank{r}.sha256").read_text() for r in (0, 1)]
+    digests = torchrun_rank_digests("train-tokenizer", dataclasses.asdict(cfg), tmp_path / "ddp", port=29517)
     assert digests[0] == digests[1]
     assert digests[0] != state_digest(Stage1Model.from_pretrained(str(data / "seed")))
 

@@ -10,6 +10,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from conftest import torchrun_rank_digests  # noqa: E402
+
 from taste.cli import main  # noqa: E402
 from taste.corpus import SENTENCES, write_wav  # noqa: E402
 from taste.spoken_lm import SpokenLMConfig, TasteSpokenLM  # noqa: E402
@@ -118,16 +120,6 @@ def test_continue_end_to_end(data, tmp_path):
 
 
 def test_ddp_on_two_cpu_ranks_keeps_identical_weights(data, tmp_path):
-    import subprocess
-    import sys
-
-    path = tmp_path / "ddp.json"
     cfg = config(data, tmp_path / "ddp", steps=2, batch_size=2, write_rank_digests=True)
-    path.write_text(json.dumps(dataclasses.asdict(cfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-           "-m", "taste.cli", "train-lm", str(path), "--quiet"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    digests = [(tmp_path / "ddp" / f"rank{r}.sha256").read_text() for r in (0, 1)]
+    digests = torchrun_rank_digests("train-lm", dataclasses.asdict(cfg), tmp_path / "ddp", port=29519)
     assert digests[0] == digests[1]
