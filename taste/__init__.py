@@ -26,8 +26,10 @@ _source_checkout_kernels()
 
 from taste import ops  # noqa: E402
 from taste.aggregator import AggregatorConfig, TextQueryAggregator  # noqa: E402
+from taste.generate import GenerationConfig, GenerationOutput  # noqa: E402
 from taste.ops import HAS_EXTENSION, DelayLayout  # noqa: E402
 from taste.rvq import ResidualVQ  # noqa: E402
+from taste.spoken_lm import SpokenLMConfig, SpokenLMOutput, TasteSpokenLM  # noqa: E402
 from taste.tokenizer import QuantizerConfig, TasteConfig, TasteTokenizer, TokenizerOutput  # noqa: E402
 from taste.unit_decoder import UnitDecoder, UnitDecoderConfig, UnitDecoderOutput  # noqa: E402
 
@@ -45,5 +47,10 @@ __all__ = [
     "UnitDecoder",
     "UnitDecoderConfig",
     "UnitDecoderOutput",
+    "TasteSpokenLM",
+    "SpokenLMConfig",
+    "SpokenLMOutput",
+    "GenerationConfig",
+    "GenerationOutput",
 ]
 __version__ = "0.1.0"

@@ -51,6 +51,13 @@ def classifier():
     return make("classifier")
 
 
+def test_public_names():
+    import taste
+
+    assert taste.TasteSpokenLM is TasteSpokenLM and taste.SpokenLMConfig is SpokenLMConfig
+    assert taste.GenerationConfig().extra_words == 8  # the official README's defaults
+
+
 def test_llama_3_2_1b_names_shapes_and_lora_count():
     with torch.device("meta"):
         model = TasteSpokenLM(config=SpokenLMConfig.llama_3_2_1b())
