@@ -78,3 +78,12 @@ def torchrun_rank_digests(subcommand: str, config: dict, out_dir, port: int, ran
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [open(os.path.join(str(out_dir), f"rank{r}.sha256")).read() for r in range(ranks)]
+
+
+def require_taslm_dependencies() -> None:
+    """Skips the calling test module unless transformers >= 4.53 (packed sequences are masked from restarting
+    position ids) and peft are installed: what TASLM needs."""
+    masking = pytest.importorskip("transformers.masking_utils", reason="TASLM needs transformers >= 4.53")
+    if not hasattr(masking, "find_packed_sequence_indices"):
+        pytest.skip("TASLM needs transformers >= 4.53 (packed sequences)", allow_module_level=True)
+    pytest.importorskip("peft")

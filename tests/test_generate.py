@@ -3,9 +3,9 @@ agrees with the training layout, stop rules, sampler tables, sampling, compile."
 
 import pytest
 import torch
+from conftest import require_taslm_dependencies
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+require_taslm_dependencies()
 
 from test_spoken_lm import batch, make  # noqa: E402
 

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_taslm_dependencies
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+require_taslm_dependencies()
 
 from taste.spoken_lm import SpokenLMConfig, TasteSpokenLM  # noqa: E402
 

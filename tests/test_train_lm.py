@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from conftest import require_taslm_dependencies
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+require_taslm_dependencies()
 
 from conftest import torchrun_rank_digests  # noqa: E402
 
