@@ -96,15 +96,19 @@ def cmd_train_tokenizer(args) -> None:
     print(f"stage {cfg.stage}: {cfg.out_dir}")
 
 
+def _report(metrics: dict, json_path: str | None) -> None:
+    print(json.dumps(metrics, indent=2))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(metrics, f, indent=2)
+
+
 def cmd_eval_tokenizer(args) -> None:
     from taste.evaluate import evaluate
 
     metrics = evaluate(args.model, args.manifest, eval_size=args.eval_size, batch_size=args.batch_size,
                        seed=args.seed, device=args.device)  # fmt: skip
-    print(json.dumps(metrics, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=2)
+    _report(metrics, args.json)
 
 
 def cmd_resynthesize(args) -> None:
@@ -137,12 +141,9 @@ def _generation_config(args):
 
 
 def _load_lm(path: str, device: str):
-    import os
-
     from taste.spoken_lm import TasteSpokenLM
 
-    final = os.path.join(path, "final")
-    return TasteSpokenLM.from_pretrained(final if os.path.isdir(final) else path, device=device).eval()
+    return TasteSpokenLM.from_pretrained(path, device=device).eval()
 
 
 def cmd_generate(args) -> None:
@@ -211,10 +212,7 @@ def cmd_eval_lm(args) -> None:
         raise ValueError(f"--eval-size must be in [1, {n - 1}] for {n} rows, got {args.eval_size}")
     metrics = evaluate_lm(lm, corpus, list(range(n - args.eval_size, n)), args.batch_size,
                           train_indices=list(range(n - args.eval_size)))  # fmt: skip
-    print(json.dumps(metrics, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=2)
+    _report(metrics, args.json)
 
 
 def cmd_merge_lora(args) -> None:
@@ -231,6 +229,13 @@ def _add_training(sub, name: str, help: str, config_class: str, func) -> None:
     t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=func)
+
+
+def _add_eval_options(p) -> None:
+    p.add_argument("--eval-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the metrics here")
 
 
 def _add_sampling(p) -> None:
@@ -289,11 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval-tokenizer", help="unit accuracy, bitrate and duration consistency on held-out rows")
     v.add_argument("model", help="a train-tokenizer out_dir (or its final/)")
     v.add_argument("manifest", help="the units manifest it was trained on (the last --eval-size rows)")
-    v.add_argument("--eval-size", type=int, default=64)
-    v.add_argument("--batch-size", type=int, default=16)
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--device", default=None)
-    v.add_argument("--json", default=None, help="also write the metrics here")
+    _add_eval_options(v)
     v.set_defaults(func=cmd_eval_tokenizer)
 
     r = sub.add_parser("resynthesize", help="wav + transcript -> TASTE codes -> units -> Griffin-Lim wav")
@@ -332,10 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     el = sub.add_parser("eval-lm", help="teacher-forced text and code metrics of a spoken LM on held-out rows")
     el.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")
     el.add_argument("codes", help="the `taste encode` JSONL it was trained on (the last --eval-size rows)")
-    el.add_argument("--eval-size", type=int, default=64)
-    el.add_argument("--batch-size", type=int, default=16)
-    el.add_argument("--device", default=None)
-    el.add_argument("--json", default=None, help="also write the metrics here")
+    _add_eval_options(el)
     el.set_defaults(func=cmd_eval_lm)
 
     m = sub.add_parser("merge-lora", help="fold a spoken LM's LoRA adapters into its backbone (full checkpoint)")

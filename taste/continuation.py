@@ -16,15 +16,8 @@ from taste.text import WordTokenizer
 def prompt_batch(words: Sequence[Sequence[str]], llm_tokenizer: str = "llama3") -> tuple[Tensor, Tensor, Tensor]:
     """Packed Llama prompt ``(tokens (N,) int64, cu_seqlens (B+1,) int32, word_ids (N,) int32)`` of word lists
     (every word tokenised alone with a leading space, as in training)."""
-    tok = WordTokenizer(llm_tokenizer)
-    tokens, word_ids, lengths = [], [], []
-    for ws in words:
-        ids = [tok.word(w) for w in ws]
-        tokens += [i for w in ids for i in w]
-        word_ids += [k for k, w in enumerate(ids) for _ in w]
-        lengths.append(sum(len(w) for w in ids))
-    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    return torch.tensor(tokens, dtype=torch.long), cu, torch.tensor(word_ids, dtype=torch.int32)
+    packed = WordTokenizer(llm_tokenizer).pack(words)
+    return packed.tokens, packed.cu_seqlens, packed.word_ids
 
 
 def generated_words(lm: TasteSpokenLM, out: GenerationOutput) -> list[tuple[list[str], Tensor]]:

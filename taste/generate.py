@@ -209,9 +209,8 @@ def generate(
     max_new = config.max_new_tokens or 12 * max_words
     steps = max_new + delay
     tables = sampler_tables(model.config.llm_tokenizer, model.causal_lm.config.vocab_size, model.config.eos_id)
-    word_start_t, ban_t, end_t = (t.to(device) for t in (tables.word_start, tables.ban, tables.sentence_end))
     vocab = model.causal_lm.config.vocab_size
-    word_start_t, ban_t, end_t = word_start_t[:vocab], ban_t[:vocab], end_t[:vocab]
+    word_start_t, ban_t, end_t = (t[:vocab].to(device) for t in (tables.word_start, tables.ban, tables.sentence_end))
 
     # per-word audio: prompt words (codes or pad), then the generated words' code embeddings
     wp = prompt.words.to(device)

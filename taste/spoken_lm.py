@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -376,6 +377,9 @@ class TasteSpokenLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, *, device=None) -> TasteSpokenLM:
+        """A :meth:`save_pretrained` directory, or a ``taste train-lm`` out_dir (its ``final/``)."""
+        if os.path.isdir(os.path.join(directory, "final")):
+            directory = os.path.join(directory, "final")
         raw, state = read_model(directory, "TasteSpokenLM")
         full = raw.pop("saved_full", True)
         model = cls(config=SpokenLMConfig.from_dict(raw))

@@ -131,6 +131,10 @@ class WordTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._decode(list(ids))
 
+    def pack(self, words: Sequence[Sequence[str]]) -> PackedText:
+        """Word lists (one per text) -> their packed tokens, each word tokenised alone (:meth:`word`)."""
+        return _pack([[self.word(w) for w in ws] for ws in words])
+
 
 def split_words(text: str) -> list[str]:
     """Whitespace word split (runs of whitespace count once; leading and trailing whitespace ignored)."""
@@ -211,14 +215,14 @@ class DualTokenizer:
             if not split:
                 raise ValueError(f"texts[{i}] has no words (empty or whitespace only): {text!r}")
             words.append(split)
-        asr = _pack([[self.asr.word(w) for w in ws] for ws in words])
+        asr = self.asr.pack(words)
         if self.max_asr_tokens is not None and asr.max_seqlen > self.max_asr_tokens:
             lengths = asr.cu_seqlens.diff()
             i = int(lengths.argmax())
             raise ValueError(
                 f"texts[{i}] has {int(lengths[i])} ASR tokens, more than max_asr_tokens={self.max_asr_tokens}"
             )
-        llm = _pack([[self.llm.word(w) for w in ws] for ws in words]) if self.llm is not None else None
+        llm = self.llm.pack(words) if self.llm is not None else None
         counts = torch.tensor([len(ws) for ws in words], dtype=torch.int32)
         word_cu = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0, dtype=torch.int32)])
         return TextBatch(asr=asr, llm=llm, word_cu_seqlens=word_cu, words=words)

@@ -56,9 +56,9 @@ class CodeCorpus:
                 if num_quantizers is not None and codes.shape[1] != num_quantizers:
                     msg = f"{path}:{line_no}: codes have {codes.shape[1]} layers, the model has {num_quantizers}"
                     raise ValueError(msg)
-                ids = [tok.word(w) for w in words]
-                self.tokens.append(torch.tensor([i for w in ids for i in w], dtype=torch.long))
-                self.word_ids.append(torch.tensor([k for k, w in enumerate(ids) for _ in w], dtype=torch.int32))
+                packed = tok.pack([words])
+                self.tokens.append(packed.tokens)
+                self.word_ids.append(packed.word_ids)
                 self.codes.append(codes)
                 self.words.append(words)
         if not self.tokens:
@@ -80,8 +80,7 @@ class CodeCorpus:
 
 def build_model(cfg: LMTrainConfig) -> TasteSpokenLM:
     if cfg.init_from:
-        final = os.path.join(cfg.init_from, "final")
-        return TasteSpokenLM.from_pretrained(final if os.path.isdir(final) else cfg.init_from)
+        return TasteSpokenLM.from_pretrained(cfg.init_from)
     from taste.tokenizer import TasteTokenizer
 
     tokenizer = TasteTokenizer.from_pretrained(cfg.tokenizer)
