@@ -7,6 +7,10 @@ Metrics on the held-out rows of a units manifest (the last ``eval_size``, never 
 - duration consistency: units sampled by the decoder (top-k, seeded) against the reference count, as the mean
   absolute relative error ``|n_gen - n_ref| / n_ref`` and the correlation of the two counts.
 
+A stage-0 (``asr``) run gets the next-token cross-entropy and top-1 accuracy of the transcript given its own
+speech, and the cross-entropy given another utterance's speech (the batch's mel rolled by one): the gap is how
+much the model reads the speech rather than a language model of the transcripts.
+
 Resynthesis: codes -> unit decoder -> units -> the k-means centroids (50 Hz log-mel frames) -> mel power ->
 linear magnitude (least squares through the mel filters) -> Griffin-Lim (torch STFT) -> a 16 kHz wav.
 """
@@ -41,6 +45,8 @@ def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: 
     corpus = UnitCorpus(manifest)
     n = len(corpus.rows)
     rows = list(range(max(0, n - eval_size), n))
+    if stage == "asr":
+        return _evaluate_asr(model, corpus, rows, batch_size, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     top1 = top5 = targets = 0
     ce_sum, ce_shuffled, words, seconds, n_ref, n_gen = 0.0, 0.0, 0, 0.0, [], []
@@ -84,6 +90,26 @@ def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: 
         "duration_corr": float(torch.corrcoef(torch.stack([got, ref]))[0, 1]),
         "word_rate_per_s": words / seconds,
         "code_bitrate_bps": bits_per_word * words / seconds,
+    }
+
+
+def _evaluate_asr(model: Stage1Model, corpus: UnitCorpus, rows: list[int], batch_size: int, device) -> dict:
+    ce = ce_other = correct = count = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = corpus.batch(rows[start : start + batch_size], model, device, need_audio=True)
+        _, out, _ = model.asr_loss(batch)
+        ce += float(torch.nn.functional.cross_entropy(out.logits.float(), out.targets, reduction="sum"))
+        correct += int((out.logits.argmax(-1) == out.targets).sum())
+        count += out.targets.numel()
+        batch["mel"] = batch["mel"].roll(1, 0)
+        _, other, _ = model.asr_loss(batch)
+        ce_other += float(torch.nn.functional.cross_entropy(other.logits.float(), other.targets, reduction="sum"))
+    return {
+        "stage": "asr",
+        "utterances": len(rows),
+        "asr_ce": ce / count,
+        "asr_top1": correct / count,
+        "asr_ce_other_audio": ce_other / count,
     }
 
 

@@ -8,7 +8,8 @@ model (``init_from``). Loss: unit cross-entropy averaged over targets + the comm
 ``asr`` is a stage 0 for models trained from scratch: the official recipe starts from a pretrained Whisper, whose
 decoder already attends to the speech of the next word; a random tiny model gets that from next-token prediction
 of the transcript given the speech (the aggregator with its token embedding as the tied output layer, as in
-Whisper), before stage 1-1.
+Whisper), before stage 1-1, optionally with a CTC loss on the encoder that makes it read the speech sooner
+(``asr_ctc_weight``).
 
 A run writes into ``out_dir``: ``checkpoint-{step}/`` every ``save_every`` steps and at the end (the model as
 ``tokenizer/`` and ``decoder/`` pretrained directories plus ``trainer.pt``: optimizer, scheduler, RNG states and
@@ -46,11 +47,16 @@ class TrainConfig(LoopConfig):
     preset: str = "tiny"  # model shapes when not init_from: "tiny" or "official"
     freeze_encoder: bool | None = None  # None: the preset's choice
     asr_token_dropout: float = 0.0  # stage asr: share of input tokens hidden (so the audio must be read)
+    asr_ctc_weight: float = 0.0  # stage asr: weight of a CTC loss on the encoder's last states (see asr_loss)
 
     def __post_init__(self):
         super().__post_init__()
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if not 0.0 <= self.asr_token_dropout < 1.0:
+            raise ValueError(f"asr_token_dropout must be in [0, 1), got {self.asr_token_dropout}")
+        if self.asr_ctc_weight < 0:
+            raise ValueError(f"asr_ctc_weight must be >= 0, got {self.asr_ctc_weight}")
 
 
 class Stage1Model(nn.Module):
@@ -89,7 +95,9 @@ class Stage1Model(nn.Module):
         text = batch["text"]
         dev = batch["units"].device
         if stage == "asr":
-            return self.asr_loss(batch, batch.get("token_dropout", 0.0))
+            return self.asr_loss(
+                batch, batch.get("token_dropout", 0.0), batch.get("ctc_weight", 0.0), batch.get("ctc_vocab")
+            )
         taste, words, commit = None, None, torch.zeros((), device=dev)
         if stage != "text":
             words = self.tokenizer.tokenize(batch["mel"], text, quantize=stage == "vq")
@@ -105,10 +113,18 @@ class Stage1Model(nn.Module):
             batch["max_units"], taste=taste, word_offsets=a.word_offsets.to(dev), speaker=batch["speaker"],
         )  # fmt: skip
 
-    def asr_loss(self, batch: dict, token_dropout: float = 0.0):
+    def asr_loss(self, batch: dict, token_dropout: float = 0.0, ctc_weight: float = 0.0, ctc_vocab=None):
         """Stage 0: next ASR token given the speech and the tokens so far (the last token of each utterance has no
         target). ``token_dropout`` hides that share of the input tokens (replaced by the first prefix id), so that
-        the transcript alone cannot predict the next token. Returns ``(loss, SimpleNamespace(targets=...), None)``."""
+        the transcript alone cannot predict the next token.
+
+        ``ctc_weight`` > 0 adds that times a CTC loss of the transcript on the encoder's last states (the keys of
+        the aggregator), read out through the same tied token embedding over a closed vocabulary: ``ctc_vocab``,
+        the sorted ``(V,)`` int64 ids that the corpus uses (:func:`corpus_vocabulary`), with the first prefix id
+        (start of transcript, never in a transcript) as the blank. Every frame of the window is an input frame
+        (the padding is silence, read as blanks). It makes a random encoder read the speech from the first steps
+        and lines each frame up with the embedding of the token it says, which the aggregator's queries are made
+        of. Returns ``(loss, SimpleNamespace(targets=..., logits=...), None)``."""
         a, tok = batch["text"].asr, self.tokenizer
         dev = batch["mel"].device
         tokens, cu = a.tokens.to(dev), a.cu_seqlens.to(dev)
@@ -117,13 +133,41 @@ class Stage1Model(nn.Module):
             hide = torch.rand(tokens.shape, device=dev) < token_dropout
             inputs = torch.where(hide, tok.aggregator.prefix_ids[0], tokens)
         h_key, h_val = tok.encode_speech(batch["mel"])
+        table = tok.aggregator.embed_tokens.weight
         states = tok.aggregator(inputs, cu, a.max_seqlen, h_key, h_val)  # (N, d)
-        logits = states @ tok.aggregator.embed_tokens.weight.T  # (N, vocab): Whisper ties its output layer
+        logits = states @ table.T  # (N, vocab): Whisper ties its output layer
         last = torch.zeros(tokens.shape[0], dtype=torch.bool, device=dev)
         last[cu[1:].long() - 1] = True
         targets = torch.where(last, -100, tokens.roll(-1))
         loss = nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
-        return loss, SimpleNamespace(targets=targets[~last]), None
+        if ctc_weight > 0:
+            if ctc_vocab is None:
+                raise ValueError("ctc_vocab (the corpus's token ids, corpus_vocabulary) is needed with ctc_weight > 0")
+            loss = loss + ctc_weight * self.ctc_loss(h_key, tokens, cu, ctc_vocab.to(dev))
+        return loss, SimpleNamespace(targets=targets[~last], logits=logits[~last]), None
+
+    def ctc_loss(self, h_key, tokens, cu_seqlens, vocab):
+        """CTC of the packed ``tokens`` on ``h_key (B, T, d)`` over ``[blank] + vocab`` (see :meth:`asr_loss`),
+        in nats per frame."""
+        blank = self.tokenizer.aggregator.prefix_ids[:1].to(vocab.device)
+        classes = torch.cat([blank, vocab])
+        pos = torch.searchsorted(vocab, tokens)
+        if bool((pos >= vocab.numel()).any()) or not bool((vocab[pos.clamp(max=vocab.numel() - 1)] == tokens).all()):
+            raise ValueError("a transcript token is not in ctc_vocab: build it from the whole corpus")
+        logits = h_key @ self.tokenizer.aggregator.embed_tokens.weight[classes].T  # (B, T, 1 + V)
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, C)
+        batch, frames = h_key.shape[0], h_key.shape[1]
+        input_lengths = torch.full((batch,), frames, dtype=torch.long, device=h_key.device)
+        total = nn.functional.ctc_loss(
+            log_probs, pos + 1, input_lengths, cu_seqlens.diff().long(), blank=0, reduction="sum", zero_infinity=True
+        )
+        return total / (batch * frames)  # per frame: the scale of a cross-entropy, whatever the window
+
+
+def corpus_vocabulary(tokenizer: TasteTokenizer, texts: list[str]) -> torch.Tensor:
+    """The sorted distinct ASR token ids of ``texts`` (the closed vocabulary of the CTC loss), ``(V,)`` int64."""
+    ids = torch.cat([tokenizer.text_tokenizer(texts[i : i + 256]).asr.tokens for i in range(0, len(texts), 256)])
+    return ids.unique()
 
 
 class UnitCorpus:
@@ -181,9 +225,13 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
         model = Stage1Model.from_preset(cfg.preset, corpus.num_units, cfg.freeze_encoder)
     model.to(device).train()
 
+    ctc_vocab = None
+    if cfg.stage == "asr" and cfg.asr_ctc_weight > 0:
+        ctc_vocab = corpus_vocabulary(model.tokenizer, corpus.texts).to(device)
+
     def make_batch(indices):
         batch = corpus.batch(indices, model, device, need_audio=cfg.stage != "text")
-        batch["token_dropout"] = cfg.asr_token_dropout
+        batch.update(token_dropout=cfg.asr_token_dropout, ctc_weight=cfg.asr_ctc_weight, ctc_vocab=ctc_vocab)
         return batch
 
     def compute(module, batch):

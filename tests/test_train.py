@@ -9,7 +9,7 @@ from conftest import torchrun_rank_digests
 import taste
 from taste import corpus
 from taste.evaluate import evaluate, griffin_lim, resynthesize
-from taste.train import Stage1Model, TrainConfig, train
+from taste.train import Stage1Model, TrainConfig, corpus_vocabulary, train
 from taste.trainer import latest_checkpoint, state_digest
 from taste.unit_decoder import UnitDecoderConfig
 
@@ -92,6 +92,49 @@ def test_evaluation_and_resynthesis(data, tmp_path):
     codes, wave = resynthesize(str(out), audio, rows[0]["text"], centroids)
     assert codes.shape == (len(rows[0]["text"].split()), 4)
     assert wave.dim() == 1 and wave.numel() % 320 == 0 and wave.numel() > 0 and wave.abs().max() <= 0.9 + 1e-6
+
+
+def test_ctc_loss_reads_the_tied_embedding_with_the_start_token_as_blank(data):
+    model = Stage1Model.from_pretrained(str(data / "seed"))
+    agg = model.tokenizer.aggregator
+    table = agg.embed_tokens.weight.detach()
+    text = model.tokenizer.text_tokenizer(["hello there", "fox"]).asr
+    vocab = corpus_vocabulary(model.tokenizer, ["hello there", "fox", "a dog"])
+    assert torch.equal(vocab, vocab.unique()) and bool(torch.isin(text.tokens, vocab).all())
+    classes = torch.cat([agg.prefix_ids[:1], vocab])
+    # Frames that spell each transcript (blank, token, blank, ...): states along the least-squares direction that
+    # scores the wanted class far above the others, so the path's probability is ~1 and the loss ~0.
+    frames = 12
+    spelled = torch.zeros(2, frames, dtype=torch.long)  # class indices, 0 = blank
+    for b, toks in enumerate(text.tokens.split(text.cu_seqlens.diff().tolist())):
+        for j, t in enumerate(toks):
+            spelled[b, 2 * j + 1] = int((vocab == t).nonzero()) + 1
+    rows = table[classes]  # (C, d)
+    directions = torch.linalg.pinv(rows) @ torch.eye(len(classes))  # (d, C): rows @ directions = I
+    h_good = 200 * directions.T[spelled]  # (2, frames, d)
+    with torch.no_grad():
+        good = float(model.ctc_loss(h_good, text.tokens, text.cu_seqlens, vocab))
+        swapped = float(model.ctc_loss(h_good.flip(0), text.tokens, text.cu_seqlens, vocab))
+        uniform = float(model.ctc_loss(torch.zeros(2, frames, table.shape[1]), text.tokens, text.cu_seqlens, vocab))
+    assert good < 1e-3
+    assert swapped > 10  # the frames spell the other utterance's transcript
+    assert 0.5 < uniform < float(torch.tensor(float(len(classes))).log())  # log C per frame less the paths' count
+    with pytest.raises(ValueError, match="not in ctc_vocab"):
+        model.ctc_loss(h_good, text.tokens, text.cu_seqlens, vocab[vocab != text.tokens[0]])
+
+
+def test_asr_stage_with_ctc_trains_the_encoder_and_evaluates(data, tmp_path):
+    seed = Stage1Model.from_pretrained(str(data / "seed"))
+    out = tmp_path / "asr"
+    asr = train(config(data, out, stage="asr", steps=2, asr_ctc_weight=1.0), progress=False)
+    assert not torch.equal(asr.tokenizer.encoder.conv1.weight, seed.tokenizer.encoder.conv1.weight)
+    m = evaluate(str(out), str(data / "units.jsonl"), eval_size=4, batch_size=3)
+    assert m["stage"] == "asr" and m["utterances"] == 4
+    assert m["asr_ce"] > 0 and m["asr_ce_other_audio"] > 0 and 0 <= m["asr_top1"] <= 1
+    with pytest.raises(ValueError, match="asr_ctc_weight must be >= 0"):
+        config(data, tmp_path, stage="asr", asr_ctc_weight=-1.0)
+    with pytest.raises(ValueError, match=r"asr_token_dropout must be in \[0, 1\)"):
+        config(data, tmp_path, stage="asr", asr_token_dropout=1.0)
 
 
 def test_griffin_lim_recovers_a_signal():
