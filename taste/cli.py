@@ -24,7 +24,7 @@ def cmd_corpus(args) -> None:
     from taste.corpus import synthesize_corpus
 
     t = time.perf_counter()
-    path = synthesize_corpus(args.out_dir, args.num, seed=args.seed, workers=args.workers)
+    path = synthesize_corpus(args.out_dir, args.num, seed=args.seed, workers=args.workers, prosody=args.prosody)
     print(f"wrote {args.num} utterances and {path} in {time.perf_counter() - t:.1f} s")
 
 
@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num", type=int, default=100, help="number of utterances (default 100)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--workers", type=int, default=4, help="espeak-ng processes in parallel")
+    c.add_argument("--prosody", action="store_true", help="random rate, pitch and pauses per word (SSML)")
     c.set_defaults(func=cmd_corpus)
 
     u = sub.add_parser("units", help="50 Hz discrete units by k-means over log-mel frames")

@@ -5,6 +5,12 @@ subjects, verbs, objects and endings: 45 000 distinct sentences) with espeak-ng 
 speaking rate and pitch per utterance, and writes 16 kHz 16-bit mono wavs plus a JSONL manifest with one row
 per utterance: ``id, path`` (relative to the manifest), ``text, voice, rate, pitch, duration`` (seconds).
 
+With ``prosody=True`` every word also gets its own speaking rate and pitch and some words are followed by a
+pause (espeak-ng SSML: ``<prosody rate pitch>`` per word, ``<break>``), drawn at random: word-level variation
+that the transcript and the voice cannot predict, as in real speech (emphasis, hesitation, local tempo). The
+draws go into the row as ``prosody``: ``{"rate": [% per word], "pitch": [% per word], "pause_ms": [after each
+word]}``. Without it, an utterance is a deterministic function of its text, voice, rate and pitch.
+
 ``compute_units`` turns every utterance into 50 Hz discrete units: Whisper-style log-mel frames (80 bins, the
 log floor taken per utterance, two 10 ms frames averaged per 20 ms unit), clustered by k-means whose assignment
 step is the fused RVQ kernel with one stage. The centroids are saved so that units map back to mel frames.
@@ -195,16 +201,44 @@ def write_wav(path: str, audio: Tensor, sample_rate: int = SAMPLE_RATE) -> None:
         w.writeframes(pcm.astype("<i2").tobytes())
 
 
-def _speak(binary: str, text: str, voice: str, rate: int, pitch: int) -> tuple[Tensor, int]:
+def word_prosody(num_words: int, rng: random.Random) -> dict:
+    """Random word-level prosody for ``prosody=True``: rate 60-160 % and pitch -30..+40 % of the utterance's per
+    word, and a 100-400 ms pause after a word (not the last) with probability 0.2."""
+    return {
+        "rate": [rng.randint(60, 160) for _ in range(num_words)],
+        "pitch": [rng.randint(-30, 40) for _ in range(num_words)],
+        "pause_ms": [rng.choice((100, 200, 300, 400)) if j + 1 < num_words and rng.random() < 0.2 else 0
+                     for j in range(num_words)],
+    }  # fmt: skip
+
+
+def prosody_ssml(text: str, prosody: dict) -> str:
+    """The SSML document that speaks ``text``'s whitespace-separated words with ``prosody`` (:func:`word_prosody`)."""
+    from xml.sax.saxutils import escape
+
+    words = text.split()
+    if any(len(prosody[k]) != len(words) for k in ("rate", "pitch", "pause_ms")):
+        raise ValueError(f"prosody must have one rate, pitch and pause_ms per word ({len(words)}) of {text!r}")
+    parts = []
+    for word, rate, pitch, pause in zip(words, prosody["rate"], prosody["pitch"], prosody["pause_ms"]):
+        parts.append(f'<prosody rate="{rate}%" pitch="{pitch:+d}%">{escape(word)}</prosody>')
+        if pause:
+            parts.append(f'<break time="{pause}ms"/>')
+    return "<speak>" + " ".join(parts) + "</speak>"
+
+
+def _speak(binary: str, text: str, voice: str, rate: int, pitch: int, prosody: dict | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.wav")
-        cmd = [binary, "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", path, "--", text]
+        cmd = [binary, "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", path]
+        cmd += ["-m", "--", prosody_ssml(text, prosody)] if prosody is not None else ["--", text]
         subprocess.run(cmd, check=True, capture_output=True)
         return read_wav(path)
 
 
-def synthesize_corpus(out_dir: str, num: int, *, seed: int = 0, workers: int = 4) -> str:
-    """Writes ``num`` utterances and ``manifest.jsonl`` into ``out_dir``; returns the manifest path."""
+def synthesize_corpus(out_dir: str, num: int, *, seed: int = 0, workers: int = 4, prosody: bool = False) -> str:
+    """Writes ``num`` utterances and ``manifest.jsonl`` into ``out_dir``; returns the manifest path. ``prosody``:
+    random word-level rate, pitch and pauses (see the module docstring)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     binary = espeak_binary()
@@ -220,14 +254,17 @@ def synthesize_corpus(out_dir: str, num: int, *, seed: int = 0, workers: int = 4
                 "pitch": rng.randint(25, 75),  # espeak's 0-99 scale
             }
         )
+        if prosody:
+            rows[-1]["prosody"] = word_prosody(len(rows[-1]["text"].split()), rng)
     os.makedirs(os.path.join(out_dir, "wavs"), exist_ok=True)
 
     def make(row: dict) -> dict:
-        audio, rate = _speak(binary, row["text"], row["voice"], row["rate"], row["pitch"])
+        audio, rate = _speak(binary, row["text"], row["voice"], row["rate"], row["pitch"], row.get("prosody"))
         audio = resample(audio, rate, SAMPLE_RATE)
         rel = os.path.join("wavs", f"{row['id']}.wav")
         write_wav(os.path.join(out_dir, rel), audio)
-        return {"id": row["id"], "path": rel, **{k: row[k] for k in ("text", "voice", "rate", "pitch")},
+        keys = ("text", "voice", "rate", "pitch", "prosody")
+        return {"id": row["id"], "path": rel, **{k: row[k] for k in keys if k in row},
                 "duration": round(audio.numel() / SAMPLE_RATE, 4)}  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -88,3 +88,33 @@ def test_wav_round_trip(tmp_path):
     corpus.write_wav(str(tmp_path / "a.wav"), x, 8000)
     y, rate = corpus.read_wav(str(tmp_path / "a.wav"))
     assert rate == 8000 and (x - y).abs().max() < 1e-4
+
+
+def test_prosody_ssml():
+    p = {"rate": [60, 150, 100], "pitch": [-30, 40, 0], "pause_ms": [300, 0, 0]}
+    assert corpus.prosody_ssml("Fish & chips!", p) == (
+        '<speak><prosody rate="60%" pitch="-30%">Fish</prosody> <break time="300ms"/> '
+        '<prosody rate="150%" pitch="+40%">&amp;</prosody> <prosody rate="100%" pitch="+0%">chips!</prosody></speak>'
+    )
+    with pytest.raises(ValueError, match="one rate, pitch and pause_ms per word"):
+        corpus.prosody_ssml("two words", {"rate": [100], "pitch": [0], "pause_ms": [0]})
+    import random
+
+    drawn = corpus.word_prosody(9, random.Random(0))
+    assert all(len(v) == 9 for v in drawn.values()) and drawn["pause_ms"][-1] == 0
+    assert all(60 <= r <= 160 for r in drawn["rate"]) and all(-30 <= p <= 40 for p in drawn["pitch"])
+
+
+@needs_espeak
+def test_word_prosody_changes_the_speech(tmp_path):
+    binary, text = shutil.which("espeak-ng"), "The busy chef slowly repaired the table."
+    n = len(text.split())
+    plain, rate = corpus._speak(binary, text, "en-us", 170, 50)
+    flat, _ = corpus._speak(binary, text, "en-us", 170, 50, {"rate": [100] * n, "pitch": [0] * n, "pause_ms": [0] * n})
+    slow = {"rate": [100, 100, 100, 60, 100, 100, 100], "pitch": [0] * n, "pause_ms": [0, 0, 400, 0, 0, 0, 0]}
+    slowed, _ = corpus._speak(binary, text, "en-us", 170, 50, slow)
+    assert abs(flat.numel() - plain.numel()) < 0.1 * plain.numel()  # neutral prosody ~ the plain sentence
+    assert slowed.numel() - flat.numel() > 0.5 * rate  # one slow word and a 400 ms pause: > 0.5 s longer
+    assert cli.main(["corpus", str(tmp_path), "--num", "3", "--seed", "1", "--prosody"]) == 0
+    rows = corpus.read_manifest(str(tmp_path / "manifest.jsonl"))
+    assert all(len(r["prosody"]["rate"]) == len(r["text"].split()) for r in rows)
