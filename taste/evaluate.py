@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -38,9 +39,16 @@ def _stage(model_dir: str) -> str:
 
 @torch.no_grad()
 def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: int = 16, seed: int = 0,
-             stage: str | None = None, device=None) -> dict:  # fmt: skip
+             stage: str | None = None, device=None, word_rows=None) -> dict:  # fmt: skip
+    """The metrics of the module docstring for the run (or model directory) ``model_dir``.
+
+    ``word_rows``: for ablations, a callable ``(manifest row indices) -> (W, taste_dim)`` float tensor of one row
+    per word of those utterances, given to the decoder instead of the tokenizer's TASTE embeddings (for example
+    oracle features of the words' prosody); the tokenizer is then not run."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stage = stage or _stage(model_dir)
+    if word_rows is not None:
+        stage = "no_vq"
     model = Stage1Model.from_pretrained(model_dir, device=device).eval()
     corpus = UnitCorpus(manifest)
     n = len(corpus.rows)
@@ -53,8 +61,12 @@ def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: 
     shuffle = torch.Generator().manual_seed(seed)
     for start in range(0, len(rows), batch_size):
         idx = rows[start : start + batch_size]
-        batch = corpus.batch(idx, model, device, need_audio=stage != "text")
-        _, out, tok = model(batch, stage)
+        batch = corpus.batch(idx, model, device, need_audio=stage != "text" and word_rows is None)
+        if word_rows is not None:
+            rows_in = word_rows(idx).to(device)
+            out, tok = model.decode(batch, rows_in), SimpleNamespace(word_embeddings=rows_in)
+        else:
+            _, out, tok = model(batch, stage)
         best = out.logits.float().topk(5, dim=-1).indices
         top1 += int((best[:, 0] == out.targets).sum())
         top5 += int((best == out.targets[:, None]).any(1).sum())

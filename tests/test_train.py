@@ -86,7 +86,18 @@ def test_evaluation_and_resynthesis(data, tmp_path):
     assert m["stage"] == "vq" and m["utterances"] == 4
     assert 0 <= m["unit_top1"] <= m["unit_top5"] <= 1 and m["unit_ce"] > 0 and m["unit_ce_taste_shuffled"] > 0
     assert m["duration_abs_rel_error"] >= 0 and m["code_bitrate_bps"] > 0
+    # Ablation hook: the decoder given other word rows than the tokenizer's (here the same zero row for every word,
+    # so shuffling them cannot change anything).
     rows = corpus.read_manifest(str(data / "units.jsonl"))
+    calls = []
+
+    def zeros(idx):
+        calls.append(list(idx))
+        return torch.zeros(sum(len(rows[i]["text"].split()) for i in idx), 128)
+
+    z = evaluate(str(out), str(data / "units.jsonl"), eval_size=4, batch_size=3, word_rows=zeros)
+    assert calls == [[10, 11, 12], [13]] and z["stage"] == "no_vq"
+    assert z["unit_ce_taste_shuffled"] == z["unit_ce"] and z["unit_ce"] != m["unit_ce"]
     audio, _ = corpus.read_wav(rows[0]["audio_path"])
     centroids = torch.randn(NUM_UNITS, 80) * 0.3
     codes, wave = resynthesize(str(out), audio, rows[0]["text"], centroids)
