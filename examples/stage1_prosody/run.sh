@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The stage-1 experiment of the README, from nothing: an espeak-ng corpus of 2400 utterances with random word-level prosody, 128 k-means units,
-# a tiny TASTE trained from scratch (stage 0 asr, then 1-1 text-only, 1-2 no VQ, 1-3 VQ), a text-only model
-# trained as many decoder steps as the TASTE one (500 + 400 + 400), and the evaluation of all on the last 96
-# utterances. Needs espeak-ng and the package installed (the `taste` command); about 45 min on 2 CPU cores.
+# The stage-1 experiment on a corpus with word-level prosody, from nothing: 2400 espeak-ng utterances whose every
+# word has its own random rate and pitch, with random pauses (`taste corpus --prosody`), 128 k-means units, a tiny
+# TASTE trained from scratch (stage 0 asr, then 1-1 text-only, 1-2 no VQ, 1-3 VQ), a text-only model trained as
+# many decoder steps as the TASTE one (500 + 400 + 400), the decoder given the words' true prosody instead of TASTE
+# (oracle.py, as many steps as 1-2 and as 1-2 + 1-3), linear probes of what the word embeddings carry (probe.py),
+# and the evaluation of all on the last 96 utterances. Needs espeak-ng and the package installed (the `taste`
+# command); about an hour on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")"
 taste corpus espeak --num 2400 --seed 0 --prosody
@@ -13,3 +16,7 @@ done
 for r in text text_long no_vq vq; do
   taste eval-tokenizer "runs/$r" espeak/manifest.units.jsonl --eval-size 96 --json "runs/$r/eval.json"
 done
+python oracle.py --steps 400 --out runs/oracle
+python oracle.py --steps 800 --out runs/oracle_long
+taste eval-tokenizer runs/asr espeak/manifest.units.jsonl --eval-size 96 --json runs/asr/eval.json
+python probe.py runs/text runs/no_vq runs/vq
