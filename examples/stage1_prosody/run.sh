@@ -8,14 +8,7 @@
 # command); about an hour on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")"
-taste corpus espeak --num 2400 --seed 0 --prosody
-taste units espeak/manifest.jsonl --k 128
-for c in asr text no_vq vq text_long; do
-  taste train-tokenizer "$c.json" --quiet
-done
-for r in text text_long no_vq vq; do
-  taste eval-tokenizer "runs/$r" espeak/manifest.units.jsonl --eval-size 96 --json "runs/$r/eval.json"
-done
+../stage1_pipeline.sh --prosody
 python oracle.py --steps 400 --out runs/oracle
 python oracle.py --steps 800 --out runs/oracle_long
 taste eval-tokenizer runs/asr espeak/manifest.units.jsonl --eval-size 96 --json runs/asr/eval.json
