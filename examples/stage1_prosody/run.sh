@@ -5,7 +5,7 @@
 # many decoder steps as the TASTE one (500 + 400 + 400), the decoder given the words' true prosody instead of TASTE
 # (oracle.py, as many steps as 1-2 and as 1-2 + 1-3), linear probes of what the word embeddings carry (probe.py),
 # and the evaluation of all on the last 96 utterances. Needs espeak-ng and the package installed (the `taste`
-# command); about an hour on 2 CPU cores.
+# command); about two hours on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")"
 ../stage1_pipeline.sh --prosody
@@ -13,3 +13,10 @@ python oracle.py --steps 400 --out runs/oracle
 python oracle.py --steps 800 --out runs/oracle_long
 taste eval-tokenizer runs/asr espeak/manifest.units.jsonl --eval-size 96 --json runs/asr/eval.json
 python probe.py runs/text runs/no_vq runs/vq
+# stage 0 trained on until it reads the speech (1800 more steps, token dropout 0.5), then 1-1 and 1-2 again
+for c in asr_long text2 no_vq2; do
+  taste train-tokenizer "$c.json" --quiet
+done
+taste eval-tokenizer runs/asr_long espeak/manifest.units.jsonl --eval-size 96 --json runs/asr_long/eval.json
+taste eval-tokenizer runs/no_vq2 espeak/manifest.units.jsonl --eval-size 96 --json runs/no_vq2/eval.json
+python probe.py runs/no_vq2
