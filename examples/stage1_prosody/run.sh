@@ -13,10 +13,11 @@ python oracle.py --steps 400 --out runs/oracle
 python oracle.py --steps 800 --out runs/oracle_long
 taste eval-tokenizer runs/asr espeak/manifest.units.jsonl --eval-size 96 --json runs/asr/eval.json
 python probe.py runs/text runs/no_vq runs/vq
-# stage 0 trained on until it reads the speech (1800 more steps, token dropout 0.5), then 1-1 and 1-2 again
-for c in asr_long text2 no_vq2; do
+# stage 0 trained on until it reads the speech (1800 more steps, token dropout 0.5), then 1-1, 1-2, 1-3 again
+for c in asr_long text2 no_vq2 vq2; do
   taste train-tokenizer "$c.json" --quiet
 done
 taste eval-tokenizer runs/asr_long espeak/manifest.units.jsonl --eval-size 96 --json runs/asr_long/eval.json
 taste eval-tokenizer runs/no_vq2 espeak/manifest.units.jsonl --eval-size 96 --json runs/no_vq2/eval.json
-python probe.py runs/no_vq2
+taste eval-tokenizer runs/vq2 espeak/manifest.units.jsonl --eval-size 96 --json runs/vq2/eval.json
+python probe.py runs/no_vq2 runs/vq2
