@@ -8,8 +8,8 @@ model (``init_from``). Loss: unit cross-entropy averaged over targets + the comm
 ``asr`` is a stage 0 for models trained from scratch: the official recipe starts from a pretrained Whisper, whose
 decoder already attends to the speech of the next word; a random tiny model gets that from next-token prediction
 of the transcript given the speech (the aggregator with its token embedding as the tied output layer, as in
-Whisper), before stage 1-1, optionally with a CTC loss on the encoder that makes it read the speech sooner
-(``asr_ctc_weight``).
+Whisper), before stage 1-1, optionally with a CTC loss on the encoder (``asr_ctc_weight``). Hiding half of the
+input tokens (``asr_token_dropout``) and enough steps are what made a tiny model read the speech (bench/RESULTS.md).
 
 A run writes into ``out_dir``: ``checkpoint-{step}/`` every ``save_every`` steps and at the end (the model as
 ``tokenizer/`` and ``decoder/`` pretrained directories plus ``trainer.pt``: optimizer, scheduler, RNG states and
@@ -122,9 +122,11 @@ class Stage1Model(nn.Module):
         the aggregator), read out through the same tied token embedding over a closed vocabulary: ``ctc_vocab``,
         the sorted ``(V,)`` int64 ids that the corpus uses (:func:`corpus_vocabulary`), with the first prefix id
         (start of transcript, never in a transcript) as the blank. Every frame of the window is an input frame
-        (the padding is silence, read as blanks). It makes a random encoder read the speech from the first steps
-        and lines each frame up with the embedding of the token it says, which the aggregator's queries are made
-        of. Returns ``(loss, SimpleNamespace(targets=..., logits=...), None)``."""
+        (the padding is silence, read as blanks). It is meant to make a random encoder read the speech sooner and
+        line each frame up with the embedding of the token it says, which the aggregator's queries are made of
+        (on the espeak-ng corpus it did not, within 600 steps: bench/RESULTS.md).
+
+        Returns ``(loss, SimpleNamespace(targets=..., logits=...), None)``."""
         a, tok = batch["text"].asr, self.tokenizer
         dev = batch["mel"].device
         tokens, cu = a.tokens.to(dev), a.cu_seqlens.to(dev)
@@ -133,9 +135,8 @@ class Stage1Model(nn.Module):
             hide = torch.rand(tokens.shape, device=dev) < token_dropout
             inputs = torch.where(hide, tok.aggregator.prefix_ids[0], tokens)
         h_key, h_val = tok.encode_speech(batch["mel"])
-        table = tok.aggregator.embed_tokens.weight
         states = tok.aggregator(inputs, cu, a.max_seqlen, h_key, h_val)  # (N, d)
-        logits = states @ table.T  # (N, vocab): Whisper ties its output layer
+        logits = states @ tok.aggregator.embed_tokens.weight.T  # (N, vocab): Whisper ties its output layer
         last = torch.zeros(tokens.shape[0], dtype=torch.bool, device=dev)
         last[cu[1:].long() - 1] = True
         targets = torch.where(last, -100, tokens.roll(-1))
@@ -151,9 +152,9 @@ class Stage1Model(nn.Module):
         in nats per frame."""
         blank = self.tokenizer.aggregator.prefix_ids[:1].to(vocab.device)
         classes = torch.cat([blank, vocab])
-        pos = torch.searchsorted(vocab, tokens)
-        if bool((pos >= vocab.numel()).any()) or not bool((vocab[pos.clamp(max=vocab.numel() - 1)] == tokens).all()):
+        if not bool(torch.isin(tokens, vocab).all()):
             raise ValueError("a transcript token is not in ctc_vocab: build it from the whole corpus")
+        pos = torch.searchsorted(vocab, tokens)
         logits = h_key @ self.tokenizer.aggregator.embed_tokens.weight[classes].T  # (B, T, 1 + V)
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, C)
         batch, frames = h_key.shape[0], h_key.shape[1]
