@@ -7,7 +7,9 @@ Providers, side by side on the same weights and inputs:
       word averaging (spec 1.4 / 1.5);
   (2) PyTorch SDPA on the padded batch (causal mask for self-attention) + vectorised pooling;
   (3) FlexAttention (compiled) on the padded batch + vectorised pooling, where the installed torch has it;
-  (4) ours: taste.TextQueryAggregator on packed rows (Triton text_query_attention on CUDA) + ops.segment_mean.
+  (4) ours: taste.TextQueryAggregator on packed rows (Triton text_query_attention on CUDA) + ops.segment_mean;
+      at inference it makes the cross-attention K/V for at most --kv-chunk-frames frames at a time;
+  (5) where that chunks the batch: ours with every utterance's K/V made at once (the memory it saves, the time).
 Two cases per batch size: the whole aggregator (2 layers incl. K/V projections of 1500 frames), and the
 attention + pooling part alone (one cross-attention over precomputed K/V, then word pooling).
 """
@@ -113,6 +115,17 @@ def aggregator_providers(agg, p, train, flex):
             padded_aggregator(agg, ids, p["h_key"], p["h_val"], lambda q, k, v: flex(q, k, v, block_mask=block), flex)
         )
     providers["(4) ours packed"] = ours
+    frames = p["h_key"].shape[1]
+    if not train and agg.kv_chunk_frames and agg.kv_chunk_frames // frames < p["lengths"].numel():
+
+        def unchunked():  # the same module with every utterance's K/V made at once
+            chunk, agg.kv_chunk_frames = agg.kv_chunk_frames, None
+            try:
+                return ours()
+            finally:
+                agg.kv_chunk_frames = chunk
+
+        providers["(5) ours, K/V unchunked"] = unchunked
     return {name: _step(fn, train) for name, fn in providers.items()}
 
 
@@ -170,6 +183,9 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="forward + backward instead of forward")
     p.add_argument("--batch", type=int, nargs="+", help="utterances per batch (default: 1 8 64 on GPU, 1 8 on CPU)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes ~30 s on CPU)")
+    p.add_argument("--kv-chunk-frames", type=int, default=TextQueryAggregator.kv_chunk_frames,
+                   help="ours at inference: K/V made for at most this many frames at a time (0: all at once); where "
+                        "it chunks, (5) measures the whole batch at once beside it")  # fmt: skip
     args = parse(p)
     dev = args.device
     prob = GPU_PROBLEM if dev == "cuda" else CPU_PROBLEM
@@ -188,6 +204,7 @@ def main() -> None:
         d_model=prob["d_model"], num_heads=prob["heads"], ffn_dim=prob["ffn"], identity_v_proj=False
     )
     agg = TextQueryAggregator(config=config).to(dev, dtype)
+    agg.kv_chunk_frames = args.kv_chunk_frames or None
     if not args.train:
         agg.requires_grad_(False)
     flex = None

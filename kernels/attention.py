@@ -330,17 +330,28 @@ def text_query_attention_fwd(
     causal: bool,
     scale: float,
     num_splits: int | None = None,
+    out=None,
+    lse=None,
 ):
-    """Returns out (Nq, H, D) in q.dtype and lse (H, Nq) float32."""
+    """Returns out (Nq, H, D) in q.dtype and lse (H, Nq) float32.
+
+    With ``out`` and ``lse`` given, the kernel writes into them, only the rows of the sequences that
+    ``cu_seqlens_q`` names, and never splits the key range: ``cu_seqlens_q`` may then be a slice
+    ``cu[b0 : b1 + 1]`` of the whole batch's offsets (rows stay global) while k/v and ``cu_seqlens_k`` hold only
+    those sequences' keys. This is how a batch is processed a few sequences at a time into one output.
+    """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     total_q, heads, head_dim = q.shape
     batch = cu_seqlens_q.shape[0] - 1
     block_m, block_n, warps = _tiles(max_seqlen_q, head_dim, q.dtype)
-    out = torch.empty_like(q)
-    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    given = out is not None
+    if not given:
+        out = torch.empty_like(q)
+        lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0 or batch == 0:
         return out, lse
-    splits = num_splits or auto_num_splits(batch, heads, max_seqlen_q, max_seqlen_k, block_m, block_n, q.device)
+    splits = 1 if given else num_splits
+    splits = splits or auto_num_splits(batch, heads, max_seqlen_q, max_seqlen_k, block_m, block_n, q.device)
     o_buf, l_buf = out, lse
     if splits > 1:  # per-split partial results in float32, merged below
         o_buf = torch.empty((splits, total_q, heads, head_dim), dtype=torch.float32, device=q.device)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taste.ops import text_query_attention
+from taste.ops import text_query_attention, text_query_cross_attention
 
 OFFICIAL_PREFIX = "audio_tower.audio_joint_encoder_segmenter.audio_segmenter.decoder."
 WHISPER_PREFIX_IDS = (50258, 50259, 50360, 50364)  # <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
@@ -97,6 +97,26 @@ class WhisperAttention(nn.Module):
         )  # fmt: skip
         return self.out_proj(attn.reshape(h_q.shape[0], -1))
 
+    def forward_states(self, h_q, h_key, h_val, cu_seqlens_q, max_seqlen_q, chunk_frames=None):
+        """Cross-attention of packed ``h_q`` rows over dense encoder states ``(B, E, d_model)``.
+
+        When no gradient is needed and ``chunk_frames`` is set, keys and values are projected for
+        ``chunk_frames // E`` utterances at a time (``ops.text_query_cross_attention``), so only that many
+        utterances' K/V exist at once; otherwise every frame is projected and the differentiable op runs."""
+        b, e, _ = h_key.shape
+        params = (self.k_proj.weight, self.v_proj.weight, self.v_proj.bias)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h_q, h_key, h_val, *params))
+        if chunk_frames and not grad:
+            q = self.q_proj(h_q)
+            chunk = max(1, min(b, chunk_frames // max(e, 1)))
+            attn = text_query_cross_attention(
+                q.view(q.shape[0], self.heads, -1), h_key, h_val, self.k_proj.weight, self.v_proj.weight,
+                cu_seqlens_q, max_seqlen_q, v_bias=self.v_proj.bias, chunk_size=chunk,
+            )  # fmt: skip
+            return self.out_proj(attn.reshape(h_q.shape[0], -1))
+        cu_k = torch.arange(b + 1, device=h_q.device, dtype=torch.int32) * e
+        return self(h_q, h_key.reshape(b * e, -1), h_val.reshape(b * e, -1), cu_seqlens_q, cu_k, max_seqlen_q, e)
+
     def forward_dense(self, x: Tensor) -> Tensor:
         """Unmasked self-attention over every row of a dense ``(B, T, d_model)`` batch (the speech encoder's)."""
         b, t, d = x.shape
@@ -129,16 +149,24 @@ class AggregatorLayer(WhisperLayer):
         self.encoder_attn = WhisperAttention(config.d_model, config.num_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
-    def forward(self, x, cu_seqlens, max_seqlen, key_states, value_states, cu_seqlens_k, max_seqlen_k):
+    def forward(self, x, cu_seqlens, max_seqlen, h_key, h_val, kv_chunk_frames=None):
         h = self.self_attn_layer_norm(x)
         x = x + self.self_attn(h, h, h, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         h = self.encoder_attn_layer_norm(x)
-        x = x + self.encoder_attn(h, key_states, value_states, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k)
+        x = x + self.encoder_attn.forward_states(h, h_key, h_val, cu_seqlens, max_seqlen, kv_chunk_frames)
         return self.ffn(x)
 
 
 class TextQueryAggregator(nn.Module):
-    """Text-token queries over the speech encoder; packed batches in and out, no host sync in forward."""
+    """Text-token queries over the speech encoder; packed batches in and out, no host sync in forward.
+
+    ``kv_chunk_frames`` (attribute, default 24576 = 16 utterances of 30 s): when no gradient is needed, the
+    cross-attention keys and values are made for at most this many encoder frames (whole utterances, at least one)
+    at a time and freed after their queries have attended, so inference never holds the whole batch's K/V (2 x
+    B x E x d_model). ``None`` projects every frame at once, as training always does.
+    """
+
+    kv_chunk_frames: int | None = 24576
 
     def __init__(self, *, config: AggregatorConfig):
         super().__init__()
@@ -209,11 +237,8 @@ class TextQueryAggregator(nn.Module):
         seq_p = torch.repeat_interleave(torch.arange(batch, device=dev), lengths + prefix, output_size=ids.shape[0])
         positions = torch.arange(ids.shape[0], device=dev) - cu_p[seq_p]
         x = self.embed_tokens(ids) + self.embed_positions(positions)  # (N + B*P, d)
-        key_states = h_key.reshape(batch * frames, -1)  # (B*E, d)
-        value_states = h_val.reshape(batch * frames, -1)
-        cu_k = torch.arange(batch + 1, device=dev, dtype=torch.int32) * frames
         for layer in self.layers:
-            x = layer(x, cu_p, max_seqlen + prefix, key_states, value_states, cu_k, frames)
+            x = layer(x, cu_p, max_seqlen + prefix, h_key, h_val, self.kv_chunk_frames)
         return self.layer_norm(x)[token_rows]  # (N, d): the skip_prefix prefix outputs dropped
 
     @classmethod

@@ -294,7 +294,7 @@ if HAS_EXTENSION:
     torch.library.register_autograd("taste::segment_sum_by_key", _by_key_backward, setup_context=_by_key_setup)
 
 
-from taste.ops_attention import text_query_attention  # noqa: E402,F401  (Triton custom op, see the module)
+from taste.ops_attention import text_query_attention, text_query_cross_attention  # noqa: E402,F401  (Triton custom op, see the module)
 from taste.ops_rvq import (  # noqa: E402,F401  (Triton custom ops, see the module)
     RVQQuantization,
     rvq_decode,

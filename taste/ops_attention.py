@@ -190,3 +190,141 @@ def text_query_attention(
     _check_offsets(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, cu_seqlens_q.shape[0] - 1)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)[0]
+
+
+# ---- cross-attention with K/V projected from the encoder states a few sequences at a time (inference) ----
+
+
+def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk,
+                            scale, triton_path: bool):  # fmt: skip
+    """Projects K/V for ``chunk`` sequences, attends their queries, frees them; one output for the batch."""
+    import torch.nn.functional as F
+
+    batch, frames = h_key.shape[:2]
+    heads, head_dim = q.shape[1:]
+    out = torch.zeros_like(q)
+    if batch == 0 or q.shape[0] == 0:
+        return out
+    cu_host = None if triton_path else cu_seqlens_q.tolist()  # the reference path reads offsets on the host anyway
+    lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device) if triton_path else None
+    for b0 in range(0, batch, chunk):
+        b1 = min(b0 + chunk, batch)
+        k = F.linear(h_key[b0:b1], k_weight, k_bias).view((b1 - b0) * frames, heads, head_dim)
+        v = F.linear(h_val[b0:b1], v_weight, v_bias).view((b1 - b0) * frames, heads, head_dim)
+        cu_k = torch.arange(b1 - b0 + 1, device=q.device, dtype=torch.int32) * frames
+        if triton_path:  # rows stay global: the kernel reads this chunk's query offsets from the slice
+            from taste.kernels.attention import text_query_attention_fwd
+
+            text_query_attention_fwd(q, k, v, cu_seqlens_q[b0 : b1 + 1], cu_k, max_seqlen_q, frames, False, scale,
+                                     out=out, lse=lse)  # fmt: skip
+        else:
+            r0, r1 = cu_host[b0], cu_host[b1]
+            cu_q = cu_seqlens_q[b0 : b1 + 1] - r0
+            out[r0:r1] = reference.text_query_attention(q[r0:r1], k, v, cu_q, cu_k, max_seqlen_q, frames, False,
+                                                        scale)[0]  # fmt: skip
+        del k, v
+    return out
+
+
+@torch.library.custom_op("taste::text_query_cross_attention", mutates_args=())
+def _cross_attention(
+    q: Tensor,
+    h_key: Tensor,
+    h_val: Tensor,
+    k_weight: Tensor,
+    k_bias: Tensor | None,
+    v_weight: Tensor,
+    v_bias: Tensor | None,
+    cu_seqlens_q: Tensor,
+    max_seqlen_q: int,
+    chunk: int,
+    scale: float,
+) -> Tensor:
+    return _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q,
+                                   chunk, scale, triton_path=False)  # fmt: skip
+
+
+@_cross_attention.register_kernel("cuda")
+def _cross_attention_cuda(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk,
+                          scale):  # fmt: skip
+    args = (h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk, scale)
+    with torch.cuda.device(q.device):
+        return _cross_attention_chunks(q.contiguous(), *args, triton_path=_uses_triton(q))
+
+
+@_cross_attention.register_fake
+def _cross_attention_fake(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk,
+                          scale):  # fmt: skip
+    return torch.empty_like(q)
+
+
+def text_query_cross_attention(
+    q: Tensor,
+    h_key: Tensor,
+    h_val: Tensor,
+    k_weight: Tensor,
+    v_weight: Tensor,
+    cu_seqlens_q: Tensor,
+    max_seqlen_q: int,
+    *,
+    k_bias: Tensor | None = None,
+    v_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Inference cross-attention of packed text queries over dense encoder states, K/V made chunk by chunk.
+
+    Equals ``text_query_attention(q, k, v, ...)`` with ``k = h_key @ k_weight.T + k_bias`` and
+    ``v = h_val @ v_weight.T + v_bias`` for every frame of every sequence, but projects keys and values for
+    ``chunk_size`` sequences at a time (cuBLAS / the CPU GEMM), attends those sequences' queries and frees them: peak
+    memory holds one chunk's K/V instead of the batch's. No host sync on CUDA. Not differentiable (the aggregator
+    takes the unchunked path when gradients are needed).
+
+    Args:
+        q: ``(Nq, H, D)`` packed, already projected queries; sequence b's rows are
+            ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``.
+        h_key, h_val: ``(B, E, d_in)`` encoder states (every sequence has E frames), q's dtype and device.
+        k_weight, v_weight: ``(H * D, d_in)``; k_bias, v_bias: ``(H * D,)`` or None.
+        cu_seqlens_q: ``(B + 1,)`` int32; max_seqlen_q: host int bounding the query lengths.
+        chunk_size: sequences per chunk (default: all of them, one chunk).
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``(Nq, H, D)`` in q.dtype.
+    """
+    if q.dim() != 3 or not q.is_floating_point():
+        raise RuntimeError(f"taste: q must be a floating-point (rows, heads, head_dim) tensor, got {q.dtype} "
+                           f"{tuple(q.shape)}")  # fmt: skip
+    if h_key.dim() != 3 or h_key.shape != h_val.shape:
+        raise RuntimeError(f"taste: h_key and h_val must both be (B, E, d_in), got {tuple(h_key.shape)} and "
+                           f"{tuple(h_val.shape)}")  # fmt: skip
+    width = q.shape[1] * q.shape[2]
+    for name, w in (("k_weight", k_weight), ("v_weight", v_weight)):
+        if w.shape != (width, h_key.shape[2]):
+            raise RuntimeError(f"taste: {name} must be (H * D, d_in) = ({width}, {h_key.shape[2]}), got "
+                               f"{tuple(w.shape)}")  # fmt: skip
+    for name, bias in (("k_bias", k_bias), ("v_bias", v_bias)):
+        if bias is not None and bias.shape != (width,):
+            raise RuntimeError(f"taste: {name} must be (H * D,) = ({width},) or None, got {tuple(bias.shape)}")
+    named = [("h_key", h_key), ("h_val", h_val), ("k_weight", k_weight), ("v_weight", v_weight),
+             ("k_bias", k_bias), ("v_bias", v_bias)]  # fmt: skip
+    for name, t in named:
+        if t is not None and (t.dtype != q.dtype or t.device != q.device):
+            raise RuntimeError(f"taste: {name} must have q's dtype and device ({q.dtype}, {q.device}), got "
+                               f"{t.dtype}, {t.device}")  # fmt: skip
+    if cu_seqlens_q.device != q.device:
+        raise RuntimeError(f"taste: cu_seqlens_q must be on q's device ({q.device}), got {cu_seqlens_q.device}")
+    if q.is_cuda and q.shape[-1] not in TRITON_HEAD_DIMS:
+        raise RuntimeError(f"taste: head_dim must be one of {TRITON_HEAD_DIMS} on CUDA, got {q.shape[-1]}")
+    if max_seqlen_q < 0:
+        raise RuntimeError(f"taste: max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    if chunk_size is not None and chunk_size < 1:
+        raise RuntimeError(f"taste: chunk_size must be >= 1 or None, got {chunk_size}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for _, t in named + [("q", q)]):
+        raise RuntimeError("taste: text_query_cross_attention is inference only (no backward); call it under "
+                           "torch.no_grad() or use text_query_attention on projected K/V")  # fmt: skip
+    _check_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, h_key.shape[0])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chunk = max(h_key.shape[0], 1) if chunk_size is None else int(chunk_size)
+    return _cross_attention(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk,
+                            scale)  # fmt: skip

@@ -196,6 +196,17 @@ def text_query_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return out, _from_padded(lse, cu_seqlens_q, q.shape[0], lq).t().contiguous()  # (H, Nq)
 
 
+def text_query_cross_attention(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q,
+                               scale=None):  # fmt: skip
+    """Cross-attention of packed queries (Nq, H, D) over K/V projected from dense states h_key/h_val (B, E, d_in):
+    every frame projected at once (the definition that the chunked op must equal)."""
+    batch, frames = h_key.shape[:2]
+    k = torch.nn.functional.linear(h_key, k_weight, k_bias).reshape(batch * frames, *q.shape[1:])
+    v = torch.nn.functional.linear(h_val, v_weight, v_bias).reshape(batch * frames, *q.shape[1:])
+    cu_k = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * frames
+    return text_query_attention(q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, frames, False, scale)[0]
+
+
 def text_query_attention_backward(
     grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None
 ):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import DEVICES, HAS_CUDA, make_cu
 
-from taste import AggregatorConfig, TextQueryAggregator, ops
+from taste import AggregatorConfig, TextQueryAggregator, aggregator, ops, ops_attention
 from taste.aggregator import OFFICIAL_PREFIX
 
 transformers = pytest.importorskip("transformers")
@@ -131,9 +131,38 @@ def test_compiles_fullgraph_and_trains():
     eager = agg(tokens, cu, 9, h_key, h_val)
     got = compiled(tokens, cu, 9, h_key, h_val)
     torch.testing.assert_close(got, eager)
+    agg.kv_chunk_frames = 40  # inference: K/V one utterance at a time, also compiled whole
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens, cu, 9, h_key, h_val), eager, atol=2e-5, rtol=1e-5)
     got.square().mean().backward()
     grads = [p.grad for p in agg.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(device, monkeypatch):
+    """Without gradients K/V are made kv_chunk_frames at a time (here one or two utterances, and one frame:
+    still one utterance); the output equals the unchunked one. With gradients the differentiable path runs."""
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny()).to(device)
+    tokens, cu, h_key, h_val = (t.to(device) for t in batch([7, 0, 12, 1, 30], frames=40, dtype=torch.float32))
+    chunked = []
+    real = ops_attention.text_query_cross_attention
+    monkeypatch.setattr(aggregator, "text_query_cross_attention", lambda *a, **k: chunked.append(k) or real(*a, **k))
+    with torch.no_grad():
+        agg.kv_chunk_frames = None
+        whole = agg(tokens, cu, 30, h_key, h_val)
+        assert not chunked
+        for frames, per_chunk in ((40, 1), (80, 2), (1, 1), (10**6, 5)):
+            agg.kv_chunk_frames = frames
+            torch.testing.assert_close(agg(tokens, cu, 30, h_key, h_val), whole, atol=2e-5, rtol=1e-5)
+            assert chunked[-1]["chunk_size"] == per_chunk
+    n = len(chunked)
+    agg.kv_chunk_frames = 40
+    out = agg(tokens, cu, 30, h_key, h_val)
+    assert len(chunked) == n  # gradients needed: the unchunked, differentiable path
+    torch.testing.assert_close(out, whole, atol=2e-5, rtol=1e-5)
+    out.square().mean().backward()
+    assert agg.layers[0].encoder_attn.k_proj.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -188,3 +188,106 @@ def test_cuda_op_uses_triton_and_backward_matches(device, gen):
     assert (out.double() - ref).abs().max().item() < max_error_allowed(out, ref, q, k, v, cu_q, cu_k, False, 0.125)
     out.float().square().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in ins)
+
+
+# ---- text_query_cross_attention: K/V projected from dense states chunk by chunk (inference) -----------------
+
+
+def make_cross(lq, frames, heads, dim, d_in, dtype, device, gen):
+    """Queries (Nq, H, D), states (B, E, d_in), projection weights (H*D, d_in) and a value bias."""
+    q = torch.randn(sum(lq), heads, dim, generator=gen).to(device, dtype)
+    h_key, h_val = (torch.randn(len(lq), frames, d_in, generator=gen).to(device, dtype) for _ in range(2))
+    k_w, v_w = (torch.randn(heads * dim, d_in, generator=gen).div(d_in**0.5).to(device, dtype) for _ in range(2))
+    v_b = torch.randn(heads * dim, generator=gen).to(device, dtype)
+    return q, h_key, h_val, k_w, v_w, v_b, make_cu(lq, device)
+
+
+def naive_cross(q, h_key, h_val, k_w, v_w, v_b, cu_q, scale):
+    """float64 projections of every frame, then the per-sequence softmax attention."""
+    b, e, _ = h_key.shape
+    k = (h_key.double() @ k_w.double().T).reshape(b * e, *q.shape[1:])
+    v = (h_val.double() @ v_w.double().T + (0 if v_b is None else v_b.double())).reshape(b * e, *q.shape[1:])
+    cu_k = make_cu([e] * b, q.device)
+    return naive(q.double(), k, v, cu_q, cu_k, False, scale)
+
+
+CROSS_STATES = [[1], [5, 1, 0, 17, 3], [0, 0, 4], [33, 9]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 1, 2, 7])
+def test_cross_attention_matches_naive_and_reference(device, dtype, chunk, gen):
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 6e-2}[dtype]
+    for lq in CROSS_STATES:
+        q, h_key, h_val, k_w, v_w, v_b, cu = make_cross(lq, 19, 2, 32, 24, dtype, device, gen)
+        out = ops.text_query_cross_attention(q, h_key, h_val, k_w, v_w, cu, max(lq), v_bias=v_b, chunk_size=chunk)
+        assert out.dtype == dtype and out.shape == q.shape
+        ref = naive_cross(q, h_key, h_val, k_w, v_w, v_b, cu, 32**-0.5)
+        assert (out.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item()), (lq, chunk)
+        plain = reference.text_query_cross_attention(q, h_key, h_val, k_w, None, v_w, v_b, cu, max(lq))
+        torch.testing.assert_close(out, plain, atol=tol, rtol=tol)  # chunking moves only GEMM rounding
+
+
+def test_cross_attention_equals_projected_text_query_attention(gen):
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([4, 7, 2], 11, 3, 32, 16, torch.float32, "cpu", gen)
+    k_b = torch.randn(96, generator=gen)
+    k = torch.nn.functional.linear(h_key, k_w, k_b).reshape(33, 3, 32)
+    v = torch.nn.functional.linear(h_val, v_w, v_b).reshape(33, 3, 32)
+    want = ops.text_query_attention(q, k, v, cu, make_cu([11] * 3), 7, 11, scale=0.3)
+    got = ops.text_query_cross_attention(q, h_key, h_val, k_w, v_w, cu, 7, k_bias=k_b, v_bias=v_b, chunk_size=2,
+                                         scale=0.3)  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
+@on_triton_interpreter
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_cross_attention_triton_chunks_in_interpreter(chunk, gen):
+    """The Triton path: each chunk's kernel reads a slice of the global query offsets and writes global rows."""
+    from taste.ops_attention import _cross_attention_chunks
+
+    lq = [5, 1, 0, 17, 3]
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross(lq, 9, 2, 32, 16, torch.float32, "cpu", gen)
+    out = _cross_attention_chunks(q, h_key, h_val, k_w, None, v_w, v_b, cu, 17, chunk, 32**-0.5, triton_path=True)
+    ref = naive_cross(q, h_key, h_val, k_w, v_w, v_b, cu, 32**-0.5)
+    assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda)])
+def test_cross_attention_on_gpu_chunked_equals_whole(device, gen):
+    lq = [100, 37, 1, 0, 64]
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross(lq, 1500, 20, 64, 1280, torch.bfloat16, device, gen)
+    whole = ops.text_query_cross_attention(q, h_key, h_val, k_w, v_w, cu, 100, v_bias=v_b)
+    chunked = ops.text_query_cross_attention(q, h_key, h_val, k_w, v_w, cu, 100, v_bias=v_b, chunk_size=2)
+    torch.testing.assert_close(chunked, whole)  # the same kernel per sequence; only the grid differs
+    ref = naive_cross(q, h_key, h_val, k_w, v_w, v_b, cu, 0.125)
+    assert (chunked.double() - ref).abs().max().item() < 3e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_attention_opcheck_and_compile(device, gen):
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([3, 0, 4], 6, 2, 32, 8, torch.float32, device, gen)
+    args = (q, h_key, h_val, k_w, None, v_w, v_b, cu, 4, 2, 0.2)
+    torch.library.opcheck(torch.ops.taste.text_query_cross_attention, args)
+    fn = lambda q, hk, hv: ops.text_query_cross_attention(q, hk, hv, k_w, v_w, cu, 4, v_bias=v_b, chunk_size=2)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, h_key, h_val), fn(q, h_key, h_val))
+
+
+BAD_CROSS = [
+    (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h, h[:, :1], w, w, c, 4), r"h_key and h_val must both"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h, h, w[:, :3], w, c, 4), r"k_weight must be \(H \* D"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h, h, w, w, c, 4, v_bias=b[:5]), r"v_bias must be"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h.double(), h, w, w, c, 4), r"h_key must have q's"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h, h, w, w, c, 4, chunk_size=0), r"chunk_size must"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h, h, w, w, c[:1], 4), r"cu_seqlens_q must have"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h, h, w.requires_grad_(), w, c, 4), r"inference only"),
+]
+
+
+@pytest.mark.parametrize("call,match", BAD_CROSS)
+def test_cross_attention_bad_input(call, match):
+    q, h = torch.randn(4, 2, 32), torch.randn(1, 5, 8)
+    with pytest.raises(RuntimeError, match=match):
+        call(q, h, torch.randn(64, 8), torch.randn(64), make_cu([4]))
