@@ -221,6 +221,11 @@ def main() -> None:
         rows += measure(f"attention+pooling {label}", providers, dev, args.reps, bytes_moved=nbytes)
     ceiling = copy_ceiling_gbps(dev) if dev == "cuda" else None
     report(f"bench/aggregator.py {mode} on {dev}, {dtype}", rows, dev, args.json, ceiling)
+    if dev == "cuda":
+        from taste.kernels.attention import tuned_tiles
+
+        for key, tiles in tuned_tiles().items():  # large 16-bit problems pick their forward tiles by measurement
+            print(f"attention forward tiles chosen by the autotuner for {key}: {tiles}")
 
 
 if __name__ == "__main__":

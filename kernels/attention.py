@@ -63,6 +63,38 @@ def _key_range(
 
 
 @triton.jit
+def _fwd_block(
+    q, acc, m_i, l_i, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h, num_heads, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax. MASKED=False: every (row, key) pair is visible (no mask computed,
+    unmasked loads); rows past the sequence read zeros and are never stored."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        col_ok = cols < hi
+        k = _tile(K_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
+        v = _tile(V_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
+    else:
+        offs = ((k_start + cols) * num_heads + h)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+        k = tl.load(K_ptr + offs)
+        v = tl.load(V_ptr + offs)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(_visible(rows, cols, row_ok, col_ok, shift, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _text_query_attention_fwd_kernel(
     Q_ptr,
     K_ptr,
@@ -75,6 +107,8 @@ def _text_query_attention_fwd_kernel(
     total_q,
     num_splits,
     sm_scale,
+    q_bucket,  # the autotuner's key (problem size class); unused by the kernel
+    k_bucket,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -98,21 +132,20 @@ def _text_query_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    shift = k_len - q_len
     lo, hi = _key_range(start_m, q_len, k_len, split, num_splits, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        k = _tile(K_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(_visible(rows, cols, row_ok, col_ok, k_len - q_len, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(V_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # Whole key blocks that every row of the tile sees need no mask: all of [lo, hi) but its last partial block;
+    # with causal masking only keys up to start_m + shift (seen by the tile's first row) qualify.
+    full = hi
+    if CAUSAL:
+        full = tl.minimum(hi, start_m + shift + 1)
+    mid = lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, mid, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h,
+                                   num_heads, qk_scale, BLOCK_N, BLOCK_D, CAUSAL, False, PRECISION)  # fmt: skip
+    for start_n in range(mid, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h,
+                                   num_heads, qk_scale, BLOCK_N, BLOCK_D, CAUSAL, True, PRECISION)  # fmt: skip
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     # Natural-log LSE; with splits a split without keys reports -inf (weight 0 in the merge), else +inf = no key.
@@ -309,6 +342,42 @@ def _tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, i
     return block_m, block_n, 8 if block_m * head_dim >= 128 * 64 else 4
 
 
+# Forward tiles tried by the autotuner on large 16-bit problems (the aggregator's batches): (BLOCK_M, BLOCK_N,
+# num_warps, num_stages). The first is the fixed choice of _tiles for head_dim 64; configs that do not fit the
+# GPU's shared memory or registers are skipped by the autotuner.
+_FWD_TUNING = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
+               (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]  # fmt: skip
+AUTOTUNE_MIN_WORK = 2**25  # batch x heads x max_seqlen_q x max_seqlen_k at which tuning pays for itself
+_fwd_tuned = None
+
+
+def _tuned_fwd_kernel():
+    global _fwd_tuned
+    if _fwd_tuned is None:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                   for m, n, w, st in _FWD_TUNING]  # fmt: skip
+        key = ["q_bucket", "k_bucket", "num_heads", "num_splits", "BLOCK_D", "CAUSAL", "SPLIT"]
+        _fwd_tuned = triton.autotune(configs, key=key)(_text_query_attention_fwd_kernel)
+    return _fwd_tuned
+
+
+def tuned_tiles() -> dict[str, str]:
+    """What the autotuner picked so far, by its key (problem class): for benchmark reports."""
+    if _fwd_tuned is None:
+        return {}
+    return {str(key): str(config) for key, config in getattr(_fwd_tuned, "cache", {}).items()}
+
+
+def use_autotune(q: torch.Tensor, batch: int, max_seqlen_q: int, max_seqlen_k: int) -> bool:
+    """Autotune the forward tiles on CUDA for 16-bit problems of at least AUTOTUNE_MIN_WORK score entries, unless
+    TASTE_ATTENTION_AUTOTUNE=0; smaller ones are launch-bound and keep the fixed tiles (no tuning pause)."""
+    import os
+
+    if not q.is_cuda or q.dtype == torch.float32 or os.environ.get("TASTE_ATTENTION_AUTOTUNE", "1") == "0":
+        return False
+    return batch * q.shape[1] * max_seqlen_q * max_seqlen_k >= AUTOTUNE_MIN_WORK
+
+
 def auto_num_splits(batch, heads, max_seqlen_q, max_seqlen_k, block_m, block_n, device) -> int:
     """Key splits so that the grid fills the GPU: only when (query tiles x batch x heads) is below the SM count,
     with at least four key blocks per split."""
@@ -332,6 +401,7 @@ def text_query_attention_fwd(
     num_splits: int | None = None,
     out=None,
     lse=None,
+    autotune: bool | None = None,
 ):
     """Returns out (Nq, H, D) in q.dtype and lse (H, Nq) float32.
 
@@ -339,6 +409,7 @@ def text_query_attention_fwd(
     ``cu_seqlens_q`` names, and never splits the key range: ``cu_seqlens_q`` may then be a slice
     ``cu[b0 : b1 + 1]`` of the whole batch's offsets (rows stay global) while k/v and ``cu_seqlens_k`` hold only
     those sequences' keys. This is how a batch is processed a few sequences at a time into one output.
+    ``autotune``: pick the tiles by measurement (default: :func:`use_autotune`); False: the fixed tiles.
     """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     total_q, heads, head_dim = q.shape
@@ -356,12 +427,16 @@ def text_query_attention_fwd(
     if splits > 1:  # per-split partial results in float32, merged below
         o_buf = torch.empty((splits, total_q, heads, head_dim), dtype=torch.float32, device=q.device)
         l_buf = torch.empty((splits, heads, total_q), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(max(max_seqlen_q, 1), block_m), batch * heads, splits)
-    _text_query_attention_fwd_kernel[grid](
-        q, k, v, o_buf, l_buf, cu_seqlens_q, cu_seqlens_k, heads, total_q, splits, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1),
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=2,
-    )  # fmt: skip
+    args = (q, k, v, o_buf, l_buf, cu_seqlens_q, cu_seqlens_k, heads, total_q, splits, scale)
+    flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1), PRECISION=_precision(q.dtype))
+    if use_autotune(q, batch, max_seqlen_q, max_seqlen_k) if autotune is None else autotune:
+        buckets = (triton.next_power_of_2(max(max_seqlen_q, 1)), triton.next_power_of_2(max(max_seqlen_k, 1)))
+        grid = lambda meta: (triton.cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
+        _tuned_fwd_kernel()[grid](*args, *buckets, **flags)
+    else:
+        grid = (triton.cdiv(max(max_seqlen_q, 1), block_m), batch * heads, splits)
+        _text_query_attention_fwd_kernel[grid](*args, 0, 0, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+                                               num_warps=warps, num_stages=2)  # fmt: skip
     if splits > 1:
         _text_query_attention_merge_kernel[(triton.cdiv(total_q, 64), heads)](
             o_buf, l_buf, out, lse, heads, total_q, splits, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4,

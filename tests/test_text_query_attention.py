@@ -166,6 +166,27 @@ def test_triton_kernels_in_interpreter(dtype, causal, cases, splits, gen):
     _triton_check("cpu", [70], [70 if causal else 130], 64, dtype, causal, splits, gen)  # several tiles
 
 
+@on_triton_interpreter
+@pytest.mark.parametrize("tiles", range(8))
+def test_every_autotuner_tile_in_interpreter(tiles, monkeypatch, gen):
+    """Each forward tile the autotuner may pick, through the tuned launch path (a one-config tuner runs it
+    without timing): the same results as the naive attention, causal or not, with and without key splits."""
+    import triton
+    from taste.kernels import attention
+
+    m, n, w, st = attention._FWD_TUNING[tiles]
+    tuner = triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)], key=[])
+    monkeypatch.setattr(attention, "_fwd_tuned", tuner(attention._text_query_attention_fwd_kernel))
+    for causal, (lq, lk) in ((False, ([5, 1, 0, 150], [40, 3, 7, 200])), (True, ([5, 1, 0, 140], [5, 1, 0, 150]))):
+        q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float16, "cpu", gen)
+        for splits in (1, 2):
+            out, _ = attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), causal, 32**-0.5,
+                                                        num_splits=splits, autotune=True)  # fmt: skip
+            ref = naive(q, k, v, cu_q, cu_k, causal, 32**-0.5)
+            err = (out.double() - ref).abs().max().item()
+            assert err <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, 32**-0.5), (causal, splits, err)
+
+
 @pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
@@ -176,6 +197,24 @@ def test_triton_kernels_on_gpu(dim, dtype, causal, splits, gen):
     cases = SELF + [([100, 200, 7], [100, 200, 7])] if causal else CROSS + [([100, 150, 3], [1500, 1500, 1500])]
     for lq, lk in cases:
         _triton_check("cuda", lq, lk, dim, dtype, causal, splits, gen)
+
+
+@pytest.mark.parametrize("dim,causal,splits", [(64, False, 1), (128, True, 3)])  # each tunes 8 configs (~10 s)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_autotuned_forward_on_gpu(dim, causal, splits, gen):
+    """The tiles the autotuner picks (large bf16 problems) give the fixed tiles' results."""
+    from taste.kernels.attention import text_query_attention_fwd
+
+    lq, lk = ([100, 144, 3], [100, 144, 3]) if causal else ([100, 144, 3], [1500, 1500, 7])
+    q, k, v, cu_q, cu_k = make(lq, lk, 4, dim, torch.bfloat16, "cuda", gen)
+    args = (q, k, v, cu_q, cu_k, max(lq), max(lk), causal, dim**-0.5)
+    tuned, tuned_lse = text_query_attention_fwd(*args, num_splits=splits, autotune=True)
+    ref = naive(q, k, v, cu_q, cu_k, causal, dim**-0.5)
+    assert (tuned.double() - ref).abs().max().item() <= max_error_allowed(tuned, ref, q, k, v, cu_q, cu_k, causal,
+                                                                          dim**-0.5)  # fmt: skip
+    fixed, fixed_lse = text_query_attention_fwd(*args, num_splits=splits, autotune=False)
+    torch.testing.assert_close(tuned_lse, fixed_lse, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda)])
