@@ -4,8 +4,9 @@ copied), a plain cdist + argmin loop, and ours (taste.ResidualVQ on the fused Tr
     python bench/rvq.py [--device cpu|cuda] [--rows 6400] [--json out.json]
 
 Problem: N rows (64 utterances x 100 words), dim 1280 -> 256, 4 x 512 codes, float32 (the RVQ's precision).
-Cases: encode in eval (projections included), forward + backward in training (EMA update included; the loop
-provider has no EMA), decode (get_output_from_indices).
+Cases: encode in eval (projections included; ours also as codes only, without the (N, 1280) output, and on a GPU
+in fast mode), forward + backward in training (EMA update included; the loop provider has no EMA), decode
+(get_output_from_indices).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ except ImportError:
     VQPResidualVQ = None
 
 KW = dict(dim=1280, codebook_dim=256, num_quantizers=4, codebook_size=512, decay=0.99)
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
 
 
 def main() -> None:
@@ -80,11 +86,25 @@ def main() -> None:
 
     rows = []
     label = f"N={n} 1280->256 4x512"
-    rows += measure(f"encode (eval) {label}", {k: eval_encode(*v) for k, v in models.items()}, dev, args.reps)
+    encoders = {k: eval_encode(*v) for k, v in models.items()}
+    if dev == "cuda" and not args.fast:  # the fast mode beside the exact one (on the CPU they are the same)
+        fast = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False, fast=True).to(dev)
+        fast.load_state_dict(ours.state_dict())
+        encoders["ours, fast mode (tf32)"] = eval_encode(fast, lambda m, x: m(x))
+        with torch.no_grad():
+            agree = (fast.eval()(x)[1] == indices).float().mean().item()
+        print(f"fast-mode indices equal to the exact mode's: {100 * agree:.2f}%")
+    encoders["ours, codes only (.encode)"] = lambda: _no_grad(ours.encode, x)
+    rows += measure(f"encode (eval) {label}", encoders, dev, args.reps)
     rows += measure(f"train fwd+bwd {label}", {k: train_step(*v) for k, v in models.items()}, dev, args.reps)
     rows += measure(f"decode {label}", {k: decode(*v) for k, v in models.items()}, dev, args.reps)
     mode = "fast" if args.fast else "exact"
     report(f"bench/rvq.py on {dev}, float32, ours in {mode} mode", rows, dev, args.json)
+    if dev == "cuda":
+        from taste.kernels.rvq import tuned_tiles
+
+        for key, tiles in tuned_tiles().items():
+            print(f"encoder tiles chosen by the autotuner for {key}: {tiles}")
 
 
 if __name__ == "__main__":

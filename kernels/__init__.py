@@ -1,1 +1,27 @@
 """Triton kernels of taste-kernels, installed as the sub-package ``taste.kernels``."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+
+def autotune_enabled() -> bool:
+    """Large problems pick their tiles by measurement unless ``TASTE_AUTOTUNE=0``."""
+    return os.environ.get("TASTE_AUTOTUNE", "1") != "0"
+
+
+@functools.cache
+def autotuned(kernel, tiles: tuple, names: tuple, key: tuple):
+    """``kernel`` wrapped in Triton's autotuner over ``tiles``: tuples of the values of the meta-parameters
+    ``names`` followed by num_warps and num_stages. Built once per kernel; the tuner keeps its choice per ``key``
+    (kernel argument names). Configs that do not fit the GPU are skipped by the tuner."""
+    import triton
+
+    configs = [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tiles]
+    return triton.autotune(configs, key=list(key))(kernel)
+
+
+def tuned_choices(kernel_tuner) -> dict[str, str]:
+    """What a tuner from :func:`autotuned` picked so far, by key: for benchmark reports."""
+    return {str(k): str(c) for k, c in getattr(kernel_tuner, "cache", {}).items()}

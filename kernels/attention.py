@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune_enabled, autotuned, tuned_choices
+
 # fmt: off  (kernel signatures stay compact)
 
 
@@ -343,37 +345,26 @@ def _tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, i
 
 
 # Forward tiles tried by the autotuner on large 16-bit problems (the aggregator's batches): (BLOCK_M, BLOCK_N,
-# num_warps, num_stages). The first is the fixed choice of _tiles for head_dim 64; configs that do not fit the
-# GPU's shared memory or registers are skipped by the autotuner.
-_FWD_TUNING = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
-               (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]  # fmt: skip
+# num_warps, num_stages). The first is the fixed choice of _tiles for head_dim 64.
+FWD_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
+             (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4))  # fmt: skip
 AUTOTUNE_MIN_WORK = 2**25  # batch x heads x max_seqlen_q x max_seqlen_k at which tuning pays for itself
-_fwd_tuned = None
 
 
-def _tuned_fwd_kernel():
-    global _fwd_tuned
-    if _fwd_tuned is None:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                   for m, n, w, st in _FWD_TUNING]  # fmt: skip
-        key = ["q_bucket", "k_bucket", "num_heads", "num_splits", "BLOCK_D", "CAUSAL", "SPLIT"]
-        _fwd_tuned = triton.autotune(configs, key=key)(_text_query_attention_fwd_kernel)
-    return _fwd_tuned
+def tuned_fwd_kernel(tiles=FWD_TILES):
+    key = ("q_bucket", "k_bucket", "num_heads", "num_splits", "BLOCK_D", "CAUSAL", "SPLIT")
+    return autotuned(_text_query_attention_fwd_kernel, tiles, ("BLOCK_M", "BLOCK_N"), key)
 
 
 def tuned_tiles() -> dict[str, str]:
     """What the autotuner picked so far, by its key (problem class): for benchmark reports."""
-    if _fwd_tuned is None:
-        return {}
-    return {str(key): str(config) for key, config in getattr(_fwd_tuned, "cache", {}).items()}
+    return tuned_choices(tuned_fwd_kernel())
 
 
 def use_autotune(q: torch.Tensor, batch: int, max_seqlen_q: int, max_seqlen_k: int) -> bool:
     """Autotune the forward tiles on CUDA for 16-bit problems of at least AUTOTUNE_MIN_WORK score entries, unless
-    TASTE_ATTENTION_AUTOTUNE=0; smaller ones are launch-bound and keep the fixed tiles (no tuning pause)."""
-    import os
-
-    if not q.is_cuda or q.dtype == torch.float32 or os.environ.get("TASTE_ATTENTION_AUTOTUNE", "1") == "0":
+    TASTE_AUTOTUNE=0; smaller ones are launch-bound and keep the fixed tiles (no tuning pause)."""
+    if not q.is_cuda or q.dtype == torch.float32 or not autotune_enabled():
         return False
     return batch * q.shape[1] * max_seqlen_q * max_seqlen_k >= AUTOTUNE_MIN_WORK
 
@@ -432,7 +423,7 @@ def text_query_attention_fwd(
     if use_autotune(q, batch, max_seqlen_q, max_seqlen_k) if autotune is None else autotune:
         buckets = (triton.next_power_of_2(max(max_seqlen_q, 1)), triton.next_power_of_2(max(max_seqlen_k, 1)))
         grid = lambda meta: (triton.cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
-        _tuned_fwd_kernel()[grid](*args, *buckets, **flags)
+        tuned_fwd_kernel()[grid](*args, *buckets, **flags)
     else:
         grid = (triton.cdiv(max(max_seqlen_q, 1), block_m), batch * heads, splits)
         _text_query_attention_fwd_kernel[grid](*args, 0, 0, BLOCK_M=block_m, BLOCK_N=block_n, **flags,

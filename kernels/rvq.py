@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune_enabled, autotuned, tuned_choices
+
 
 @triton.jit
 def _rvq_encode_fwd_kernel(
@@ -32,6 +34,7 @@ def _rvq_encode_fwd_kernel(
     stride_im,
     stride_qm,
     stride_em,
+    n_bucket,  # the autotuner's key (problem size class); unused by the kernel
     NUM_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -132,7 +135,24 @@ def _rvq_decode_fwd_kernel(
     )
 
 
-def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool):
+# Encoder tiles tried by the autotuner on large problems with d <= 256: (BLOCK_M, BLOCK_K, num_warps, num_stages).
+# The first is the fixed choice for d 256.
+ENCODE_TILES = ((32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 32, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2),
+                (64, 32, 8, 2), (16, 32, 4, 3))  # fmt: skip
+AUTOTUNE_MIN_WORK = 2**22  # rows x codes x stages at which tuning pays for itself
+
+
+def tuned_encode_kernel(tiles=ENCODE_TILES):
+    key = ("n_bucket", "dim", "codebook_size", "NUM_Q", "BLOCK_D", "EXACT")
+    return autotuned(_rvq_encode_fwd_kernel, tiles, ("BLOCK_M", "BLOCK_K"), key)
+
+
+def tuned_tiles() -> dict[str, str]:
+    """What the autotuner picked so far, by its key: for benchmark reports."""
+    return tuned_choices(tuned_encode_kernel())
+
+
+def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: bool | None = None):
     """x (N, d); codebooks (Q, K, d); code_norms (Q, K) float32; num_stages int32 0-dim tensor on x's device.
     Returns indices (N, Q) int64 (-1 for stages >= num_stages), quantized (N, d) in x.dtype, and the squared
     norm of the residual after every stage, (N, Q) float32 (0 for inactive stages)."""
@@ -144,9 +164,9 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool):
     if n == 0:
         return indices, quantized, sq_err
     block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs K >= 16 on GPUs
-    block_m = 16 if block_d >= 512 else 32
-    block_k = 32 if block_d >= 512 else 64
-    _rvq_encode_fwd_kernel[(triton.cdiv(n, block_m),)](
+    if autotune is None:  # large problems of the TASTE size pick their tiles by measurement
+        autotune = x.is_cuda and block_d <= 256 and n * k * nq >= AUTOTUNE_MIN_WORK and autotune_enabled()
+    args = (
         x,
         codebooks,
         code_norms,
@@ -164,14 +184,17 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool):
         indices.stride(0),
         quantized.stride(0),
         sq_err.stride(0),
-        NUM_Q=nq,
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        BLOCK_D=block_d,
-        EXACT=int(not fast),
-        num_warps=8 if block_d >= 256 else 4,
-        num_stages=2,
     )
+    flags = dict(NUM_Q=nq, BLOCK_D=block_d, EXACT=int(not fast))
+    if autotune:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+        tuned_encode_kernel()[grid](*args, triton.next_power_of_2(n), **flags)
+    else:
+        block_m = 16 if block_d >= 512 else 32
+        block_k = 32 if block_d >= 512 else 64
+        _rvq_encode_fwd_kernel[(triton.cdiv(n, block_m),)](
+            *args, 0, BLOCK_M=block_m, BLOCK_K=block_k, **flags, num_warps=8 if block_d >= 256 else 4, num_stages=2
+        )
     return indices, quantized, sq_err
 
 

@@ -115,6 +115,11 @@ class ResidualVQ(nn.Module):
         """``(N, codebook_dim)`` -> ``(N, Q)``: the greedy residual search on a code vector (no project_in)."""
         return rvq_encode(code.float(), self.embed, fast=self.fast)[0]
 
+    def encode(self, x: Tensor) -> Tensor:
+        """``(N, dim)`` -> ``(N, Q)`` codes only, as the eval forward finds them (no EMA update, no dropout), without
+        making the ``(N, dim)`` output: for tokenising speech into codes."""
+        return self.get_indices_from_code(self.project_in(x))
+
     # ---- forward ----
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Quantizes packed rows.

@@ -29,6 +29,9 @@ def test_eval_indices_and_outputs_identical():
     assert torch.equal(idx, idx_ref[0])
     torch.testing.assert_close(q, q_ref[0], atol=1e-6, rtol=1e-5)
     assert loss == 0
+    ours.train()  # encode: the eval codes whatever the mode, and no EMA step
+    embed = ours.embed.clone()
+    assert torch.equal(ours.encode(x), idx) and torch.equal(ours.embed, embed)
 
 
 def test_one_training_step_matches_outputs_loss_gradients_and_ema():

@@ -167,6 +167,26 @@ def test_triton_kernels_in_interpreter(gen):
     _kernel_check("cpu", 20, 8, 16, gen)  # d below the 16 that tl.dot needs on a GPU: padded block
 
 
+@on_triton_interpreter
+@pytest.mark.parametrize("tiles", range(8))
+def test_every_autotuner_tile_in_interpreter(tiles, monkeypatch, gen):
+    """Each encoder tile the autotuner may pick, through the tuned launch path (a one-config tuner runs it
+    without timing): indices identical to the float64-checked reference, ties included."""
+    from taste.kernels import rvq
+
+    one = rvq.ENCODE_TILES[tiles : tiles + 1]
+    monkeypatch.setattr(rvq, "tuned_encode_kernel", lambda: rvq.autotuned(
+        rvq._rvq_encode_fwd_kernel, one, ("BLOCK_M", "BLOCK_K"), ()))  # fmt: skip
+    x, codebooks = problem(45, 4, 80, 48, gen, "cpu", torch.float32)
+    codebooks[2, 79] = codebooks[2, 0]  # a tie
+    ns = torch.tensor(3, dtype=torch.int32)
+    idx, quantized, sq_err = rvq.rvq_encode_fwd(x, codebooks, codebooks.square().sum(-1), ns, False, autotune=True)
+    ref_idx, ref_q, ref_err = reference.rvq_encode(x, codebooks, 3)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(quantized, ref_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sq_err, ref_err, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

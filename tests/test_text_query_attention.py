@@ -171,12 +171,11 @@ def test_triton_kernels_in_interpreter(dtype, causal, cases, splits, gen):
 def test_every_autotuner_tile_in_interpreter(tiles, monkeypatch, gen):
     """Each forward tile the autotuner may pick, through the tuned launch path (a one-config tuner runs it
     without timing): the same results as the naive attention, causal or not, with and without key splits."""
-    import triton
     from taste.kernels import attention
 
-    m, n, w, st = attention._FWD_TUNING[tiles]
-    tuner = triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)], key=[])
-    monkeypatch.setattr(attention, "_fwd_tuned", tuner(attention._text_query_attention_fwd_kernel))
+    one = attention.FWD_TILES[tiles : tiles + 1]
+    monkeypatch.setattr(attention, "tuned_fwd_kernel", lambda: attention.autotuned(
+        attention._text_query_attention_fwd_kernel, one, ("BLOCK_M", "BLOCK_N"), ()))  # fmt: skip
     for causal, (lq, lk) in ((False, ([5, 1, 0, 150], [40, 3, 7, 200])), (True, ([5, 1, 0, 140], [5, 1, 0, 150]))):
         q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float16, "cpu", gen)
         for splits in (1, 2):
