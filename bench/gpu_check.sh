@@ -6,6 +6,8 @@
 #   OUTDIR/tests.log        pytest (all tests; CUDA ones run here)
 #   OUTDIR/bench.log        every benchmark's table
 #   OUTDIR/bench.json       every benchmark's numbers by name (packing, aggregator, rvq, aggregator_train, generate)
+# Environment: PYTEST_ARGS (pytest arguments; default: all but the C++-error tests), TEST_TIMEOUT, BENCHES,
+# BENCH_TIMEOUT (seconds each).
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -52,11 +54,15 @@ run_bench() {  # name, then the benchmark's command line (without --device/--jso
     status=1
   fi
 }
-run_bench packing bench/packing.py
-run_bench aggregator bench/aggregator.py
-run_bench rvq bench/rvq.py
-run_bench aggregator_train bench/aggregator.py --train --no-flex
-run_bench generate bench/generate.py --compile
+# BENCHES (default: all) picks benchmarks by name, e.g. BENCHES="aggregator rvq" for a short second call; the
+# issues' open GPU targets come first.
+benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing} "
+want() { [[ $benches == *" $1 "* ]]; }
+want aggregator && run_bench aggregator bench/aggregator.py
+want rvq && run_bench rvq bench/rvq.py
+want generate && run_bench generate bench/generate.py --compile
+want aggregator_train && run_bench aggregator_train bench/aggregator.py --train --no-flex
+want packing && run_bench packing bench/packing.py
 # One JSON for all benchmarks: the device tool brings back at most 8 files.
 "$py" - "$out" <<'PY' && rm -f "$out"/packing.json "$out"/aggregator.json "$out"/rvq.json "$out"/aggregator_train.json "$out"/generate.json
 import json, os, sys
