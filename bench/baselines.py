@@ -151,6 +151,14 @@ class CdistLoop(torch.nn.Module):
             indices.append(idx)
         return self.ours.project_out(quantized), torch.stack(indices, 1), loss
 
+    def search(self, z):
+        """The stages' cdist + argmin on given codes z (no projections, no loss): indices (N, Q)."""
+        indices = []
+        for codebook in self.ours.embed:
+            indices.append(torch.cdist(z, codebook).argmin(-1))
+            z = z - codebook[indices[-1]]
+        return torch.stack(indices, 1)
+
     def get_output_from_indices(self, indices):
         code = sum(cb[indices[:, s]] for s, cb in enumerate(self.ours.embed))
         return self.ours.project_out(code)

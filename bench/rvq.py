@@ -5,8 +5,8 @@ copied), a plain cdist + argmin loop, and ours (taste.ResidualVQ on the fused Tr
 
 Problem: N rows (64 utterances x 100 words), dim 1280 -> 256, 4 x 512 codes, float32 (the RVQ's precision).
 Cases: encode in eval (projections included; ours also as codes only, without the (N, 1280) output, and on a GPU
-in fast mode), forward + backward in training (EMA update included; the loop provider has no EMA), decode
-(get_output_from_indices).
+in fast mode), its parts (the search on given codes; the two projections alone), forward + backward in training
+(EMA update included; the loop provider has no EMA), decode (get_output_from_indices).
 """
 
 from __future__ import annotations
@@ -96,6 +96,17 @@ def main() -> None:
         print(f"fast-mode indices equal to the exact mode's: {100 * agree:.2f}%")
     encoders["ours, codes only (.encode)"] = lambda: _no_grad(ours.encode, x)
     rows += measure(f"encode (eval) {label}", encoders, dev, args.reps)
+    # Where the encode time goes: the search on given codes z, and the two cuBLAS projections alone.
+    with torch.no_grad():
+        z = ours.project_in(x).float()
+    loop = models["cdist + argmin loop"][0]
+    search = {"cdist + argmin loop": lambda: _no_grad(loop.search, z), "ours (ops.rvq_encode)": lambda: _no_grad(
+        taste.ops.rvq_encode, z, ours.embed)}  # fmt: skip
+    if dev == "cuda":
+        search["ours, fast mode (tf32)"] = lambda: _no_grad(lambda: taste.ops.rvq_encode(z, ours.embed, fast=True))
+    rows += measure(f"search only (z given) N={n} 4x512x256", search, dev, args.reps)
+    projections = {"project_in + project_out": lambda: _no_grad(lambda: ours.project_out(ours.project_in(x)))}
+    rows += measure(f"projections only N={n} 1280->256->1280", projections, dev, args.reps)
     rows += measure(f"train fwd+bwd {label}", {k: train_step(*v) for k, v in models.items()}, dev, args.reps)
     rows += measure(f"decode {label}", {k: decode(*v) for k, v in models.items()}, dev, args.reps)
     mode = "fast" if args.fast else "exact"
