@@ -178,6 +178,9 @@ def text_query_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     scaled_dot_product_attention) on padded views: no (B, H, Mq, Mk) tensor is held.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.shape[0] == 0 or k.shape[0] == 0:  # nothing to attend (PyTorch's CPU kernel divides by zero on 0 keys)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return torch.zeros_like(q), torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=lse_dtype, device=q.device)
     qp, kp, vp, mask, is_causal, no_key = _padded_attention_args(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal
     )
@@ -212,6 +215,8 @@ def text_query_attention_backward(
 ):
     """Gradients (dq, dk, dv) of :func:`text_query_attention` from its saved out and lse."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.shape[0] == 0 or k.shape[0] == 0:  # no query sees a key: no gradient anywhere
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     qp, kp, vp, mask, is_causal, _ = _padded_attention_args(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal
     )

@@ -13,7 +13,14 @@ except ImportError:  # no Triton: the kernel tests skip
     attention = None
 
 # (query lengths, key lengths): B = 1, a length-1 query, an empty query sequence, empty keys, odd sizes.
-CROSS = [([1], [7]), ([5, 1, 0, 17], [40, 3, 7, 17]), ([3, 2], [0, 5]), ([33, 64, 9], [150, 129, 1])]
+CROSS = [
+    ([1], [7]),
+    ([5, 1, 0, 17], [40, 3, 7, 17]),
+    ([3, 2], [0, 5]),
+    ([33, 64, 9], [150, 129, 1]),
+    ([2, 3], [0, 0]),
+    ([0, 0], [4, 2]),
+]  # no key at all (max_seqlen_k 0), no query at all
 SELF = [([1], [1]), ([5, 1, 0, 17], [5, 1, 0, 17]), ([3, 8], [6, 8])]  # the last: Lk > Lq (bottom-right)
 
 
@@ -32,6 +39,11 @@ def naive(q, k, v, cu_q, cu_k, causal, scale):
     return out
 
 
+def max_abs(t) -> float:
+    """Largest absolute value, 0 for an empty tensor (a batch without queries or keys)."""
+    return t.abs().max().item() if t.numel() else 0.0
+
+
 def make(lq, lk, heads, dim, dtype, device, gen):
     q, k, v = (torch.randn(sum(n), heads, dim, generator=gen).to(device, dtype) for n in (lq, lk, lk))
     return q, k, v, make_cu(lq, device), make_cu(lk, device)
@@ -40,7 +52,7 @@ def make(lq, lk, heads, dim, dtype, device, gen):
 def max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, scale):
     """flash-attention's rule: at most twice the error of the same computation in PyTorch at the same dtype."""
     same_dtype = naive(q, k, v, cu_q, cu_k, causal, scale).to(q.dtype)  # rounding at the inputs' dtype
-    pytorch_err = (same_dtype.double() - ref).abs().max().item()
+    pytorch_err = max_abs(same_dtype.double() - ref)
     return 2 * pytorch_err + {torch.float64: 1e-12, torch.float32: 2e-6}.get(q.dtype, 1e-3)
 
 
@@ -54,7 +66,7 @@ def test_op_matches_naive(device, causal, cases, dtype, gen):
             out = ops.text_query_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal)
             assert out.dtype == dtype and out.shape == q.shape
             ref = naive(q, k, v, cu_q, cu_k, causal, dim**-0.5)
-            err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+            err = max_abs(out.double() - ref)
             assert err <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, dim**-0.5), (lq, lk, dim, err)
 
 
@@ -73,6 +85,17 @@ def test_gradients_match_naive(device, causal, gen):
     if device == "cpu":
         fn = lambda a, b, c: ops.text_query_attention(a, b, c, cu_q, cu_k, max(lq), max(lk), causal=causal)  # noqa: E731
         assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (q, k, v)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_key_at_all_gives_zeros_and_zero_gradients(device, gen):
+    """Every sequence without keys (max_seqlen_k 0): PyTorch's CPU kernel would divide by zero; the op returns 0."""
+    q, k, v, cu_q, cu_k = make([2, 3], [0, 0], 2, 32, torch.float32, device, gen)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ops.text_query_attention(*ins, cu_q, cu_k, 3, 0)
+    assert torch.equal(out, torch.zeros_like(q))
+    out.sum().backward()
+    assert torch.equal(ins[0].grad, torch.zeros_like(q)) and ins[1].grad.shape == (0, 2, 32)
 
 
 @pytest.mark.parametrize("causal,cases", [(False, CROSS), (True, SELF)])
@@ -139,7 +162,7 @@ def _triton_check(device, lq, lk, dim, dtype, causal, splits, gen):
     scale = dim**-0.5
     out, lse = text_query_attention_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), causal, scale, num_splits=splits)
     ref = naive(q, k, v, cu_q, cu_k, causal, scale)
-    assert (out.double() - ref).abs().max().item() <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, scale)
+    assert max_abs(out.double() - ref) <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, scale)
     _, lse_ref = reference.text_query_attention(
         *(t.double().cpu() for t in (q, k, v)), cu_q.cpu(), cu_k.cpu(), max(lq), max(lk), causal, scale
     )
@@ -155,15 +178,15 @@ def _triton_check(device, lq, lk, dim, dtype, causal, splits, gen):
     naive(*ins, cu_q, cu_k, causal, scale).backward(grad.double())
     tol = 5e-5 if dtype == torch.float32 else 3e-2
     for name, a, b in zip("qkv", (dq, dk, dv), ins):
-        err = (a.double() - b.grad).abs().max().item() if a.numel() else 0.0
-        assert err <= tol * max(1.0, b.grad.abs().max().item()), (name, err)
+        err = max_abs(a.double() - b.grad)
+        assert err <= tol * max(1.0, max_abs(b.grad)), (name, err)
     again = text_query_attention_bwd(grad, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), causal, scale)
     assert all(torch.equal(a, b) for a, b in zip((dq, dk, dv), again)), "backward is not deterministic"
 
 
 @on_triton_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # no bf16 tl.dot in the interpreter (STYLE.md)
-@pytest.mark.parametrize("causal,cases", [(False, CROSS[:3]), (True, SELF)])
+@pytest.mark.parametrize("causal,cases", [(False, CROSS[:3] + CROSS[4:]), (True, SELF)])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_triton_kernels_in_interpreter(dtype, causal, cases, splits, gen):
     for lq, lk in cases:
