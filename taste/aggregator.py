@@ -85,17 +85,20 @@ class WhisperAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.heads = num_heads
 
+    def _heads(self, t: Tensor) -> Tensor:
+        """``(rows, d_model)`` -> ``(rows, H, Dh)`` (shapes spelled out: rows may be 0)."""
+        return t.view(t.shape[0], self.heads, t.shape[1] // self.heads)
+
+    def _out(self, attn: Tensor) -> Tensor:
+        return self.out_proj(attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2]))
+
     def forward(self, h_q, h_k, h_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
         """Packed attention of h_q's rows over h_k / h_v's rows (all (rows, d_model)) -> (rows of h_q, d_model)."""
-
-        def heads(t):
-            return t.view(t.shape[0], self.heads, -1)  # (rows, H, Dh)
-
         attn = text_query_attention(
-            heads(self.q_proj(h_q)), heads(self.k_proj(h_k)), heads(self.v_proj(h_v)),
+            self._heads(self.q_proj(h_q)), self._heads(self.k_proj(h_k)), self._heads(self.v_proj(h_v)),
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
         )  # fmt: skip
-        return self.out_proj(attn.reshape(h_q.shape[0], -1))
+        return self._out(attn)
 
     def forward_states(self, h_q, h_key, h_val, cu_seqlens_q, max_seqlen_q, chunk_frames=None):
         """Cross-attention of packed ``h_q`` rows over dense encoder states ``(B, E, d_model)``.
@@ -103,26 +106,24 @@ class WhisperAttention(nn.Module):
         When no gradient is needed and ``chunk_frames`` is set, keys and values are projected for
         ``chunk_frames // E`` utterances at a time (``ops.text_query_cross_attention``), so only that many
         utterances' K/V exist at once; otherwise every frame is projected and the differentiable op runs."""
-        b, e, _ = h_key.shape
+        b, e, d = h_key.shape
         params = (self.k_proj.weight, self.v_proj.weight, self.v_proj.bias)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h_q, h_key, h_val, *params))
         if chunk_frames and not grad:
-            q = self.q_proj(h_q)
-            chunk = max(1, min(b, chunk_frames // max(e, 1)))
             attn = text_query_cross_attention(
-                q.view(q.shape[0], self.heads, -1), h_key, h_val, self.k_proj.weight, self.v_proj.weight,
-                cu_seqlens_q, max_seqlen_q, v_bias=self.v_proj.bias, chunk_size=chunk,
+                self._heads(self.q_proj(h_q)), h_key, h_val, self.k_proj.weight, self.v_proj.weight, cu_seqlens_q,
+                max_seqlen_q, v_bias=self.v_proj.bias, chunk_size=max(1, min(b, chunk_frames // max(e, 1))),
             )  # fmt: skip
-            return self.out_proj(attn.reshape(h_q.shape[0], -1))
+            return self._out(attn)
         cu_k = torch.arange(b + 1, device=h_q.device, dtype=torch.int32) * e
-        return self(h_q, h_key.reshape(b * e, -1), h_val.reshape(b * e, -1), cu_seqlens_q, cu_k, max_seqlen_q, e)
+        return self(h_q, h_key.reshape(b * e, d), h_val.reshape(b * e, d), cu_seqlens_q, cu_k, max_seqlen_q, e)
 
     def forward_dense(self, x: Tensor) -> Tensor:
         """Unmasked self-attention over every row of a dense ``(B, T, d_model)`` batch (the speech encoder's)."""
         b, t, d = x.shape
 
         def heads(p):
-            return p.view(b, t, self.heads, -1).transpose(1, 2)  # (B, H, T, Dh)
+            return p.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T, Dh)
 
         o = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
         return self.out_proj(o.transpose(1, 2).reshape(b, t, d))

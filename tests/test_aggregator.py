@@ -165,6 +165,18 @@ def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(dev
     assert agg.layers[0].encoder_attn.k_proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_empty_batches(grad):
+    """No utterance at all, and utterances without text: (0, d) out, chunked or not."""
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny())
+    d = agg.config.d_model
+    with torch.set_grad_enabled(grad):
+        for batch in (0, 2):
+            h = torch.randn(batch, 10, d)
+            out = agg(torch.zeros(0, dtype=torch.long), torch.zeros(batch + 1, dtype=torch.int32), 0, h, h)
+            assert out.shape == (0, d)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.cuda
 def test_gpu_bf16_matches_float64():
