@@ -15,11 +15,17 @@ def autotune_enabled() -> bool:
 def autotuned(kernel, tiles: tuple, names: tuple, key: tuple):
     """``kernel`` wrapped in Triton's autotuner over ``tiles``: tuples of the values of the meta-parameters
     ``names`` followed by num_warps and num_stages. Built once per kernel; the tuner keeps its choice per ``key``
-    (kernel argument names). Configs that do not fit the GPU are skipped by the tuner."""
+    (kernel argument names). Configs that do not fit the GPU are skipped by the tuner. Where this Triton supports
+    it, the choices also go to Triton's on-disk cache for later processes on the machine to reuse (meant to avoid a
+    new tuning pause and a different pick from timing noise; not yet observed on a GPU). Tiles change the
+    summation order, so bit-identical results across runs and machines need ``TASTE_AUTOTUNE=0``."""
+    import inspect
+
     import triton
 
     configs = [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tiles]
-    return triton.autotune(configs, key=list(key))(kernel)
+    extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs, key=list(key), **extra)(kernel)
 
 
 def tuned_choices(kernel_tuner) -> dict[str, str]:
