@@ -220,7 +220,7 @@ class TextQueryAggregator(nn.Module):
             raise ValueError(
                 f"h_key and h_val must both be (B, E, {cfg.d_model}), got {tuple(h_key.shape)} and {tuple(h_val.shape)}"
             )
-        batch, frames = h_key.shape[:2]
+        batch = h_key.shape[0]
         if cu_seqlens.shape[0] != batch + 1:
             raise ValueError(
                 f"cu_seqlens must have B + 1 = {batch + 1} entries (B from h_key), got {cu_seqlens.shape[0]}"
