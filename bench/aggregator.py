@@ -115,15 +115,15 @@ def aggregator_providers(agg, p, train, flex):
             padded_aggregator(agg, ids, p["h_key"], p["h_val"], lambda q, k, v: flex(q, k, v, block_mask=block), flex)
         )
     providers["(4) ours packed"] = ours
-    frames = p["h_key"].shape[1]
-    if not train and agg.kv_chunk_frames and agg.kv_chunk_frames // frames < p["lengths"].numel():
+    frames, chunk = p["h_key"].shape[1], agg.resolved_kv_chunk_frames(p["h_key"].device)
+    if not train and chunk and chunk // frames < p["lengths"].numel():
 
         def unchunked():  # the same module with every utterance's K/V made at once
-            chunk, agg.kv_chunk_frames = agg.kv_chunk_frames, None
+            saved, agg.kv_chunk_frames = agg.kv_chunk_frames, None
             try:
                 return ours()
             finally:
-                agg.kv_chunk_frames = chunk
+                agg.kv_chunk_frames = saved
 
         providers["(5) ours, K/V unchunked"] = unchunked
     return {name: _step(fn, train) for name, fn in providers.items()}
@@ -183,9 +183,9 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="forward + backward instead of forward")
     p.add_argument("--batch", type=int, nargs="+", help="utterances per batch (default: 1 8 64 on GPU, 1 8 on CPU)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes ~30 s on CPU)")
-    p.add_argument("--kv-chunk-frames", type=int, default=TextQueryAggregator.kv_chunk_frames,
-                   help="ours at inference: K/V made for at most this many frames at a time (0: all at once); where "
-                        "it chunks, (5) measures the whole batch at once beside it")  # fmt: skip
+    p.add_argument("--kv-chunk-frames", type=int, default=None,
+                   help="ours at inference: K/V made for at most this many frames at a time (default: the module's, "
+                        "0: all at once); where it chunks, (5) measures the whole batch at once beside it")  # fmt: skip
     args = parse(p)
     dev = args.device
     prob = GPU_PROBLEM if dev == "cuda" else CPU_PROBLEM
@@ -204,7 +204,8 @@ def main() -> None:
         d_model=prob["d_model"], num_heads=prob["heads"], ffn_dim=prob["ffn"], identity_v_proj=False
     )
     agg = TextQueryAggregator(config=config).to(dev, dtype)
-    agg.kv_chunk_frames = args.kv_chunk_frames or None
+    if args.kv_chunk_frames is not None:
+        agg.kv_chunk_frames = args.kv_chunk_frames or None
     if not args.train:
         agg.requires_grad_(False)
     flex = None

@@ -144,6 +144,8 @@ def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(dev
     """Without gradients K/V are made kv_chunk_frames at a time (here one or two utterances, and one frame:
     still one utterance); the output equals the unchunked one. With gradients the differentiable path runs."""
     agg = TextQueryAggregator(config=AggregatorConfig.tiny()).to(device)
+    assert agg.kv_chunk_frames == "auto"
+    assert agg.resolved_kv_chunk_frames(torch.device(device)) == (24576 if device == "cuda" else 6000)
     tokens, cu, h_key, h_val = (t.to(device) for t in batch([7, 0, 12, 1, 30], frames=40, dtype=torch.float32))
     chunked = []
     real = ops_attention.text_query_cross_attention
