@@ -65,6 +65,22 @@ def _key_range(
 
 
 @triton.jit
+def _kv_block(K_ptr, V_ptr, k_start, start_n, hi, h, num_heads, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              MASKED: tl.constexpr):  # fmt: skip
+    """(cols, col_ok, K tile, V tile) of the key block at start_n; MASKED=False: the whole block is below hi."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < hi
+    if MASKED:
+        k = _tile(K_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
+        v = _tile(V_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
+    else:
+        offs = ((k_start + cols) * num_heads + h)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+        k = tl.load(K_ptr + offs)
+        v = tl.load(V_ptr + offs)
+    return cols, col_ok, k, v
+
+
+@triton.jit
 def _fwd_block(
     q, acc, m_i, l_i, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h, num_heads, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
@@ -72,15 +88,7 @@ def _fwd_block(
 ):  # fmt: skip
     """One key block of the online softmax. MASKED=False: every (row, key) pair is visible (no mask computed,
     unmasked loads); rows past the sequence read zeros and are never stored."""
-    cols = start_n + tl.arange(0, BLOCK_N)
-    if MASKED:
-        col_ok = cols < hi
-        k = _tile(K_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
-        v = _tile(V_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
-    else:
-        offs = ((k_start + cols) * num_heads + h)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
-        k = tl.load(K_ptr + offs)
-        v = tl.load(V_ptr + offs)
+    cols, col_ok, k, v = _kv_block(K_ptr, V_ptr, k_start, start_n, hi, h, num_heads, BLOCK_N, BLOCK_D, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         s = tl.where(_visible(rows, cols, row_ok, col_ok, shift, CAUSAL), s, float("-inf"))
@@ -214,13 +222,51 @@ def _text_query_attention_bwd_delta_kernel(
 
 @triton.jit
 def _bwd_probs_and_ds(
-    q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, shift, sm_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr
-):
-    """Recomputed probabilities P and dS = P * (dO V^T - delta) of one (query tile, key tile) pair."""
+    q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, shift, sm_scale, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Recomputed probabilities P and dS = P * (dO V^T - delta) of one (query tile, key tile) pair. MASKED=False:
+    every key of the tile is real and seen by every real row; rows past the sequence carry lse = +inf, so P = 0."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-    p = tl.where(_visible(rows, cols, row_ok, col_ok, shift, CAUSAL), tl.exp(s - lse[:, None]), 0.0)
+    p = tl.exp(s - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(rows, cols, row_ok, col_ok, shift, CAUSAL), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _dq_block(
+    q, do, lse, delta, dq, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h, num_heads, sm_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """dQ contribution of one key block to a query tile."""
+    cols, col_ok, k, v = _kv_block(K_ptr, V_ptr, k_start, start_n, hi, h, num_heads, BLOCK_N, BLOCK_D, MASKED)
+    _, ds = _bwd_probs_and_ds(
+        q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, shift, sm_scale, CAUSAL, PRECISION, MASKED
+    )
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _dkdv_tile(
+    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, q_len, start_m, k, v, dk, dv, cols, col_ok, shift, h, num_heads,
+    total_q, sm_scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """dK/dV contributions of one query tile to a key tile."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    q = _tile(Q_ptr, q_start + rows, row_ok, h, num_heads, BLOCK_D)
+    do = _tile(DO_ptr, q_start + rows, row_ok, h, num_heads, BLOCK_D)
+    lse = tl.load(LSE_ptr + h * total_q + q_start + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA_ptr + h * total_q + q_start + rows, mask=row_ok, other=0.0)
+    p, ds = _bwd_probs_and_ds(
+        q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, shift, sm_scale, CAUSAL, PRECISION, MASKED
+    )
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -258,21 +304,22 @@ def _text_query_attention_bwd_dkdv_kernel(
     v = _tile(V_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    shift = k_len - q_len
     lo = 0
+    free = 0  # the first query tile that sees every key of this tile (all of them, without causal masking)
     if CAUSAL:  # queries before start_n - (Lk - Lq) see none of these keys
-        lo = tl.maximum(start_n - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
-    for start_m in range(lo, q_len, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < q_len
-        q = _tile(Q_ptr, q_start + rows, row_ok, h, num_heads, BLOCK_D)
-        do = _tile(DO_ptr, q_start + rows, row_ok, h, num_heads, BLOCK_D)
-        lse = tl.load(LSE_ptr + h * total_q + q_start + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA_ptr + h * total_q + q_start + rows, mask=row_ok, other=0.0)
-        p, ds = _bwd_probs_and_ds(
-            q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, k_len - q_len, sm_scale, CAUSAL, PRECISION
-        )
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
+        free = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+    q_end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
+    mid = tl.maximum(lo, tl.minimum(tl.where(start_n + BLOCK_N <= k_len, free, q_end), q_end))
+    for start_m in range(lo, mid, BLOCK_M):
+        dk, dv = _dkdv_tile(Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, q_len, start_m, k, v, dk, dv, cols, col_ok,
+                            shift, h, num_heads, total_q, sm_scale, BLOCK_M, BLOCK_D, CAUSAL, PRECISION,
+                            True)  # fmt: skip
+    for start_m in range(mid, q_len, BLOCK_M):
+        dk, dv = _dkdv_tile(Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, q_len, start_m, k, v, dk, dv, cols, col_ok,
+                            shift, h, num_heads, total_q, sm_scale, BLOCK_M, BLOCK_D, CAUSAL, PRECISION,
+                            False)  # fmt: skip
     _store_tile(DK_ptr, k_start + cols, col_ok, h, num_heads, dk * sm_scale, BLOCK_D)
     _store_tile(DV_ptr, k_start + cols, col_ok, h, num_heads, dv, BLOCK_D)
 
@@ -312,16 +359,18 @@ def _text_query_attention_bwd_dq_kernel(
     lse = tl.load(LSE_ptr + h * total_q + q_start + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_ptr + h * total_q + q_start + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    shift = k_len - q_len
     lo, hi = _key_range(start_m, q_len, k_len, 0, 1, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        k = _tile(K_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
-        v = _tile(V_ptr, k_start + cols, col_ok, h, num_heads, BLOCK_D)
-        _, ds = _bwd_probs_and_ds(
-            q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, k_len - q_len, sm_scale, CAUSAL, PRECISION
-        )
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    full = hi  # whole key blocks every row of the tile sees run unmasked, as in the forward
+    if CAUSAL:
+        full = tl.minimum(hi, start_m + shift + 1)
+    mid = lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, mid, BLOCK_N):
+        dq = _dq_block(q, do, lse, delta, dq, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h, num_heads,
+                       sm_scale, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, False)  # fmt: skip
+    for start_n in range(mid, hi, BLOCK_N):
+        dq = _dq_block(q, do, lse, delta, dq, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h, num_heads,
+                       sm_scale, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, True)  # fmt: skip
     _store_tile(DQ_ptr, q_start + rows, row_ok, h, num_heads, dq * sm_scale, BLOCK_D)
 
 

@@ -192,6 +192,8 @@ def test_triton_kernels_in_interpreter(dtype, causal, cases, splits, gen):
     for lq, lk in cases:
         _triton_check("cpu", lq, lk, 32, dtype, causal, splits, gen)
     _triton_check("cpu", [70], [70 if causal else 130], 64, dtype, causal, splits, gen)  # several tiles
+    # whole key blocks that run unmasked next to masked ones: Lk > Lq (causal shift 80), and several query tiles
+    _triton_check("cpu", [70, 5], [150, 64], 64, dtype, causal, splits, gen)
 
 
 @on_triton_interpreter
