@@ -57,7 +57,7 @@ def resample(wave: Tensor, orig_rate: int, new_rate: int = SAMPLE_RATE, *, zero_
     kernel = kernel.to(x.dtype if x.is_floating_point() else torch.float32).to(x.device)
     x = nn.functional.pad(x.to(kernel.dtype), (width, width + down))
     y = nn.functional.conv1d(x, kernel[:, None, :], stride=down)  # (R, up, blocks)
-    y = y.transpose(1, 2).reshape(x.shape[0], -1)  # interleave the phases
+    y = y.transpose(1, 2).reshape(x.shape[0], y.shape[1] * y.shape[2])  # interleave the phases
     n_out = math.ceil(shape[-1] * up / down)
     return y[:, :n_out].reshape(*shape[:-1], n_out)
 

@@ -54,7 +54,7 @@ class RelPositionAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _heads(self, x: Tensor) -> Tensor:
-        return x.view(x.shape[0], -1, self.heads, self.d_k).transpose(1, 2)  # (B, H, T, d_k)
+        return x.view(x.shape[0], x.shape[1], self.heads, self.d_k).transpose(1, 2)  # (B, H, T, d_k); B may be 0
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, T, d)`` -> keys and values ``(B, H, T, d_k)`` (what a KV cache stores)."""
@@ -75,7 +75,7 @@ class RelPositionAttention(nn.Module):
         scores = (ac + bd) / math.sqrt(self.d_k)
         probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
         out = self.dropout(probs) @ v  # (B, H, Tq, d_k)
-        return self.linear_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return self.linear_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.d_k))
 
 
 class FeedForward(nn.Module):

@@ -188,6 +188,8 @@ class UnitDecoder(nn.Module):
         c = self.config
         prompt, plen = self.prompt(text_tokens, text_cu_seqlens, max_text, taste, word_offsets, speaker)
         batch, dev = prompt.shape[0], prompt.device
+        if batch == 0:
+            return []
         s_host = text_cu_seqlens.diff().tolist()
         min_len = torch.tensor([math.floor(c.min_len_ratio * (s + 3)) for s in s_host], device=dev)
         max_len = [math.floor(c.max_len_ratio * (s + 3)) for s in s_host]

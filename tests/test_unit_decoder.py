@@ -147,6 +147,17 @@ def test_length_rules_and_finished_rows():
     assert all(x.numel() == 6 for x in a)
 
 
+def test_empty_batch():
+    """No utterance: forward gives empty logits and targets (the mean loss over no target is NaN), generate an
+    empty list, with and without the cache."""
+    m, i32 = make(), torch.int32
+    c = dict(text_tokens=torch.zeros(0, dtype=torch.long), text_cu_seqlens=torch.zeros(1, dtype=i32), max_text=0,
+             taste=torch.zeros(0, 24), word_offsets=torch.zeros(1, dtype=i32), speaker=torch.zeros(0, 6))  # fmt: skip
+    assert m.generate(**c) == [] and m.generate(**c, use_cache=False) == []
+    out = m(**c, units=torch.zeros(0, dtype=torch.long), unit_cu_seqlens=torch.zeros(1, dtype=i32), max_units=0)
+    assert out.logits.shape == (0, 21) and out.targets.shape == (0,) and out.target_cu_seqlens.tolist() == [0]
+
+
 def test_official_parameter_names_and_shapes():
     if not os.path.isfile(SPEC):
         pytest.skip("the spec's official_state_dict.json is not beside this checkout")
