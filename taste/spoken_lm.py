@@ -322,7 +322,8 @@ class TasteSpokenLM(nn.Module):
             raise ValueError(f"tokens must be a (N,) int64 tensor, got {tokens.dtype} {tuple(tokens.shape)}")
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
             raise ValueError(
-                f"cu_seqlens must be a (B+1,) int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+                f"cu_seqlens must be a (B+1,) int32 tensor with B >= 1 sequences, got {cu_seqlens.dtype} "
+                f"{tuple(cu_seqlens.shape)}"
             )
         if word_ids.shape != tokens.shape:
             raise ValueError(f"word_ids must have tokens' shape {tuple(tokens.shape)}, got {tuple(word_ids.shape)}")
