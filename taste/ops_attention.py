@@ -202,19 +202,22 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
 
     batch, frames = h_key.shape[:2]
     heads, head_dim = q.shape[1:]
-    out = torch.zeros_like(q)
     if batch == 0 or q.shape[0] == 0:
-        return out
+        return torch.zeros_like(q)
     cu_host = None if triton_path else cu_seqlens_q.tolist()  # the reference path reads offsets on the host anyway
-    lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device) if triton_path else None
+    out = None if triton_path and chunk >= batch else torch.zeros_like(q)
+    lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device) if out is not None else None
     for b0 in range(0, batch, chunk):
         b1 = min(b0 + chunk, batch)
         k = F.linear(h_key[b0:b1], k_weight, k_bias).view((b1 - b0) * frames, heads, head_dim)
         v = F.linear(h_val[b0:b1], v_weight, v_bias).view((b1 - b0) * frames, heads, head_dim)
         cu_k = torch.arange(b1 - b0 + 1, device=q.device, dtype=torch.int32) * frames
-        if triton_path:  # rows stay global: the kernel reads this chunk's query offsets from the slice
+        if triton_path:
             from taste.kernels.attention import text_query_attention_fwd
 
+            if out is None:  # one chunk: the plain launch, which may split the keys to fill the GPU
+                return text_query_attention_fwd(q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, frames, False, scale)[0]
+            # rows stay global: the kernel reads this chunk's query offsets from the slice, writes only its rows
             text_query_attention_fwd(q, k, v, cu_seqlens_q[b0 : b1 + 1], cu_k, max_seqlen_q, frames, False, scale,
                                      out=out, lse=lse)  # fmt: skip
         else:
