@@ -249,18 +249,28 @@ def _dq_block(
 
 
 @triton.jit
-def _dkdv_tile(
-    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, q_len, start_m, k, v, dk, dv, cols, col_ok, shift, h, num_heads,
-    total_q, sm_scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
-):  # fmt: skip
-    """dK/dV contributions of one query tile to a key tile."""
+def _query_tile(Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, q_len, start_m, h, num_heads, total_q,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """The backward's query side of the tile at start_m: rows, row_ok, Q, dO, LSE (+inf past the sequence: P = 0)
+    and delta."""
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
     q = _tile(Q_ptr, q_start + rows, row_ok, h, num_heads, BLOCK_D)
     do = _tile(DO_ptr, q_start + rows, row_ok, h, num_heads, BLOCK_D)
     lse = tl.load(LSE_ptr + h * total_q + q_start + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_ptr + h * total_q + q_start + rows, mask=row_ok, other=0.0)
+    return rows, row_ok, q, do, lse, delta
+
+
+@triton.jit
+def _dkdv_tile(
+    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, q_len, start_m, k, v, dk, dv, cols, col_ok, shift, h, num_heads,
+    total_q, sm_scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """dK/dV contributions of one query tile to a key tile."""
+    rows, row_ok, q, do, lse, delta = _query_tile(Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, q_len, start_m, h,
+                                                  num_heads, total_q, BLOCK_M, BLOCK_D)  # fmt: skip
     p, ds = _bwd_probs_and_ds(
         q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, shift, sm_scale, CAUSAL, PRECISION, MASKED
     )
@@ -352,12 +362,8 @@ def _text_query_attention_bwd_dq_kernel(
     if start_m >= q_len:
         return
     k_start, k_len = _seq(CUK_ptr, b)
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_len
-    q = _tile(Q_ptr, q_start + rows, row_ok, h, num_heads, BLOCK_D)
-    do = _tile(DO_ptr, q_start + rows, row_ok, h, num_heads, BLOCK_D)
-    lse = tl.load(LSE_ptr + h * total_q + q_start + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA_ptr + h * total_q + q_start + rows, mask=row_ok, other=0.0)
+    rows, row_ok, q, do, lse, delta = _query_tile(Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, q_start, q_len, start_m, h,
+                                                  num_heads, total_q, BLOCK_M, BLOCK_D)  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     shift = k_len - q_len
     lo, hi = _key_range(start_m, q_len, k_len, 0, 1, BLOCK_M, BLOCK_N, CAUSAL)
