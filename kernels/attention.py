@@ -65,6 +65,17 @@ def _key_range(
 
 
 @triton.jit
+def _unmasked_end(lo, hi, start_m, shift, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """End of the whole key blocks from lo that every row of the query tile at start_m sees (they need no mask):
+    all of [lo, hi) but its last partial block; with causal masking only keys up to start_m + shift (those the
+    tile's first row sees)."""
+    full = hi
+    if CAUSAL:
+        full = tl.minimum(hi, start_m + shift + 1)
+    return lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
 def _kv_block(K_ptr, V_ptr, k_start, start_n, hi, h, num_heads, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               MASKED: tl.constexpr):  # fmt: skip
     """(cols, col_ok, K tile, V tile) of the key block at start_n; MASKED=False: the whole block is below hi."""
@@ -144,12 +155,7 @@ def _text_query_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     shift = k_len - q_len
     lo, hi = _key_range(start_m, q_len, k_len, split, num_splits, BLOCK_M, BLOCK_N, CAUSAL)
-    # Whole key blocks that every row of the tile sees need no mask: all of [lo, hi) but its last partial block;
-    # with causal masking only keys up to start_m + shift (seen by the tile's first row) qualify.
-    full = hi
-    if CAUSAL:
-        full = tl.minimum(hi, start_m + shift + 1)
-    mid = lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
+    mid = _unmasked_end(lo, hi, start_m, shift, BLOCK_N, CAUSAL)
     for start_n in range(lo, mid, BLOCK_N):
         acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h,
                                    num_heads, qk_scale, BLOCK_N, BLOCK_D, CAUSAL, False, PRECISION)  # fmt: skip
@@ -367,10 +373,7 @@ def _text_query_attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     shift = k_len - q_len
     lo, hi = _key_range(start_m, q_len, k_len, 0, 1, BLOCK_M, BLOCK_N, CAUSAL)
-    full = hi  # whole key blocks every row of the tile sees run unmasked, as in the forward
-    if CAUSAL:
-        full = tl.minimum(hi, start_m + shift + 1)
-    mid = lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
+    mid = _unmasked_end(lo, hi, start_m, shift, BLOCK_N, CAUSAL)
     for start_n in range(lo, mid, BLOCK_N):
         dq = _dq_block(q, do, lse, delta, dq, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h, num_heads,
                        sm_scale, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, False)  # fmt: skip
