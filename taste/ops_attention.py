@@ -95,7 +95,7 @@ def _attention_backward_cuda(
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     if not _uses_triton(q):
         return reference.text_query_attention_backward(grad_out, q, k, v, out, lse, *args)
-    from taste.kernels.attention import text_query_attention_bwd
+    from taste.kernels.attention_bwd import text_query_attention_bwd
 
     with torch.cuda.device(q.device):
         return text_query_attention_bwd(grad_out, q.contiguous(), k.contiguous(), v.contiguous(), out, lse, *args)
