@@ -28,7 +28,7 @@ from baselines import (  # noqa: E402
     official_word_average,
     padded_aggregator,
 )
-from common import copy_ceiling_gbps, measure, parse, parser, report  # noqa: E402
+from common import copy_ceiling_gbps, measure, no_grad_call, parse, parser, report  # noqa: E402
 
 from taste import AggregatorConfig, TextQueryAggregator, ops, reference  # noqa: E402
 
@@ -169,13 +169,8 @@ def attention_providers(agg, p, train, flex):
 
 def _step(fn, train):
     if not train:
-        return lambda: _no_grad(fn)
+        return lambda: no_grad_call(fn)
     return lambda: fn().float().square().mean().backward()
-
-
-def _no_grad(fn):
-    with torch.no_grad():
-        return fn()
 
 
 def main() -> None:

@@ -103,6 +103,12 @@ def time_providers(fns: list, device: str, reps: int = 0, budget_s: float = 1.0)
     return [statistics.median(t) for t in times]
 
 
+def no_grad_call(fn, *args):
+    """fn(*args) without autograd: the forward-only providers."""
+    with torch.no_grad():
+        return fn(*args)
+
+
 def time_ms(fn, device: str, reps: int = 0) -> float:
     return time_providers([fn], device, reps)[0]
 

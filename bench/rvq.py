@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baselines import CdistLoop  # noqa: E402
-from common import measure, parse, parser, report  # noqa: E402
+from common import measure, no_grad_call, parse, parser, report  # noqa: E402
 
 import taste  # noqa: E402
 
@@ -28,11 +28,6 @@ except ImportError:
     VQPResidualVQ = None
 
 KW = dict(dim=1280, codebook_dim=256, num_quantizers=4, codebook_size=512, decay=0.99)
-
-
-def _no_grad(fn, *args):
-    with torch.no_grad():
-        return fn(*args)
 
 
 def main() -> None:
@@ -94,18 +89,20 @@ def main() -> None:
         with torch.no_grad():
             agree = (fast.eval()(x)[1] == indices).float().mean().item()
         print(f"fast-mode indices equal to the exact mode's: {100 * agree:.2f}%")
-    encoders["ours, codes only (.encode)"] = lambda: _no_grad(ours.encode, x)
+    encoders["ours, codes only (.encode)"] = lambda: no_grad_call(ours.encode, x)
     rows += measure(f"encode (eval) {label}", encoders, dev, args.reps)
     # Where the encode time goes: the search on given codes z, and the two cuBLAS projections alone.
     with torch.no_grad():
         z = ours.project_in(x).float()
     loop = models["cdist + argmin loop"][0]
-    search = {"cdist + argmin loop": lambda: _no_grad(loop.search, z), "ours (ops.rvq_encode)": lambda: _no_grad(
-        taste.ops.rvq_encode, z, ours.embed)}  # fmt: skip
+    search = {
+        "cdist + argmin loop": lambda: no_grad_call(loop.search, z),
+        "ours (ops.rvq_encode)": lambda: no_grad_call(taste.ops.rvq_encode, z, ours.embed),
+    }
     if dev == "cuda":
-        search["ours, fast mode (tf32)"] = lambda: _no_grad(lambda: taste.ops.rvq_encode(z, ours.embed, fast=True))
+        search["ours, fast mode (tf32)"] = lambda: no_grad_call(lambda: taste.ops.rvq_encode(z, ours.embed, fast=True))
     rows += measure(f"search only (z given) N={n} 4x512x256", search, dev, args.reps)
-    projections = {"project_in + project_out": lambda: _no_grad(lambda: ours.project_out(ours.project_in(x)))}
+    projections = {"project_in + project_out": lambda: no_grad_call(lambda: ours.project_out(ours.project_in(x)))}
     rows += measure(f"projections only N={n} 1280->256->1280", projections, dev, args.reps)
     rows += measure(f"train fwd+bwd {label}", {k: train_step(*v) for k, v in models.items()}, dev, args.reps)
     rows += measure(f"decode {label}", {k: decode(*v) for k, v in models.items()}, dev, args.reps)
