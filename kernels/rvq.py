@@ -49,7 +49,6 @@ def _rvq_encode_fwd_kernel(
     d_ok = offs_d < dim
     x = tl.load(X_ptr + rows[:, None] * stride_xm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     residual = x.to(tl.float32)
-    quantized = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     num_stages = tl.load(NS_ptr)
     for q in tl.static_range(NUM_Q):
         best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
@@ -83,9 +82,20 @@ def _rvq_encode_fwd_kernel(
             other=0.0,
         ).to(tl.float32)
         residual -= chosen
-        quantized += chosen
         tl.store(IDX_ptr + rows * stride_im + q, tl.where(active, best_idx, -1).to(tl.int64), mask=row_ok)
         tl.store(ERR_ptr + rows * stride_em + q, tl.where(active, tl.sum(residual * residual, 1), 0.0), mask=row_ok)
+    # The sum of the chosen codewords is gathered again here, from the indices just stored (the codebooks are small
+    # and cached), rather than kept in registers through every stage: that (BLOCK_M, BLOCK_D) accumulator made the
+    # compiler spill. Same order of additions as summing stage by stage, so the same bits.
+    tl.debug_barrier()  # the indices were stored by other threads of this program
+    quantized = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for q in tl.static_range(NUM_Q):
+        idx = tl.load(IDX_ptr + rows * stride_im + q, mask=row_ok, other=-1)
+        quantized += tl.load(
+            CB_ptr + q * stride_cbq + idx[:, None] * stride_cbk + offs_d[None, :],
+            mask=(idx >= 0)[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
     tl.store(
         QT_ptr + rows[:, None] * stride_qm + offs_d[None, :],
         quantized.to(QT_ptr.dtype.element_ty),
@@ -135,29 +145,46 @@ def _rvq_decode_fwd_kernel(
     )
 
 
-# Encoder tiles tried by the autotuner on large problems with d <= 256: (BLOCK_M, BLOCK_K, num_warps, num_stages).
-# The first is the fixed choice for d 256. Kept few and of moderate size: every candidate compiles during the first
-# large call.
-ENCODE_TILES = ((32, 64, 8, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 32, 4, 3))
+# Encoder tiles tried by the autotuner on large problems with d <= 256, by mode: (BLOCK_M, BLOCK_K, num_warps,
+# num_stages). The first is the fixed choice for d 256. Kept few and of moderate size: every candidate compiles
+# during the first large call. The exact mode's products run on the CUDA cores and need more registers: its sm_90
+# builds of (32, 64, 4, 2) and (16, 32, 4, 3) spill (32 registers and a 13 KB stack per thread; a 2 KB stack), as
+# `python bench/compile_kernels.py` shows, so it does not try them.
+ENCODE_TILES = {
+    "exact": ((32, 64, 8, 2), (16, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    "fast": ((32, 64, 8, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 32, 4, 3)),
+}
 AUTOTUNE_MIN_WORK = 2**22  # rows x codes x stages at which tuning pays for itself
 
 
-def tuned_encode_kernel(tiles=ENCODE_TILES):
+def tuned_encode_kernel(mode: str):
     key = ("n_bucket", "dim", "codebook_size", "NUM_Q", "BLOCK_D", "EXACT")
-    return autotuned(_rvq_encode_fwd_kernel, tiles, ("BLOCK_M", "BLOCK_K"), key)
+    return autotuned(_rvq_encode_fwd_kernel, ENCODE_TILES[mode], ("BLOCK_M", "BLOCK_K"), key)
 
 
 def tuned_tiles() -> dict[str, str]:
     """What the autotuner picked so far, by its key: for benchmark reports."""
-    return tuned_choices(tuned_encode_kernel())
+    return {k: v for mode in ENCODE_TILES for k, v in tuned_choices(tuned_encode_kernel(mode)).items()}
+
+
+# The widest codeword the encoder takes: a program keeps (BLOCK_M, d) residuals in registers and (BLOCK_K, d) code
+# tiles in shared memory. At d 1280 (BLOCK_D 2048) even its smallest tile needs 384 KB of shared memory, over the
+# 227 KB of an sm_90 block (`python bench/compile_kernels.py`); taste.ops takes PyTorch's matmuls there instead.
+MAX_DIM = 512
 
 
 def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: bool | None = None):
     """x (N, d); codebooks (Q, K, d); code_norms (Q, K) float32; num_stages int32 0-dim tensor on x's device.
     Returns indices (N, Q) int64 (-1 for stages >= num_stages), quantized (N, d) in x.dtype, and the squared
-    norm of the residual after every stage, (N, Q) float32 (0 for inactive stages)."""
+    norm of the residual after every stage, (N, Q) float32 (0 for inactive stages). d must be at most MAX_DIM."""
     n, dim = x.shape
     nq, k, _ = codebooks.shape
+    if dim > MAX_DIM:
+        raise ValueError(f"rvq_encode_fwd: codeword dim d={dim} is above the kernel's MAX_DIM={MAX_DIM}")
+    if not fast and codebooks.dtype != torch.float32:
+        # The exact mode multiplies in float32 anyway; 16-bit codebooks converted inside the kernel made the sm_90
+        # build spill everything (32 registers, a 10 KB stack per thread). Exact conversion: the same results.
+        codebooks = codebooks.float()
     indices = torch.empty((n, nq), dtype=torch.int64, device=x.device)
     quantized = torch.empty_like(x)
     sq_err = torch.empty((n, nq), dtype=torch.float32, device=x.device)
@@ -188,7 +215,7 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: b
     flags = dict(NUM_Q=nq, BLOCK_D=block_d, EXACT=int(not fast))
     if autotune:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
-        tuned_encode_kernel()[grid](*args, triton.next_power_of_2(n), **flags)
+        tuned_encode_kernel("fast" if fast else "exact")[grid](*args, triton.next_power_of_2(n), **flags)
     else:
         block_m = 16 if block_d >= 512 else 32
         block_k = 32 if block_d >= 512 else 64
@@ -223,6 +250,6 @@ def rvq_decode_fwd(indices, codebooks, weights=None, out_dtype=None):
         HAS_WEIGHTS=int(weights is not None),
         BLOCK_M=block_m,
         BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=8 if block_m * block_d >= 8192 else 4,  # 4 warps spill a full tile with weights (sm_90 build)
     )
     return out

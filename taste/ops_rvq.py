@@ -31,10 +31,11 @@ def _rvq_encode(x: Tensor, codebooks: Tensor, num_stages: Tensor, fast: bool) ->
 
 @_rvq_encode.register_kernel("cuda")
 def _rvq_encode_cuda(x, codebooks, num_stages, fast):
-    if x.dtype not in TRITON_DTYPES or codebooks.dtype not in TRITON_DTYPES:
+    from taste.kernels.rvq import MAX_DIM, rvq_encode_fwd
+
+    if x.dtype not in TRITON_DTYPES or codebooks.dtype not in TRITON_DTYPES or x.shape[-1] > MAX_DIM:
         idx, quantized, sq_err = reference.rvq_encode(x, codebooks, num_stages, fast)
         return quantized, idx, sq_err
-    from taste.kernels.rvq import rvq_encode_fwd
 
     norms = codebooks.float().square().sum(-1)  # (Q, K)
     with torch.cuda.device(x.device):

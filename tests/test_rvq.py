@@ -3,7 +3,7 @@ Triton kernels themselves (interpreter on CPU, native on a GPU), against a float
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, on_triton_interpreter
+from conftest import DEVICES, HAS_CUDA, assert_close, on_triton_interpreter
 
 from taste import ops, reference
 
@@ -157,12 +157,12 @@ def _kernel_check(device, n, d, k, gen, fast=False, dtype=torch.float32):
             assert (idx == ref_idx).float().mean().item() > 0.98
         else:
             assert torch.equal(idx, ref_idx)
-            torch.testing.assert_close(quantized.float(), ref_q.float(), atol=1e-5, rtol=1e-5)
+            # 16-bit outputs: the kernel sums in float32 and rounds once; compare with the float64 sum
+            exact_q = reference.rvq_decode(idx, codebooks.double())
+            assert_close(quantized, exact_q)
             torch.testing.assert_close(sq_err, ref_err.float(), atol=1e-3, rtol=1e-4)
         weights = torch.rand(n, 4, generator=gen).to(device)
-        torch.testing.assert_close(
-            rvq_decode_fwd(idx, codebooks, weights), reference.rvq_decode(idx, codebooks, weights)
-        )
+        assert_close(rvq_decode_fwd(idx, codebooks, weights), reference.rvq_decode(idx, codebooks.double(), weights))
 
 
 @on_triton_interpreter
@@ -173,18 +173,50 @@ def test_triton_kernels_in_interpreter(gen):
 
 
 @on_triton_interpreter
-@pytest.mark.parametrize("tiles", range(len(rvq_kernels.ENCODE_TILES) if rvq_kernels else 0))
-def test_every_autotuner_tile_in_interpreter(tiles, monkeypatch, gen):
-    """Each encoder tile the autotuner may pick, through the tuned launch path (a one-config tuner runs it
-    without timing): indices identical to the float64-checked reference, ties included."""
+def test_kernel_refuses_codewords_wider_than_its_tiles(gen):
+    """d above MAX_DIM would need more shared memory than a GPU block has: the launcher says so; taste.ops takes
+    the PyTorch path there (test_wide_codewords_on_gpu)."""
+    d = rvq_kernels.MAX_DIM + 1
+    x, codebooks = problem(3, 2, 16, d, gen)
+    ns = torch.tensor(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=rf"codeword dim d={d} is above the kernel's MAX_DIM=512"):
+        rvq_kernels.rvq_encode_fwd(x, codebooks, codebooks.square().sum(-1), ns, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_wide_codewords_on_gpu(gen):
+    x, codebooks = problem(300, 4, 64, 1280, gen, "cuda")  # an RVQ without its 1280 -> 256 projection
+    idx, quantized = ops.rvq_encode(x, codebooks)
+    ref_idx, ref_q, _ = reference.rvq_encode(x.cpu(), codebooks.cpu(), 4)
+    assert torch.equal(idx.cpu(), ref_idx)
+    torch.testing.assert_close(quantized.cpu(), ref_q, atol=1e-4, rtol=1e-4)
+
+
+@on_triton_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_exact_mode_on_16bit_codebooks_in_interpreter(dtype, gen):
+    """The exact mode multiplies 16-bit inputs in float32 (the launcher widens the codebooks): identical indices."""
+    _kernel_check("cpu", 45, 48, 80, gen, dtype=dtype)
+
+
+@on_triton_interpreter
+@pytest.mark.parametrize(
+    "mode, tiles", [(m, i) for m, ts in getattr(rvq_kernels, "ENCODE_TILES", {}).items() for i in range(len(ts))]
+)
+def test_every_autotuner_tile_in_interpreter(mode, tiles, monkeypatch, gen):
+    """Each encoder tile the autotuner may pick in each mode, through the tuned launch path (a one-config tuner
+    runs it without timing): indices identical to the float64-checked reference, ties included (the
+    interpreter computes the fast mode's products in float32 too)."""
     rvq = rvq_kernels
-    one = rvq.ENCODE_TILES[tiles : tiles + 1]
-    monkeypatch.setattr(rvq, "tuned_encode_kernel", lambda: rvq.autotuned(
-        rvq._rvq_encode_fwd_kernel, one, ("BLOCK_M", "BLOCK_K"), ()))  # fmt: skip
+    one = rvq.ENCODE_TILES[mode][tiles : tiles + 1]
+    monkeypatch.setattr(rvq, "tuned_encode_kernel", lambda m: rvq.autotuned(
+        rvq._rvq_encode_fwd_kernel, one, ("BLOCK_M", "BLOCK_K"), ()) if m == mode else None)  # fmt: skip
     x, codebooks = problem(45, 4, 80, 48, gen, "cpu", torch.float32)
     codebooks[2, 79] = codebooks[2, 0]  # a tie
     ns = torch.tensor(3, dtype=torch.int32)
-    idx, quantized, sq_err = rvq.rvq_encode_fwd(x, codebooks, codebooks.square().sum(-1), ns, False, autotune=True)
+    norms = codebooks.square().sum(-1)
+    idx, quantized, sq_err = rvq.rvq_encode_fwd(x, codebooks, norms, ns, mode == "fast", autotune=True)
     ref_idx, ref_q, ref_err = reference.rvq_encode(x, codebooks, 3)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(quantized, ref_q, atol=1e-5, rtol=1e-5)
@@ -192,9 +224,10 @@ def test_every_autotuner_tile_in_interpreter(tiles, monkeypatch, gen):
 
 
 @pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_triton_kernels_on_gpu(fast, gen):
-    _kernel_check("cuda", 6400, 256, 512, gen, fast=fast)
+def test_triton_kernels_on_gpu(fast, dtype, gen):
+    _kernel_check("cuda", 6400, 256, 512, gen, fast=fast, dtype=dtype)
     _kernel_check("cuda", 33, 48, 80, gen, fast=fast)
     _kernel_check("cuda", 20, 8, 16, gen, fast=fast)
