@@ -218,12 +218,31 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# float32 tiles by head dim: (largest BLOCK_M, BLOCK_N) of the forward, (BLOCK_M, BLOCK_N) of the backward, all
+# with 8 warps. IEEE float32 products run on the CUDA cores, whose operand layouts hold far more per thread than the
+# tensor cores'; these are the largest tiles whose sm_90 builds keep everything in registers (`python
+# bench/compile_kernels.py`): the 64 x 64 4-warp tiles used before spilled 1.3 KB per thread in the forward and
+# over 10 KB (all but 32 registers) in the backward.
+FP32_TILES = {32: ((64, 64), (32, 32)), 64: ((64, 32), (32, 32)), 128: ((32, 16), (16, 16))}
+
+
 def _tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): one tile holds a whole utterance's queries up to 128 of them."""
-    cap = 64 if (dtype == torch.float32 or head_dim > 64) else 128
-    block_m = min(cap, max(16, triton.next_power_of_2(max(max_seqlen_q, 1))))
-    block_n = 32 if (head_dim > 64 and dtype == torch.float32) else 64
-    return block_m, block_n, 8 if block_m * head_dim >= 128 * 64 else 4
+    """Forward (BLOCK_M, BLOCK_N, num_warps): one tile holds a whole utterance's queries, up to 128 of them."""
+    fitted = max(16, triton.next_power_of_2(max(max_seqlen_q, 1)))
+    if dtype == torch.float32:
+        (cap, block_n), _ = FP32_TILES[head_dim]
+        return min(cap, fitted), block_n, 8
+    block_m = min(64 if head_dim > 64 else 128, fitted)
+    return block_m, 64, 8 if block_m * head_dim >= 128 * 64 else 4
+
+
+def bwd_tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Backward (BLOCK_M, BLOCK_N, num_warps), for the dK/dV and the dQ kernels."""
+    if dtype == torch.float32:
+        _, (block_m, block_n) = FP32_TILES[head_dim]
+        return block_m, block_n, 8
+    block_m, block_n, _ = _tiles(max_seqlen_q, head_dim, dtype)
+    return min(block_m, 64), block_n, 4
 
 
 # Forward tiles tried by the autotuner on large 16-bit problems (the aggregator's batches): (BLOCK_M, BLOCK_N,

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _key_range, _kv_block, _precision, _seq, _store_tile, _tile, _tiles, _unmasked_end, _visible
+from .attention import _key_range, _kv_block, _precision, _seq, _store_tile, _tile, _unmasked_end, _visible, bwd_tiles
 
 # fmt: off  (kernel signatures stay compact)
 
@@ -204,14 +204,13 @@ def text_query_attention_bwd(
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if total_q == 0 or batch == 0:
         return dq, dk, dv
-    block_m, block_n, _ = _tiles(max_seqlen_q, head_dim, q.dtype)
-    block_m = min(block_m, 64)
+    block_m, block_n, warps = bwd_tiles(max_seqlen_q, head_dim, q.dtype)
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     _text_query_attention_bwd_delta_kernel[(triton.cdiv(total_q, 64), heads)](
         out, do, delta, heads, total_q, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4
     )
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, CAUSAL=int(causal),
-                PRECISION=_precision(q.dtype), num_warps=4, num_stages=2)  # fmt: skip
+                PRECISION=_precision(q.dtype), num_warps=warps, num_stages=2)  # fmt: skip
     # dK/dV: one program per key tile walks every query tile of its sequence; dQ: one per query tile.
     _text_query_attention_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen_k, 1), block_n), batch * heads)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **meta
