@@ -41,8 +41,10 @@ step "tests"
 # python -P: the source tree in the working directory must not shadow the build in the prefix.
 # On the lent GPU image (torch 2.11, /opt/gcc g++ 13.3) any C++ extension segfaults when it throws with a tensor
 # alive, a 6-line load_inline op included (bench/RESULTS.md): the tests that provoke such errors run in CI instead.
+# The sm_90 compile check needs no GPU (CI runs it, and it was run with this image's Triton 3.6 on the CPU machine):
+# it would only spend device time here.
 if [ -n "${PYTEST_ARGS+set}" ]; then read -r -a test_args <<< "$PYTEST_ARGS"; else
-  test_args=(-k "not bad_input and not validates_where_it_syncs"); fi
+  test_args=(-k "not bad_input and not validates_where_it_syncs" --ignore=tests/test_compile_kernels.py); fi
 timeout "${TEST_TIMEOUT:-240}" "$py" -P -m pytest -q -p no:cacheprovider -rs tests "${test_args[@]}" > "$out/tests.log" 2>&1
 tests_rc=$?
 tail -3 "$out/tests.log"

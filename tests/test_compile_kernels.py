@@ -1,0 +1,79 @@
+"""The Triton kernels build for a real GPU (sm_90), not only run in the interpreter: bench/compile_kernels.py.
+
+The interpreter (how the other kernel tests run without a GPU) never compiles a kernel, so a kernel that the GPU
+backend rejects, a tile over the card's shared memory, or a configuration whose registers spill would pass every
+other test here. This compiles the launchers' configurations at the TASTE shapes with Triton's compiler and
+ptxas, which need no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "compile_kernels.py")
+
+
+def _has_nvidia_backend() -> bool:
+    try:
+        from triton.backends import backends
+
+        return "nvidia" in backends
+    except ImportError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_nvidia_backend(), reason="needs Triton with its NVIDIA backend")
+
+
+def _run(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for this process
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--level", "smoke", "--json", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    return proc, rows
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("sm90"))
+
+
+def test_every_kernel_compiles_for_sm90(smoke):
+    proc, rows = smoke
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kernels = {r["kernel"] for r in rows}
+    for name in ("fwd", "merge", "bwd_delta", "bwd_dkdv", "bwd_dq"):
+        assert f"_text_query_attention_{name}_kernel" in kernels
+    assert {"_rvq_encode_fwd_kernel", "_rvq_decode_fwd_kernel"} <= kernels
+    assert all(r["ok"] and 0 < r["registers"] <= 255 for r in rows)
+    assert all(r["shared_bytes"] <= 227 * 1024 for r in rows)
+
+
+def test_configurations_keep_their_registers(smoke):
+    """What the GPU targets time (bf16 attention, the float32 RVQ) has no stack at all; nothing has more than a
+    few bytes (float32 attention and the exact encoder on 16-bit inputs used to spill 10-16 KB per thread)."""
+    _, rows = smoke
+    hot = [r for r in rows if r["case"].startswith(("attention bfloat16", "rvq float32"))]
+    assert len(hot) >= 8 and all(r["stack_bytes"] == 0 for r in hot), hot
+    assert all(r["stack_bytes"] <= 128 for r in rows), [r for r in rows if r["stack_bytes"] > 128]
+
+
+def test_shared_memory_over_the_limit_fails(tmp_path):
+    """The check can fail: with a limit below what the forward tile needs, the script names it and exits 1."""
+    proc, rows = _run(tmp_path, "--only", "attention", "--shared-limit", "40000")
+    assert proc.returncode == 1
+    failed = [r for r in rows if not r["ok"]]
+    assert failed and all("shared memory" in r["error"] for r in failed)
+    assert "FAILED: shared memory" in proc.stdout
