@@ -59,18 +59,60 @@ class CompileOnlyDriver:
         return True
 
 
+def _cuobjdump(path: str) -> str:
+    from triton import knobs
+
+    return subprocess.run(
+        [knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _tensor_cores(ptx: str) -> str:
+    """Which tensor-core instructions the kernel's dots compiled to: Hopper's warpgroup MMA, the older per-warp MMA,
+    or none (products on the CUDA cores, or no dot at all)."""
+    return next((kind for kind in ("wgmma", "mma.sync") if kind in ptx), "none")
+
+
+def _kernel_name(symbol: str) -> str:
+    """The ``..._kernel`` component of an Itanium-mangled nested name (``_ZN5taste17_copy_rows_kernelI...``)."""
+    pos = 3 if symbol.startswith("_ZN") else 2
+    while (digits := re.match(r"\d+", symbol[pos:])) is not None:
+        start = pos + len(digits.group())
+        pos = start + int(digits.group())
+        if symbol[start:pos].endswith("_kernel"):
+            return symbol[start:pos]
+    return symbol
+
+
+def extension_rows(arch: int) -> list[dict]:
+    """Registers, stack and static shared memory of every CUDA C++ kernel in the built ``taste._C`` (nvcc compiled
+    them with the package; cuobjdump reads the library). Empty when it has no code for ``arch``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("taste._C")
+    if spec is None or spec.origin is None:
+        return []
+    rows = []
+    # cuobjdump lists each embedded cubin ("Fatbin elf code: ... arch = sm_90") with its functions' usage.
+    for cubin in _cuobjdump(spec.origin).split("Fatbin elf code:")[1:]:
+        if not re.search(rf"arch = sm_{arch}a?\n", cubin):
+            continue
+        for name, reg, stack, shared in re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+)", cubin):
+            rows.append({
+                "case": "taste._C (CUDA C++)", "kernel": _kernel_name(name), "symbol": name,
+                "registers": int(reg), "stack_bytes": int(stack), "shared_bytes": int(shared), "ok": True,
+            })  # fmt: skip
+    return rows
+
+
 def _resource_usage(cubin: bytes) -> dict:
     """Registers per thread and stack bytes per thread (register spills and local arrays) of a compiled kernel,
     read from its cubin by cuobjdump (Triton ships one): what the driver would report, without a driver."""
-    from triton import knobs
-
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        report = subprocess.run(
-            [knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True, text=True, check=True
-        ).stdout
+        report = _cuobjdump(path)
     usage = re.search(r"REG:(\d+) STACK:(\d+)", report)
     return {"registers": int(usage.group(1)), "stack_bytes": int(usage.group(2))}
 
@@ -99,7 +141,7 @@ def compile_only(arch: int, record: list, label: list, verbose: bool = False, sh
         row["compile_s"] = round(time.perf_counter() - started, 2)
         row["hash"] = compiled.hash
         row["shared_bytes"] = compiled.metadata.shared
-        row.update(_resource_usage(compiled.asm["cubin"]))
+        row.update(_resource_usage(compiled.asm["cubin"]), tensor_cores=_tensor_cores(compiled.asm["ptx"]))
         row["ok"] = limit is None or row["shared_bytes"] <= limit
         if not row["ok"]:
             row["error"] = f"shared memory {row['shared_bytes']} B > {limit} B per block on sm_{arch}"
@@ -195,6 +237,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("attention", "rvq"), help="one family of kernels")
     parser.add_argument("--json", help="write every row here")
     parser.add_argument("--verbose", action="store_true", help="name each configuration as it compiles")
+    parser.add_argument("--extension", action="store_true", help="also list the CUDA C++ kernels of taste._C")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels that this script compiles")
@@ -216,16 +259,19 @@ def main(argv=None) -> int:
         if key not in seen:
             seen.add(key)
             rows.append(row)
+    if args.extension:
+        rows += extension_rows(args.arch)
     print(f"# Triton {triton.__version__}, torch {torch.__version__}, sm_{args.arch}: {len(rows)} configurations, "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
-    print("| case | kernel | tiles | warps/stages | registers | stack B | shared B | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | kernel | tiles | warps | stages | tensor cores | registers | stack B | shared B | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tiles = " ".join(f"{k}={v}" for k, v in r.items() if k.isupper() and k.startswith("BLOCK"))
         usage = (r.get("registers"), r.get("stack_bytes"), r.get("shared_bytes"))
         mark = "" if r["ok"] else f" **FAILED: {r['error']}**"
-        print(f"| {r['case']} | {r['kernel']} | {tiles} | {r.get('num_warps')}/{r.get('num_stages')} | "
-              f"{usage[0]} | {usage[1]} | {usage[2]}{mark} | {r.get('compile_s')} |")  # fmt: skip
+        launch = " | ".join(str(r.get(k) or "-") for k in ("num_warps", "num_stages", "tensor_cores"))
+        print(f"| {r['case']} | {r['kernel']} | {tiles} | {launch} | {usage[0]} | {usage[1]} | {usage[2]}{mark} | "
+              f"{r.get('compile_s', '-')} |")  # fmt: skip
     failed = [r for r in rows if not r["ok"]]
     spilled = [r for r in rows if r.get("stack_bytes", 0) > 0]
     print(f"# {len(failed)} failed, {len(spilled)} with a stack (register spills)")

@@ -35,7 +35,7 @@ def _run(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for this process
     out = tmp_path / "rows.json"
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--level", "smoke", "--json", str(out), *args],
+        [sys.executable, SCRIPT, "--level", "smoke", "--extension", "--json", str(out), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -61,10 +61,29 @@ def test_every_kernel_compiles_for_sm90(smoke):
     assert all(r["shared_bytes"] <= 227 * 1024 for r in rows)
 
 
+def test_16bit_attention_runs_on_hopper_tensor_cores(smoke):
+    """bf16 dots compile to wgmma (warpgroup MMA), not the older per-warp mma.sync, in all three kernels."""
+    _, rows = smoke
+    dots = [r for r in rows if r["case"].startswith("attention bfloat16") and r["kernel"].endswith(("fwd_kernel",
+            "dkdv_kernel", "dq_kernel"))]  # fmt: skip
+    assert len(dots) == 4 and all(r["tensor_cores"] == "wgmma" for r in dots), dots
+
+
+def test_cuda_cpp_kernels_keep_their_registers(smoke):
+    """The nvcc-built kernels of taste._C, read from the installed library."""
+    _, rows = smoke
+    ext = [r for r in rows if r["case"].startswith("taste._C")]
+    if not ext:
+        pytest.skip("taste._C has no sm_90 code (built without CUDA)")
+    assert {"segment_reduce_kernel", "delay_layout_kernel", "_copy_rows_kernel"} <= {r["kernel"] for r in ext}
+    assert all(r["stack_bytes"] == 0 for r in ext), [r for r in ext if r["stack_bytes"]]
+
+
 def test_configurations_keep_their_registers(smoke):
     """What the GPU targets time (bf16 attention, the float32 RVQ) has no stack at all; nothing has more than a
     few bytes (float32 attention and the exact encoder on 16-bit inputs used to spill 10-16 KB per thread)."""
     _, rows = smoke
+    rows = [r for r in rows if not r["case"].startswith("taste._C")]
     hot = [r for r in rows if r["case"].startswith(("attention bfloat16", "rvq float32"))]
     assert len(hot) >= 8 and all(r["stack_bytes"] == 0 for r in hot), hot
     assert all(r["stack_bytes"] <= 128 for r in rows), [r for r in rows if r["stack_bytes"] > 128]
