@@ -68,9 +68,9 @@ def _cuobjdump(path: str) -> str:
 
 
 def _tensor_cores(ptx: str) -> str:
-    """Which tensor-core instructions the kernel's dots compiled to: Hopper's warpgroup MMA, the older per-warp MMA,
-    or none (products on the CUDA cores, or no dot at all)."""
-    return next((kind for kind in ("wgmma", "mma.sync") if kind in ptx), "none")
+    """Which tensor-core instructions the kernel's dots compiled to: Blackwell's tcgen05 MMA, Hopper's warpgroup
+    MMA, the older per-warp MMA, or none (products on the CUDA cores, or no dot at all)."""
+    return next((kind for kind in ("tcgen05.mma", "wgmma", "mma.sync") if kind in ptx), "none")
 
 
 def _kernel_name(symbol: str) -> str:
