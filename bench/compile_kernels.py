@@ -36,6 +36,22 @@ import torch
 # Shared memory one block may use (opt-in maximum), by compute capability: CUDA programming guide, table
 # "Technical Specifications per Compute Capability".
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+# Per SM, same table: (32-bit registers, shared memory in bytes, resident threads, resident blocks).
+SM_LIMITS = {80: (65536, 164 * 1024, 2048, 32), 86: (65536, 100 * 1024, 1536, 16), 89: (65536, 100 * 1024, 1536, 24),
+             90: (65536, 228 * 1024, 2048, 32), 100: (65536, 228 * 1024, 2048, 32)}  # fmt: skip
+
+
+def blocks_per_sm(arch: int, registers: int, shared: int, num_warps: int) -> int | None:
+    """How many blocks of a kernel fit on one SM at once (the occupancy limit set by registers, shared memory and
+    threads): registers are allocated per warp in units of 256 (8 per thread), and each block reserves 1 KB of
+    shared memory. None for an architecture not in SM_LIMITS."""
+    if arch not in SM_LIMITS:
+        return None
+    regs_sm, shared_sm, threads_sm, blocks_sm = SM_LIMITS[arch]
+    threads = 32 * num_warps
+    by_regs = regs_sm // (-(-registers // 8) * 8 * threads)
+    by_shared = shared_sm // (shared + 1024)
+    return min(by_regs, by_shared, threads_sm // threads, blocks_sm)
 
 
 class CompileOnlyDriver:
@@ -142,6 +158,7 @@ def compile_only(arch: int, record: list, label: list, verbose: bool = False, sh
         row["hash"] = compiled.hash
         row["shared_bytes"] = compiled.metadata.shared
         row.update(_resource_usage(compiled.asm["cubin"]), tensor_cores=_tensor_cores(compiled.asm["ptx"]))
+        row["blocks_per_sm"] = blocks_per_sm(arch, row["registers"], row["shared_bytes"], compiled.metadata.num_warps)
         row["ok"] = limit is None or row["shared_bytes"] <= limit
         if not row["ok"]:
             row["error"] = f"shared memory {row['shared_bytes']} B > {limit} B per block on sm_{arch}"
@@ -263,15 +280,17 @@ def main(argv=None) -> int:
         rows += extension_rows(args.arch)
     print(f"# Triton {triton.__version__}, torch {torch.__version__}, sm_{args.arch}: {len(rows)} configurations, "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
-    print("| case | kernel | tiles | warps | stages | tensor cores | registers | stack B | shared B | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    columns = ("case", "kernel", "tiles", "warps", "stages", "tensor cores", "registers", "stack B", "shared B",
+               "blocks/SM", "compile s")  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in rows:
         tiles = " ".join(f"{k}={v}" for k, v in r.items() if k.isupper() and k.startswith("BLOCK"))
         usage = (r.get("registers"), r.get("stack_bytes"), r.get("shared_bytes"))
         mark = "" if r["ok"] else f" **FAILED: {r['error']}**"
         launch = " | ".join(str(r.get(k) or "-") for k in ("num_warps", "num_stages", "tensor_cores"))
         print(f"| {r['case']} | {r['kernel']} | {tiles} | {launch} | {usage[0]} | {usage[1]} | {usage[2]}{mark} | "
-              f"{r.get('compile_s', '-')} |")  # fmt: skip
+              f"{r.get('blocks_per_sm') or '-'} | {r.get('compile_s', '-')} |")  # fmt: skip
     failed = [r for r in rows if not r["ok"]]
     spilled = [r for r in rows if r.get("stack_bytes", 0) > 0]
     print(f"# {len(failed)} failed, {len(spilled)} with a stack (register spills)")
