@@ -96,3 +96,14 @@ def test_shared_memory_over_the_limit_fails(tmp_path):
     failed = [r for r in rows if not r["ok"]]
     assert failed and all("shared memory" in r["error"] for r in failed)
     assert "FAILED: shared memory" in proc.stdout
+
+
+def test_blocks_per_sm_follows_the_occupancy_rules():
+    from compile_kernels import blocks_per_sm
+
+    assert blocks_per_sm(90, 157, 49152, 8) == 1  # 160 registers x 256 threads: one block's worth of 65536
+    assert blocks_per_sm(90, 128, 98304, 8) == 2  # registers allow 2; shared memory (2 x 97 KB) too
+    assert blocks_per_sm(90, 148, 57344, 4) == 3  # registers allow 3, shared memory 4
+    assert blocks_per_sm(90, 32, 256, 4) == 16  # threads: 2048 / 128
+    assert blocks_per_sm(86, 32, 60000, 4) == 1  # 100 KB of shared memory per SM on sm_86
+    assert blocks_per_sm(75, 32, 0, 4) is None
