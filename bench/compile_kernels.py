@@ -146,7 +146,7 @@ def compile_only(arch: int, record: list, label: list, verbose: bool = False, sh
 
     def run(self, *args, grid, warmup, **kwargs):
         row = {"case": label[0], "kernel": self.fn.__name__}
-        row.update({k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")})
+        row.update({k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages", "maxnreg")})
         started = time.perf_counter()
         try:
             compiled = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for r in rows:
-        tiles = " ".join(f"{k}={v}" for k, v in r.items() if k.isupper() and k.startswith("BLOCK"))
+        tiles = " ".join(f"{k}={v}" for k, v in r.items() if (k.startswith("BLOCK") or k == "maxnreg") and v)
         usage = (r.get("registers"), r.get("stack_bytes"), r.get("shared_bytes"))
         mark = "" if r["ok"] else f" **FAILED: {r['error']}**"
         launch = " | ".join(str(r.get(k) or "-") for k in ("num_warps", "num_stages", "tensor_cores"))

@@ -14,7 +14,8 @@ def autotune_enabled() -> bool:
 @functools.cache
 def autotuned(kernel, tiles: tuple, names: tuple, key: tuple):
     """``kernel`` wrapped in Triton's autotuner over ``tiles``: tuples of the values of the meta-parameters
-    ``names`` followed by num_warps and num_stages. Built once per kernel; the tuner keeps its choice per ``key``
+    ``names`` followed by num_warps, num_stages and optionally maxnreg (a cap on registers per thread, which lets
+    more blocks share an SM). Built once per kernel; the tuner keeps its choice per ``key``
     (kernel argument names). Configs that do not fit the GPU are skipped by the tuner. Where this Triton supports
     it, the choices also go to Triton's on-disk cache for later processes on the machine to reuse (meant to avoid a
     new tuning pause and a different pick from timing noise; not yet observed on a GPU). Tiles change the
@@ -23,7 +24,11 @@ def autotuned(kernel, tiles: tuple, names: tuple, key: tuple):
 
     import triton
 
-    configs = [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tiles]
+    configs = []
+    for t in tiles:
+        num_warps, num_stages, *maxnreg = t[len(names) :]
+        configs.append(triton.Config(dict(zip(names, t)), num_warps=num_warps, num_stages=num_stages,
+                                     maxnreg=maxnreg[0] if maxnreg else None))  # fmt: skip
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs, key=list(key), **extra)(kernel)
 

@@ -246,10 +246,14 @@ def bwd_tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int
 
 
 # Forward tiles tried by the autotuner on large 16-bit problems (the aggregator's batches): (BLOCK_M, BLOCK_N,
-# num_warps, num_stages). The first is the fixed choice of _tiles for head_dim 64.
+# num_warps, num_stages[, maxnreg]). The first is the fixed choice of _tiles for head_dim 64.
 # (256, 64): one program for an utterance of up to 256 rows (with the 4-token prefix, some pass 128).
+# maxnreg 128: the sm_90 builds of the first tile (157 registers) and of (64, 64, 4, 3) (148) allow 1 and 3 blocks
+# per SM; capped at 128 registers (no stack on Triton 3.6, 40 bytes on 3.8) they allow 2 and 4, more loads in
+# flight for this memory-bound kernel (`python bench/compile_kernels.py`); the tuner measures whether that pays.
 FWD_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
-             (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (256, 64, 8, 2))  # fmt: skip
+             (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (256, 64, 8, 2), (128, 64, 8, 2, 128),
+             (64, 64, 4, 3, 128))  # fmt: skip
 AUTOTUNE_MIN_WORK = 2**25  # batch x heads x max_seqlen_q x max_seqlen_k at which tuning pays for itself
 
 

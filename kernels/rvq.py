@@ -150,8 +150,9 @@ def _rvq_decode_fwd_kernel(
 # during the first large call. The exact mode's products run on the CUDA cores and need more registers: its sm_90
 # builds of (32, 64, 4, 2) and (16, 32, 4, 3) spill (32 registers and a 13 KB stack per thread; a 2 KB stack), as
 # `python bench/compile_kernels.py` shows, so it does not try them.
+# (32, 64, 8, 2, 128): the fixed tile capped at 128 registers (120-160 bytes of stack) fits 2 blocks per SM, not 1.
 ENCODE_TILES = {
-    "exact": ((32, 64, 8, 2), (16, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    "exact": ((32, 64, 8, 2), (16, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2, 128)),
     "fast": ((32, 64, 8, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 32, 4, 3)),
 }
 AUTOTUNE_MIN_WORK = 2**22  # rows x codes x stages at which tuning pays for itself
