@@ -37,10 +37,11 @@ def _rvq_encode_cuda(x, codebooks, num_stages, fast):
         idx, quantized, sq_err = reference.rvq_encode(x, codebooks, num_stages, fast)
         return quantized, idx, sq_err
 
-    norms = codebooks.float().square().sum(-1)  # (Q, K)
+    wide = codebooks.float()  # no copy for float32; the exact mode multiplies 16-bit codebooks in float32 too
+    norms = wide.square().sum(-1)  # (Q, K)
     with torch.cuda.device(x.device):
         idx, quantized, sq_err = rvq_encode_fwd(
-            x.contiguous(), codebooks.contiguous(), norms, num_stages.to(torch.int32), fast
+            x.contiguous(), (codebooks if fast else wide).contiguous(), norms, num_stages.to(torch.int32), fast
         )
     return quantized, idx, sq_err
 
