@@ -19,6 +19,40 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 on_triton_interpreter = pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 (automatic without a GPU)")
+
+
+def _fix_triton_36_interpreter_for_numpy_24() -> None:
+    """Triton 3.6's interpreter (the Triton of torch 2.11, the GPU image's) converts a tensor used as an index, e.g.
+    a ``range`` bound taken from a kernel argument, with ``int()`` of a one-element array, which NumPy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"): every kernel with such a loop fails in it.
+    Triton 3.8 squeezes the array first; this gives 3.6's interpreter the same conversion. Tests only: compiled
+    kernels never run this code."""
+    import numpy as np
+
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    try:
+        int(np.ones(1))
+        return  # NumPy < 2.4: nothing to fix
+    except TypeError:
+        pass
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if version >= (3, 7) or original is None:
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))  # restored in reverse order
+
+    interpreter._patch_lang_tensor = patch
+
+
+if INTERPRET:
+    _fix_triton_36_interpreter_for_numpy_24()
 cuda = pytest.mark.cuda
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
