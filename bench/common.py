@@ -30,6 +30,7 @@ class Row:
 
 
 _STEADY_ALLOCATOR = False
+PROFILE = False  # --profile (set by parse): measure() also reports where ours' time goes
 
 
 def steady_cpu_allocator() -> bool:
@@ -55,11 +56,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions (default: by time budget)")
     p.add_argument("--fresh-pages", action="store_true", help="CPU: leave malloc as it is (see steady_cpu_allocator)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile our providers: the kernels or operators that take the time",
+    )
     return p
 
 
 def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    global PROFILE
     args = p.parse_args()
+    PROFILE = args.profile
     if args.device == "cpu" and not args.fresh_pages:
         steady_cpu_allocator()
     return args
@@ -161,12 +169,67 @@ def copy_ceiling_gbps(device: str, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def kernel_profile(fn, device: str, calls: int = 5, top: int = 8, warmup: bool = True) -> dict:
+    """Where the time of one call of fn goes, from torch.profiler over `calls` calls (after one more to warm up).
+
+    On a GPU: the device time of every kernel, copy and fill it runs (Triton kernels under their own names). On the
+    CPU: the self time of every operator. Returns {"unit": "device"|"cpu", "us_per_call": total, "entries": the `top`
+    largest as {"name", "us_per_call", "count_per_call", "share"}}, largest first."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    if warmup:
+        fn()
+    sync(device)
+    with _quiet_stderr(), torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    timed = []
+    for e in prof.key_averages():
+        if device == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:  # CPU-side ops: their kernels are listed themselves
+                continue
+            us = e.self_device_time_total
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            timed.append((us / calls, e.count / calls, e.key))
+    timed.sort(reverse=True)
+    total = sum(t[0] for t in timed)
+    entries = [dict(name=k, us_per_call=us, count_per_call=n, share=us / total) for us, n, k in timed[:top]]
+    return {"unit": "device" if device == "cuda" else "cpu", "us_per_call": total, "entries": entries}
+
+
+def profile_row(row: Row, fn, device: str) -> None:
+    """--profile for one timed provider (already warm): :func:`kernel_profile` into row.extra["profile"], printed with
+    the share of the row's median wall time that it accounts for (on a GPU, how busy the device was: well below 100%
+    means the call waits on the host, launches or syncs)."""
+    try:  # a profiler problem must not cost the run its timings
+        prof = kernel_profile(fn, device, calls=5 if row.median_ms < 200 else 1, warmup=False)  # generations once
+    except Exception as e:  # noqa: BLE001
+        print(f"  profile of {row.case} | {row.provider} failed: {type(e).__name__}: {e}")
+        return
+    prof["share_of_wall"] = prof["us_per_call"] * 1e-3 / row.median_ms
+    row.extra["profile"] = prof
+    kind = "device time in kernels" if prof["unit"] == "device" else "CPU self time in operators"
+    print(f"  profile of {row.case} | {row.provider}: {prof['us_per_call']:.1f} us of {kind} per call "
+          f"({100 * prof['share_of_wall']:.0f}% of its {row.median_ms:.3f} ms); the largest:")  # fmt: skip
+    for e in prof["entries"]:
+        print(f"    {100 * e['share']:5.1f}% {e['us_per_call']:10.1f} us  x{e['count_per_call']:<5g} {e['name'][:90]}")
+
+
 def measure(case: str, providers: dict, device: str, reps: int = 0, bytes_moved: int = 0) -> list[Row]:
-    """Times every provider of one case; the first provider is the baseline of the ratio column."""
+    """Times every provider of one case; the first provider is the baseline of the ratio column. With --profile,
+    our providers (named "ours...") are also profiled (:func:`kernel_profile`, kept in the row's extra)."""
     times = time_providers(list(providers.values()), device, reps)
     rows = [Row(case, name, ms, peak_mb(fn, device), bytes_moved) for (name, fn), ms in zip(providers.items(), times)]
     for r in rows:  # progress, in case a time limit stops the run before the table
         print(f"  {case} | {r.provider}: {r.median_ms:.3f} ms, {r.peak_mb:.1f} MB", flush=True)
+    if PROFILE:
+        for r, fn in zip(rows, providers.values()):
+            if "ours" in r.provider:
+                profile_row(r, fn, device)
     base = rows[0].median_ms
     for r in rows:
         r.ratio = base / r.median_ms

@@ -20,8 +20,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 from baselines import official_generate  # noqa: E402
-from common import Row, parse, parser, peak_mb, report, time_providers  # noqa: E402
+from common import Row, parse, parser, peak_mb, profile_row, report, time_providers  # noqa: E402
 
 from taste.continuation import prompt_batch  # noqa: E402
 from taste.generate import GenerationConfig  # noqa: E402
@@ -102,6 +103,8 @@ def main() -> None:
             row.extra = {"tokens_per_s": tps, "sequences": seqs, "identical": same}
             rows.append(row)
             print(f"  {row.case} | {name}: {ms:.1f} ms, {tps:.1f} tokens/s", flush=True)
+            if common.PROFILE and name.startswith("ours"):
+                profile_row(row, fn, dev)
         print(f"  identical tokens and codes (official vs ours B=1): {same}")
     report(f"bench/generate.py on {dev}, {preset} ({params:.0f}M backbone + LoRA), greedy; speed-up = tokens/s "
            f"over the official algorithm", rows, dev, args.json)  # fmt: skip

@@ -4,7 +4,7 @@
 #   OUTDIR/env.txt          nvidia-smi, versions, timings of each step
 #   OUTDIR/build.log        pip install --no-build-isolation --no-deps into a temporary prefix
 #   OUTDIR/tests.log        pytest (all tests; CUDA ones run here)
-#   OUTDIR/bench.log        every benchmark's table
+#   OUTDIR/bench.log        every benchmark's table (+ the aggregator's and the RVQ's kernel profiles of ours)
 #   OUTDIR/bench.json       every benchmark's numbers by name (packing, aggregator, rvq, aggregator_train, generate)
 # Environment: PYTEST_ARGS (pytest arguments; default: all but the C++-error tests), TEST_TIMEOUT, BENCHES,
 # BENCH_TIMEOUT (seconds each).
@@ -63,8 +63,10 @@ run_bench() {  # name, then the benchmark's command line (without --device/--jso
 # issues' open GPU targets come first.
 benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing} "
 want() { [[ $benches == *" $1 "* ]]; }
-want aggregator && run_bench aggregator bench/aggregator.py
-want rvq && run_bench rvq bench/rvq.py
+# --profile: where our providers' device time goes, kernel by kernel (the open targets' next question). Not on the
+# generation benchmark: its compiled step replays CUDA graphs, which the profiler does not see into reliably.
+want aggregator && run_bench aggregator bench/aggregator.py --profile
+want rvq && run_bench rvq bench/rvq.py --profile
 want generate && run_bench generate bench/generate.py --compile
 want aggregator_train && run_bench aggregator_train bench/aggregator.py --train --no-flex
 want packing && run_bench packing bench/packing.py
