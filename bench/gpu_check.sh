@@ -6,8 +6,9 @@
 #   OUTDIR/tests.log        pytest (all tests; CUDA ones run here)
 #   OUTDIR/bench.log        every benchmark's table (+ the aggregator's and the RVQ's kernel profiles of ours)
 #   OUTDIR/bench.json       every benchmark's numbers by name (packing, aggregator, rvq, aggregator_train, generate)
-# Environment: PYTEST_ARGS (pytest arguments; default: all but the C++-error tests), TEST_TIMEOUT, BENCHES,
-# BENCH_TIMEOUT (seconds each).
+# Environment: PYTEST_ARGS (pytest arguments, split on spaces; default: all but the C++-error tests), TESTS=cuda
+# (the default selection, CUDA-marked tests only), TEST_TIMEOUT, BENCHES, BENCH_TIMEOUT (seconds each).
+# With a short device budget: TESTS=cuda BENCHES="aggregator rvq" bench/gpu_check.sh OUTDIR, then the rest.
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -44,7 +45,9 @@ step "tests"
 # The sm_90 compile check needs no GPU (CI runs it, and it was run with this image's Triton 3.6 on the CPU machine):
 # it would only spend device time here.
 if [ -n "${PYTEST_ARGS+set}" ]; then read -r -a test_args <<< "$PYTEST_ARGS"; else
-  test_args=(-k "not bad_input and not validates_where_it_syncs" --ignore=tests/test_compile_kernels.py); fi
+  test_args=(-k "not bad_input and not validates_where_it_syncs" --ignore=tests/test_compile_kernels.py)
+  # TESTS=cuda: only the tests that need the GPU (the rest pass in CI), for a short device budget.
+  [ "${TESTS:-all}" = cuda ] && test_args+=(-m cuda); fi
 timeout "${TEST_TIMEOUT:-240}" "$py" -P -m pytest -q -p no:cacheprovider -rs tests "${test_args[@]}" > "$out/tests.log" 2>&1
 tests_rc=$?
 tail -3 "$out/tests.log"
