@@ -128,7 +128,9 @@ def _stages(num_stages, q_total: int, device) -> Tensor:
         return num_stages.reshape(()).to(device=device, dtype=torch.int64)
     if not 0 <= int(num_stages) <= q_total:
         raise RuntimeError(f"taste: num_stages must be in [0, {q_total}], got {num_stages}")
-    return torch.tensor(int(num_stages), dtype=torch.int64, device=device)
+    # A fill on the device, not torch.tensor(..., device=...): that copies from pageable host memory, which the CUDA
+    # driver may serialise with the stream, and the encoder runs at every TASLM generation step.
+    return torch.full((), int(num_stages), dtype=torch.int64, device=device)
 
 
 def rvq_encode(x: Tensor, codebooks: Tensor, num_stages: int | Tensor | None = None, *, fast: bool = False):
