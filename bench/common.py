@@ -221,7 +221,7 @@ def profile_row(row: Row, fn, device: str) -> None:
 
 def measure(case: str, providers: dict, device: str, reps: int = 0, bytes_moved: int = 0) -> list[Row]:
     """Times every provider of one case; the first provider is the baseline of the ratio column. With --profile,
-    our providers (named "ours...") are also profiled (:func:`kernel_profile`, kept in the row's extra)."""
+    our providers (names containing "ours") are also profiled (:func:`kernel_profile`, kept in the row's extra)."""
     times = time_providers(list(providers.values()), device, reps)
     rows = [Row(case, name, ms, peak_mb(fn, device), bytes_moved) for (name, fn), ms in zip(providers.items(), times)]
     for r in rows:  # progress, in case a time limit stops the run before the table
