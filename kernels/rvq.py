@@ -1,9 +1,14 @@
 """Triton kernels of the residual vector quantizer: every stage of the encoder in one kernel, and the decoder.
 
-Encoder: one program owns BLOCK_M rows. Their residual stays in registers through all stages; for each stage the
-program walks the codebook in BLOCK_K tiles, keeps the running (min distance, argmin) per row, then gathers the
-winning codewords. The (N, K) distance matrix never exists in memory. Distances are ||c||^2 - 2 r.c (the row's
-||r||^2 is the same for every code); ties go to the lowest index, as torch.argmin.
+Encoder: one program owns BLOCK_M rows. For each stage the program walks the codebook in BLOCK_K tiles, keeps the
+running (min distance, argmin) per row, then gathers the winning codewords. The (N, K) distance matrix never exists
+in memory. Distances are ||c||^2 - 2 r.c (the row's ||r||^2 is the same for every code); ties go to the lowest index,
+as torch.argmin. Two layouts of the residual, by the constexpr BLOCK_DS:
+- 0: the rows' whole residual (BLOCK_M, d) stays in registers through all stages, one dot per code tile;
+- a slice width: the residual lives in a float32 scratch (N, d) in global memory (the program's own rows, cached),
+  and each code tile's products accumulate over d in BLOCK_DS slices, as a GEMM walks its K dimension. Far fewer
+  registers, so larger code and row tiles build without spilling (`python bench/compile_kernels.py`). The residual
+  itself is computed with the same operations in the same order either way; the products' summation order differs.
 """
 
 from __future__ import annotations
@@ -35,21 +40,65 @@ def _rvq_encode_fwd_kernel(
     stride_qm,
     stride_em,
     n_bucket,  # the autotuner's key (problem size class); unused by the kernel
+    RS_ptr,  # float32 (N, d) residual scratch of the sliced layout (may be QT_ptr itself when that is float32)
+    stride_rm,
     NUM_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EXACT: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
     d_ok = offs_d < dim
+    num_stages = tl.load(NS_ptr)
+    if BLOCK_DS == 0:
+        _encode_whole_rows(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, rows, row_ok, offs_d, d_ok, num_stages,
+                           codebook_size, stride_xm, stride_cbq, stride_cbk, stride_cnq, stride_im, stride_em,
+                           NUM_Q, BLOCK_M, BLOCK_K, EXACT)  # fmt: skip
+    else:
+        _encode_sliced(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, RS_ptr, rows, row_ok, num_stages, dim,
+                       codebook_size, stride_xm, stride_cbq, stride_cbk, stride_cnq, stride_im, stride_em, stride_rm,
+                       NUM_Q, BLOCK_M, BLOCK_K, BLOCK_D, BLOCK_DS, EXACT)  # fmt: skip
+    # The sum of the chosen codewords is gathered again here, from the indices just stored (the codebooks are small
+    # and cached), rather than kept in registers through every stage: that (BLOCK_M, BLOCK_D) accumulator made the
+    # compiler spill. Same order of additions as summing stage by stage, so the same bits.
+    tl.debug_barrier()  # the indices were stored by other threads of this program
+    quantized = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for q in tl.static_range(NUM_Q):
+        idx = tl.load(IDX_ptr + rows * stride_im + q, mask=row_ok, other=-1)
+        quantized += tl.load(
+            CB_ptr + q * stride_cbq + idx[:, None] * stride_cbk + offs_d[None, :],
+            mask=(idx >= 0)[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    tl.store(
+        QT_ptr + rows[:, None] * stride_qm + offs_d[None, :],
+        quantized.to(QT_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+
+
+@triton.jit
+def _best_of_tile(dist, k0, best, best_idx):
+    """Folds one code tile's (BLOCK_M, BLOCK_K) distances into the running minimum and its index."""
+    tile_best = tl.min(dist, 1)
+    tile_idx = tl.argmin(dist, 1).to(tl.int32) + k0  # lowest index among equal minima
+    better = tile_best < best  # strict: an earlier tile keeps a tie
+    return tl.where(better, tile_best, best), tl.where(better, tile_idx, best_idx)
+
+
+@triton.jit
+def _encode_whole_rows(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, rows, row_ok, offs_d, d_ok, num_stages, codebook_size,
+                       stride_xm, stride_cbq, stride_cbk, stride_cnq, stride_im, stride_em, NUM_Q: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):  # fmt: skip
+    """Every stage with the rows' whole residual in registers; stores the indices and the squared residual norms."""
+    offs_k = tl.arange(0, BLOCK_K)
     x = tl.load(X_ptr + rows[:, None] * stride_xm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     residual = x.to(tl.float32)
-    num_stages = tl.load(NS_ptr)
     for q in tl.static_range(NUM_Q):
         best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
         best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -70,11 +119,7 @@ def _rvq_encode_fwd_kernel(
             else:
                 prod = tl.dot(r_op, tl.trans(c), input_precision="tf32")
             dist = norm[None, :] - 2.0 * prod  # (BLOCK_M, BLOCK_K)
-            tile_best = tl.min(dist, 1)
-            tile_idx = tl.argmin(dist, 1).to(tl.int32) + k0  # lowest index among equal minima
-            better = tile_best < best  # strict: an earlier tile keeps a tie
-            best_idx = tl.where(better, tile_idx, best_idx)
-            best = tl.where(better, tile_best, best)
+            best, best_idx = _best_of_tile(dist, k0, best, best_idx)
         active = q < num_stages
         chosen = tl.load(
             CB_ptr + q * stride_cbq + best_idx[:, None] * stride_cbk + offs_d[None, :],
@@ -84,23 +129,60 @@ def _rvq_encode_fwd_kernel(
         residual -= chosen
         tl.store(IDX_ptr + rows * stride_im + q, tl.where(active, best_idx, -1).to(tl.int64), mask=row_ok)
         tl.store(ERR_ptr + rows * stride_em + q, tl.where(active, tl.sum(residual * residual, 1), 0.0), mask=row_ok)
-    # The sum of the chosen codewords is gathered again here, from the indices just stored (the codebooks are small
-    # and cached), rather than kept in registers through every stage: that (BLOCK_M, BLOCK_D) accumulator made the
-    # compiler spill. Same order of additions as summing stage by stage, so the same bits.
-    tl.debug_barrier()  # the indices were stored by other threads of this program
-    quantized = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+
+@triton.jit
+def _encode_sliced(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, RS_ptr, rows, row_ok, num_stages, dim, codebook_size,
+                   stride_xm, stride_cbq, stride_cbk, stride_cnq, stride_im, stride_em, stride_rm,
+                   NUM_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DS: tl.constexpr, EXACT: tl.constexpr):  # fmt: skip
+    """Every stage with the residual in the float32 scratch RS, read in BLOCK_DS-wide slices; stores the indices and
+    the squared residual norms. RS rows belong to this program alone."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_s = tl.arange(0, BLOCK_DS)
+    for d0 in tl.static_range(0, BLOCK_D, BLOCK_DS):
+        cols = d0 + offs_s
+        ok = row_ok[:, None] & (cols < dim)[None, :]
+        x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0)
+        tl.store(RS_ptr + rows[:, None] * stride_rm + cols[None, :], x.to(tl.float32), mask=ok)
+    tl.debug_barrier()  # the scratch is read back below in other threads' layout
     for q in tl.static_range(NUM_Q):
-        idx = tl.load(IDX_ptr + rows * stride_im + q, mask=row_ok, other=-1)
-        quantized += tl.load(
-            CB_ptr + q * stride_cbq + idx[:, None] * stride_cbk + offs_d[None, :],
-            mask=(idx >= 0)[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-    tl.store(
-        QT_ptr + rows[:, None] * stride_qm + offs_d[None, :],
-        quantized.to(QT_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+        best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for k0 in range(0, codebook_size, BLOCK_K):
+            codes = k0 + offs_k
+            k_ok = codes < codebook_size
+            prod = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            # A loop over d, not unrolled: unrolled, the compiler hoists the code tiles' residual loads out of the
+            # loop over codes and holds the whole residual in registers again.
+            for ds in range(0, dim, BLOCK_DS):
+                cols = ds + offs_s
+                c_ok = cols < dim
+                r = tl.load(RS_ptr + rows[:, None] * stride_rm + cols[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                            other=0.0)  # fmt: skip
+                c = tl.load(CB_ptr + q * stride_cbq + codes[:, None] * stride_cbk + cols[None, :],
+                            mask=k_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+                if EXACT:
+                    prod += tl.dot(r, tl.trans(c.to(tl.float32)), input_precision="ieee")
+                else:
+                    prod += tl.dot(r.to(CB_ptr.dtype.element_ty), tl.trans(c), input_precision="tf32")
+            norm = tl.load(CN_ptr + q * stride_cnq + codes, mask=k_ok, other=float("inf"))
+            best, best_idx = _best_of_tile(norm[None, :] - 2.0 * prod, k0, best, best_idx)
+        active = q < num_stages
+        tl.store(IDX_ptr + rows * stride_im + q, tl.where(active, best_idx, -1).to(tl.int64), mask=row_ok)
+        tl.debug_barrier()  # every thread's reads of this stage's residual come before its update
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for d0 in tl.static_range(0, BLOCK_D, BLOCK_DS):
+            cols = d0 + offs_s
+            ok = row_ok[:, None] & (cols < dim)[None, :]
+            r = tl.load(RS_ptr + rows[:, None] * stride_rm + cols[None, :], mask=ok, other=0.0)
+            chosen = tl.load(CB_ptr + q * stride_cbq + best_idx[:, None] * stride_cbk + cols[None, :],
+                             mask=ok & active, other=0.0).to(tl.float32)  # fmt: skip
+            r -= chosen
+            tl.store(RS_ptr + rows[:, None] * stride_rm + cols[None, :], r, mask=ok)
+            sq += tl.sum(r * r, 1)
+        tl.store(ERR_ptr + rows * stride_em + q, tl.where(active, sq, 0.0), mask=row_ok)
+        tl.debug_barrier()  # the updated residual is read in the next stage
 
 
 @triton.jit
@@ -145,22 +227,31 @@ def _rvq_decode_fwd_kernel(
     )
 
 
-# Encoder tiles tried by the autotuner on large problems with d <= 256, by mode: (BLOCK_M, BLOCK_K, num_warps,
-# num_stages). The first is the fixed choice for d 256. Kept few and of moderate size: every candidate compiles
-# during the first large call. The exact mode's products run on the CUDA cores and need more registers: its sm_90
-# builds of (32, 64, 4, 2) and (16, 32, 4, 3) spill (32 registers and a 13 KB stack per thread; a 2 KB stack), as
-# `python bench/compile_kernels.py` shows, so it does not try them.
-# (32, 64, 8, 2, 128): the fixed tile capped at 128 registers (120-160 bytes of stack) fits 2 blocks per SM, not 1.
+# Encoder tiles tried by the autotuner on large problems with d <= 256, by mode: (BLOCK_M, BLOCK_K, BLOCK_DS,
+# num_warps, num_stages[, maxnreg]). The first is the fixed choice for d 256. Kept few: every candidate compiles during
+# the first large call. What the sm_90 builds show (`python bench/compile_kernels.py`, and the SASS, bench/RESULTS.md):
+# - The exact mode's float32 products run on the CUDA cores as FFMA fed from shared memory. With the whole residual
+#   in registers (BLOCK_DS 0) every tile loads 0.77 floats per FMA, which caps the FMA units at about a third; wider
+#   tiles spill. 64 x 32 (112 bytes of stack on Triton 3.6) and 32 x 32 (136) are no longer tried; 32 x 64 with 4
+#   warps and 16 x 32 with 3 stages spilled kilobytes. (32, 64, 0, 8, 2, 128): the fixed tile capped at 128 registers
+#   (120-160 bytes of stack) fits 2 blocks per SM, not 1.
+# - The sliced layout (BLOCK_DS 32) builds 64 x 128, 64 x 64 and 32 x 128 code tiles without a stack on Triton 3.6 and
+#   3.8 (194-226 registers), at 0.38-0.51 floats per FMA; 32 x 128 with 4 warps fits 2 blocks per SM (64 x 128 capped
+#   at 128 registers would too, but keeps 288-320 bytes of stack). In the fast mode its 64-row tiles use the
+#   warpgroup MMA (wgmma) without a stack, where the whole-row 64 x 32 tile spills 208-256 bytes.
+ENCODE_TILE_NAMES = ("BLOCK_M", "BLOCK_K", "BLOCK_DS")  # then num_warps, num_stages[, maxnreg]; BLOCK_DS 0: whole rows
 ENCODE_TILES = {
-    "exact": ((32, 64, 8, 2), (16, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2, 128)),
-    "fast": ((32, 64, 8, 2), (16, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 32, 4, 3)),
-}
+    "exact": ((32, 64, 0, 8, 2), (16, 64, 0, 4, 2), (32, 64, 0, 8, 2, 128), (64, 128, 32, 8, 2), (64, 64, 32, 8, 2),
+              (32, 128, 32, 4, 2)),
+    "fast": ((32, 64, 0, 8, 2), (16, 64, 0, 4, 2), (32, 64, 0, 4, 2), (32, 32, 0, 4, 2), (64, 32, 0, 8, 2),
+             (16, 32, 0, 4, 3), (64, 128, 32, 8, 2), (64, 64, 32, 8, 2)),
+}  # fmt: skip
 AUTOTUNE_MIN_WORK = 2**22  # rows x codes x stages at which tuning pays for itself
 
 
 def tuned_encode_kernel(mode: str):
     key = ("n_bucket", "dim", "codebook_size", "NUM_Q", "BLOCK_D", "EXACT")
-    return autotuned(_rvq_encode_fwd_kernel, ENCODE_TILES[mode], ("BLOCK_M", "BLOCK_K"), key)
+    return autotuned(_rvq_encode_fwd_kernel, ENCODE_TILES[mode], ENCODE_TILE_NAMES, key)
 
 
 def tuned_tiles() -> dict[str, str]:
@@ -215,14 +306,20 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: b
     )
     flags = dict(NUM_Q=nq, BLOCK_D=block_d, EXACT=int(not fast))
     if autotune:
+        # The sliced candidates keep the residual in a float32 scratch: the output itself where that is float32 (each
+        # program writes its rows' output after its last read of their residual).
+        scratch = quantized if quantized.dtype == torch.float32 else torch.empty((n, dim), device=x.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
-        tuned_encode_kernel("fast" if fast else "exact")[grid](*args, triton.next_power_of_2(n), **flags)
+        tuned_encode_kernel("fast" if fast else "exact")[grid](
+            *args, triton.next_power_of_2(n), scratch, scratch.stride(0), **flags
+        )
     else:
         block_m = 16 if block_d >= 512 else 32
         block_k = 32 if block_d >= 512 else 64
         _rvq_encode_fwd_kernel[(triton.cdiv(n, block_m),)](
-            *args, 0, BLOCK_M=block_m, BLOCK_K=block_k, **flags, num_warps=8 if block_d >= 256 else 4, num_stages=2
-        )
+            *args, 0, quantized, 0, BLOCK_M=block_m, BLOCK_K=block_k, **flags, BLOCK_DS=0,
+            num_warps=8 if block_d >= 256 else 4, num_stages=2,
+        )  # fmt: skip
     return indices, quantized, sq_err
 
 
