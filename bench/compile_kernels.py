@@ -75,12 +75,36 @@ class CompileOnlyDriver:
         return True
 
 
-def _cuobjdump(path: str) -> str:
+def _cuobjdump(path: str, flag: str = "-res-usage") -> str:
     from triton import knobs
 
-    return subprocess.run(
-        [knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True, text=True, check=True
-    ).stdout
+    return subprocess.run([knobs.nvidia.cuobjdump.path, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def _cuobjdump_cubin(cubin: bytes, flag: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return _cuobjdump(path, flag)
+
+
+# Floats that one shared-memory load instruction of each width brings to a thread.
+_LDS_FLOATS = {"LDS": 1, "LDS.U8": 1, "LDS.S8": 1, "LDS.U16": 1, "LDS.S16": 1, "LDS.64": 2, "LDS.128": 4}
+
+
+def sass_counts(sass: str) -> dict:
+    """Static counts from a kernel's SASS (``cuobjdump -sass``): FFMA instructions, the floats its shared-memory
+    loads (LDS) bring per thread, and their ratio. For products on the CUDA cores the ratio bounds the FMA units:
+    an SM's shared memory delivers 32 four-byte words per clock against 128 FMA lanes, so at r floats per FFMA
+    they can be at most 1 / (4 r) busy (more where a load is broadcast to several threads)."""
+    ffma = lds = 0
+    for op in re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass):
+        if op.startswith("FFMA"):
+            ffma += 1
+        elif op.split(".")[0] == "LDS":
+            lds += _LDS_FLOATS.get(op, 1)
+    return {"ffma": ffma, "lds_floats": lds, "lds_floats_per_ffma": round(lds / ffma, 2) if ffma else None}
 
 
 def _tensor_cores(ptx: str) -> str:
@@ -124,19 +148,16 @@ def extension_rows(arch: int) -> list[dict]:
 def _resource_usage(cubin: bytes) -> dict:
     """Registers per thread and stack bytes per thread (register spills and local arrays) of a compiled kernel,
     read from its cubin by cuobjdump (Triton ships one): what the driver would report, without a driver."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        report = _cuobjdump(path)
-    usage = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump_cubin(cubin, "-res-usage"))
     return {"registers": int(usage.group(1)), "stack_bytes": int(usage.group(2))}
 
 
 @contextlib.contextmanager
-def compile_only(arch: int, record: list, label: list, verbose: bool = False, shared_limit: int | None = None):
+def compile_only(arch: int, record: list, label: list, verbose: bool = False, shared_limit: int | None = None,
+                 sass: bool = False):  # fmt: skip
     """Inside: every Triton launch compiles for ``arch`` instead of running, and appends a row to ``record``;
-    an autotuned launch compiles each of its candidate configurations. ``label[0]`` names the current case."""
+    an autotuned launch compiles each of its candidate configurations. ``label[0]`` names the current case.
+    ``sass``: also the static counts of :func:`sass_counts`."""
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -158,6 +179,8 @@ def compile_only(arch: int, record: list, label: list, verbose: bool = False, sh
         row["hash"] = compiled.hash
         row["shared_bytes"] = compiled.metadata.shared
         row.update(_resource_usage(compiled.asm["cubin"]), tensor_cores=_tensor_cores(compiled.asm["ptx"]))
+        if sass:
+            row.update(sass_counts(_cuobjdump_cubin(compiled.asm["cubin"], "-sass")))
         row["blocks_per_sm"] = blocks_per_sm(arch, row["registers"], row["shared_bytes"], compiled.metadata.num_warps)
         row["ok"] = limit is None or row["shared_bytes"] <= limit
         if not row["ok"]:
@@ -255,6 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write every row here")
     parser.add_argument("--verbose", action="store_true", help="name each configuration as it compiles")
     parser.add_argument("--extension", action="store_true", help="also list the CUDA C++ kernels of taste._C")
+    parser.add_argument("--sass", action="store_true", help="also count FFMA and shared-memory loads in the SASS")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels that this script compiles")
@@ -265,7 +289,7 @@ def main(argv=None) -> int:
     families = {"attention": attention_cases, "rvq": rvq_cases}
     record, label = [], [""]
     started = time.perf_counter()
-    with compile_only(args.arch, record, label, args.verbose, args.shared_limit):
+    with compile_only(args.arch, record, label, args.verbose, args.shared_limit, args.sass):
         for family, cases in families.items():
             if args.only in (None, family):
                 for label[0], thunk in cases(LEVELS[args.level]):
@@ -281,7 +305,7 @@ def main(argv=None) -> int:
     print(f"# Triton {triton.__version__}, torch {torch.__version__}, sm_{args.arch}: {len(rows)} configurations, "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     columns = ("case", "kernel", "tiles", "warps", "stages", "tensor cores", "registers", "stack B", "shared B",
-               "blocks/SM", "compile s")  # fmt: skip
+               "blocks/SM", "compile s") + (("FFMA", "shared floats/FFMA") if args.sass else ())  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for r in rows:
@@ -289,8 +313,9 @@ def main(argv=None) -> int:
         usage = (r.get("registers"), r.get("stack_bytes"), r.get("shared_bytes"))
         mark = "" if r["ok"] else f" **FAILED: {r['error']}**"
         launch = " | ".join(str(r.get(k) or "-") for k in ("num_warps", "num_stages", "tensor_cores"))
+        extra = f" {r.get('ffma', '-')} | {r.get('lds_floats_per_ffma') or '-'} |" if args.sass else ""
         print(f"| {r['case']} | {r['kernel']} | {tiles} | {launch} | {usage[0]} | {usage[1]} | {usage[2]}{mark} | "
-              f"{r.get('blocks_per_sm') or '-'} | {r.get('compile_s', '-')} |")  # fmt: skip
+              f"{r.get('blocks_per_sm') or '-'} | {r.get('compile_s', '-')} |{extra}")  # fmt: skip
     failed = [r for r in rows if not r["ok"]]
     spilled = [r for r in rows if r.get("stack_bytes", 0) > 0]
     print(f"# {len(failed)} failed, {len(spilled)} with a stack (register spills)")

@@ -35,7 +35,7 @@ def _run(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for this process
     out = tmp_path / "rows.json"
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--level", "smoke", "--extension", "--json", str(out), *args],
+        [sys.executable, SCRIPT, "--level", "smoke", "--extension", "--sass", "--json", str(out), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -107,3 +107,31 @@ def test_blocks_per_sm_follows_the_occupancy_rules():
     assert blocks_per_sm(90, 32, 256, 4) == 16  # threads: 2048 / 128
     assert blocks_per_sm(86, 32, 60000, 4) == 1  # 100 KB of shared memory per SM on sm_86
     assert blocks_per_sm(75, 32, 0, 4) is None
+
+
+def test_sass_counts_read_ffma_and_shared_loads():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    from compile_kernels import sass_counts
+
+    sass = """
+        /*0100*/                   LDS.128 R4, [R2] ;
+        /*0110*/                   LDS R8, [R2+0x10] ;
+        /*0120*/              @!P0 LDS.64 R10, [R2+0x20] ;
+        /*0130*/                   FFMA R12, R4, R8, R12 ;
+        /*0140*/                   FFMA.FTZ R13, R5, R8, R13 ;
+        /*0150*/                   LDSM.16.M88.4 R16, [R3] ;
+        /*0160*/                   HMMA.1684.F32.TF32 R20, R16, R18, R20 ;
+        /*0170*/                   FADD R1, R1, R2 ;
+    """
+    assert sass_counts(sass) == {"ffma": 2, "lds_floats": 7, "lds_floats_per_ffma": 3.5}
+    assert sass_counts("/*0000*/ HMMA.16816.F32 R0, R4, R8, R0 ;")["lds_floats_per_ffma"] is None
+
+
+def test_exact_rvq_products_run_on_the_cuda_cores(smoke):
+    """The exact encoder's float32 products are FFMA fed from shared memory (--sass), the figure of merit of its
+    tiles (bench/RESULTS.md); the fast mode's are tensor-core MMAs."""
+    _, rows = smoke
+    exact = [r for r in rows if r["case"] == "rvq float32 d256 encode"]
+    fast = [r for r in rows if r["case"] == "rvq float32 d256 fast encode"]
+    assert exact and all(r["ffma"] > 1000 and 0 < r["lds_floats_per_ffma"] < 2 for r in exact), exact
+    assert fast and all(r["tensor_cores"] != "none" and r["ffma"] < exact[0]["ffma"] // 4 for r in fast), fast
