@@ -28,7 +28,16 @@ from baselines import (  # noqa: E402
     official_word_average,
     padded_aggregator,
 )
-from common import copy_ceiling_gbps, measure, no_grad_call, parse, parser, report  # noqa: E402
+from common import (  # noqa: E402
+    copy_ceiling_gbps,
+    measure,
+    no_grad_call,
+    parse,
+    parser,
+    print_tuning,
+    report,
+    tuning_summary,
+)
 
 from taste import AggregatorConfig, TextQueryAggregator, ops, reference  # noqa: E402
 
@@ -216,12 +225,13 @@ def main() -> None:
         providers, nbytes = attention_providers(agg, problem, args.train, flex)
         rows += measure(f"attention+pooling {label}", providers, dev, args.reps, bytes_moved=nbytes)
     ceiling = copy_ceiling_gbps(dev) if dev == "cuda" else None
-    report(f"bench/aggregator.py {mode} on {dev}, {dtype}", rows, dev, args.json, ceiling)
-    if dev == "cuda":
-        from taste.kernels.attention import tuned_tiles
+    extra = {}
+    if dev == "cuda":  # large 16-bit problems pick their forward tiles by measurement
+        from taste.kernels.attention import tuned_tiles, tuned_timings
 
-        for key, tiles in tuned_tiles().items():  # large 16-bit problems pick their forward tiles by measurement
-            print(f"attention forward tiles chosen by the autotuner for {key}: {tiles}")
+        extra["autotune"] = tuning_summary("attention forward", tuned_tiles(), tuned_timings())
+    report(f"bench/aggregator.py {mode} on {dev}, {dtype}", rows, dev, args.json, ceiling, extra)
+    print_tuning(extra.get("autotune", {}))
 
 
 if __name__ == "__main__":

@@ -256,7 +256,30 @@ def environment(device: str) -> dict:
     return env
 
 
-def report(title: str, rows: list[Row], device: str, json_path: str | None, ceiling: float | None = None) -> None:
+def tuning_summary(what: str, choices: dict[str, str], timings: dict[str, dict[str, float]]) -> dict:
+    """What an autotuner picked for each key and, where the tuning ran in this process (or read Triton's on-disk
+    cache), every candidate's median time: the landscape that says which tile features pay on this GPU. For the
+    JSON (report's ``extra``) and :func:`print_tuning`."""
+    return {key: {"kernel": what, "chosen": chosen, "candidates_ms": timings.get(key, {})} for key, chosen in
+            choices.items()}  # fmt: skip
+
+
+def print_tuning(summary: dict) -> None:
+    """Prints a :func:`tuning_summary`: the pick per key, then the candidates, fastest first, with their time
+    relative to the fastest."""
+    for key, entry in summary.items():
+        print(f"{entry['kernel']} tiles chosen by the autotuner for {key}: {entry['chosen']}")
+        times = entry["candidates_ms"]
+        best = min(times.values(), default=0.0)
+        for config, ms in sorted(times.items(), key=lambda kv: kv[1]):
+            rel = f"{ms / best:5.2f}x" if 0 < best and ms != float("inf") else "  -  "
+            print(f"    {ms:9.4f} ms {rel}  {config}")
+
+
+def report(title: str, rows: list[Row], device: str, json_path: str | None, ceiling: float | None = None,
+           extra: dict | None = None) -> None:  # fmt: skip
+    """Prints the table (with GB/s and % of ``ceiling``, the measured copy, where given) and writes the JSON, with
+    ``extra`` (e.g. autotuner summaries) as more top-level entries."""
     env = environment(device)
     print(f"\n{title}\n{' '.join(f'{k}={v}' for k, v in env.items())}")
     if ceiling:
@@ -274,6 +297,8 @@ def report(title: str, rows: list[Row], device: str, json_path: str | None, ceil
     if json_path:
         with open(json_path, "w") as f:
             json.dump(
-                {"title": title, "env": env, "copy_gbps": ceiling, "rows": [asdict(r) for r in rows]}, f, indent=1
+                {"title": title, "env": env, "copy_gbps": ceiling, "rows": [asdict(r) for r in rows], **(extra or {})},
+                f,
+                indent=1,
             )
         print(f"wrote {json_path}", file=sys.stderr)

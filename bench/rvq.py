@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baselines import CdistLoop  # noqa: E402
-from common import measure, no_grad_call, parse, parser, report  # noqa: E402
+from common import measure, no_grad_call, parse, parser, print_tuning, report, tuning_summary  # noqa: E402
 
 import taste  # noqa: E402
 
@@ -107,12 +107,13 @@ def main() -> None:
     rows += measure(f"train fwd+bwd {label}", {k: train_step(*v) for k, v in models.items()}, dev, args.reps)
     rows += measure(f"decode {label}", {k: decode(*v) for k, v in models.items()}, dev, args.reps)
     mode = "fast" if args.fast else "exact"
-    report(f"bench/rvq.py on {dev}, float32, ours in {mode} mode", rows, dev, args.json)
+    extra = {}
     if dev == "cuda":
-        from taste.kernels.rvq import tuned_tiles
+        from taste.kernels.rvq import tuned_tiles, tuned_timings
 
-        for key, tiles in tuned_tiles().items():
-            print(f"encoder tiles chosen by the autotuner for {key}: {tiles}")
+        extra["autotune"] = tuning_summary("encoder", tuned_tiles(), tuned_timings())
+    report(f"bench/rvq.py on {dev}, float32, ours in {mode} mode", rows, dev, args.json, extra=extra)
+    print_tuning(extra.get("autotune", {}))
 
 
 if __name__ == "__main__":

@@ -30,9 +30,37 @@ def autotuned(kernel, tiles: tuple, names: tuple, key: tuple):
         configs.append(triton.Config(dict(zip(names, t)), num_warps=num_warps, num_stages=num_stages,
                                      maxnreg=maxnreg[0] if maxnreg else None))  # fmt: skip
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs, key=list(key), **extra)(kernel)
+    tuner = triton.autotune(configs, key=list(key), **extra)(kernel)
+    _record_timings(tuner)
+    return tuner
+
+
+def _record_timings(tuner) -> None:
+    """Keeps every tuning's per-config times, by key (Triton keeps only the last tuning's, in ``configs_timings``):
+    a tuning adds its key to ``tuner.cache`` (last, a dict keeps insertion order) and sets ``configs_timings``,
+    measured or read from the on-disk cache."""
+    tuner.taste_timings = {}
+
+    def recording_run(*args, **kwargs):
+        known = len(tuner.cache)
+        tuner.configs_timings = None  # a key settled without timing (one config left) must not take older times
+        out = type(tuner).run(tuner, *args, **kwargs)  # looked up per launch: bench/compile_kernels.py patches it
+        if len(tuner.cache) > known and getattr(tuner, "configs_timings", None):
+            times = {}
+            for config, t in tuner.configs_timings.items():  # t: [median, p20, p80] ms, or one number
+                times[str(config)] = float(t[0] if isinstance(t, (list, tuple)) else t)
+            tuner.taste_timings[str(next(reversed(tuner.cache)))] = times
+        return out
+
+    tuner.run = recording_run  # KernelInterface.__getitem__ launches through self.run
 
 
 def tuned_choices(kernel_tuner) -> dict[str, str]:
     """What a tuner from :func:`autotuned` picked so far, by key: for benchmark reports."""
     return {str(k): str(c) for k, c in getattr(kernel_tuner, "cache", {}).items()}
+
+
+def tuning_timings(kernel_tuner) -> dict[str, dict[str, float]]:
+    """Median milliseconds of every candidate config at each tuning of a tuner from :func:`autotuned`, by key
+    (inf: the config did not fit the GPU): the whole landscape behind :func:`tuned_choices`, for reports."""
+    return {k: dict(v) for k, v in getattr(kernel_tuner, "taste_timings", {}).items()}

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, autotuned, tuned_choices
+from . import autotune_enabled, autotuned, tuned_choices, tuning_timings
 
 # fmt: off  (kernel signatures stay compact)
 
@@ -130,6 +130,7 @@ def _text_query_attention_fwd_kernel(
     sm_scale,
     q_bucket,  # the autotuner's key (problem size class); unused by the kernel
     k_bucket,
+    b_bucket,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -258,13 +259,20 @@ AUTOTUNE_MIN_WORK = 2**25  # batch x heads x max_seqlen_q x max_seqlen_k at whic
 
 
 def tuned_fwd_kernel(tiles=FWD_TILES):
-    key = ("q_bucket", "k_bucket", "num_heads", "num_splits", "BLOCK_D", "CAUSAL", "SPLIT")
+    # The key: power-of-two classes of the query and key lengths and of the batch (how many programs fill the GPU:
+    # a batch of 8 and one of 64 may want different tiles), and what changes the code.
+    key = ("q_bucket", "k_bucket", "b_bucket", "num_heads", "num_splits", "BLOCK_D", "CAUSAL", "SPLIT")
     return autotuned(_text_query_attention_fwd_kernel, tiles, ("BLOCK_M", "BLOCK_N"), key)
 
 
 def tuned_tiles() -> dict[str, str]:
     """What the autotuner picked so far, by its key (problem class): for benchmark reports."""
     return tuned_choices(tuned_fwd_kernel())
+
+
+def tuned_timings() -> dict[str, dict[str, float]]:
+    """Every candidate's median milliseconds at each tuning so far, by key: for benchmark reports."""
+    return tuning_timings(tuned_fwd_kernel())
 
 
 def use_autotune(q: torch.Tensor, batch: int, max_seqlen_q: int, max_seqlen_k: int) -> bool:
@@ -327,12 +335,12 @@ def text_query_attention_fwd(
     args = (q, k, v, o_buf, l_buf, cu_seqlens_q, cu_seqlens_k, heads, total_q, splits, scale)
     flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1), PRECISION=_precision(q.dtype))
     if use_autotune(q, batch, max_seqlen_q, max_seqlen_k) if autotune is None else autotune:
-        buckets = (triton.next_power_of_2(max(max_seqlen_q, 1)), triton.next_power_of_2(max(max_seqlen_k, 1)))
+        buckets = tuple(triton.next_power_of_2(max(n, 1)) for n in (max_seqlen_q, max_seqlen_k, batch))
         grid = lambda meta: (triton.cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
         tuned_fwd_kernel()[grid](*args, *buckets, **flags)
     else:
         grid = (triton.cdiv(max(max_seqlen_q, 1), block_m), batch * heads, splits)
-        _text_query_attention_fwd_kernel[grid](*args, 0, 0, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+        _text_query_attention_fwd_kernel[grid](*args, 0, 0, 0, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
                                                num_warps=warps, num_stages=2)  # fmt: skip
     if splits > 1:
         _text_query_attention_merge_kernel[(triton.cdiv(total_q, 64), heads)](

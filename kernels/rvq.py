@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, autotuned, tuned_choices
+from . import autotune_enabled, autotuned, tuned_choices, tuning_timings
 
 
 @triton.jit
@@ -257,6 +257,11 @@ def tuned_encode_kernel(mode: str):
 def tuned_tiles() -> dict[str, str]:
     """What the autotuner picked so far, by its key: for benchmark reports."""
     return {k: v for mode in ENCODE_TILES for k, v in tuned_choices(tuned_encode_kernel(mode)).items()}
+
+
+def tuned_timings() -> dict[str, dict[str, float]]:
+    """Every candidate's median milliseconds at each tuning so far, by key: for benchmark reports."""
+    return {k: v for mode in ENCODE_TILES for k, v in tuning_timings(tuned_encode_kernel(mode)).items()}
 
 
 # The widest codeword the encoder takes: a program keeps (BLOCK_M, d) residuals in registers and (BLOCK_K, d) code

@@ -30,3 +30,17 @@ def test_measure_profiles_only_our_providers(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "profile of case | ours" in out and "% of its" in out
     assert 0 < rows[1].extra["profile"]["share_of_wall"]
+
+
+def test_tuning_summary_lists_every_candidate_fastest_first(capsys):
+    choices = {"(256, 2048)": "BLOCK_M: 128", "(128, 2048)": "BLOCK_M: 64"}
+    timings = {"(256, 2048)": {"BLOCK_M: 64": 0.5, "BLOCK_M: 128": 0.25, "BLOCK_M: 256": float("inf")}}
+    summary = common.tuning_summary("attention forward", choices, timings)
+    assert summary["(256, 2048)"]["candidates_ms"]["BLOCK_M: 128"] == 0.25
+    assert summary["(128, 2048)"] == {"kernel": "attention forward", "chosen": "BLOCK_M: 64", "candidates_ms": {}}
+    common.print_tuning(summary)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "attention forward tiles chosen by the autotuner for (256, 2048): BLOCK_M: 128"
+    assert "0.2500 ms  1.00x  BLOCK_M: 128" in lines[1] and "0.5000 ms  2.00x  BLOCK_M: 64" in lines[2]
+    assert "inf ms   -    BLOCK_M: 256" in lines[3]
+    assert lines[4].endswith("for (128, 2048): BLOCK_M: 64") and len(lines) == 5

@@ -215,6 +215,35 @@ def test_every_autotuner_tile_in_interpreter(tiles, monkeypatch, gen):
             assert err <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, 32**-0.5), (causal, splits, err)
 
 
+@on_triton_interpreter
+def test_autotuner_keys_by_batch_class_and_keeps_every_timing(monkeypatch, gen):
+    """The forward's tuner tunes again for another power-of-two batch class (how many programs fill the GPU) and
+    keeps every candidate's time of every tuning, not only the last one's. Timings are faked (the interpreter has
+    no benchmarker); the tuner's own choice, the launch and the results are real."""
+    from taste.kernels import tuning_timings
+
+    tuner = attention.tuned_fwd_kernel(((32, 32, 4, 2), (64, 32, 4, 2)))
+    fake_ms = {32: 2.0, 64: 1.0}
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **kw: [fake_ms[config.kwargs["BLOCK_M"]], 0.0, 0.0])
+    monkeypatch.setattr(tuner, "cache_results", False, raising=False)  # Triton's disk cache needs a GPU driver
+    monkeypatch.setattr(attention, "tuned_fwd_kernel", lambda: tuner)
+    for lq, lk in (([5, 40], [50, 60]), ([5, 40, 1, 3, 9], [50, 60, 2, 7, 9]), ([9, 40], [50, 3])):
+        q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float16, "cpu", gen)
+        out, _ = attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 40, 60, False, 32**-0.5, num_splits=1,
+                                                    autotune=True)  # fmt: skip
+        ref = naive(q, k, v, cu_q, cu_k, False, 32**-0.5)
+        assert (out.double() - ref).abs().max().item() <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, False,
+                                                                            32**-0.5)  # fmt: skip
+    timings = tuning_timings(tuner)
+    assert len(tuner.cache) == 2 and list(timings) == [str(key) for key in tuner.cache]  # batches 2, 5 (class 8), 2
+    buckets = [key[:3] for key in tuner.cache]
+    assert buckets == [(64, 64, 2), (64, 64, 8)], buckets
+    for times in timings.values():
+        assert sorted(times.values()) == [1.0, 2.0]
+        assert times[min(times, key=times.get)] == 1.0 and "BLOCK_M: 64" in min(times, key=times.get)
+    assert all(config.kwargs["BLOCK_M"] == 64 for config in tuner.cache.values())
+
+
 @pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
