@@ -95,20 +95,29 @@ def _kv_block(K_ptr, V_ptr, k_start, start_n, hi, h, num_heads, BLOCK_N: tl.cons
 def _fwd_block(
     q, acc, m_i, l_i, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h, num_heads, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax. MASKED=False: every (row, key) pair is visible (no mask computed,
-    unmasked loads); rows past the sequence read zeros and are never stored."""
+    unmasked loads); rows past the sequence read zeros and are never stored. RAW_MAX (qk_scale >= 0, unmasked
+    blocks): the row maximum is taken over the unscaled scores and scaled once. Rounding is monotonic, so it is
+    exactly the maximum of the scaled scores, and the scaling then fuses into the exponent's FMA: one multiply
+    per row instead of one per score (the sm_90 build's hot loop loses 26-27 of its 311-316 instructions)."""
     cols, col_ok, k, v = _kv_block(K_ptr, V_ptr, k_start, start_n, hi, h, num_heads, BLOCK_N, BLOCK_D, MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
-        s = tl.where(_visible(rows, cols, row_ok, col_ok, shift, CAUSAL), s, float("-inf"))
+        s = tl.where(_visible(rows, cols, row_ok, col_ok, shift, CAUSAL), s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.exp2(s - m_use[:, None])
+    elif RAW_MAX:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = m_new
+        p = tl.exp2(s * qk_scale - m_use[:, None])
     else:
+        s = s * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
-    p = tl.exp2(s - m_use[:, None])
+        p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -137,6 +146,7 @@ def _text_query_attention_fwd_kernel(
     CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
+    RAW_MAX: tl.constexpr,  # sm_scale >= 0 (see _fwd_block)
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -159,10 +169,12 @@ def _text_query_attention_fwd_kernel(
     mid = _unmasked_end(lo, hi, start_m, shift, BLOCK_N, CAUSAL)
     for start_n in range(lo, mid, BLOCK_N):
         acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h,
-                                   num_heads, qk_scale, BLOCK_N, BLOCK_D, CAUSAL, False, PRECISION)  # fmt: skip
+                                   num_heads, qk_scale, BLOCK_N, BLOCK_D, CAUSAL, False, PRECISION,
+                                   RAW_MAX)  # fmt: skip
     for start_n in range(mid, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, K_ptr, V_ptr, k_start, start_n, rows, row_ok, hi, shift, h,
-                                   num_heads, qk_scale, BLOCK_N, BLOCK_D, CAUSAL, True, PRECISION)  # fmt: skip
+                                   num_heads, qk_scale, BLOCK_N, BLOCK_D, CAUSAL, True, PRECISION,
+                                   RAW_MAX)  # fmt: skip
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     # Natural-log LSE; with splits a split without keys reports -inf (weight 0 in the merge), else +inf = no key.
@@ -214,6 +226,11 @@ def _text_query_attention_merge_kernel(
 # TRITON_INTERPRET=1 they also run on CPU tensors (correctness only).
 
 
+def _raw_max(scale: float) -> int:
+    """Whether the forward may take row maxima over unscaled scores (see _fwd_block): for scales >= 0."""
+    return int(scale >= 0)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs get IEEE products (the fp32 tolerance); 16-bit inputs use the tensor cores natively.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -238,12 +255,13 @@ def _tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, i
 
 
 def bwd_tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """Backward (BLOCK_M, BLOCK_N, num_warps), for the dK/dV and the dQ kernels."""
+    """Backward (BLOCK_M, BLOCK_N, num_warps), for the dK/dV and the dQ kernels. 16-bit head dim 128 takes 32-key
+    blocks: at 64 its sm_90 dK/dV build kept 80-248 bytes of stack per thread, at 32 16-56 (`bench/RESULTS.md`)."""
     if dtype == torch.float32:
         _, (block_m, block_n) = FP32_TILES[head_dim]
         return block_m, block_n, 8
     block_m, block_n, _ = _tiles(max_seqlen_q, head_dim, dtype)
-    return min(block_m, 64), block_n, 4
+    return min(block_m, 64), 32 if head_dim > 64 else block_n, 4
 
 
 # Forward tiles tried by the autotuner on large 16-bit problems (the aggregator's batches): (BLOCK_M, BLOCK_N,
@@ -333,7 +351,8 @@ def text_query_attention_fwd(
         o_buf = torch.empty((splits, total_q, heads, head_dim), dtype=torch.float32, device=q.device)
         l_buf = torch.empty((splits, heads, total_q), dtype=torch.float32, device=q.device)
     args = (q, k, v, o_buf, l_buf, cu_seqlens_q, cu_seqlens_k, heads, total_q, splits, scale)
-    flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1), PRECISION=_precision(q.dtype))
+    flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1), PRECISION=_precision(q.dtype),
+                 RAW_MAX=_raw_max(scale))  # fmt: skip
     if use_autotune(q, batch, max_seqlen_q, max_seqlen_k) if autotune is None else autotune:
         buckets = tuple(triton.next_power_of_2(max(n, 1)) for n in (max_seqlen_q, max_seqlen_k, batch))
         grid = lambda meta: (triton.cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731

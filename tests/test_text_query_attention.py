@@ -155,12 +155,12 @@ def test_bad_input(call, match):
 # ---- the Triton kernels themselves -------------------------------------------------------------------------
 
 
-def _triton_check(device, lq, lk, dim, dtype, causal, splits, gen):
+def _triton_check(device, lq, lk, dim, dtype, causal, splits, gen, scale=None):
     from taste.kernels.attention import text_query_attention_fwd
     from taste.kernels.attention_bwd import text_query_attention_bwd
 
     q, k, v, cu_q, cu_k = make(lq, lk, 2, dim, dtype, device, gen)
-    scale = dim**-0.5
+    scale = dim**-0.5 if scale is None else scale
     out, lse = text_query_attention_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), causal, scale, num_splits=splits)
     ref = naive(q, k, v, cu_q, cu_k, causal, scale)
     assert max_abs(out.double() - ref) <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, scale)
@@ -195,6 +195,37 @@ def test_triton_kernels_in_interpreter(dtype, causal, cases, splits, gen):
     _triton_check("cpu", [70], [70 if causal else 130], 64, dtype, causal, splits, gen)  # several tiles
     # whole key blocks that run unmasked next to masked ones: Lk > Lq (causal shift 80), and several query tiles
     _triton_check("cpu", [70, 5], [150, 64], 64, dtype, causal, splits, gen)
+
+
+@on_triton_interpreter
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_kernels_head_dim_128_in_interpreter(causal, gen):
+    """Head dim 128 at 16 bits (float16: the interpreter cannot multiply bfloat16), whose backward has tiles of its
+    own (32-key blocks): several query tiles and key blocks, a partial last block, a length-1 sequence."""
+    _triton_check("cpu", [70, 1], [70, 1] if causal else [100, 9], 128, torch.float16, causal, 1, gen)
+
+
+@on_triton_interpreter
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_kernels_with_zero_and_negative_scale(causal, gen):
+    """A zero scale (uniform attention) and a negative one, which takes the forward's general path (row maxima over
+    scaled scores; maxima over unscaled ones would overflow here): forward, log-sum-exp and gradients against the
+    naive attention."""
+    for scale in (0.0, -8.0):
+        _triton_check("cpu", [5, 70, 1], [5, 70, 1] if causal else [40, 130, 3], 32, torch.float16, causal, 1, gen,
+                      scale)  # fmt: skip
+
+
+@on_triton_interpreter
+def test_raw_row_maximum_gives_identical_results(monkeypatch, gen):
+    """The unmasked blocks' maxima over unscaled scores, scaled once, give bit-identical outputs and log-sum-exps
+    to maxima over the scaled scores (rounding is monotonic)."""
+    q, k, v, cu_q, cu_k = make([70, 5], [200, 64], 2, 32, torch.float16, "cpu", gen)
+    runs = []
+    for raw in (1, 0):
+        monkeypatch.setattr(attention, "_raw_max", lambda scale, raw=raw: raw)
+        runs.append(attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 70, 200, False, 0.3, num_splits=1))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 @on_triton_interpreter
