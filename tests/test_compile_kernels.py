@@ -110,8 +110,7 @@ def test_blocks_per_sm_follows_the_occupancy_rules():
 
 
 def test_sass_counts_read_ffma_and_shared_loads():
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    from compile_kernels import sass_counts
+    from compile_kernels import sass_counts  # bench/ is on sys.path (conftest)
 
     sass = """
         /*0100*/                   LDS.128 R4, [R2] ;
