@@ -4,7 +4,9 @@ AdamW, cosine schedule with warm-up, gradient clipping and accumulation, bf16 au
 deterministic batches, a progress bar and a JSONL log. A run writes into ``out_dir``: ``checkpoint-{step}/`` every
 ``save_every`` steps and at the end (the model's ``save_pretrained`` layout plus ``trainer.pt``: optimizer,
 scheduler, RNG states of every rank and the data position), ``final/`` (the model only, with
-``train_config.json``) and ``log.jsonl``. Started again on the same ``out_dir`` it resumes from the newest
+``train_config.json``) and ``log.jsonl``. With ``keep_checkpoints=N`` only the newest N checkpoints stay on disk; a
+save that fails (a full disk) removes its partial directory and raises, leaving the previous checkpoint as the one
+to resume from. Started again on the same ``out_dir`` it resumes from the newest
 checkpoint and ends with the same weights as an uninterrupted run. Under ``torchrun`` it trains with
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs).
 """
@@ -41,6 +43,7 @@ class LoopConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     save_every: int = 200
+    keep_checkpoints: int | None = None  # keep only the newest N ``checkpoint-*`` directories (None: keep all)
     log_every: int = 10
     seed: int = 0
     eval_size: int = 64  # the data's last rows, never trained on
@@ -53,6 +56,9 @@ class LoopConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.out_dir:
             raise ValueError("out_dir must name a directory")
+        keep = self.keep_checkpoints
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep_checkpoints must be an integer >= 1 or None (keep all), got {keep!r}")
 
     @classmethod
     def from_json(cls, path: str, **overrides):
@@ -107,14 +113,20 @@ def _schedule(cfg: LoopConfig):
     return factor
 
 
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The newest complete ``checkpoint-{step}`` directory of a run, or None."""
+def checkpoint_steps(out_dir: str) -> list[int]:
+    """The steps of the complete ``checkpoint-{step}`` directories of a run, ascending."""
     steps = []
     for path in glob.glob(os.path.join(out_dir, "checkpoint-*", "trainer.pt")):
         name = os.path.basename(os.path.dirname(path))[len("checkpoint-") :]
         if name.isdigit():
             steps.append(int(name))
-    return os.path.join(out_dir, f"checkpoint-{max(steps)}") if steps else None
+    return sorted(steps)
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The newest complete ``checkpoint-{step}`` directory of a run, or None."""
+    steps = checkpoint_steps(out_dir)
+    return os.path.join(out_dir, f"checkpoint-{steps[-1]}") if steps else None
 
 
 def state_digest(module: nn.Module) -> str:
@@ -245,10 +257,18 @@ def _save(cfg, model, opt, sched, step, position, rank, world):
         return
     directory = os.path.join(cfg.out_dir, f"checkpoint-{step}")
     tmp = directory + ".tmp"
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "position": position, "rng": rng_all, "config": dataclasses.asdict(cfg)},
-               os.path.join(tmp, "trainer.pt"))  # fmt: skip
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+    try:
+        model.save_pretrained(tmp)
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                    "position": position, "rng": rng_all, "config": dataclasses.asdict(cfg)},
+                   os.path.join(tmp, "trainer.pt"))  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # free what the partial checkpoint took; the previous one stays
+        raise
     if os.path.isdir(directory):
         shutil.rmtree(directory)
     os.replace(tmp, directory)  # a checkpoint appears whole or not at all
+    if cfg.keep_checkpoints is not None:
+        for old in checkpoint_steps(cfg.out_dir)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(os.path.join(cfg.out_dir, f"checkpoint-{old}"))

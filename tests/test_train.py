@@ -10,7 +10,7 @@ import taste
 from taste import corpus
 from taste.evaluate import evaluate, griffin_lim, resynthesize
 from taste.train import Stage1Model, TrainConfig, corpus_vocabulary, train
-from taste.trainer import latest_checkpoint, state_digest
+from taste.trainer import checkpoint_steps, latest_checkpoint, state_digest
 from taste.unit_decoder import UnitDecoderConfig
 
 NUM_UNITS = 16
@@ -52,12 +52,13 @@ def config(data, out, **kw):
 
 def test_interrupted_run_resumes_to_the_same_weights(data, tmp_path):
     whole = train(config(data, tmp_path / "a"), progress=False)
-    cfg = config(data, tmp_path / "b")
+    cfg = config(data, tmp_path / "b", keep_checkpoints=1)
     train(cfg, stop_after=3, progress=False)  # "killed" after step 3; its last checkpoint is step 2
     assert latest_checkpoint(cfg.out_dir).endswith("checkpoint-2")
     assert not os.path.isdir(tmp_path / "b" / "final")
     resumed = train(cfg, progress=False)
     assert state_digest(resumed) == state_digest(whole)
+    assert checkpoint_steps(str(tmp_path / "a")) == [2, 4, 6] and checkpoint_steps(cfg.out_dir) == [6]
     assert bool(whole.tokenizer.quantizer.initted.all())  # stage vq: k-means ran on the first batch
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(r["loss"] > 0 for r in log)
