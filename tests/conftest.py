@@ -97,11 +97,17 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
-def torchrun_rank_digests(subcommand: str, config: dict, out_dir, port: int, ranks: int = 2) -> list[str]:
+def torchrun_rank_digests(subcommand: str, config: dict, out_dir, ranks: int = 2) -> list[str]:
     """Runs ``taste SUBCOMMAND CONFIG`` under torchrun with ``ranks`` CPU processes (gloo) and returns the weight
-    digest each rank wrote (the config must set ``write_rank_digests``)."""
+    digest each rank wrote (the config must set ``write_rank_digests``). The rendezvous port is one the OS finds
+    free, so two test runs on one machine do not collide."""
     import json
+    import socket
     import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
 
     path = str(out_dir).rstrip("/") + ".json"
     with open(path, "w") as f:
