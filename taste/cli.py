@@ -347,8 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from taste.trainer import TrainingInterrupted
+
     try:
         args.func(args)
+    except TrainingInterrupted as e:  # pre-empted: the checkpoint is saved; exit as the signal would have
+        print(f"taste {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (RuntimeError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"taste {args.command}: error: {e}", file=sys.stderr)
         return 1

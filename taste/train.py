@@ -14,7 +14,8 @@ input tokens (``asr_token_dropout``) and enough steps are what made a tiny model
 A run writes into ``out_dir``: ``checkpoint-{step}/`` every ``save_every`` steps and at the end (the model as
 ``tokenizer/`` and ``decoder/`` pretrained directories plus ``trainer.pt``: optimizer, scheduler, RNG states and
 the data position), ``final/`` (the model only) and ``log.jsonl``; ``keep_checkpoints`` bounds how many
-checkpoints stay on disk. Started again on the same ``out_dir`` it resumes
+checkpoints stay on disk, and SIGTERM or SIGUSR1 stops it with a checkpoint of the step in flight
+(:class:`taste.trainer.TrainingInterrupted`). Started again on the same ``out_dir`` it resumes
 from the newest checkpoint and ends with the same weights as an uninterrupted run. Under ``torchrun`` it trains
 with DistributedDataParallel (NCCL on GPUs, gloo on CPUs); the RVQ statistics are all-reduced by the RVQ itself.
 """

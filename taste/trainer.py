@@ -6,13 +6,16 @@ deterministic batches, a progress bar and a JSONL log. A run writes into ``out_d
 scheduler, RNG states of every rank and the data position), ``final/`` (the model only, with
 ``train_config.json``) and ``log.jsonl``. With ``keep_checkpoints=N`` only the newest N checkpoints stay on disk; a
 save that fails (a full disk) removes its partial directory and raises, leaving the previous checkpoint as the one
-to resume from. Started again on the same ``out_dir`` it resumes from the newest
+to resume from. SIGTERM or SIGUSR1 (a scheduler's pre-emption notice) ends the run after the optimizer step
+in flight, with a checkpoint of that step, and raises :class:`TrainingInterrupted` (under DDP every rank stops at
+the same step, whichever got the signal). Started again on the same ``out_dir`` it resumes from the newest
 checkpoint and ends with the same weights as an uninterrupted run. Under ``torchrun`` it trains with
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -21,6 +24,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,6 +152,39 @@ def setup_distributed() -> tuple[bool, int, int, torch.device]:
     return distributed, rank, world, device
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingInterrupted(RuntimeError):
+    """A run stopped by a signal after saving ``checkpoint``; running it again resumes from there."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved {checkpoint}; "
+                         "run the same command again to resume")  # fmt: skip
+
+
+class _StopRequests:
+    """Records the first of ``STOP_SIGNALS`` received while active (main thread only; elsewhere it records
+    nothing) and restores the previous handlers on exit."""
+
+    def __init__(self):
+        self.signum, self._previous = 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def fit(
     cfg: LoopConfig,
     model: nn.Module,
@@ -169,6 +207,9 @@ def fit(
         reload: a checkpoint directory -> a model whose state dict this model loads to resume.
         stop_after: end after that many optimizer steps of this call, as an interruption would; a later call
             resumes.
+
+    Raises:
+        TrainingInterrupted: SIGTERM or SIGUSR1 arrived; the step in flight finished and was saved.
     """
     distributed, rank, world = dist.is_initialized(), 0, 1
     if distributed:
@@ -194,54 +235,67 @@ def fit(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
+    with contextlib.ExitStack() as cleanup:
+        stop = cleanup.enter_context(_StopRequests())
+        log = cleanup.enter_context(open(os.path.join(cfg.out_dir, "log.jsonl"), "a")) if rank == 0 else None
+        bar = None
+        if progress and rank == 0:
+            from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, unit="step")
-    t0, seen, done_here = time.perf_counter(), 0, 0
-    while step < cfg.steps and (stop_after is None or done_here < stop_after):
-        total = 0.0
-        for _ in range(cfg.accum):
-            batch = make_batch(stream.next())
-            with autocast:
-                loss, count = compute(ddp, batch)
-            (loss / cfg.accum).backward()
-            total += float(loss.detach()) / cfg.accum
-            seen += count
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step, done_here = step + 1, done_here + 1
-        if rank == 0:
-            rate = seen / (time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({"loss": f"{total:.3f}", f"{count_name}_per_s": f"{rate:.0f}"})
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"step": step, "loss": total, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
-                          f"{count_name}_per_s": rate, "elapsed_s": time.perf_counter() - t0}  # fmt: skip
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            _save(cfg, model, opt, sched, step, stream.position, rank, world)
-    if bar is not None:
-        bar.close()
-    if rank == 0 and step == cfg.steps:
-        final = os.path.join(cfg.out_dir, "final")
-        model.save_pretrained(final)
-        with open(os.path.join(final, "train_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-    if cfg.write_rank_digests:
-        with open(os.path.join(cfg.out_dir, f"rank{rank}.sha256"), "w") as f:
-            f.write(state_digest(model))
-    if log is not None:
-        log.close()
-    if distributed:
-        dist.barrier()
-    return model
+            bar = cleanup.enter_context(tqdm(total=cfg.steps, initial=step, unit="step"))
+        t0, seen, done_here = time.perf_counter(), 0, 0
+        while step < cfg.steps and (stop_after is None or done_here < stop_after):
+            total = 0.0
+            for _ in range(cfg.accum):
+                batch = make_batch(stream.next())
+                with autocast:
+                    loss, count = compute(ddp, batch)
+                (loss / cfg.accum).backward()
+                total += float(loss.detach()) / cfg.accum
+                seen += count
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step, done_here = step + 1, done_here + 1
+            if rank == 0:
+                rate = seen / (time.perf_counter() - t0)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({"loss": f"{total:.3f}", f"{count_name}_per_s": f"{rate:.0f}"})
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    record = {"step": step, "loss": total, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                              f"{count_name}_per_s": rate, "elapsed_s": time.perf_counter() - t0}  # fmt: skip
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+            saved = step % cfg.save_every == 0 or step == cfg.steps
+            if saved:
+                _save(cfg, model, opt, sched, step, stream.position, rank, world)
+            signum = stop.signum
+            if distributed:  # every rank stops at the same step, whichever got the signal
+                flag = torch.tensor([signum], dtype=torch.int64, device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                signum = int(flag.item())
+            if signum and step < cfg.steps:
+                if not saved:
+                    _save(cfg, model, opt, sched, step, stream.position, rank, world)
+                if log is not None:
+                    log.write(json.dumps({"step": step, "stopped_by": signal.Signals(signum).name}) + "\n")
+                    log.flush()
+                if distributed:
+                    dist.barrier()
+                raise TrainingInterrupted(signum, step, os.path.join(cfg.out_dir, f"checkpoint-{step}"))
+        if rank == 0 and step == cfg.steps:
+            final = os.path.join(cfg.out_dir, "final")
+            model.save_pretrained(final)
+            with open(os.path.join(final, "train_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+        if cfg.write_rank_digests:
+            with open(os.path.join(cfg.out_dir, f"rank{rank}.sha256"), "w") as f:
+                f.write(state_digest(model))
+        if distributed:
+            dist.barrier()
+        return model
 
 
 def _save(cfg, model, opt, sched, step, position, rank, world):

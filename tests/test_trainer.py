@@ -1,14 +1,17 @@
-"""The shared training loop on a one-layer model: checkpoint retention and a save that fails."""
+"""The shared training loop on a one-layer model: checkpoint retention, a save that fails, pre-emption signals."""
 
+import datetime
 import errno
+import json
 import os
+import signal
 
 import pytest
 import torch
 from torch import nn
 
 from taste import trainer
-from taste.trainer import LoopConfig, checkpoint_steps, fit, latest_checkpoint, state_digest
+from taste.trainer import LoopConfig, TrainingInterrupted, checkpoint_steps, fit, latest_checkpoint, state_digest
 
 
 class Line(nn.Module):
@@ -16,6 +19,9 @@ class Line(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.lin = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.lin(x)
 
     def save_pretrained(self, directory):
         os.makedirs(directory, exist_ok=True)
@@ -32,11 +38,19 @@ X = torch.randn(24, 3, generator=torch.Generator().manual_seed(1))
 Y = X @ torch.tensor([[1.0], [-2.0], [0.5]])
 
 
-def run(out_dir, stop_after=None, **kw):
+def run(out_dir, stop_after=None, signal_at=None, **kw):
+    """Trains Line; ``signal_at=(signum, k)`` makes the process send itself signum during its k-th batch."""
     cfg = LoopConfig(out_dir=str(out_dir), **{"steps": 7, "batch_size": 4, "save_every": 2, "warmup": 1, **kw})
+    calls = [0]
+
+    def compute(model, b):
+        calls[0] += 1
+        if signal_at is not None and calls[0] == signal_at[1]:
+            os.kill(os.getpid(), signal_at[0])
+        return ((model(b[0]) - b[1]) ** 2).mean(), len(b[0])
+
     return fit(cfg, Line(), lengths=[1] * len(X), train_idx=list(range(len(X))),
-               make_batch=lambda idx: (X[idx], Y[idx]),
-               compute=lambda model, b: (((model.lin(b[0]) - b[1]) ** 2).mean(), len(b[0])),
+               make_batch=lambda idx: (X[idx], Y[idx]), compute=compute,
                reload=Line.from_pretrained, stop_after=stop_after, progress=False)  # fmt: skip
 
 
@@ -78,3 +92,54 @@ def test_a_save_that_fails_leaves_no_partial_checkpoint_and_the_run_resumes(tmp_
 def test_keep_checkpoints_must_be_a_positive_integer(tmp_path, keep):
     with pytest.raises(ValueError, match=r"keep_checkpoints must be an integer >= 1 or None \(keep all\), got"):
         LoopConfig(out_dir=str(tmp_path), keep_checkpoints=keep)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_signal_saves_the_step_in_flight_and_the_run_resumes(tmp_path, signum):
+    whole = run(tmp_path / "a")
+    before = signal.getsignal(signum)
+    with pytest.raises(TrainingInterrupted, match=f"stopped by {signum.name} after step 3; saved .*checkpoint-3"):
+        run(tmp_path / "b", signal_at=(signum, 3))  # arrives during step 3, which is not a save_every step
+    assert signal.getsignal(signum) is before
+    assert checkpoint_steps(str(tmp_path / "b")) == [2, 3] and not os.path.isdir(tmp_path / "b" / "final")
+    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert log[-1] == {"step": 3, "stopped_by": signum.name}
+    assert state_digest(run(tmp_path / "b")) == state_digest(whole)
+
+
+def test_the_command_line_exits_with_the_signal_status(tmp_path, monkeypatch):
+    from taste import cli
+
+    def preempted(*args, **kwargs):
+        raise TrainingInterrupted(signal.SIGTERM, 5, str(tmp_path / "checkpoint-5"))
+
+    monkeypatch.setattr("taste.train.train", preempted)
+    (tmp_path / "c.json").write_text(json.dumps({"manifest": "m.jsonl", "out_dir": str(tmp_path)}))
+    assert cli.main(["train-tokenizer", str(tmp_path / "c.json"), "--quiet"]) == 128 + signal.SIGTERM
+
+
+def _ddp_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    # A collective that one rank never joins fails after 60 s instead of hanging the suite.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        whole = state_digest(run(os.path.join(out, "a")))
+        try:  # only rank 1 gets the signal, during its 3rd batch
+            run(os.path.join(out, "b"), signal_at=(signal.SIGTERM, 3) if rank == 1 else None)
+            stopped = None
+        except TrainingInterrupted as e:
+            stopped = e.step
+        resumed = state_digest(run(os.path.join(out, "b")))
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"whole": whole, "stopped": stopped, "resumed": resumed}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_stops_at_the_step_one_rank_was_signalled(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert [r["stopped"] for r in ranks] == [3, 3]
+    assert ranks[0]["whole"] == ranks[1]["whole"] == ranks[0]["resumed"] == ranks[1]["resumed"]
