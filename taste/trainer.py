@@ -9,7 +9,8 @@ save that fails (a full disk) removes its partial directory and raises, leaving 
 to resume from. SIGTERM or SIGUSR1 (a scheduler's pre-emption notice) ends the run after the optimizer step
 in flight, with a checkpoint of that step, and raises :class:`TrainingInterrupted` (under DDP every rank stops at
 the same step, whichever got the signal). Started again on the same ``out_dir`` it resumes from the newest
-checkpoint and ends with the same weights as an uninterrupted run. Under ``torchrun`` it trains with
+checkpoint and ends with the same weights as an uninterrupted run; resumed with other options or on another
+number of ranks, it warns, naming the changes, and goes on. Under ``torchrun`` it trains with
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs).
 """
 
@@ -27,6 +28,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -226,11 +228,21 @@ def fit(
         state = torch.load(os.path.join(resume, "trainer.pt"), weights_only=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, stream.position = state["step"], state["position"]
-        torch.set_rng_state(state["rng"][rank]["torch"])
-        random.setstate(state["rng"][rank]["python"])
-        if torch.cuda.is_available() and state["rng"][rank].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
+        step = state["step"]
+        if rank == 0:
+            _warn_on_changes(resume, state, cfg, world)
+        saved_world = len(state["rng"])
+        # position counts one rank's micro-batches; on another number of ranks, keep the utterances consumed
+        stream.position = state["position"] * saved_world // world
+        if rank < saved_world:
+            rng = state["rng"][rank]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if torch.cuda.is_available() and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"])
+        else:  # a rank the checkpoint did not have: seeded from the run's seed, its rank and the step
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+            random.seed(cfg.seed * 1_000_003 + step * 1009 + rank)
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     if rank == 0:
@@ -296,6 +308,24 @@ def fit(
         if distributed:
             dist.barrier()
         return model
+
+
+# Options that may change between a checkpoint and its resumption without making the resumed run inexact.
+_FREE_TO_CHANGE = {"out_dir", "steps", "save_every", "keep_checkpoints", "log_every", "write_rank_digests"}
+
+
+def _warn_on_changes(resume: str, state: dict, cfg: LoopConfig, world: int) -> None:
+    """Warns when a run resumes with options or a number of ranks that differ from its checkpoint's: it goes on,
+    but not as the uninterrupted run would have."""
+    saved = state.get("config", {})
+    changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE and k in saved
+                     and saved[k] != v)  # fmt: skip
+    notes = [f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed]
+    if len(state["rng"]) != world:
+        notes.append(f"ranks: {len(state['rng'])} -> {world} (data order and random draws change)")
+    if notes:
+        warnings.warn(f"resuming {resume} with changes, so the run will not match an uninterrupted one: "
+                      + "; ".join(notes), stacklevel=3)  # fmt: skip
 
 
 def _save(cfg, model, opt, sched, step, position, rank, world):

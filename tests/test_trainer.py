@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -59,7 +60,10 @@ def test_keep_checkpoints_leaves_the_newest_and_resume_still_matches(tmp_path):
     assert checkpoint_steps(str(tmp_path / "all")) == [2, 4, 6, 7]
     run(tmp_path / "kept", stop_after=5, keep_checkpoints=2)  # "killed" after step 5
     assert checkpoint_steps(str(tmp_path / "kept")) == [2, 4]
-    resumed = run(tmp_path / "kept", keep_checkpoints=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run(tmp_path / "kept", keep_checkpoints=2)
+    assert not [w for w in caught if "resuming" in str(w.message)]  # nothing changed that matters
     assert checkpoint_steps(str(tmp_path / "kept")) == [6, 7]
     assert state_digest(resumed) == state_digest(whole)
     assert sorted(os.listdir(tmp_path / "kept")) == ["checkpoint-6", "checkpoint-7", "final", "log.jsonl"]
@@ -143,3 +147,35 @@ def test_under_ddp_every_rank_stops_at_the_step_one_rank_was_signalled(tmp_path)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert [r["stopped"] for r in ranks] == [3, 3]
     assert ranks[0]["whole"] == ranks[1]["whole"] == ranks[0]["resumed"] == ranks[1]["resumed"]
+
+
+def test_resuming_with_changed_options_warns_and_names_them(tmp_path):
+    run(tmp_path, stop_after=3)
+    with pytest.warns(UserWarning, match=r"with changes.*: batch_size: 4 -> 6; lr: 0\.001 -> 0\.002$"):
+        run(tmp_path, batch_size=6, lr=2e-3, steps=9, log_every=3)  # steps and log_every may change freely
+    assert checkpoint_steps(str(tmp_path)) == [2, 4, 6, 8, 9]
+
+
+def _rescale_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            digest = state_digest(run(out, steps=9))
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"digest": digest, "warnings": [str(w.message) for w in caught if "resuming" in str(w.message)]},
+                      f)  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path):
+    run(tmp_path / "run", stop_after=4, steps=9)
+    torch.multiprocessing.spawn(_rescale_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2)
+    ranks = [json.load(open(tmp_path / "run" / f"rank{r}.json")) for r in range(2)]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert len(ranks[0]["warnings"]) == 1 and "ranks: 1 -> 2" in ranks[0]["warnings"][0] and not ranks[1]["warnings"]
+    assert checkpoint_steps(str(tmp_path / "run")) == [2, 4, 6, 8, 9]
