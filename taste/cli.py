@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:  # pre-empted: the checkpoint is saved; exit as the signal would have
         print(f"taste {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
-    except (RuntimeError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (RuntimeError, ValueError, FloatingPointError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"taste {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

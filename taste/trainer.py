@@ -3,15 +3,16 @@
 AdamW, cosine schedule with warm-up, gradient clipping and accumulation, bf16 autocast on CUDA, length-bucketed
 deterministic batches, a progress bar and a JSONL log. A run writes into ``out_dir``: ``checkpoint-{step}/`` every
 ``save_every`` steps and at the end (the model's ``save_pretrained`` layout plus ``trainer.pt``: optimizer,
-scheduler, RNG states of every rank and the data position), ``final/`` (the model only, with
-``train_config.json``) and ``log.jsonl``. With ``keep_checkpoints=N`` only the newest N checkpoints stay on disk; a
-save that fails (a full disk) removes its partial directory and raises, leaving the previous checkpoint as the one
-to resume from. SIGTERM or SIGUSR1 (a scheduler's pre-emption notice) ends the run after the optimizer step
-in flight, with a checkpoint of that step, and raises :class:`TrainingInterrupted` (under DDP every rank stops at
-the same step, whichever got the signal). Started again on the same ``out_dir`` it resumes from the newest
-checkpoint and ends with the same weights as an uninterrupted run; resumed with other options or on another
-number of ranks, it warns, naming the changes, and goes on. Under ``torchrun`` it trains with
-DistributedDataParallel (NCCL on GPUs, gloo on CPUs).
+scheduler, RNG states of every rank and the data position), ``final/`` (the model only, with ``train_config.json``)
+and ``log.jsonl``. With ``keep_checkpoints=N`` only the newest N checkpoints stay on disk; a save that fails (a full
+disk) removes its partial directory and raises, leaving the previous checkpoint as the one to resume from. A step
+whose gradient norm is not finite raises FloatingPointError before the optimizer applies it, so no checkpoint holds
+NaN weights. SIGTERM or SIGUSR1 (a scheduler's pre-emption notice) ends the run after the optimizer step in flight,
+with a checkpoint of that step, and raises :class:`TrainingInterrupted` (under DDP every rank stops at the same
+step, whichever got the signal). Started again on the same ``out_dir`` it resumes from the newest checkpoint and
+ends with the same weights as an uninterrupted run; resumed with other options or on another number of ranks, it
+warns, naming the changes, and goes on. Under ``torchrun`` it trains with DistributedDataParallel (NCCL on GPUs,
+gloo on CPUs).
 """
 
 from __future__ import annotations
@@ -266,6 +267,12 @@ def fit(
                 total += float(loss.detach()) / cfg.accum
                 seen += count
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            if not math.isfinite(grad_norm):  # the same on every rank: DDP has averaged the gradients
+                raise FloatingPointError(
+                    f"step {step + 1}: the gradient norm is {grad_norm} (loss {total}); stopped before the optimizer "
+                    f"applied it, so no checkpoint holds it (newest: {latest_checkpoint(cfg.out_dir)}). Lower lr, "
+                    "raise warmup or clip, or check the batch"
+                )
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -39,8 +39,9 @@ X = torch.randn(24, 3, generator=torch.Generator().manual_seed(1))
 Y = X @ torch.tensor([[1.0], [-2.0], [0.5]])
 
 
-def run(out_dir, stop_after=None, signal_at=None, **kw):
-    """Trains Line; ``signal_at=(signum, k)`` makes the process send itself signum during its k-th batch."""
+def run(out_dir, stop_after=None, signal_at=None, nan_at=None, **kw):
+    """Trains Line; ``signal_at=(signum, k)`` makes the process send itself signum during its k-th batch,
+    ``nan_at=k`` makes the k-th batch's loss NaN."""
     cfg = LoopConfig(out_dir=str(out_dir), **{"steps": 7, "batch_size": 4, "save_every": 2, "warmup": 1, **kw})
     calls = [0]
 
@@ -48,7 +49,8 @@ def run(out_dir, stop_after=None, signal_at=None, **kw):
         calls[0] += 1
         if signal_at is not None and calls[0] == signal_at[1]:
             os.kill(os.getpid(), signal_at[0])
-        return ((model(b[0]) - b[1]) ** 2).mean(), len(b[0])
+        loss = ((model(b[0]) - b[1]) ** 2).mean()
+        return (loss * float("nan") if calls[0] == nan_at else loss), len(b[0])
 
     return fit(cfg, Line(), lengths=[1] * len(X), train_idx=list(range(len(X))),
                make_batch=lambda idx: (X[idx], Y[idx]), compute=compute,
@@ -179,3 +181,11 @@ def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path):
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert len(ranks[0]["warnings"]) == 1 and "ranks: 1 -> 2" in ranks[0]["warnings"][0] and not ranks[1]["warnings"]
     assert checkpoint_steps(str(tmp_path / "run")) == [2, 4, 6, 8, 9]
+
+
+def test_a_nan_loss_stops_the_run_before_the_weights_take_it(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step 5: the gradient norm is nan .*newest: .*checkpoint-4\)"):
+        run(tmp_path, nan_at=5, keep_checkpoints=1)
+    assert checkpoint_steps(str(tmp_path)) == [4]
+    weights = torch.load(tmp_path / "checkpoint-4" / "weights.pt")
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
