@@ -10,7 +10,8 @@ whose gradient norm is not finite raises FloatingPointError before the optimizer
 NaN weights. SIGTERM or SIGUSR1 (a scheduler's pre-emption notice) ends the run after the optimizer step in flight,
 with a checkpoint of that step, and raises :class:`TrainingInterrupted` (under DDP every rank stops at the same
 step, whichever got the signal). Started again on the same ``out_dir`` it resumes from the newest checkpoint and
-ends with the same weights as an uninterrupted run; resumed with other options or on another number of ranks, it
+ends with the same weights as an uninterrupted run (``log.jsonl`` drops what the interrupted run logged past the
+checkpoint, so each step appears once); resumed with other options or on another number of ranks, it
 warns, naming the changes, and goes on. Under ``torchrun`` it trains with DistributedDataParallel (NCCL on GPUs,
 gloo on CPUs).
 """
@@ -248,6 +249,8 @@ def fit(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        if resume:
+            _truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), step)
     with contextlib.ExitStack() as cleanup:
         stop = cleanup.enter_context(_StopRequests())
         log = cleanup.enter_context(open(os.path.join(cfg.out_dir, "log.jsonl"), "a")) if rank == 0 else None
@@ -315,6 +318,20 @@ def fit(
         if distributed:
             dist.barrier()
         return model
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drops the log records of steps after ``step`` (those an interrupted run logged past its last checkpoint;
+    the resumed run logs them again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 # Options that may change between a checkpoint and its resumption without making the resumed run inexact.

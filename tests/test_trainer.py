@@ -42,7 +42,8 @@ Y = X @ torch.tensor([[1.0], [-2.0], [0.5]])
 def run(out_dir, stop_after=None, signal_at=None, nan_at=None, **kw):
     """Trains Line; ``signal_at=(signum, k)`` makes the process send itself signum during its k-th batch,
     ``nan_at=k`` makes the k-th batch's loss NaN."""
-    cfg = LoopConfig(out_dir=str(out_dir), **{"steps": 7, "batch_size": 4, "save_every": 2, "warmup": 1, **kw})
+    options = {"steps": 7, "batch_size": 4, "save_every": 2, "log_every": 1, "warmup": 1, **kw}
+    cfg = LoopConfig(out_dir=str(out_dir), **options)
     calls = [0]
 
     def compute(model, b):
@@ -69,6 +70,11 @@ def test_keep_checkpoints_leaves_the_newest_and_resume_still_matches(tmp_path):
     assert checkpoint_steps(str(tmp_path / "kept")) == [6, 7]
     assert state_digest(resumed) == state_digest(whole)
     assert sorted(os.listdir(tmp_path / "kept")) == ["checkpoint-6", "checkpoint-7", "final", "log.jsonl"]
+    # step 5 was logged before the interruption and again after the resume: the log holds it once, the second time
+    log = [json.loads(line) for line in open(tmp_path / "kept" / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 8))
+    assert log == [json.loads(line) | {"elapsed_s": r["elapsed_s"], "units_per_s": r["units_per_s"]}
+                   for line, r in zip(open(tmp_path / "all" / "log.jsonl"), log)]  # fmt: skip
 
 
 def test_a_save_that_fails_leaves_no_partial_checkpoint_and_the_run_resumes(tmp_path, monkeypatch):
