@@ -322,12 +322,19 @@ def fit(
 
 def _truncate_log(path: str, step: int) -> None:
     """Drops the log records of steps after ``step`` (those an interrupted run logged past its last checkpoint;
-    the resumed run logs them again)."""
+    the resumed run logs them again) and any line a killed run left half-written."""
     if not os.path.exists(path):
         return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:
+            return False
+
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if keep(line)]
     if len(kept) < len(lines):
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)

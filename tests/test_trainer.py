@@ -63,6 +63,8 @@ def test_keep_checkpoints_leaves_the_newest_and_resume_still_matches(tmp_path):
     assert checkpoint_steps(str(tmp_path / "all")) == [2, 4, 6, 7]
     run(tmp_path / "kept", stop_after=5, keep_checkpoints=2)  # "killed" after step 5
     assert checkpoint_steps(str(tmp_path / "kept")) == [2, 4]
+    with open(tmp_path / "kept" / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed while writing a record
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resumed = run(tmp_path / "kept", keep_checkpoints=2)
