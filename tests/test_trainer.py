@@ -132,29 +132,39 @@ def test_the_command_line_exits_with_the_signal_status(tmp_path, monkeypatch):
     assert cli.main(["train-tokenizer", str(tmp_path / "c.json"), "--quiet"]) == 128 + signal.SIGTERM
 
 
-def _ddp_worker(rank, world, init_file, out):
+def _gloo_rank(rank, world, init_file, out, body):
+    """One of ``world`` gloo ranks: writes ``body(rank, out)`` to ``out/rank{rank}.json``."""
     import torch.distributed as dist
 
     # A collective that one rank never joins fails after 60 s instead of hanging the suite.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    try:
-        whole = state_digest(run(os.path.join(out, "a")))
-        try:  # only rank 1 gets the signal, during its 3rd batch
-            run(os.path.join(out, "b"), signal_at=(signal.SIGTERM, 3) if rank == 1 else None)
-            stopped = None
-        except TrainingInterrupted as e:
-            stopped = e.step
-        resumed = state_digest(run(os.path.join(out, "b")))
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"whole": whole, "stopped": stopped, "resumed": resumed}, f)
-    finally:
-        dist.destroy_process_group()
+    result = body(rank, out)  # an exception here reaches the test through torch.multiprocessing.spawn
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    # Leave without tearing the gloo group down: its teardown racing the peer's exit aborted a rank once (SIGABRT,
+    # "terminate called without an active exception") after all the work was done.
+    os._exit(0)
+
+
+def on_two_ranks(body, out) -> list[dict]:
+    torch.multiprocessing.spawn(_gloo_rank, args=(2, str(out / "init"), str(out), body), nprocs=2)
+    return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+
+
+def _signal_one_rank(rank, out):
+    whole = state_digest(run(os.path.join(out, "a")))
+    try:  # only rank 1 gets the signal, during its 3rd batch
+        run(os.path.join(out, "b"), signal_at=(signal.SIGTERM, 3) if rank == 1 else None)
+        stopped = None
+    except TrainingInterrupted as e:
+        stopped = e.step
+    return {"whole": whole, "stopped": stopped, "resumed": state_digest(run(os.path.join(out, "b")))}
 
 
 def test_under_ddp_every_rank_stops_at_the_step_one_rank_was_signalled(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    ranks = on_two_ranks(_signal_one_rank, tmp_path)
     assert [r["stopped"] for r in ranks] == [3, 3]
     assert ranks[0]["whole"] == ranks[1]["whole"] == ranks[0]["resumed"] == ranks[1]["resumed"]
 
@@ -166,26 +176,16 @@ def test_resuming_with_changed_options_warns_and_names_them(tmp_path):
     assert checkpoint_steps(str(tmp_path)) == [2, 4, 6, 8, 9]
 
 
-def _rescale_worker(rank, world, init_file, out):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            digest = state_digest(run(out, steps=9))
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"digest": digest, "warnings": [str(w.message) for w in caught if "resuming" in str(w.message)]},
-                      f)  # fmt: skip
-    finally:
-        dist.destroy_process_group()
+def _resume_on_two(rank, out):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        digest = state_digest(run(out, steps=9))
+    return {"digest": digest, "warnings": [str(w.message) for w in caught if "resuming" in str(w.message)]}
 
 
 def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path):
     run(tmp_path / "run", stop_after=4, steps=9)
-    torch.multiprocessing.spawn(_rescale_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2)
-    ranks = [json.load(open(tmp_path / "run" / f"rank{r}.json")) for r in range(2)]
+    ranks = on_two_ranks(_resume_on_two, tmp_path / "run")
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert len(ranks[0]["warnings"]) == 1 and "ranks: 1 -> 2" in ranks[0]["warnings"][0] and not ranks[1]["warnings"]
     assert checkpoint_steps(str(tmp_path / "run")) == [2, 4, 6, 8, 9]
