@@ -357,7 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError, FloatingPointError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"taste {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, the training commands join a process group (``taste.trainer.setup_distributed``); leaving it
+    before the interpreter exits keeps the backend's threads from being torn down mid-exit (gloo can abort then)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

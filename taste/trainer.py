@@ -147,7 +147,8 @@ def state_digest(module: nn.Module) -> str:
 
 
 def setup_distributed() -> tuple[bool, int, int, torch.device]:
-    """``(distributed, rank, world, device)``; joins the process group under torchrun."""
+    """``(distributed, rank, world, device)``; joins the process group under torchrun (the ``taste`` command
+    leaves it when it ends; a program of your own that calls this should call ``dist.destroy_process_group()``)."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
