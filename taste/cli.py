@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -64,11 +65,14 @@ def cmd_encode(args) -> None:
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = TasteTokenizer.from_pretrained(args.model, device=device, dtype=dtype).eval()
     rows = read_manifest(args.manifest)
+    journal = args.output + ".partial"
+    results = _open_encode_journal(journal, args, rows)
+    if results and not args.quiet:
+        print(f"resuming from {journal}: {len(results)} of {len(rows)} utterances already encoded")
     # Length-bucketed batches: sorting by duration keeps every batch's utterances alike.
-    order = sorted(range(len(rows)), key=lambda i: rows[i].get("duration", 0.0))
-    results: dict[int, list] = {}
+    order = sorted((i for i in range(len(rows)) if i not in results), key=lambda i: rows[i].get("duration", 0.0))
     t, seconds = time.perf_counter(), 0.0
-    with tqdm(total=len(rows), unit="utt", disable=args.quiet) as bar:
+    with open(journal, "a") as log, tqdm(total=len(rows), initial=len(results), unit="utt", disable=args.quiet) as bar:
         for start in range(0, len(order), args.batch_size):
             batch = order[start : start + args.batch_size]
             audio = [read_wav(rows[i]["audio_path"]) for i in batch]
@@ -76,16 +80,55 @@ def cmd_encode(args) -> None:
             codes = model.encode([a for a, _ in audio], [rows[i]["text"] for i in batch], [r for _, r in audio])
             for i, c in zip(batch, codes):
                 results[i] = c.tolist()
+                log.write(json.dumps({"index": i, "id": rows[i]["id"], "codes": results[i]}) + "\n")
+            log.flush()  # a batch encoded is a batch kept, whatever stops the command later
             bar.update(len(batch))
             bar.set_postfix(rtf=f"{(time.perf_counter() - t) / max(seconds, 1e-9):.4f}")
-    with open(args.output, "w") as f:
+    with open(args.output + ".tmp", "w") as f:
         for i, row in enumerate(rows):
             f.write(json.dumps({"id": row["id"], "words": row["text"].split(), "codes": results[i]}) + "\n")
+    os.replace(args.output + ".tmp", args.output)  # the output appears whole or not at all
+    os.remove(journal)
     elapsed = time.perf_counter() - t
     print(
-        f"encoded {len(rows)} utterances ({seconds:.1f} s of audio) in {elapsed:.1f} s on {device}: "
-        f"{len(rows) / elapsed:.1f} utt/s, real-time factor {elapsed / seconds:.4f} -> {args.output}"
+        f"encoded {len(order)} utterances ({seconds:.1f} s of audio) in {elapsed:.1f} s on {device}: "
+        f"{len(order) / elapsed:.1f} utt/s, real-time factor {elapsed / max(seconds, 1e-9):.4f}"
+        + (f"; {len(rows) - len(order)} resumed from the journal" if len(order) < len(rows) else "")
+        + f" -> {args.output}"
     )
+
+
+def _open_encode_journal(path: str, args, rows: list[dict]) -> dict[int, list]:
+    """The codes an interrupted ``taste encode`` of the same manifest and model kept in ``path`` (index -> codes),
+    after rewriting the journal without a line the interruption left half-written; a fresh journal if none."""
+    header = {"taste_encode": 1, "manifest": os.path.abspath(args.manifest), "model": os.path.abspath(args.model),
+              "dtype": args.dtype, "rows": len(rows)}  # fmt: skip
+    results: dict[int, list] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        try:
+            found = json.loads(lines[0]) if lines else None
+        except ValueError:
+            found = None  # the header itself was cut short: nothing was kept
+        if found is not None and found != header:
+            changed = sorted(k for k in header if found.get(k) != header[k])
+            raise RuntimeError(f"{path} is the journal of another encode (it differs in {', '.join(changed)}); "
+                               "delete it to start over, or rerun the command that wrote it")  # fmt: skip
+        for line in lines[1:] if found is not None else []:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # half-written when the command stopped
+            i = record["index"]
+            if not 0 <= i < len(rows) or rows[i]["id"] != record["id"]:
+                raise RuntimeError(f"{path}: row {i} is {record['id']!r} there but not in {args.manifest}; delete it")
+            results[i] = record["codes"]
+    with open(path + ".tmp", "w") as f:
+        f.write(json.dumps(header) + "\n")
+        f.writelines(json.dumps({"index": i, "id": rows[i]["id"], "codes": c}) + "\n" for i, c in results.items())
+    os.replace(path + ".tmp", path)
+    return results
 
 
 def cmd_train_tokenizer(args) -> None:
@@ -282,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("encode", help="TASTE codes for every utterance of a manifest")
     e.add_argument("manifest")
     e.add_argument("--model", required=True, help="a TasteTokenizer.save_pretrained directory")
-    e.add_argument("-o", "--output", required=True, help="JSONL: id, words, codes (W x Q)")
+    journal = "OUTPUT.partial keeps every finished batch's codes; rerun an interrupted command to resume from it"
+    e.add_argument("-o", "--output", required=True, help=f"JSONL: id, words, codes (W x Q); {journal}")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

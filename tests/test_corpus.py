@@ -67,6 +67,47 @@ def test_encode_command(manifest, tmp_path):
         assert len(r["codes"]) == len(s["text"].split()) == len(r["words"]) and len(r["codes"][0]) == 4
 
 
+@needs_espeak
+def test_an_interrupted_encode_resumes_from_its_journal(manifest, tmp_path, monkeypatch, capsys):
+    from taste.tokenizer import TasteTokenizer
+
+    model_dir = tmp_path / "model"
+    assert cli.main(["init-tokenizer", str(model_dir), "--preset", "tiny"]) == 0
+
+    def encode(out):
+        return cli.main(["encode", str(manifest), "--model", str(model_dir), "-o", str(out), "--batch-size", "5",
+                         "--quiet"])  # fmt: skip
+
+    assert encode(tmp_path / "whole.jsonl") == 0
+    assert not (tmp_path / "whole.jsonl.partial").exists()
+    real, calls = TasteTokenizer.encode, []
+
+    def crash_on_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self, *args, **kwargs)
+
+    out, journal = tmp_path / "codes.jsonl", tmp_path / "codes.jsonl.partial"
+    monkeypatch.setattr(TasteTokenizer, "encode", crash_on_second_batch)
+    assert encode(out) == 1
+    monkeypatch.undo()
+    assert not out.exists() and len(journal.read_text().splitlines()) == 1 + 5  # the header and the first batch
+    with open(journal, "a") as f:
+        f.write('{"index": 3, "id": "utt')  # half-written when the command stopped
+    capsys.readouterr()
+    assert encode(out) == 0
+    printed = capsys.readouterr().out
+    assert "encoded 7 utterances" in printed and "5 resumed from the journal" in printed
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not journal.exists()
+
+    # a journal of another encode is refused, not mixed in
+    journal.write_text(json.dumps({"taste_encode": 1, "manifest": str(manifest), "model": "/elsewhere",
+                                   "dtype": "float32", "rows": 12}) + "\n")  # fmt: skip
+    assert encode(out) == 1
+    assert "is the journal of another encode (it differs in model); delete it" in capsys.readouterr().err
+
+
 def test_corpus_refuses_without_espeak(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert cli.main(["corpus", str(tmp_path), "--num", "2"]) == 1
