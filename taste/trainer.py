@@ -263,11 +263,13 @@ def fit(
         t0, seen, done_here = time.perf_counter(), 0, 0
         while step < cfg.steps and (stop_after is None or done_here < stop_after):
             total = 0.0
-            for _ in range(cfg.accum):
+            for micro in range(cfg.accum):
                 batch = make_batch(stream.next())
-                with autocast:
+                # DDP all-reduces the gradients once a step, on its last micro-batch, not after every one
+                local = ddp.no_sync() if distributed and micro < cfg.accum - 1 else contextlib.nullcontext()
+                with local, autocast:
                     loss, count = compute(ddp, batch)
-                (loss / cfg.accum).backward()
+                    (loss / cfg.accum).backward()
                 total += float(loss.detach()) / cfg.accum
                 seen += count
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))

@@ -149,6 +149,7 @@ def _gloo_rank(rank, world, init_file, out, body):
 
 
 def on_two_ranks(body, out) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
     torch.multiprocessing.spawn(_gloo_rank, args=(2, str(out / "init"), str(out), body), nprocs=2)
     return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
 
@@ -197,3 +198,26 @@ def test_a_nan_loss_stops_the_run_before_the_weights_take_it(tmp_path):
     assert checkpoint_steps(str(tmp_path)) == [4]
     weights = torch.load(tmp_path / "checkpoint-4" / "weights.pt")
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def _accumulate_on_two(rank, out):
+    entered = []
+    no_sync = nn.parallel.DistributedDataParallel.no_sync
+
+    def counted(self):
+        entered.append(1)
+        return no_sync(self)
+
+    nn.parallel.DistributedDataParallel.no_sync = counted
+    model = run(out, accum=2)
+    return {"weights": [p.tolist() for p in model.parameters()], "no_sync": len(entered)}
+
+
+def test_ddp_accumulation_reduces_once_a_step_and_matches_one_rank(tmp_path):
+    # 2 ranks x 2 micro-batches of 4 take, each step, the same 16 rows as 1 rank x 4 micro-batches
+    one = run(tmp_path / "one", accum=4)
+    ranks = on_two_ranks(_accumulate_on_two, tmp_path / "two")
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["no_sync"] == ranks[1]["no_sync"] == 7  # 7 steps, all but the last micro-batch of each
+    for mine, single in zip(ranks[0]["weights"], one.parameters()):
+        torch.testing.assert_close(torch.tensor(mine), single.detach(), rtol=1e-5, atol=1e-6)
