@@ -267,8 +267,9 @@ def fit(
                 batch = make_batch(stream.next())
                 # DDP all-reduces the gradients once a step, on its last micro-batch, not after every one
                 local = ddp.no_sync() if distributed and micro < cfg.accum - 1 else contextlib.nullcontext()
-                with local, autocast:
-                    loss, count = compute(ddp, batch)
+                with local:
+                    with autocast:  # the forward only: PyTorch advises against backward passes under autocast
+                        loss, count = compute(ddp, batch)
                     (loss / cfg.accum).backward()
                 total += float(loss.detach()) / cfg.accum
                 seen += count
