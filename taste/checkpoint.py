@@ -1,10 +1,12 @@
 """The on-disk layout every model of this package uses: ``config.json`` (its config as JSON) and
-``model.safetensors`` (its state dict: weights and buffers) in one directory."""
+``model.safetensors`` (its state dict: weights and buffers) in one directory; and the JSONL files that runs append
+to and may be killed while writing (training logs, the ``taste encode`` journal)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -40,3 +42,23 @@ def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         config = json.load(f)
     return config, load_file(os.path.join(directory, WEIGHTS_NAME))
+
+
+def read_jsonl_records(path: str) -> list[dict]:
+    """The records of a JSONL file, without any line that a writer killed mid-line left unparseable."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def write_jsonl_atomically(path: str, records: Iterable[dict]) -> None:
+    """Writes ``records`` as JSONL to ``path`` through a temporary file and a rename: the file appears whole or not
+    at all."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)

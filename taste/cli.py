@@ -56,6 +56,7 @@ def cmd_encode(args) -> None:
     import torch
     from tqdm import tqdm
 
+    from taste.checkpoint import write_jsonl_atomically
     from taste.corpus import read_manifest, read_wav
     from taste.tokenizer import TasteTokenizer
 
@@ -84,10 +85,8 @@ def cmd_encode(args) -> None:
             log.flush()  # a batch encoded is a batch kept, whatever stops the command later
             bar.update(len(batch))
             bar.set_postfix(rtf=f"{(time.perf_counter() - t) / max(seconds, 1e-9):.4f}")
-    with open(args.output + ".tmp", "w") as f:
-        for i, row in enumerate(rows):
-            f.write(json.dumps({"id": row["id"], "words": row["text"].split(), "codes": results[i]}) + "\n")
-    os.replace(args.output + ".tmp", args.output)  # the output appears whole or not at all
+    write_jsonl_atomically(args.output, ({"id": r["id"], "words": r["text"].split(), "codes": results[i]}
+                                         for i, r in enumerate(rows)))  # fmt: skip
     os.remove(journal)
     elapsed = time.perf_counter() - t
     print(
@@ -101,33 +100,22 @@ def cmd_encode(args) -> None:
 def _open_encode_journal(path: str, args, rows: list[dict]) -> dict[int, list]:
     """The codes an interrupted ``taste encode`` of the same manifest and model kept in ``path`` (index -> codes),
     after rewriting the journal without a line the interruption left half-written; a fresh journal if none."""
+    from taste.checkpoint import read_jsonl_records, write_jsonl_atomically
+
     header = {"taste_encode": 1, "manifest": os.path.abspath(args.manifest), "model": os.path.abspath(args.model),
               "dtype": args.dtype, "rows": len(rows)}  # fmt: skip
+    records = read_jsonl_records(path) if os.path.exists(path) else []  # a header cut short leaves no records
+    if records and records[0] != header:
+        changed = sorted(k for k in header if records[0].get(k) != header[k])
+        raise RuntimeError(f"{path} is the journal of another encode (it differs in {', '.join(changed)}); "
+                           "delete it to start over, or rerun the command that wrote it")  # fmt: skip
     results: dict[int, list] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = f.read().splitlines()
-        try:
-            found = json.loads(lines[0]) if lines else None
-        except ValueError:
-            found = None  # the header itself was cut short: nothing was kept
-        if found is not None and found != header:
-            changed = sorted(k for k in header if found.get(k) != header[k])
-            raise RuntimeError(f"{path} is the journal of another encode (it differs in {', '.join(changed)}); "
-                               "delete it to start over, or rerun the command that wrote it")  # fmt: skip
-        for line in lines[1:] if found is not None else []:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # half-written when the command stopped
-            i = record["index"]
-            if not 0 <= i < len(rows) or rows[i]["id"] != record["id"]:
-                raise RuntimeError(f"{path}: row {i} is {record['id']!r} there but not in {args.manifest}; delete it")
-            results[i] = record["codes"]
-    with open(path + ".tmp", "w") as f:
-        f.write(json.dumps(header) + "\n")
-        f.writelines(json.dumps({"index": i, "id": rows[i]["id"], "codes": c}) + "\n" for i, c in results.items())
-    os.replace(path + ".tmp", path)
+    for record in records[1:]:
+        i = record["index"]
+        if not 0 <= i < len(rows) or rows[i]["id"] != record["id"]:
+            raise RuntimeError(f"{path}: row {i} is {record['id']!r} there but not in {args.manifest}; delete it")
+        results[i] = record["codes"]
+    write_jsonl_atomically(path, [header, *records[1:]])
     return results
 
 
@@ -409,8 +397,6 @@ def main(argv: list[str] | None = None) -> int:
 def _leave_process_group() -> None:
     """Under torchrun, the training commands join a process group (``taste.trainer.setup_distributed``); leaving it
     before the interpreter exits keeps the backend's threads from being torn down mid-exit (gloo can abort then)."""
-    if "torch.distributed" not in sys.modules:
-        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from taste.checkpoint import read_jsonl_records, write_jsonl_atomically
+
 
 @dataclass(kw_only=True)
 class LoopConfig:
@@ -327,22 +329,8 @@ def fit(
 def _truncate_log(path: str, step: int) -> None:
     """Drops the log records of steps after ``step`` (those an interrupted run logged past its last checkpoint;
     the resumed run logs them again) and any line a killed run left half-written."""
-    if not os.path.exists(path):
-        return
-
-    def keep(line: str) -> bool:
-        try:
-            return json.loads(line).get("step", 0) <= step
-        except ValueError:
-            return False
-
-    with open(path) as f:
-        lines = f.readlines()
-    kept = [line for line in lines if keep(line)]
-    if len(kept) < len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+    if os.path.exists(path):
+        write_jsonl_atomically(path, [r for r in read_jsonl_records(path) if r.get("step", 0) <= step])
 
 
 # Options that may change between a checkpoint and its resumption without making the resumed run inexact.
