@@ -4,7 +4,9 @@ The C++ CPU kernels are always compiled. The CUDA kernels (csrc/cuda/*.cu) are c
 torch is a CUDA build and a CUDA toolkit is found, GPU present or not. Environment:
 
 - TASTE_SKIP_CUDA_BUILD=1: compile the CPU kernels only.
-- TORCH_CUDA_ARCH_LIST: GPU architectures (default "9.0", Hopper).
+- TORCH_CUDA_ARCH_LIST: GPU architectures. Default: those of the GPUs this machine shows, with PTX for the newest
+  (later GPUs compile it when loading); with no GPU, "9.0+PTX" (Hopper, and PTX for Blackwell and later). The
+  library records the list (taste.ops.CUDA_ARCH_LIST) and names it when it meets a GPU it has no code for.
 - MAX_JOBS: parallel compile jobs (ninja).
 - CUDA_HOME / CUDA_PATH: the toolkit, when it is not found by itself (see find_cuda_home).
 """
@@ -85,6 +87,31 @@ def pip_cuda_include_dirs(cuda_home):
     )
 
 
+def default_cuda_arch_list(capabilities):
+    """TORCH_CUDA_ARCH_LIST for GPUs of these compute capabilities ((major, minor) pairs): each once, oldest first,
+    with PTX for the newest so that a later architecture can compile it when loading; "9.0+PTX" for none."""
+    archs = [f"{major}.{minor}" for major, minor in sorted(set(capabilities))] or ["9.0"]
+    archs[-1] += "+PTX"
+    return ";".join(archs)
+
+
+def cuda_arch_list(torch):
+    """TORCH_CUDA_ARCH_LIST as set in the environment, else the default for the GPUs that torch sees here."""
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if given:
+        return given
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return default_cuda_arch_list(torch.cuda.get_device_capability(i) for i in range(visible))
+
+
+def arch_list_define(arch_list):
+    """The list as a preprocessor value that needs no quoting in a compiler command: separators become commas."""
+    value = ",".join(re.split(r"[;\s,]+", arch_list.strip()))
+    if not re.fullmatch(r"[0-9A-Za-z.+,]+", value):
+        raise SystemExit(f"taste setup: TORCH_CUDA_ARCH_LIST={arch_list!r} is not a list like '8.0;9.0+PTX'")
+    return value
+
+
 def _truthy(name):
     return os.environ.get(name, "").strip() not in ("", "0", "false", "False", "no")
 
@@ -111,7 +138,7 @@ def build_extensions():
         else:
             # cpp_extension reads CUDA_HOME when it is imported, so it must be set before the import below.
             os.environ["CUDA_HOME"] = cuda_home
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(torch)
     from torch.utils import cpp_extension
 
     with_cuda = cuda_home is not None
@@ -123,8 +150,9 @@ def build_extensions():
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         ext_cls = cpp_extension.CUDAExtension
-        cxx.append("-DWITH_CUDA")
-        nvcc = ["-O3", "-DWITH_CUDA", "--expt-relaxed-constexpr"]
+        archs = f"-DTASTE_CUDA_ARCHS={arch_list_define(os.environ['TORCH_CUDA_ARCH_LIST'])}"
+        cxx += ["-DWITH_CUDA", archs]
+        nvcc = ["-O3", "-DWITH_CUDA", archs, "--expt-relaxed-constexpr"]
         for inc in pip_cuda_include_dirs(cuda_home):
             cxx += ["-isystem", inc]
             nvcc += ["-isystem", inc]
@@ -140,11 +168,11 @@ def build_extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
-ext_modules, cmdclass = build_extensions()
-
-setup(
-    packages=find_packages(include=["taste", "taste.*"]) + ["taste.kernels"],
-    package_dir={"taste.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; the tests import it for its functions
+    ext_modules, cmdclass = build_extensions()
+    setup(
+        packages=find_packages(include=["taste", "taste.*"]) + ["taste.kernels"],
+        package_dir={"taste.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -43,6 +43,19 @@ bool strict_checks() {
 
 bool content_checks(const at::Tensor& t) { return t.is_cpu() || strict_checks(); }
 
+// TASTE_CUDA_ARCHS is set by the build (setup.py, CMakeLists.txt): TORCH_CUDA_ARCH_LIST with commas for separators.
+#define TASTE_STRINGIFY(...) #__VA_ARGS__
+#define TASTE_EXPAND_STRINGIFY(...) TASTE_STRINGIFY(__VA_ARGS__)
+const char* cuda_arch_list() {
+#if defined(WITH_CUDA) && defined(TASTE_CUDA_ARCHS)
+  return TASTE_EXPAND_STRINGIFY(TASTE_CUDA_ARCHS);
+#elif defined(WITH_CUDA)
+  return "unknown";
+#else
+  return "";
+#endif
+}
+
 void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
   TORCH_CHECK(a.device() == b.device(), "taste: ", b_name, " must be on the same device as ", a_name, " (",
               a.device(), "), got ", b.device());

@@ -69,6 +69,10 @@ TASTE_HD DelayRow delay_row(const word_t* wid, int64_t L, int64_t W, int64_t bas
 void stream_copy(void* dst, const void* src, size_t bytes);
 void stream_fence();
 
+// The GPU architectures the CUDA kernels were compiled for, as TORCH_CUDA_ARCH_LIST at build time with commas
+// ("9.0+PTX"); "" when the library has no CUDA kernels.
+const char* cuda_arch_list();
+
 // ---- validation (csrc/common.cpp) ----
 // Content checks (values of offsets and ids) always run on CPU tensors. On CUDA tensors they need a device
 // sync, so they run only where the op syncs anyway, or when TASTE_STRICT_CHECKS=1 is set in the environment.

@@ -2,14 +2,22 @@
 // Kernels: csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA). Fakes and autograd: taste/ops.py.
 #include <torch/library.h>
 
+#include "common.h"
+
 #ifndef TASTE_NO_PYTHON
 #include <Python.h>
 
 extern "C" {
-// Importing taste._C runs the static TORCH_LIBRARY registrations below; the module itself is empty.
+// Importing taste._C runs the static TORCH_LIBRARY registrations below. The module holds one attribute,
+// cuda_arch_list: the GPU architectures of its CUDA kernels ("" without them).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddStringConstant(module, "cuda_arch_list", taste::cuda_arch_list()) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 #endif

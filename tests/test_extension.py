@@ -1,6 +1,8 @@
 """The compiled extension: loaded, CUDA kernels compiled in when torch has CUDA, and the fallback without it."""
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -36,6 +38,47 @@ def test_extension_is_loaded():
 def test_cuda_kernels_are_compiled_in():
     missing = [n for n in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"taste::{n}", "CUDA")]
     assert not missing, f"ops without a CUDA kernel: {missing} (was a CUDA toolkit found at build time?)"
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU build: no CUDA kernels to compile")
+@pytest.mark.skipif(os.environ.get("TASTE_SKIP_CUDA_BUILD", "0") not in ("", "0"), reason="CUDA build skipped")
+def test_cuda_arch_list_is_recorded():
+    # What the build compiled for: the error on a GPU without code in the library names it.
+    assert ops.CUDA_ARCH_LIST is not None and re.fullmatch(r"[0-9A-Za-z.+]+(,[0-9A-Za-z.+]+)*", ops.CUDA_ARCH_LIST)
+    assert ops.CUDA_ARCH_LIST != "unknown", "setup.py passed no TASTE_CUDA_ARCHS"
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        assert ops.CUDA_ARCH_LIST == "9.0+PTX"  # the default of a build on a machine without a GPU
+
+
+def _setup_module():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    spec = importlib.util.spec_from_file_location("taste_setup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not __main__: defines the functions, builds nothing
+    return module
+
+
+def test_default_cuda_arch_list():
+    setup = _setup_module()
+    assert setup.default_cuda_arch_list([]) == "9.0+PTX"
+    assert setup.default_cuda_arch_list([(8, 0)]) == "8.0+PTX"
+    # Several GPUs: each architecture once, oldest first, PTX only for the newest.
+    assert setup.default_cuda_arch_list([(9, 0), (8, 6), (9, 0)]) == "8.6;9.0+PTX"
+    assert setup.arch_list_define("8.0;9.0+PTX") == "8.0,9.0+PTX"
+    assert setup.arch_list_define(" 8.6 9.0a ") == "8.6,9.0a"
+    with pytest.raises(SystemExit, match="TORCH_CUDA_ARCH_LIST"):
+        setup.arch_list_define("9.0; rm -rf /")
+
+
+def test_cuda_arch_list_from_environment(monkeypatch):
+    setup = _setup_module()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9")
+    assert setup.cuda_arch_list(torch) == "8.9"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(8, 0), (9, 0)][i])
+    assert setup.cuda_arch_list(torch) == "8.0;9.0+PTX"
 
 
 def test_fallback_to_reference_without_extension():

@@ -1,7 +1,7 @@
 // CUDA kernels of pack / pack_offsets / unpack (one row-copy launch each, csrc/cuda/rows.cuh).
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "guard.cuh"
 #include "rows.cuh"
 
 namespace taste {
@@ -41,21 +41,21 @@ at::Tensor gather_sequences_cuda(const at::Tensor& padded_in, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> pack_cuda(const at::Tensor& padded, const at::Tensor& lengths) {
   check_pack_args(padded, lengths);
-  const c10::cuda::CUDAGuard guard(padded.device());
+  const DeviceGuard guard(padded.device());
   auto [cu, total] = lengths_to_cu_seqlens(lengths, padded.size(1));
   return {gather_sequences_cuda(padded, cu, total), cu};
 }
 
 at::Tensor pack_offsets_cuda(const at::Tensor& padded, const at::Tensor& cu_seqlens, int64_t total) {
   check_pack_offsets_args(padded, cu_seqlens, total);
-  const c10::cuda::CUDAGuard guard(padded.device());
+  const DeviceGuard guard(padded.device());
   return gather_sequences_cuda(padded, cu_seqlens.contiguous(), total);
 }
 
 at::Tensor unpack_cuda(const at::Tensor& packed_in, const at::Tensor& cu_seqlens_in, int64_t max_len,
                        double pad_value) {
   check_unpack_args(packed_in, cu_seqlens_in, max_len);
-  const c10::cuda::CUDAGuard guard(packed_in.device());
+  const DeviceGuard guard(packed_in.device());
   const at::Tensor packed = packed_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
   const int64_t batch = cu_seqlens.size(0) - 1;

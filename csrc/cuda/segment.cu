@@ -2,11 +2,11 @@
 // order, so sums are deterministic (no atomics) and each row is read with vector loads of up to 16 bytes.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "guard.cuh"
 #include "rows.cuh"
 
 namespace taste {
@@ -80,7 +80,7 @@ struct BroadcastMap {  // row r <- the segment that contains it
 
 at::Tensor segment_reduce_cuda(const at::Tensor& x_in, const at::Tensor& offsets_in,
                                const std::optional<at::Tensor>& perm_in, bool mean, bool broadcast) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t segments = offsets.size(0) - 1;
@@ -107,7 +107,7 @@ namespace {
 at::Tensor segment_broadcast_cuda(const at::Tensor& y_in, const at::Tensor& offsets_in,
                                   std::optional<int64_t> num_rows) {
   check_broadcast_args(y_in, offsets_in);
-  const c10::cuda::CUDAGuard guard(y_in.device());
+  const DeviceGuard guard(y_in.device());
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t segments = offsets.size(0) - 1;
   int64_t rows = num_rows.has_value() ? *num_rows : -1;
@@ -131,7 +131,7 @@ at::Tensor segment_broadcast_cuda(const at::Tensor& y_in, const at::Tensor& offs
 
 std::tuple<at::Tensor, at::Tensor> segment_sum_by_key_cuda(const at::Tensor& values, const at::Tensor& keys,
                                                            int64_t num_keys) {
-  const c10::cuda::CUDAGuard guard(values.device());
+  const DeviceGuard guard(values.device());
   return segment_sum_by_key_impl(values, keys, num_keys, &segment_reduce_cuda);
 }
 

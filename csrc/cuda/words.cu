@@ -1,9 +1,9 @@
 // CUDA kernels of the word-level layout ops: word segment offsets (flag, scan, scatter) and the TASLM word-delay
 // layout (one thread per output row, the same row function as the CPU kernel).
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "guard.cuh"
 #include "rows.cuh"
 
 namespace taste {
@@ -35,7 +35,7 @@ __global__ void scatter_starts_kernel(const int32_t* __restrict__ flags, const i
 
 at::Tensor word_offsets_cuda(const at::Tensor& word_ids_in, const at::Tensor& cu_seqlens_in) {
   check_word_args(word_ids_in, cu_seqlens_in);
-  const c10::cuda::CUDAGuard guard(word_ids_in.device());
+  const DeviceGuard guard(word_ids_in.device());
   const at::Tensor word_ids = word_ids_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
   const int64_t n_rows = word_ids.size(0), batch = cu_seqlens.size(0) - 1;
@@ -93,7 +93,7 @@ __global__ void delay_layout_kernel(const word_t* __restrict__ wid, const int32_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_layout_cuda(
     const at::Tensor& word_ids, const at::Tensor& cu_seqlens, int64_t delay) {
-  const c10::cuda::CUDAGuard guard(word_ids.device());
+  const DeviceGuard guard(word_ids.device());
   DelayLayoutBuffers b = prepare_delay_layout(word_ids, cu_seqlens, delay);
   if (b.rows > 0) {
     AT_DISPATCH_INDEX_TYPES(b.word_ids.scalar_type(), "delay_layout_cuda", [&] {
