@@ -55,6 +55,45 @@ def _record_timings(tuner) -> None:
     tuner.run = recording_run  # KernelInterface.__getitem__ launches through self.run
 
 
+# Launch sites' tiles that fit, by (site, device, what shapes the build): an index into the site's list of tiles.
+_FITTING: dict = {}
+
+
+def launch_fitting(launch, tiles: list[dict], key: tuple) -> dict:
+    """Calls ``launch(tile)`` with the first of ``tiles`` (the meta-parameters of one launch, fixed tiles first,
+    then smaller ones) whose build this GPU can load, and returns that tile.
+
+    Triton raises ``OutOfResources`` before anything runs when a build needs more shared memory than the GPU gives a
+    block: 227 KB on Hopper and Blackwell data-centre GPUs, 163 KB on A100, 99 KB on Ada and consumer Blackwell, 64 KB
+    on Turing. Then the next tile is tried. The choice is kept per ``key``, which must name the launch site, the
+    device and everything that changes the build besides the tile (dtype, head dim, flags)."""
+    from triton.runtime.errors import OutOfResources
+
+    first = _FITTING.get(key, 0)
+    for i in range(first, len(tiles)):
+        try:
+            launch(tiles[i])
+        except OutOfResources:
+            if i + 1 == len(tiles):
+                raise
+            continue
+        _FITTING[key] = i
+        return tiles[i]
+    raise ValueError("launch_fitting: no tiles given")
+
+
+def shrinking(tile: dict, minimum: dict) -> list[dict]:
+    """``tile`` and smaller versions of it, for :func:`launch_fitting`: one pipeline stage instead of two or more,
+    then each block named in ``minimum`` halved in turn (down to its minimum, a power of two)."""
+    out = [dict(tile)]
+    if tile.get("num_stages", 1) > 1:
+        out.append({**out[-1], "num_stages": 1})
+    for name, floor in minimum.items():
+        while out[-1][name] > floor:
+            out.append({**out[-1], name: out[-1][name] // 2})
+    return out
+
+
 def tuned_choices(kernel_tuner) -> dict[str, str]:
     """What a tuner from :func:`autotuned` picked so far, by key: for benchmark reports."""
     return {str(k): str(c) for k, c in getattr(kernel_tuner, "cache", {}).items()}

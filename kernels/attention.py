@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, autotuned, tuned_choices, tuning_timings
+from . import autotune_enabled, autotuned, launch_fitting, shrinking, tuned_choices, tuning_timings
 
 # fmt: off  (kernel signatures stay compact)
 
@@ -244,6 +244,11 @@ def _precision(dtype: torch.dtype) -> str:
 FP32_TILES = {32: ((64, 64), (32, 32)), 64: ((64, 32), (32, 32)), 128: ((32, 16), (16, 16))}
 
 
+# Where the fixed tiles stop shrinking when a GPU's shared memory cannot hold them (kernels.launch_fitting; 16: the
+# smallest side of a tl.dot on GPUs).
+MIN_BLOCKS = {"BLOCK_N": 16, "BLOCK_M": 16}
+
+
 def _tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """Forward (BLOCK_M, BLOCK_N, num_warps): one tile holds a whole utterance's queries, up to 128 of them."""
     fitted = max(16, triton.next_power_of_2(max(max_seqlen_q, 1)))
@@ -358,9 +363,13 @@ def text_query_attention_fwd(
         grid = lambda meta: (triton.cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
         tuned_fwd_kernel()[grid](*args, *buckets, **flags)
     else:
-        grid = (triton.cdiv(max(max_seqlen_q, 1), block_m), batch * heads, splits)
-        _text_query_attention_fwd_kernel[grid](*args, 0, 0, 0, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
-                                               num_warps=warps, num_stages=2)  # fmt: skip
+
+        def launch(tile):
+            grid = (triton.cdiv(max(max_seqlen_q, 1), tile["BLOCK_M"]), batch * heads, splits)
+            _text_query_attention_fwd_kernel[grid](*args, 0, 0, 0, **flags, **tile)
+
+        tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+        launch_fitting(launch, shrinking(tile, MIN_BLOCKS), ("fwd", q.device, q.dtype, tuple(flags.items())))
     if splits > 1:
         _text_query_attention_merge_kernel[(triton.cdiv(total_q, 64), heads)](
             o_buf, l_buf, out, lse, heads, total_q, splits, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4,

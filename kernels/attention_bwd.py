@@ -10,7 +10,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _key_range, _kv_block, _precision, _seq, _store_tile, _tile, _unmasked_end, _visible, bwd_tiles
+from . import launch_fitting, shrinking
+from .attention import (
+    MIN_BLOCKS,
+    _key_range,
+    _kv_block,
+    _precision,
+    _seq,
+    _store_tile,
+    _tile,
+    _unmasked_end,
+    _visible,
+    bwd_tiles,
+)
 
 # fmt: off  (kernel signatures stay compact)
 
@@ -211,13 +223,21 @@ def text_query_attention_bwd(
     _text_query_attention_bwd_delta_kernel[(triton.cdiv(total_q, 64), heads)](
         out, do, delta, heads, total_q, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4
     )
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, CAUSAL=int(causal),
-                PRECISION=_precision(q.dtype), num_warps=warps, num_stages=2)  # fmt: skip
+    flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), PRECISION=_precision(q.dtype))
+    tiles = shrinking(dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2), MIN_BLOCKS)
+    key = (q.device, q.dtype, tuple(flags.items()))
+
     # dK/dV: one program per key tile walks every query tile of its sequence; dQ: one per query tile.
-    _text_query_attention_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen_k, 1), block_n), batch * heads)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **meta
-    )
-    _text_query_attention_bwd_dq_kernel[(triton.cdiv(max(max_seqlen_q, 1), block_m), batch * heads)](
-        q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **meta
-    )
+    def dkdv(tile):
+        _text_query_attention_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen_k, 1), tile["BLOCK_N"]), batch * heads)](
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **flags, **tile
+        )
+
+    def dq_(tile):
+        _text_query_attention_bwd_dq_kernel[(triton.cdiv(max(max_seqlen_q, 1), tile["BLOCK_M"]), batch * heads)](
+            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **flags, **tile
+        )
+
+    launch_fitting(dkdv, tiles, ("bwd dkdv", *key))
+    launch_fitting(dq_, tiles, ("bwd dq", *key))
     return dq, dk, dv

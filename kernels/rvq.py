@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, autotuned, tuned_choices, tuning_timings
+from . import autotune_enabled, autotuned, launch_fitting, shrinking, tuned_choices, tuning_timings
 
 
 @triton.jit
@@ -310,21 +310,34 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: b
         sq_err.stride(0),
     )
     flags = dict(NUM_Q=nq, BLOCK_D=block_d, EXACT=int(not fast))
+
+    # The sliced tiles keep the residual in a float32 scratch: the output itself where that is float32 (each program
+    # writes its rows' output after its last read of their residual).
+    def scratch():
+        return quantized if quantized.dtype == torch.float32 else torch.empty((n, dim), device=x.device)
+
     if autotune:
-        # The sliced candidates keep the residual in a float32 scratch: the output itself where that is float32 (each
-        # program writes its rows' output after its last read of their residual).
-        scratch = quantized if quantized.dtype == torch.float32 else torch.empty((n, dim), device=x.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+        buffer = scratch()
         tuned_encode_kernel("fast" if fast else "exact")[grid](
-            *args, triton.next_power_of_2(n), scratch, scratch.stride(0), **flags
+            *args, triton.next_power_of_2(n), buffer, buffer.stride(0), **flags
         )
     else:
-        block_m = 16 if block_d >= 512 else 32
-        block_k = 32 if block_d >= 512 else 64
-        _rvq_encode_fwd_kernel[(triton.cdiv(n, block_m),)](
-            *args, 0, quantized, 0, BLOCK_M=block_m, BLOCK_K=block_k, **flags, BLOCK_DS=0,
-            num_warps=8 if block_d >= 256 else 4, num_stages=2,
-        )  # fmt: skip
+
+        def launch(tile):
+            buffer = scratch() if tile["BLOCK_DS"] else quantized
+            _rvq_encode_fwd_kernel[(triton.cdiv(n, tile["BLOCK_M"]),)](
+                *args, 0, buffer, buffer.stride(0) if tile["BLOCK_DS"] else 0, **flags, **tile
+            )
+
+        wide = block_d >= 512
+        tile = dict(BLOCK_M=16 if wide else 32, BLOCK_K=32 if wide else 64, BLOCK_DS=0,
+                    num_warps=8 if block_d >= 256 else 4, num_stages=2)  # fmt: skip
+        # Whole rows hold (BLOCK_K, d) code tiles in shared memory; where the GPU has too little of it (99 KB on Ada,
+        # 64 KB on Turing: a d 256 tile needs 96 KB), the sliced layout's 32-wide slices need 16 KB.
+        sliced = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_DS=min(32, block_d), num_warps=8, num_stages=2)
+        tiles = shrinking(tile, {}) + [sliced]
+        launch_fitting(launch, tiles, ("rvq encode", x.device, x.dtype, codebooks.dtype, tuple(flags.items())))
     return indices, quantized, sq_err
 
 

@@ -97,6 +97,29 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+def refuse_tiles(monkeypatch, kernels, refuse) -> list[tuple[str, dict]]:
+    """Makes the Triton ``kernels`` act as on a GPU with little shared memory: a launch whose meta-parameters
+    ``refuse(kwargs)`` rejects raises Triton's ``OutOfResources`` before anything runs, as Triton does for a build
+    that does not fit. Returns the list of (kernel name, meta-parameters) of every launch tried. The launchers'
+    memory of which tiles fit (``taste.kernels._FITTING``) starts empty."""
+    from triton.runtime.errors import OutOfResources
+
+    from taste import kernels as kernel_package
+
+    monkeypatch.setattr(kernel_package, "_FITTING", {})
+    tried = []
+    for kernel in kernels:
+
+        def run(*args, _run=kernel.run, _name=kernel.__name__, **kwargs):
+            tried.append((_name, {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k == "num_stages"}))
+            if refuse(kwargs):
+                raise OutOfResources(2**20, 64 * 1024, "shared memory")
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return tried
+
+
 def torchrun_rank_digests(subcommand: str, config: dict, out_dir, ranks: int = 2) -> list[str]:
     """Runs ``taste SUBCOMMAND CONFIG`` under torchrun with ``ranks`` CPU processes (gloo) and returns the weight
     digest each rank wrote (the config must set ``write_rank_digests``). The rendezvous port is one the OS finds

@@ -89,9 +89,24 @@ def test_configurations_keep_their_registers(smoke):
     assert all(r["stack_bytes"] <= 128 for r in rows), [r for r in rows if r["stack_bytes"] > 128]
 
 
-def test_shared_memory_over_the_limit_fails(tmp_path):
-    """The check can fail: with a limit below what the forward tile needs, the script names it and exits 1."""
+def test_tiles_over_the_shared_memory_are_replaced(tmp_path):
+    """A GPU with less shared memory than the fixed tiles need (here 40000 bytes a block; Turing has 65536) refuses
+    their builds, as Triton does at launch, and the launchers take smaller tiles (kernels.launch_fitting): the
+    backward's 41 KB tile goes, a smaller one builds, and the script passes."""
     proc, rows = _run(tmp_path, "--only", "attention", "--shared-limit", "40000")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    refused = [r for r in rows if r.get("refused")]
+    assert refused and all(r["ok"] and r["shared_bytes"] > 40000 for r in refused)
+    for r in refused:
+        assert any(o["kernel"] == r["kernel"] and o["case"] == r["case"] and not o.get("refused") for o in rows), r
+    assert all(r["shared_bytes"] <= 40000 for r in rows if not r.get("refused"))
+    assert "replaced by a smaller tile" in proc.stdout
+
+
+def test_shared_memory_over_the_limit_fails(tmp_path):
+    """The check can fail: with a limit below every encoder tile (the sliced one needs 12-16 KB), the script names it
+    and exits 1."""
+    proc, rows = _run(tmp_path, "--only", "rvq", "--shared-limit", "8000")
     assert proc.returncode == 1
     failed = [r for r in rows if not r["ok"]]
     assert failed and all("shared memory" in r["error"] for r in failed)
@@ -106,7 +121,8 @@ def test_blocks_per_sm_follows_the_occupancy_rules():
     assert blocks_per_sm(90, 148, 57344, 4) == 3  # registers allow 3, shared memory 4
     assert blocks_per_sm(90, 32, 256, 4) == 16  # threads: 2048 / 128
     assert blocks_per_sm(86, 32, 60000, 4) == 1  # 100 KB of shared memory per SM on sm_86
-    assert blocks_per_sm(75, 32, 0, 4) is None
+    assert blocks_per_sm(75, 32, 0, 4) == 8  # sm_75: 1024 threads per SM
+    assert blocks_per_sm(70, 32, 0, 4) is None  # an architecture without a table
 
 
 def test_sass_counts_read_ffma_and_shared_loads():

@@ -3,7 +3,7 @@ Triton kernels themselves (interpreter on CPU, native on a GPU), against a float
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, assert_close, on_triton_interpreter
+from conftest import DEVICES, HAS_CUDA, assert_close, on_triton_interpreter, refuse_tiles
 
 from taste import ops, reference
 
@@ -170,6 +170,24 @@ def test_triton_kernels_in_interpreter(gen):
     _kernel_check("cpu", 45, 48, 80, gen)  # odd N, d not a power of two, K not a multiple of the tile
     _kernel_check("cpu", 1, 16, 64, gen)
     _kernel_check("cpu", 20, 8, 16, gen)  # d below the 16 that tl.dot needs on a GPU: padded block
+
+
+@on_triton_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_takes_sliced_tiles_where_shared_memory_is_short(dtype, monkeypatch, gen):
+    """The fixed whole-row tile keeps (64, d) code tiles in shared memory: 96 KB at d 256, more than Turing (64 KB)
+    or, with a newer compiler, Ada (99 KB) may give a block. Refused there, the launcher takes one stage, then the
+    sliced layout (16 KB): the same indices. bfloat16 rows: the sliced residual gets a float32 scratch."""
+    tried = refuse_tiles(monkeypatch, [rvq_kernels._rvq_encode_fwd_kernel], lambda meta: meta["BLOCK_DS"] == 0)
+    x, codebooks = problem(45, 4, 80, 48, gen, "cpu", dtype)
+    codebooks[2, 79] = codebooks[2, 0]  # a tie
+    ns = torch.tensor(3, dtype=torch.int32)
+    idx, quantized, sq_err = rvq_kernels.rvq_encode_fwd(x, codebooks, codebooks.float().square().sum(-1), ns, False)
+    assert [(t["BLOCK_DS"], t["num_stages"]) for _, t in tried] == [(0, 2), (0, 1), (32, 2)]
+    ref_idx, _, ref_err = reference.rvq_encode(x, codebooks, 3)
+    assert torch.equal(idx, ref_idx)
+    assert_close(quantized, reference.rvq_decode(idx, codebooks.double()))
+    torch.testing.assert_close(sq_err, ref_err.float(), atol=1e-3, rtol=1e-4)
 
 
 @on_triton_interpreter

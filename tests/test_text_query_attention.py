@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, make_cu, needs_cuda, on_triton_interpreter
+from conftest import DEVICES, HAS_CUDA, make_cu, needs_cuda, on_triton_interpreter, refuse_tiles
 
 from taste import ops, reference
 
@@ -214,6 +214,28 @@ def test_triton_kernels_with_zero_and_negative_scale(causal, gen):
     for scale in (0.0, -8.0):
         _triton_check("cpu", [5, 70, 1], [5, 70, 1] if causal else [40, 130, 3], 32, torch.float16, causal, 1, gen,
                       scale)  # fmt: skip
+
+
+@on_triton_interpreter
+def test_fixed_tiles_shrink_where_shared_memory_is_short(monkeypatch, gen):
+    """A GPU whose shared memory cannot hold the fixed tiles (Turing has 64 KB a block) makes Triton refuse their
+    builds; the forward and both backward kernels then take smaller ones: one pipeline stage, then halved key
+    blocks. Here every tile with 2 stages or 64-key blocks is refused. The results stay right, and the tile that
+    fitted is remembered: a second call tries nothing else."""
+    from taste.kernels import attention_bwd
+
+    kernels = (attention._text_query_attention_fwd_kernel, attention_bwd._text_query_attention_bwd_dkdv_kernel,
+               attention_bwd._text_query_attention_bwd_dq_kernel)  # fmt: skip
+    tried = refuse_tiles(monkeypatch, kernels, lambda meta: meta["num_stages"] > 1 or meta["BLOCK_N"] > 32)
+    _triton_check("cpu", [70, 5], [150, 64], 64, torch.float16, False, 1, gen)
+    for kernel in kernels:
+        tiles = [(t["BLOCK_N"], t["num_stages"]) for name, t in tried if name == kernel.__name__]
+        # the fixed tile, one stage, then 32-key blocks; _triton_check's second backward runs the fitted tile alone
+        assert tiles[:3] == [(64, 2), (64, 1), (32, 1)] and set(tiles[3:]) <= {(32, 1)}, (kernel.__name__, tiles)
+    tried.clear()
+    _triton_check("cpu", [70, 5], [150, 64], 64, torch.float16, False, 1, gen)
+    assert all(t["BLOCK_N"] == 32 and t["num_stages"] == 1 for _, t in tried), tried
+    _triton_check("cpu", [70, 5], [70, 5], 64, torch.float16, True, 3, gen)  # causal, key splits
 
 
 @on_triton_interpreter
