@@ -27,6 +27,7 @@ _source_checkout_kernels()
 from taste import ops  # noqa: E402
 from taste.aggregator import AggregatorConfig, TextQueryAggregator  # noqa: E402
 from taste.generate import GenerationConfig, GenerationOutput  # noqa: E402
+from taste.official import load_official  # noqa: E402
 from taste.ops import HAS_EXTENSION, DelayLayout  # noqa: E402
 from taste.rvq import ResidualVQ  # noqa: E402
 from taste.spoken_lm import SpokenLMConfig, SpokenLMOutput, TasteSpokenLM  # noqa: E402
@@ -52,5 +53,6 @@ __all__ = [
     "SpokenLMOutput",
     "GenerationConfig",
     "GenerationOutput",
+    "load_official",
 ]
 __version__ = "0.1.0"

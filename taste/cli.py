@@ -246,6 +246,13 @@ def cmd_eval_lm(args) -> None:
     _report(metrics, args.json)
 
 
+def cmd_import_official(args) -> None:
+    from taste.official import import_official
+
+    for part, path in import_official(args.checkpoint, args.output, args.parts).items():
+        print(f"{part}: {path}")
+
+
 def cmd_merge_lora(args) -> None:
     lm = _load_lm(args.model, "cpu")
     lm.merge_lora().save_pretrained(args.output, full=True)
@@ -374,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")
     m.add_argument("output")
     m.set_defaults(func=cmd_merge_lora)
+
+    io = sub.add_parser("import-official", help="the released TASTE / TASLM checkpoint -> save_pretrained directories")
+    io.add_argument("checkpoint", help="a local copy of MediaTek-Research/Llama-1B-TASTE-V0")
+    io.add_argument("-o", "--output", required=True, help="writes OUTPUT/<part> for each part")
+    io.add_argument("--parts", nargs="+", choices=("tokenizer", "unit_decoder", "spoken_lm"),
+                    default=["tokenizer", "unit_decoder", "spoken_lm"])  # fmt: skip
+    io.set_defaults(func=cmd_import_official)
     return p
 
 

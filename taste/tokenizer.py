@@ -237,10 +237,16 @@ class TasteTokenizer(nn.Module):
     def from_pretrained(cls, directory: str, *, device=None, dtype=None) -> TasteTokenizer:
         """Loads a model written by :meth:`save_pretrained`."""
         raw, state = read_model(directory, "TasteTokenizer")
-        config = TasteConfig.from_dict(raw)
+        return cls.from_state_dict(TasteConfig.from_dict(raw), state, device=device, dtype=dtype)
+
+    @classmethod
+    def from_state_dict(cls, config: TasteConfig, state: dict, *, device=None, dtype=None) -> TasteTokenizer:
+        """A model of ``config`` holding the tensors of ``state`` (every weight and codebook buffer, strictly; the
+        RVQ's in this package's or in vector-quantize-pytorch's layout), without initialising weights first."""
         with torch.device("meta"):
             model = cls(config=config)
         model.load_state_dict(state, strict=True, assign=True)
+        model.quantizer.float()  # codebook distances in float32 whatever the file holds (spec 7.3)
         model.frontend = LogMel(n_mels=config.encoder.n_mels, window_seconds=config.encoder.window_seconds)
         model.aggregator.prefix_ids = torch.tensor(config.aggregator.prefix_ids, dtype=torch.long)
         if config.freeze_encoder:

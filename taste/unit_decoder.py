@@ -265,7 +265,7 @@ class UnitDecoder(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device)
 
-    def load_official_state_dict(self, state_dict: dict, strict: bool = True):
+    def load_official_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
         """Loads the unit decoder of an official TASTE checkpoint (keys under :data:`OFFICIAL_PREFIX`)."""
         own = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
-        return self.load_state_dict(own, strict=strict)
+        return self.load_state_dict(own, strict=strict, assign=assign)
