@@ -150,7 +150,9 @@ def load_spoken_lm(directory: str, *, config=None, device=None, state=None):
 
 
 def load_official(directory: str, parts=PARTS, *, device=None, dtype=None) -> OfficialModels:
-    """The ``parts`` (names from :data:`PARTS`) of a released checkpoint directory, with the released shapes."""
+    """The ``parts`` (names from :data:`PARTS`) of a released checkpoint directory, with the released shapes, on
+    ``device``. ``dtype`` casts the tokenizer's encoder and aggregator (see :func:`load_tokenizer`); the unit decoder
+    and the spoken LM hold float32 weights (run them under autocast for bfloat16)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"parts must be among {PARTS}, got {sorted(unknown)}")
