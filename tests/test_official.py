@@ -141,6 +141,25 @@ def test_import_official_command_writes_loadable_directories(tmp_path, monkeypat
     assert_same_state(decoder, taste.UnitDecoder.from_pretrained(str(out / "unit_decoder")))
 
 
+def test_pytorch_bin_checkpoints(tmp_path):
+    """The ``pytorch_model.bin`` layouts (one file, or shards with their index) read the same."""
+    torch.manual_seed(1)
+    decoder = taste.UnitDecoder(config=taste.UnitDecoderConfig.tiny()).eval()
+    state = {f"speech_decoder.{k}": v.clone() for k, v in decoder.state_dict().items()}
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    single.mkdir()
+    sharded.mkdir()
+    torch.save(state, single / "pytorch_model.bin")
+    keys = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, part in halves.items():
+        torch.save({k: state[k] for k in part}, sharded / name)
+    index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    for directory in (single, sharded):
+        assert_same_state(decoder, official.load_unit_decoder(str(directory), config=decoder.config))
+
+
 def test_bad_checkpoint_directories(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         official.read_official_tensors(str(tmp_path / "nowhere"), ("speech_decoder.",))
