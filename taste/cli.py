@@ -246,6 +246,72 @@ def cmd_eval_lm(args) -> None:
     _report(metrics, args.json)
 
 
+def environment() -> dict:
+    """What this installation has: versions, the compiled extension and its GPU architectures, the GPUs and whether
+    the extension has code for each, and the optional pieces (tokenizer files, espeak-ng, transformers, peft)."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+    import shutil
+
+    import torch
+    import triton
+
+    import taste
+    from taste import ops
+
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def package_file(package, relative):
+        spec = importlib.util.find_spec(package)
+        roots = spec.submodule_search_locations if spec and spec.submodule_search_locations else []
+        return any(os.path.isfile(os.path.join(root, relative)) for root in roots)
+
+    gpus = []
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        major, minor = torch.cuda.get_device_capability(i)
+        gpus.append({"index": i, "name": torch.cuda.get_device_name(i), "capability": f"{major}.{minor}",
+                     "extension_has_code": ops.cuda_arch_covers((major, minor))})  # fmt: skip
+    return {
+        "taste": taste.__version__,
+        "location": os.path.dirname(taste.__file__),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "extension": ops.HAS_EXTENSION,
+        "extension_cuda_arch_list": ops.CUDA_ARCH_LIST,
+        "gpus": gpus,
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "whisper_tokenizer_files": package_file("whisper", "assets/multilingual.tiktoken"),
+        "llama3_tokenizer_file": package_file("llama_models", "llama3/tokenizer.model"),
+        "espeak_ng": shutil.which("espeak-ng"),
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "safetensors": version("safetensors"),
+    }
+
+
+def cmd_info(args) -> None:
+    info = environment()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key != "gpus":
+            print(f"{key}: {value}")
+    if not info["gpus"]:
+        print("gpus: none visible")
+    for gpu in info["gpus"]:
+        has = {True: "yes", False: "NO: rebuild with TORCH_CUDA_ARCH_LIST=" + gpu["capability"], None: "unknown"}
+        print(f"gpu {gpu['index']}: {gpu['name']}, compute capability {gpu['capability']}, extension has code for it: "
+              f"{has[gpu['extension_has_code']]}")  # fmt: skip
+
+
 def cmd_import_official(args) -> None:
     from taste.official import import_official
 
@@ -381,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")
     m.add_argument("output")
     m.set_defaults(func=cmd_merge_lora)
+
+    inf = sub.add_parser("info", help="versions, the compiled extension, GPUs and optional pieces (for bug reports)")
+    inf.add_argument("--json", action="store_true", help="print JSON")
+    inf.set_defaults(func=cmd_info)
 
     io = sub.add_parser("import-official", help="the released TASTE / TASLM checkpoint -> save_pretrained directories")
     io.add_argument("checkpoint", help="a local copy of MediaTek-Research/Llama-1B-TASTE-V0")

@@ -44,6 +44,34 @@ CUDA_ARCH_LIST: str | None = (getattr(_C, "cuda_arch_list", "") or None) if HAS_
 _impl = torch.ops.taste if HAS_EXTENSION else reference
 
 
+def cuda_arch_covers(capability: tuple[int, int], arch_list: str | None = None) -> bool | None:
+    """Whether CUDA kernels built for ``arch_list`` (TORCH_CUDA_ARCH_LIST syntax; default :data:`CUDA_ARCH_LIST`)
+    run on a GPU of compute ``capability`` (major, minor). A cubin for X.Y (or the family build X.Yf) runs on X.Z
+    with Z >= Y; PTX for X.Y on any later GPU, compiled when loading; X.Ya only on X.Y. None when the list has an
+    entry this cannot read (a name like "Hopper") and none that covers the GPU; False when there is no list."""
+    arch_list = CUDA_ARCH_LIST if arch_list is None else arch_list
+    if not arch_list:
+        return False
+    major, minor = capability
+    unreadable = False
+    for entry in arch_list.replace(";", ",").replace(" ", ",").split(","):
+        if not entry:
+            continue
+        parts = entry.removesuffix("+PTX").split(".")
+        if len(parts) != 2 or not parts[0].isdigit() or not parts[1].rstrip("af").isdigit():
+            unreadable = True
+            continue
+        e_major, e_minor, exact = int(parts[0]), int(parts[1].rstrip("af")), parts[1].endswith("a")
+        if exact:  # architecture-specific code (9.0a) runs on that architecture only, PTX included
+            if (e_major, e_minor) == (major, minor):
+                return True
+        elif (entry.endswith("+PTX") and (e_major, e_minor) <= (major, minor)) or (
+            e_major == major and e_minor <= minor
+        ):
+            return True
+    return None if unreadable else False
+
+
 class DelayLayout(NamedTuple):
     """The TASLM input/label layout of a packed batch (see :func:`delay_layout`). Every field has M rows."""
 

@@ -1,6 +1,7 @@
 """The compiled extension: loaded, CUDA kernels compiled in when torch has CUDA, and the fallback without it."""
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -48,6 +49,51 @@ def test_cuda_arch_list_is_recorded():
     assert ops.CUDA_ARCH_LIST != "unknown", "setup.py passed no TASTE_CUDA_ARCHS"
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         assert ops.CUDA_ARCH_LIST == "9.0+PTX"  # the default of a build on a machine without a GPU
+
+
+@pytest.mark.parametrize(
+    "arch_list, capability, covered",
+    [
+        ("9.0+PTX", (9, 0), True),
+        ("9.0+PTX", (10, 0), True),  # PTX: compiled for the newer GPU when loading
+        ("9.0+PTX", (12, 0), True),
+        ("9.0+PTX", (8, 0), False),  # nothing for an older GPU
+        ("9.0", (10, 0), False),  # a cubin does not cross major versions
+        ("8.0", (8, 6), True),  # ... but runs on later minors of its own
+        ("8.6", (8, 0), False),
+        ("8.0;9.0+PTX", (8, 9), True),
+        ("8.0 9.0", (8, 9), True),
+        ("9.0a", (9, 0), True),  # architecture-specific: that architecture only
+        ("9.0a+PTX", (10, 0), False),
+        ("10.0f", (10, 3), True),  # family build
+        ("Hopper", (9, 0), None),  # a name this cannot read
+        ("Hopper;9.0", (9, 0), True),
+        ("", (9, 0), False),
+    ],
+)
+def test_cuda_arch_covers(arch_list, capability, covered):
+    assert ops.cuda_arch_covers(capability, arch_list) is covered
+
+
+def test_info_command_names_each_gpu_and_whether_the_extension_runs_there(monkeypatch, capsys):
+    from taste.cli import main
+
+    monkeypatch.setattr(ops, "CUDA_ARCH_LIST", "9.0+PTX")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(8, 0), (9, 0)][i])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ["NVIDIA A100", "NVIDIA H100"][i])
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__ and info["extension"] == taste.HAS_EXTENSION
+    assert [(g["name"], g["capability"], g["extension_has_code"]) for g in info["gpus"]] == [
+        ("NVIDIA A100", "8.0", False),
+        ("NVIDIA H100", "9.0", True),
+    ]
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "gpu 0: NVIDIA A100, compute capability 8.0, extension has code for it: NO" in text
+    assert "TORCH_CUDA_ARCH_LIST=8.0" in text
 
 
 def _setup_module():
