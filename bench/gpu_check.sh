@@ -37,6 +37,8 @@ fi
 site=$("$py" -c "import sysconfig; print(sysconfig.get_path('platlib', vars={'base': '$prefix', 'platbase': '$prefix'}))")
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -P -c "import taste; assert taste.HAS_EXTENSION; print('taste from', taste.__file__)" >> "$out/env.txt" 2>&1 || { step "import FAILED"; exit 1; }
+# The build's GPU architectures and whether they cover this GPU (the first CUDA op would raise otherwise).
+"$py" -P -m taste.cli info >> "$out/env.txt" 2>&1 || step "taste info FAILED"
 
 step "tests"
 # python -P: the source tree in the working directory must not shadow the build in the prefix.
