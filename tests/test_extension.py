@@ -154,6 +154,11 @@ def test_fallback_to_reference_without_extension():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+def test_package_is_marked_typed():
+    """PEP 561: the installed package carries py.typed, so type checkers use its annotations."""
+    assert os.path.isfile(os.path.join(os.path.dirname(taste.__file__), "py.typed"))
+
+
 def test_ops_have_docstrings_with_shapes():
     for name in OPS:
         doc = getattr(ops, name).__doc__
