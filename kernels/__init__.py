@@ -66,9 +66,12 @@ def launch_fitting(launch, tiles: list[dict], key: tuple) -> dict:
     Triton raises ``OutOfResources`` before anything runs when a build needs more shared memory than the GPU gives a
     block: 227 KB on Hopper and Blackwell data-centre GPUs, 163 KB on A100, 99 KB on Ada and consumer Blackwell, 64 KB
     on Turing. Then the next tile is tried. The choice is kept per ``key``, which must name the launch site, the
-    device and everything that changes the build besides the tile (dtype, head dim, flags)."""
+    device and everything that changes the build besides the tile (dtype, head dim, flags), and per first tile."""
     from triton.runtime.errors import OutOfResources
 
+    if not tiles:
+        raise ValueError("launch_fitting: no tiles given")
+    key = (key, tuple(sorted(tiles[0].items())))
     first = _FITTING.get(key, 0)
     for i in range(first, len(tiles)):
         try:
@@ -79,7 +82,7 @@ def launch_fitting(launch, tiles: list[dict], key: tuple) -> dict:
             continue
         _FITTING[key] = i
         return tiles[i]
-    raise ValueError("launch_fitting: no tiles given")
+    raise AssertionError("unreachable: the last tile either launched or raised")
 
 
 def shrinking(tile: dict, minimum: dict) -> list[dict]:

@@ -239,6 +239,23 @@ def test_fixed_tiles_shrink_where_shared_memory_is_short(monkeypatch, gen):
 
 
 @on_triton_interpreter
+def test_tile_that_fitted_is_remembered_per_first_tile(monkeypatch, gen):
+    """The fitted choice of one problem (128-query tiles, shrunk to 32 x 16) must not be applied to another whose
+    fixed tile is smaller (16-query tiles: a shorter list of smaller tiles)."""
+    kernel = attention._text_query_attention_fwd_kernel
+    tried = refuse_tiles(monkeypatch, [kernel], lambda m: m["num_stages"] > 1 or m["BLOCK_N"] > 16 or m["BLOCK_M"] > 32)
+    for lq, lk in (([70, 5], [150, 64]), ([9, 5], [40, 64]), ([70, 5], [150, 64])):
+        tried.clear()
+        q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float16, "cpu", gen)
+        out, _ = attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), False, 32**-0.5)
+        ref = naive(q, k, v, cu_q, cu_k, False, 32**-0.5)
+        assert (out.double() - ref).abs().max().item() <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, False,
+                                                                            32**-0.5)  # fmt: skip
+        assert tried[-1][1]["BLOCK_N"] == 16 and tried[-1][1]["BLOCK_M"] <= 32
+    assert len(tried) == 1  # the third call repeats the first problem: its fitted tile, straight away
+
+
+@on_triton_interpreter
 def test_raw_row_maximum_gives_identical_results(monkeypatch, gen):
     """The unmasked blocks' maxima over unscaled scores, scaled once, give bit-identical outputs and log-sum-exps
     to maxima over the scaled scores (rounding is monotonic)."""
