@@ -219,7 +219,7 @@ class ResidualVQ(nn.Module):
         for key in [k for k in state_dict if k.startswith(f"{prefix}layers.") or k.startswith(f"{prefix}mlps.")]:
             del state_dict[key]  # remaining per-layer keys and the unused implicit-codebook MLPs
 
-    def load_official_state_dict(self, state_dict: dict, strict: bool = True):
+    def load_official_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
         """Loads the RVQ part of an official TASTE checkpoint (keys under :data:`OFFICIAL_PREFIX`)."""
         own = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
-        return self.load_state_dict(own, strict=strict)
+        return self.load_state_dict(own, strict=strict, assign=assign)

@@ -416,10 +416,11 @@ class TasteSpokenLM(nn.Module):
         self.config = dataclasses.replace(self.config, lora_r=0, text_kl_weight=0.0)
         return self
 
-    def load_official_state_dict(self, state_dict: dict, strict: bool = True):
+    def load_official_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
         """Loads the spoken LM of an official checkpoint (keys under ``spoken_lm.``; the RVQ under
         ``audio_tower.vq.rvq.`` through ResidualVQ's official mapping). A separate ``lm_head.weight`` is accepted
-        and, for a tied backbone, replaced by the embedding it is tied to."""
+        and, for a tied backbone, replaced by the embedding it is tied to. ``assign``: take the given tensors instead
+        of copying into the model's (for a model built on the meta device; the tie is then made again)."""
         own = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
         if self.causal_lm.config.tie_word_embeddings:  # the tied alias follows the embedding
             embed = [k for k in own if k.endswith("model.embed_tokens.weight")]
@@ -429,6 +430,9 @@ class TasteSpokenLM(nn.Module):
         from taste.rvq import OFFICIAL_PREFIX as RVQ_PREFIX
 
         if any(k.startswith(RVQ_PREFIX) for k in state_dict):
-            self.vq.load_official_state_dict(state_dict, strict=strict)
+            self.vq.load_official_state_dict(state_dict, strict=strict, assign=assign)
         own.update({f"vq.{k}": v for k, v in self.vq.state_dict().items()})
-        return self.load_state_dict(own, strict=strict)
+        result = self.load_state_dict(own, strict=strict, assign=assign)
+        if assign and self.causal_lm.config.tie_word_embeddings:
+            self.causal_lm.tie_weights()  # assign gave lm_head and the embedding Parameters of their own
+        return result

@@ -118,6 +118,18 @@ def test_spoken_lm_round_trip_with_a_separate_lm_head(tmp_path):
 
     loaded = official.load_spoken_lm(str(tmp_path), config=lm.config)
     assert_same_state(lm, loaded)
+    # Built on the meta device: the embedding and lm_head are one Parameter again, the rotary tables were rebuilt.
+    causal = loaded.causal_lm
+    assert causal.lm_head.weight is causal.model.embed_tokens.weight
+    assert torch.equal(causal.model.rotary_emb.inv_freq, lm.causal_lm.model.rotary_emb.inv_freq)
+    tokens, word_ids = torch.tensor([1000, 1001, 1002, 1003, 1004]), torch.tensor([0, 0, 1, 2, 2], dtype=torch.int32)
+    cu, codes = torch.tensor([0, 5], dtype=torch.int32), torch.randint(0, 64, (3, 4))
+    with torch.no_grad():
+        want, got = (
+            lm.eval().hidden_states(tokens, cu, word_ids, codes),
+            loaded.hidden_states(tokens, cu, word_ids, codes),
+        )
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
 
 
 def test_import_official_command_writes_loadable_directories(tmp_path, monkeypatch):
