@@ -147,30 +147,18 @@ def load_spoken_lm(directory: str, *, config=None, device=None, state=None):
     if state is None:
         state = read_official_tensors(directory, SPOKEN_LM_PREFIXES)
     # Built on the meta device and given the checkpoint's tensors: no random initialisation of 1.2B weights first
-    # (16 s on 2 cores). The rotary tables are buffers that no checkpoint holds: built again on the CPU.
+    # (16 s on 2 cores). The rotary tables, buffers that no checkpoint holds, are built again on the CPU.
     with torch.device("meta"):
         model = TasteSpokenLM(config=config or SpokenLMConfig.llama_3_2_1b())
     model.load_official_state_dict(state, strict=True, assign=True)
     if not _meta_state(state):
-        _rebuild_rotary_tables(model)
-    _check_materialised(model, state)
+        model._materialise("taste.official: tensors the checkpoint does not hold and that could not be built")
     return model.float().to(device).eval()
 
 
 def _meta_state(state: dict) -> bool:
     """Whether the given tensors are meta tensors (the tests' strict loads of the released key list), not weights."""
     return any(t.is_meta for t in state.values())
-
-
-def _rebuild_rotary_tables(model) -> None:
-    """Replaces the modules that still hold meta buffers after an ``assign`` load and are rotary embeddings
-    (``inv_freq`` is not saved) by fresh ones built on the CPU from the backbone's config."""
-    config = model.causal_lm.config
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "inv_freq"):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            with torch.device("cpu"):
-                setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=config))
 
 
 def _check_materialised(model, state: dict) -> None:

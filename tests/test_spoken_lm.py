@@ -217,13 +217,20 @@ def test_save_load_full_and_adapter_only(tmp_path):
     args = packed(tokens, word_ids, codes, cu)
     with torch.no_grad():
         torch.testing.assert_close(again.hidden_states(*args)[0], model.hidden_states(*args)[0])
+    # built on the meta device: the tied lm_head (saved once, as the embedding) is tied again
+    assert again.causal_lm.lm_head.weight is again.causal_lm.model.embed_tokens.weight
+    from safetensors.torch import load_file, save_file
+
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    dropped = next(k for k in full if "layers.1.mlp.down_proj.base_layer" in k)
+    save_file({k: v for k, v in full.items() if k != dropped}, str(tmp_path / "full" / "model.safetensors"))
+    with pytest.raises(ValueError, match="weights missing from the checkpoint: .*layers.1.mlp.down_proj"):
+        TasteSpokenLM.from_pretrained(str(tmp_path / "full"))
     # a backbone from a directory: only adapters, bridges, heads and the RVQ are written
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**SpokenLMConfig.tiny().backbone)).save_pretrained(str(tmp_path / "llama"))
     model = make("latent", backbone_path=str(tmp_path / "llama"))
     model.save_pretrained(str(tmp_path / "adapter"))
-    from safetensors.torch import load_file
-
     saved = load_file(str(tmp_path / "adapter" / "model.safetensors"))
     assert not any("base_layer" in k or "embed_tokens" in k for k in saved)
     assert any("lora_A" in k for k in saved) and "vq.embed" in saved
