@@ -130,6 +130,11 @@ def test_spoken_lm_round_trip_with_a_separate_lm_head(tmp_path, monkeypatch):
             loaded.hidden_states(tokens, cu, word_ids, codes),
         )
     torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    # What `taste import-official` writes for it loads back whole (`taste generate --model DIR`).
+    loaded.save_pretrained(str(tmp_path / "spoken_lm"))
+    again = TasteSpokenLM.from_pretrained(str(tmp_path / "spoken_lm"))
+    assert_same_state(lm, again)
+    assert again.causal_lm.lm_head.weight is again.causal_lm.model.embed_tokens.weight
     # A buffer the checkpoint does not hold and that is not rebuilt is named, not left on the meta device.
     monkeypatch.setattr(TasteSpokenLM, "_rebuild_rotary_tables", lambda self: None)
     with pytest.raises(ValueError, match=r"could not be built: \[.*rotary_emb.inv_freq"):
