@@ -44,6 +44,12 @@ def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]
     return config, load_file(os.path.join(directory, WEIGHTS_NAME))
 
 
+def meta_tensors(module: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``module`` still on the meta device (after building it there and
+    loading a state dict with ``assign=True``, whatever the file did not hold)."""
+    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
 def read_jsonl_records(path: str) -> list[dict]:
     """The records of a JSONL file, without any line that a writer killed mid-line left unparseable."""
     records = []

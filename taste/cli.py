@@ -250,7 +250,6 @@ def environment() -> dict:
     """What this installation has: versions, the compiled extension and its GPU architectures, the GPUs and whether
     the extension has code for each, and the optional pieces (tokenizer files, espeak-ng, transformers, peft)."""
     import importlib.metadata
-    import importlib.util
     import platform
     import shutil
 
@@ -259,6 +258,7 @@ def environment() -> dict:
 
     import taste
     from taste import ops
+    from taste.text import _package_file
 
     def version(dist):
         try:
@@ -267,9 +267,10 @@ def environment() -> dict:
             return None
 
     def package_file(package, relative):
-        spec = importlib.util.find_spec(package)
-        roots = spec.submodule_search_locations if spec and spec.submodule_search_locations else []
-        return any(os.path.isfile(os.path.join(root, relative)) for root in roots)
+        try:
+            return bool(_package_file(package, relative, package))
+        except (ModuleNotFoundError, FileNotFoundError):
+            return False
 
     gpus = []
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):

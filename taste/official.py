@@ -165,7 +165,9 @@ def _check_materialised(model, state: dict) -> None:
     """After loading real weights into a model built on the meta device, no meta tensor may be left."""
     if _meta_state(state):
         return
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    from taste.checkpoint import meta_tensors
+
+    left = meta_tensors(model)
     if left:
         raise RuntimeError(f"taste.official: tensors the checkpoint does not hold and that could not be built: {left}")
 

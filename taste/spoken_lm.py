@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from taste import ops
 from taste.bridge import ClassifierHead, LatentHead, WeightedSumFusion, build_backbone
-from taste.checkpoint import read_model, save_model
+from taste.checkpoint import meta_tensors, read_model, save_model
 from taste.rvq import ResidualVQ
 
 HEADS = ("latent", "classifier")
@@ -456,7 +456,7 @@ class TasteSpokenLM(nn.Module):
         if self.causal_lm.config.tie_word_embeddings:
             self.causal_lm.tie_weights()
         self._rebuild_rotary_tables()
-        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        left = meta_tensors(self)
         if left:
             raise ValueError(f"{missing}: {left[:5]}")
 
