@@ -7,7 +7,9 @@
 #   OUTDIR/bench.log        every benchmark's table (+ the aggregator's and the RVQ's kernel profiles of ours)
 #   OUTDIR/bench.json       every benchmark's numbers by name (packing, aggregator, rvq, aggregator_train, generate)
 # Environment: PYTEST_ARGS (pytest arguments, split on spaces; default: all but the C++-error tests), TESTS=cuda
-# (the default selection, CUDA-marked tests only), TEST_TIMEOUT, BENCHES, BENCH_TIMEOUT (seconds each).
+# (the default selection, CUDA-marked tests only), TEST_TIMEOUT, BENCHES, BENCH_TIMEOUT (seconds each),
+# GENERATE_ARGS (extra arguments of bench/generate.py), TESTS_LAST=1 (benchmarks first, then the tests),
+# DEADLINE (seconds from the start: the tests get at most what is left of it, so that one device call ends in time).
 # With a short device budget: TESTS=cuda BENCHES="aggregator rvq" bench/gpu_check.sh OUTDIR, then the rest.
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -18,6 +20,7 @@ prefix=$(mktemp -d)
 py=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 step() { echo "$(date +%T) $*" | tee -a "$out/env.txt"; }
+started=$SECONDS
 
 { nvidia-smi; "$py" -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; nvcc --version | tail -2; } > "$out/env.txt" 2>&1
 
@@ -40,21 +43,30 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 # The build's GPU architectures and whether they cover this GPU (the first CUDA op would raise otherwise).
 "$py" -P -m taste.cli info >> "$out/env.txt" 2>&1 || step "taste info FAILED"
 
-step "tests"
-# python -P: the source tree in the working directory must not shadow the build in the prefix.
-# On the lent GPU image (torch 2.11, /opt/gcc g++ 13.3) any C++ extension segfaults when it throws with a tensor
-# alive, a 6-line load_inline op included (bench/RESULTS.md): the tests that provoke such errors run in CI instead.
-# The sm_90 compile check needs no GPU (CI runs it, and it was run with this image's Triton 3.6 on the CPU machine):
-# it would only spend device time here.
-if [ -n "${PYTEST_ARGS+set}" ]; then read -r -a test_args <<< "$PYTEST_ARGS"; else
-  test_args=(-k "not bad_input and not validates_where_it_syncs" --ignore=tests/test_compile_kernels.py)
-  # TESTS=cuda: only the tests that need the GPU (the rest pass in CI), for a short device budget.
-  [ "${TESTS:-all}" = cuda ] && test_args+=(-m cuda); fi
-timeout "${TEST_TIMEOUT:-240}" "$py" -P -m pytest -q -p no:cacheprovider -rs tests "${test_args[@]}" > "$out/tests.log" 2>&1
-tests_rc=$?
-tail -3 "$out/tests.log"
+tests_rc=0
+run_tests() {
+  # python -P: the source tree in the working directory must not shadow the build in the prefix.
+  # On the lent GPU image (torch 2.11, /opt/gcc g++ 13.3) any C++ extension segfaults when it throws with a tensor
+  # alive, a 6-line load_inline op included (bench/RESULTS.md): the tests that provoke such errors run in CI instead.
+  # The sm_90 compile check needs no GPU (CI runs it, and it was run with this image's Triton 3.6 on the CPU machine):
+  # it would only spend device time here.
+  if [ -n "${PYTEST_ARGS+set}" ]; then read -r -a test_args <<< "$PYTEST_ARGS"; else
+    test_args=(-k "not bad_input and not validates_where_it_syncs" --ignore=tests/test_compile_kernels.py)
+    # TESTS=cuda: only the tests that need the GPU (the rest pass in CI), for a short device budget.
+    [ "${TESTS:-all}" = cuda ] && test_args+=(-m cuda); fi
+  local limit=${TEST_TIMEOUT:-240}
+  if [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - (SECONDS - started))) -lt "$limit" ]; then
+    limit=$((DEADLINE - (SECONDS - started)))
+  fi
+  if [ "$limit" -lt 10 ]; then step "tests skipped (DEADLINE)"; tests_rc=124; return; fi
+  step "tests (at most ${limit} s)"
+  timeout "$limit" "$py" -P -m pytest -q -p no:cacheprovider -rs tests "${test_args[@]}" > "$out/tests.log" 2>&1
+  tests_rc=$?
+  tail -3 "$out/tests.log"
+}
+[ -z "${TESTS_LAST:-}" ] && run_tests
 
-status=$tests_rc
+status=0
 run_bench() {  # name, then the benchmark's command line (without --device/--json)
   local name=$1
   shift
@@ -72,9 +84,11 @@ want() { [[ $benches == *" $1 "* ]]; }
 # generation benchmark: its compiled step replays CUDA graphs, which the profiler does not see into reliably.
 want aggregator && run_bench aggregator bench/aggregator.py --profile
 want rvq && run_bench rvq bench/rvq.py --profile
-want generate && run_bench generate bench/generate.py --compile
+read -r -a generate_args <<< "${GENERATE_ARGS:-}"
+want generate && run_bench generate bench/generate.py --compile "${generate_args[@]}"
 want aggregator_train && run_bench aggregator_train bench/aggregator.py --train --no-flex
 want packing && run_bench packing bench/packing.py
+[ -n "${TESTS_LAST:-}" ] && run_tests
 # One JSON for all benchmarks: the device tool brings back at most 8 files.
 "$py" - "$out" <<'PY' && rm -f "$out"/packing.json "$out"/aggregator.json "$out"/rvq.json "$out"/aggregator_train.json "$out"/generate.json
 import json, os, sys
@@ -88,6 +102,7 @@ for name in ("packing", "aggregator", "rvq", "aggregator_train", "generate"):
 with open(os.path.join(out, "bench.json"), "w") as f:
     json.dump(merged, f, indent=1)
 PY
+[ "$tests_rc" -ne 0 ] && status=$tests_rc
 step "done (tests rc=$tests_rc, status=$status)"
 grep -v '^wrote' "$out/bench.log" | tail -60
 exit $status
