@@ -263,15 +263,16 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
     tables = sampler_tables.__wrapped__(model.config.llm_tokenizer, model.causal_lm.config.vocab_size,
                                         model.config.eos_id)  # fmt: skip
     vocab = model.causal_lm.config.vocab_size
-    ban, word_start, sentence_end = tables.ban[:vocab], tables.word_start[:vocab], tables.sentence_end[:vocab]
-    cu = torch.tensor([0, tokens.numel()], dtype=torch.int32)
+    dev = tokens.device
+    ban, word_start, sentence_end = (t[:vocab].to(dev) for t in (tables.ban, tables.word_start, tables.sentence_end))
+    cu = torch.tensor([0, tokens.numel()], dtype=torch.int32, device=dev)
     layout = ops.delay_layout(word_ids, cu, 1)
     audio = model.word_audio(codes)
     embeds = model.embed_layout(tokens, layout, audio)[: tokens.numel() + 1]  # BOS + the prompt's rows
     cur_audio = audio[-1]  # the prompt's last word, queued for the first generated word
     out_tokens, out_codes, words, final = [], [], 0, False
     while True:
-        h = model.run_backbone(embeds[None], torch.arange(embeds.shape[0])[None])[0]
+        h = model.run_backbone(embeds[None], torch.arange(embeds.shape[0], device=dev)[None])[0]
         logits = model.lm_head(h).float()
         logits[:, ban] = -100000.0
         if not out_tokens:
@@ -290,6 +291,6 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
         out_tokens.append(token)
         final = (words >= extra_words and bool(sentence_end[token])) or words >= 3 * extra_words
         final = final or len(out_tokens) >= max_new_tokens
-        text = model.embed_tokens(torch.tensor([token]))
+        text = model.embed_tokens(torch.tensor([token], device=dev))
         embeds = torch.cat([embeds, model.fuse(text, cur_audio[None])])
     return torch.tensor(out_tokens), torch.stack(out_codes)
