@@ -55,6 +55,29 @@ def _record_timings(tuner) -> None:
     tuner.run = recording_run  # KernelInterface.__getitem__ launches through self.run
 
 
+# The configuration each tuner settled on, by (tuner, the launch site's key): see launch_tuned.
+_SETTLED: dict = {}
+
+
+def launch_tuned(tuner, key: tuple, grid, *args, **kwargs) -> None:
+    """Launches ``tuner`` (from :func:`autotuned`) on ``grid``; once it has settled on a configuration for ``key``,
+    later launches with that key go straight to the kernel with that configuration.
+
+    Triton's ``Autotuner.run`` rebuilds its key from every argument (and the dtype of every tensor) at each launch
+    and copies the configuration's arguments: 11-19 us of host time per launch on a CPU where the kernel launch
+    itself starts in 2-3 us (`bench/RESULTS.md`). ``key`` must hold everything that decides the tuner's own key
+    (its key arguments' values and the tensors' dtypes) and the device; the same key then means the same choice.
+    A tuner run that settles nothing (``bench/compile_kernels.py`` compiles every candidate instead) is not kept."""
+    settled = _SETTLED.get((tuner, key))
+    if settled is not None:
+        tuner.fn[grid](*args, **kwargs, **settled.all_kwargs())
+        return
+    tuner.best_config = None
+    tuner[grid](*args, **kwargs)
+    if tuner.best_config is not None:
+        _SETTLED[(tuner, key)] = tuner.best_config
+
+
 # Launch sites' tiles that fit, by (site, device, what shapes the build): an index into the site's list of tiles.
 _FITTING: dict = {}
 

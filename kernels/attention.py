@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, autotuned, launch_fitting, shrinking, tuned_choices, tuning_timings
+from . import autotune_enabled, autotuned, launch_fitting, launch_tuned, shrinking, tuned_choices, tuning_timings
 
 # fmt: off  (kernel signatures stay compact)
 
@@ -361,7 +361,8 @@ def text_query_attention_fwd(
     if use_autotune(q, batch, max_seqlen_q, max_seqlen_k) if autotune is None else autotune:
         buckets = tuple(triton.next_power_of_2(max(n, 1)) for n in (max_seqlen_q, max_seqlen_k, batch))
         grid = lambda meta: (triton.cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
-        tuned_fwd_kernel()[grid](*args, *buckets, **flags)
+        key = (q.device, q.dtype, buckets, heads, splits, tuple(flags.items()))
+        launch_tuned(tuned_fwd_kernel(), key, grid, *args, *buckets, **flags)
     else:
 
         def launch(tile):

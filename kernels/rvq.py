@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, autotuned, launch_fitting, shrinking, tuned_choices, tuning_timings
+from . import autotune_enabled, autotuned, launch_fitting, launch_tuned, shrinking, tuned_choices, tuning_timings
 
 
 @triton.jit
@@ -319,9 +319,10 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: b
     if autotune:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
         buffer = scratch()
-        tuned_encode_kernel("fast" if fast else "exact")[grid](
-            *args, triton.next_power_of_2(n), buffer, buffer.stride(0), **flags
-        )
+        n_bucket = triton.next_power_of_2(n)
+        key = (x.device, x.dtype, codebooks.dtype, n_bucket, dim, k, tuple(flags.items()))
+        launch_tuned(tuned_encode_kernel("fast" if fast else "exact"), key, grid, *args, n_bucket, buffer,
+                     buffer.stride(0), **flags)  # fmt: skip
     else:
 
         def launch(tile):

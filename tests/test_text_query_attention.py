@@ -314,6 +314,55 @@ def test_autotuner_keys_by_batch_class_and_keeps_every_timing(monkeypatch, gen):
     assert all(config.kwargs["BLOCK_M"] == 64 for config in tuner.cache.values())
 
 
+@on_triton_interpreter
+def test_a_settled_problem_class_launches_the_kernel_directly(monkeypatch, gen):
+    """Once the tuner has picked tiles for a problem class, the next launch of that class goes straight to the kernel
+    with them (kernels.launch_tuned: Triton's Autotuner.run costs host time at every launch), with the same results;
+    another class (here a batch of 5: class 8) goes through the tuner again."""
+    from taste import kernels
+
+    monkeypatch.setattr(kernels, "_SETTLED", {})
+    tuner = attention.tuned_fwd_kernel(((32, 32, 4, 2), (64, 32, 4, 2)))
+    fake_ms = {32: 2.0, 64: 1.0}
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **kw: [fake_ms[config.kwargs["BLOCK_M"]], 0.0, 0.0])
+    monkeypatch.setattr(tuner, "cache_results", False, raising=False)  # Triton's disk cache needs a GPU driver
+    monkeypatch.setattr(attention, "tuned_fwd_kernel", lambda: tuner)
+    through_tuner, launched = [], []
+    tuner_run, kernel_run = tuner.run, tuner.fn.run
+    monkeypatch.setattr(tuner, "run", lambda *a, **kw: through_tuner.append(1) or tuner_run(*a, **kw))
+    monkeypatch.setattr(tuner.fn, "run", lambda *a, **kw: launched.append(kw["BLOCK_M"]) or kernel_run(*a, **kw))
+    for lq, lk in (([5, 40], [50, 60]), ([9, 33], [50, 3]), ([5, 40, 1, 3, 9], [50, 60, 2, 7, 9])):
+        q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float16, "cpu", gen)
+        out, _ = attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 40, 60, False, 32**-0.5, num_splits=1,
+                                                    autotune=True)  # fmt: skip
+        ref = naive(q, k, v, cu_q, cu_k, False, 32**-0.5)
+        assert (out.double() - ref).abs().max().item() <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, False,
+                                                                            32**-0.5)  # fmt: skip
+    assert len(through_tuner) == 2 and launched == [64, 64, 64], (through_tuner, launched)
+
+
+def test_launch_tuned_keeps_only_a_settled_choice(monkeypatch):
+    """A tuner run that settles nothing (bench/compile_kernels.py compiles every candidate instead of timing them)
+    is not remembered: the next launch goes through the tuner again."""
+    pytest.importorskip("triton")
+    from taste import kernels
+
+    monkeypatch.setattr(kernels, "_SETTLED", {})
+    calls = []
+
+    class Tuner:
+        best_config = "stale"
+        fn = {"grid": lambda *a, **kw: calls.append("direct")}
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append("tuner")
+
+    tuner = Tuner()
+    kernels.launch_tuned(tuner, ("key",), "grid", 1, x=2)
+    kernels.launch_tuned(tuner, ("key",), "grid", 1, x=2)
+    assert calls == ["tuner", "tuner"] and tuner.best_config is None
+
+
 @pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
