@@ -207,11 +207,13 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
     cu_host = None if triton_path else cu_seqlens_q.tolist()  # the reference path reads offsets on the host anyway
     out = None if triton_path and chunk >= batch else torch.zeros_like(q)
     lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device) if out is not None else None
+    # Every chunk's key offsets are a prefix of one tensor (made once: each op is host time on a GPU).
+    cu_k_all = torch.arange(min(chunk, batch) + 1, device=q.device, dtype=torch.int32) * frames
     for b0 in range(0, batch, chunk):
         b1 = min(b0 + chunk, batch)
         k = F.linear(h_key[b0:b1], k_weight, k_bias).view((b1 - b0) * frames, heads, head_dim)
         v = F.linear(h_val[b0:b1], v_weight, v_bias).view((b1 - b0) * frames, heads, head_dim)
-        cu_k = torch.arange(b1 - b0 + 1, device=q.device, dtype=torch.int32) * frames
+        cu_k = cu_k_all[: b1 - b0 + 1]
         if triton_path:
             from taste.kernels.attention import text_query_attention_fwd
 
