@@ -201,6 +201,28 @@ def kernel_profile(fn, device: str, calls: int = 5, top: int = 8, warmup: bool =
     return {"unit": "device" if device == "cuda" else "cpu", "us_per_call": total, "entries": entries}
 
 
+def host_timing(fn, calls: int = 20) -> dict:
+    """On a GPU, how much of a call is the host's: ``host_us``, the median time for ``fn()`` to return when the GPU
+    is idle at its start (the host's work of issuing it: Python, argument checks, launches, and any sync inside),
+    and ``back_to_back_ms``, the time per call of ``calls`` calls issued without a sync between them (the host runs
+    ahead while the GPU works, as in a model; the median timing of :func:`time_providers` syncs after every call).
+    A median wall time close to ``host_us`` says the call is bound by the host, not by its kernels."""
+    host = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return {"host_us": statistics.median(host), "back_to_back_ms": start.elapsed_time(end) / calls}
+
+
 def profile_row(row: Row, fn, device: str) -> None:
     """--profile for one timed provider (already warm): :func:`kernel_profile` into row.extra["profile"], printed with
     the share of the row's median wall time that it accounts for (on a GPU, how busy the device was: well below 100%
@@ -217,6 +239,11 @@ def profile_row(row: Row, fn, device: str) -> None:
           f"({100 * prof['share_of_wall']:.0f}% of its {row.median_ms:.3f} ms); the largest:")  # fmt: skip
     for e in prof["entries"]:
         print(f"    {100 * e['share']:5.1f}% {e['us_per_call']:10.1f} us  x{e['count_per_call']:<5g} {e['name'][:90]}")
+    if device == "cuda":
+        host = host_timing(fn, calls=20 if row.median_ms < 50 else 3)
+        prof.update(host)
+        print(f"    host: {host['host_us']:.1f} us to issue one call from an idle GPU; "
+              f"{host['back_to_back_ms']:.3f} ms per call back to back")  # fmt: skip
 
 
 def measure(case: str, providers: dict, device: str, reps: int = 0, bytes_moved: int = 0) -> list[Row]:

@@ -52,6 +52,15 @@ def build(preset: str, device: str) -> TasteSpokenLM:
     return model
 
 
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading rows (or entries) two sequences share."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = (a[:n] != b[:n]).reshape(n, -1).any(1).nonzero()
+    return int(differ[0]) if len(differ) else n
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--preset", choices=("cpu_100m", "llama_3_2_1b"), default=None)
@@ -92,20 +101,24 @@ def main() -> None:
         ot, oc = holder["official"]
         out = holder["ours"]
         k = int(out.num_words[0])
-        same = torch.equal(out.tokens[0][out.tokens[0] >= 0].cpu(), ot.cpu()) and torch.equal(out.codes[0, :k].cpu(),
-                                                                                             oc.cpu())  # fmt: skip
+        ours_tokens, ours_codes = out.tokens[0][out.tokens[0] >= 0].cpu(), out.codes[0, :k].cpu()
+        same = torch.equal(ours_tokens, ot.cpu()) and torch.equal(ours_codes, oc.cpu())
+        agree = dict(tokens=common_prefix(ours_tokens, ot.cpu()), of_tokens=len(ot),
+                     words=common_prefix(ours_codes, oc.cpu()), of_words=len(oc))  # fmt: skip
         gen = int((out.tokens[0] >= 0).sum())
         base_tps = gen / (times[0] * 1e-3)
         for (name, fn), ms in zip(fns.items(), times):
             seqs = b if name.startswith(f"ours B={b}") else 1
             tps = seqs * gen / (ms * 1e-3)
             row = Row(f"{n} tokens ({k} words)", name, ms, peak_mb(fn, dev), ratio=tps / base_tps)
-            row.extra = {"tokens_per_s": tps, "sequences": seqs, "identical": same}
+            row.extra = {"tokens_per_s": tps, "sequences": seqs, "identical": same, "agree": agree}
             rows.append(row)
             print(f"  {row.case} | {name}: {ms:.1f} ms, {tps:.1f} tokens/s", flush=True)
             if common.PROFILE and name.startswith("ours"):
                 profile_row(row, fn, dev)
-        print(f"  identical tokens and codes (official vs ours B=1): {same}")
+        print(f"  identical tokens and codes (official vs ours B=1): {same}"
+              + ("" if same else f"; they agree for the first {agree['tokens']} of {agree['of_tokens']} tokens and "
+                 f"the codes of the first {agree['words']} of {agree['of_words']} words"))  # fmt: skip
     report(f"bench/generate.py on {dev}, {preset} ({params:.0f}M backbone + LoRA), greedy; speed-up = tokens/s "
            f"over the official algorithm", rows, dev, args.json)  # fmt: skip
     for n in lengths:

@@ -1,6 +1,7 @@
 """The benchmark plumbing's profiler summary (bench/common.py: --profile), on the CPU."""
 
 import common
+import pytest
 import torch
 
 
@@ -44,3 +45,13 @@ def test_tuning_summary_lists_every_candidate_fastest_first(capsys):
     assert "0.2500 ms  1.00x  BLOCK_M: 128" in lines[1] and "0.5000 ms  2.00x  BLOCK_M: 64" in lines[2]
     assert "inf ms   -    BLOCK_M: 256" in lines[3]
     assert lines[4].endswith("for (128, 2048): BLOCK_M: 64") and len(lines) == 5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_timing_separates_issuing_from_running():
+    """A call that only issues a long kernel returns long before it ends: its host time is far below its
+    back-to-back time per call, which is the kernel's."""
+    a = torch.randn(4096, 4096, device="cuda")
+    timing = common.host_timing(lambda: a @ a, calls=10)
+    assert 0 < timing["host_us"] < 1e3 * timing["back_to_back_ms"]
