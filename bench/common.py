@@ -239,6 +239,9 @@ def profile_row(row: Row, fn, device: str) -> None:
           f"({100 * prof['share_of_wall']:.0f}% of its {row.median_ms:.3f} ms); the largest:")  # fmt: skip
     for e in prof["entries"]:
         print(f"    {100 * e['share']:5.1f}% {e['us_per_call']:10.1f} us  x{e['count_per_call']:<5g} {e['name'][:90]}")
+    if device == "cuda" and row.bytes_moved and prof["us_per_call"] > 0:
+        prof["kernel_gbps"] = row.bytes_moved / (prof["us_per_call"] * 1e-6) / 1e9
+        print(f"    kernels alone: {prof['kernel_gbps']:.0f} GB/s (the case's bytes over the device time in kernels)")
     if device == "cuda":
         host = host_timing(fn, calls=20 if row.median_ms < 50 else 3)
         prof.update(host)
@@ -321,6 +324,12 @@ def report(title: str, rows: list[Row], device: str, json_path: str | None, ceil
         if ceiling and r.gbps:
             line += f" {r.gbps:>8.0f} {100 * r.gbps / ceiling:>6.0f}%"
         print(line)
+    by_kernels = [r for r in rows if r.extra.get("profile", {}).get("kernel_gbps")]
+    if ceiling and by_kernels:
+        print("device time in kernels alone (--profile; the table's times include each call's host work):")
+        for r in by_kernels:
+            gbps = r.extra["profile"]["kernel_gbps"]
+            print(f"  {r.case:<34} {r.provider:<30} {gbps:>8.0f} GB/s {100 * gbps / ceiling:>6.0f}% copy")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(
