@@ -331,7 +331,8 @@ def text_query_attention_fwd(
     lse=None,
     autotune: bool | None = None,
 ):
-    """Returns out (Nq, H, D) in q.dtype and lse (H, Nq) float32.
+    """Returns out (Nq, H, D) in q.dtype and lse (H, Nq) float32. k and v hold Nk rows of H x D: (Nk, H, D), or any
+    contiguous shape with those elements (the chunked cross-attention passes (B, E, H * D) projections as they are).
 
     With ``out`` and ``lse`` given, the kernel writes into them, only the rows of the sequences that
     ``cu_seqlens_q`` names, and never splits the key range: ``cu_seqlens_q`` may then be a slice

@@ -207,13 +207,14 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
     cu_host = None if triton_path else cu_seqlens_q.tolist()  # the reference path reads offsets on the host anyway
     out = None if triton_path and chunk >= batch else torch.zeros_like(q)
     lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device) if out is not None else None
-    # Every chunk's key offsets are a prefix of one tensor (made once: each op is host time on a GPU).
+    # Made once per call, not per chunk (on a GPU every op costs host time): each chunk's key offsets are a prefix of
+    # one tensor, its encoder states views from one split each.
     cu_k_all = torch.arange(min(chunk, batch) + 1, device=q.device, dtype=torch.int32) * frames
-    for b0 in range(0, batch, chunk):
-        b1 = min(b0 + chunk, batch)
-        k = F.linear(h_key[b0:b1], k_weight, k_bias).view((b1 - b0) * frames, heads, head_dim)
-        v = F.linear(h_val[b0:b1], v_weight, v_bias).view((b1 - b0) * frames, heads, head_dim)
-        cu_k = cu_k_all[: b1 - b0 + 1]
+    for b0, hk, hv in zip(range(0, batch, chunk), h_key.split(chunk), h_val.split(chunk)):
+        b1 = b0 + hk.shape[0]
+        # (b1 - b0, frames, H * D): the Triton kernel reads contiguous rows of H x D, whatever the shape says
+        k, v = F.linear(hk, k_weight, k_bias), F.linear(hv, v_weight, v_bias)
+        cu_k = cu_k_all if b1 - b0 == chunk else cu_k_all[: b1 - b0 + 1]
         if triton_path:
             from taste.kernels.attention import text_query_attention_fwd
 
@@ -225,6 +226,7 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
         else:
             r0, r1 = cu_host[b0], cu_host[b1]
             cu_q = cu_seqlens_q[b0 : b1 + 1] - r0
+            k, v = (t.view((b1 - b0) * frames, heads, head_dim) for t in (k, v))
             out[r0:r1] = reference.text_query_attention(q[r0:r1], k, v, cu_q, cu_k, max_seqlen_q, frames, False,
                                                         scale)[0]  # fmt: skip
         del k, v
