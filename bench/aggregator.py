@@ -9,7 +9,9 @@ Providers, side by side on the same weights and inputs:
   (3) FlexAttention (compiled) on the padded batch + vectorised pooling, where the installed torch has it;
   (4) ours: taste.TextQueryAggregator on packed rows (Triton text_query_attention on CUDA) + ops.segment_mean;
       at inference it makes the cross-attention K/V for at most --kv-chunk-frames frames at a time;
-  (5) where that chunks the batch: ours with every utterance's K/V made at once (the memory it saves, the time).
+  (5) where that chunks the batch: ours with every utterance's K/V made at once (the memory it saves, the time);
+  (6) with --compile: (4) under torch.compile (fullgraph; on a GPU mode="reduce-overhead", whose CUDA graphs
+      replay the whole forward with no host work per kernel), compiled once per batch size before timing.
 Two cases per batch size: the whole aggregator (2 layers incl. K/V projections of 1500 frames), and the
 attention + pooling part alone (one cross-attention over precomputed K/V, then word pooling).
 """
@@ -88,7 +90,7 @@ def sdpa(q, k, v, causal=False):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def aggregator_providers(agg, p, train, flex):
+def aggregator_providers(agg, p, train, flex, compiled=None):
     P = len(agg.config.prefix_ids)
     ids_official = official_prefixed_ids(p["tok_pad"], agg.config.prefix_ids)
     ids = ids_official[:, :-1]  # no EOS: it is causally inert (spec 1.4)
@@ -135,6 +137,10 @@ def aggregator_providers(agg, p, train, flex):
                 agg.kv_chunk_frames = saved
 
         providers["(5) ours, K/V unchunked"] = unchunked
+    if compiled is not None:
+        providers["(6) ours compiled"] = lambda: ops.segment_mean(
+            compiled(p["tokens"], p["cu"], p["S"], p["h_key"], p["h_val"]), p["offsets"]
+        )
     return {name: _step(fn, train) for name, fn in providers.items()}
 
 
@@ -187,6 +193,11 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="forward + backward instead of forward")
     p.add_argument("--batch", type=int, nargs="+", help="utterances per batch (default: 1 8 64 on GPU, 1 8 on CPU)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes ~30 s on CPU)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add (6): ours under torch.compile (CUDA graphs on a GPU); one compilation per batch size",
+    )
     p.add_argument("--kv-chunk-frames", type=int, default=None,
                    help="ours at inference: K/V made for at most this many frames at a time (default: the module's, "
                         "0: all at once); where it chunks, (5) measures the whole batch at once beside it")  # fmt: skip
@@ -215,13 +226,16 @@ def main() -> None:
     flex = None
     if flex_attention is not None and not args.no_flex:
         flex = torch.compile(flex_attention, dynamic=True)  # one compilation for every batch size
+    compiled = None
+    if args.compile:
+        compiled = torch.compile(agg, fullgraph=True, dynamic=False,
+                                 mode="reduce-overhead" if dev == "cuda" else None)  # fmt: skip
     rows = []
     for batch in args.batch or prob["batches"]:
         problem = make_problem(batch, prob["queries"], prob["frames"], prob["d_model"], dev, dtype)
         label = f"B={batch} N={problem['n']}"
-        rows += measure(
-            f"aggregator+pooling {label}", aggregator_providers(agg, problem, args.train, flex), dev, args.reps
-        )
+        cases = aggregator_providers(agg, problem, args.train, flex, compiled)
+        rows += measure(f"aggregator+pooling {label}", cases, dev, args.reps)
         providers, nbytes = attention_providers(agg, problem, args.train, flex)
         rows += measure(f"attention+pooling {label}", providers, dev, args.reps, bytes_moved=nbytes)
     ceiling = copy_ceiling_gbps(dev) if dev == "cuda" else None

@@ -83,7 +83,9 @@ benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing} "
 want() { [[ $benches == *" $1 "* ]]; }
 # --profile: where our providers' device time goes, kernel by kernel (the open targets' next question). Not on the
 # generation benchmark: its compiled step replays CUDA graphs, which the profiler does not see into reliably.
-want aggregator && run_bench aggregator bench/aggregator.py --profile
+# --compile: the aggregator under torch.compile's CUDA graphs too, its time with no host work per kernel (issue 3:
+# the eager module's calls were bound by the host at B=64 on 2026-11-27).
+want aggregator && run_bench aggregator bench/aggregator.py --profile --compile
 want rvq && run_bench rvq bench/rvq.py --profile
 read -r -a generate_args <<< "${GENERATE_ARGS:-}"
 want generate && run_bench generate bench/generate.py --compile "${generate_args[@]}"
