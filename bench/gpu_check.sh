@@ -61,7 +61,10 @@ run_tests() {
   fi
   if [ "$limit" -lt 10 ]; then step "tests skipped (DEADLINE)"; tests_rc=124; return; fi
   step "tests (at most ${limit} s)"
-  timeout "$limit" "$py" -P -m pytest -q -p no:cacheprovider -rs tests "${test_args[@]}" > "$out/tests.log" 2>&1
+  # -v: the log names every test that ran, so a run stopped at its limit says which remain; SIGINT at the limit lets
+  # pytest print its summary and the slowest tests (--durations) before it ends.
+  timeout -s INT -k 20 "$limit" "$py" -P -m pytest -v -p no:cacheprovider -rs --durations=25 tests "${test_args[@]}" \
+    > "$out/tests.log" 2>&1
   tests_rc=$?
   tail -3 "$out/tests.log"
 }
