@@ -285,6 +285,28 @@ def test_every_autotuner_tile_in_interpreter(tiles, monkeypatch, gen):
             assert err <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, 32**-0.5), (causal, splits, err)
 
 
+def _tuner_with_fake_timings(monkeypatch):
+    """The forward's tuner over two tiles, 64-row tiles timed faster (the interpreter has no benchmarker; the tuner's
+    own choice, the launch and the results are real), installed as the launcher's."""
+    tuner = attention.tuned_fwd_kernel(((32, 32, 4, 2), (64, 32, 4, 2)))
+    fake_ms = {32: 2.0, 64: 1.0}
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **kw: [fake_ms[config.kwargs["BLOCK_M"]], 0.0, 0.0])
+    monkeypatch.setattr(tuner, "cache_results", False, raising=False)  # Triton's disk cache needs a GPU driver
+    monkeypatch.setattr(attention, "tuned_fwd_kernel", lambda: tuner)
+    return tuner
+
+
+def _tuned_forwards_match_naive(problems, gen):
+    """Runs the autotuned forward on each (query lengths, key lengths) problem, checked against the naive one."""
+    for lq, lk in problems:
+        q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float16, "cpu", gen)
+        out, _ = attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 40, 60, False, 32**-0.5, num_splits=1,
+                                                    autotune=True)  # fmt: skip
+        ref = naive(q, k, v, cu_q, cu_k, False, 32**-0.5)
+        assert (out.double() - ref).abs().max().item() <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, False,
+                                                                            32**-0.5)  # fmt: skip
+
+
 @on_triton_interpreter
 def test_autotuner_keys_by_batch_class_and_keeps_every_timing(monkeypatch, gen):
     """The forward's tuner tunes again for another power-of-two batch class (how many programs fill the GPU) and
@@ -292,18 +314,8 @@ def test_autotuner_keys_by_batch_class_and_keeps_every_timing(monkeypatch, gen):
     no benchmarker); the tuner's own choice, the launch and the results are real."""
     from taste.kernels import tuning_timings
 
-    tuner = attention.tuned_fwd_kernel(((32, 32, 4, 2), (64, 32, 4, 2)))
-    fake_ms = {32: 2.0, 64: 1.0}
-    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **kw: [fake_ms[config.kwargs["BLOCK_M"]], 0.0, 0.0])
-    monkeypatch.setattr(tuner, "cache_results", False, raising=False)  # Triton's disk cache needs a GPU driver
-    monkeypatch.setattr(attention, "tuned_fwd_kernel", lambda: tuner)
-    for lq, lk in (([5, 40], [50, 60]), ([5, 40, 1, 3, 9], [50, 60, 2, 7, 9]), ([9, 40], [50, 3])):
-        q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float16, "cpu", gen)
-        out, _ = attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 40, 60, False, 32**-0.5, num_splits=1,
-                                                    autotune=True)  # fmt: skip
-        ref = naive(q, k, v, cu_q, cu_k, False, 32**-0.5)
-        assert (out.double() - ref).abs().max().item() <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, False,
-                                                                            32**-0.5)  # fmt: skip
+    tuner = _tuner_with_fake_timings(monkeypatch)
+    _tuned_forwards_match_naive((([5, 40], [50, 60]), ([5, 40, 1, 3, 9], [50, 60, 2, 7, 9]), ([9, 40], [50, 3])), gen)
     timings = tuning_timings(tuner)
     assert len(tuner.cache) == 2 and list(timings) == [str(key) for key in tuner.cache]  # batches 2, 5 (class 8), 2
     buckets = [key[:3] for key in tuner.cache]
@@ -322,22 +334,12 @@ def test_a_settled_problem_class_launches_the_kernel_directly(monkeypatch, gen):
     from taste import kernels
 
     monkeypatch.setattr(kernels, "_SETTLED", {})
-    tuner = attention.tuned_fwd_kernel(((32, 32, 4, 2), (64, 32, 4, 2)))
-    fake_ms = {32: 2.0, 64: 1.0}
-    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **kw: [fake_ms[config.kwargs["BLOCK_M"]], 0.0, 0.0])
-    monkeypatch.setattr(tuner, "cache_results", False, raising=False)  # Triton's disk cache needs a GPU driver
-    monkeypatch.setattr(attention, "tuned_fwd_kernel", lambda: tuner)
+    tuner = _tuner_with_fake_timings(monkeypatch)
     through_tuner, launched = [], []
     tuner_run, kernel_run = tuner.run, tuner.fn.run
     monkeypatch.setattr(tuner, "run", lambda *a, **kw: through_tuner.append(1) or tuner_run(*a, **kw))
     monkeypatch.setattr(tuner.fn, "run", lambda *a, **kw: launched.append(kw["BLOCK_M"]) or kernel_run(*a, **kw))
-    for lq, lk in (([5, 40], [50, 60]), ([9, 33], [50, 3]), ([5, 40, 1, 3, 9], [50, 60, 2, 7, 9])):
-        q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float16, "cpu", gen)
-        out, _ = attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 40, 60, False, 32**-0.5, num_splits=1,
-                                                    autotune=True)  # fmt: skip
-        ref = naive(q, k, v, cu_q, cu_k, False, 32**-0.5)
-        assert (out.double() - ref).abs().max().item() <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, False,
-                                                                            32**-0.5)  # fmt: skip
+    _tuned_forwards_match_naive((([5, 40], [50, 60]), ([9, 33], [50, 3]), ([5, 40, 1, 3, 9], [50, 60, 2, 7, 9])), gen)
     assert len(through_tuner) == 2 and launched == [64, 64, 64], (through_tuner, launched)
 
 
