@@ -68,3 +68,24 @@ def test_report_gives_the_kernels_bandwidth_beside_the_wall_times(capsys):
     out = capsys.readouterr().out
     tail = out.split("device time in kernels alone")[1]
     assert "(4) ours" in tail and "3000 GB/s" in tail and "75% copy" in tail and "(2) sdpa" not in tail
+
+
+def test_aggregator_bench_keeps_its_other_providers_when_compile_fails(capsys):
+    """bench/aggregator.py --compile: (6) joins the providers when the compiled module runs, and a compilation that
+    fails is reported and left out instead of ending the run (a GPU run would lose every other number)."""
+    import aggregator
+
+    from taste import AggregatorConfig, TextQueryAggregator
+
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny(identity_v_proj=False, vocab_size=50000)).eval()
+    d = agg.config.d_model
+    problem = aggregator.make_problem(2, 5, 8, d, "cpu", torch.float32)
+
+    def broken(*args):
+        raise RuntimeError("no backend")
+
+    ok = aggregator.aggregator_providers(agg, problem, False, None, compiled=agg)
+    assert "(6) ours compiled" in ok and torch.equal(ok["(6) ours compiled"](), ok["(4) ours packed"]())
+    failed = aggregator.aggregator_providers(agg, problem, False, None, compiled=broken)
+    assert "(6) ours compiled" not in failed and "(4) ours packed" in failed
+    assert "skipped, torch.compile failed: RuntimeError: no backend" in capsys.readouterr().out
