@@ -243,7 +243,11 @@ def profile_row(row: Row, fn, device: str) -> None:
         prof["kernel_gbps"] = row.bytes_moved / (prof["us_per_call"] * 1e-6) / 1e9
         print(f"    kernels alone: {prof['kernel_gbps']:.0f} GB/s (the case's bytes over the device time in kernels)")
     if device == "cuda":
-        host = host_timing(fn, calls=20 if row.median_ms < 50 else 3)
+        try:
+            host = host_timing(fn, calls=20 if row.median_ms < 50 else 3)
+        except Exception as e:  # noqa: BLE001 - as above
+            print(f"    host timing failed: {type(e).__name__}: {e}")
+            return
         prof.update(host)
         print(f"    host: {host['host_us']:.1f} us to issue one call from an idle GPU; "
               f"{host['back_to_back_ms']:.3f} ms per call back to back")  # fmt: skip
