@@ -176,6 +176,53 @@ class _Prompt:
         self.word_base = (words.cumsum(0) - words).to(device)
 
 
+def _advance(model, h, token, pred, tail, done, n_words, cur_audio, audio_table, out_codes, seen, wp, rows, pad_audio,
+             word_start_t, end_t, first, last, delay: int, extra_words: int, stop_id: int | None):  # fmt: skip
+    """One step of the state machine once the step's text tokens are drawn: the word starts, the codes of the word
+    ``delay`` back (``pred``, or predicted here from ``h`` where no sampler state is involved), the delay tail, the
+    stop rules and the next fused input row. ``first``, ``last``: 0-d bool tensors (the first step; the token limit
+    reached), so that the compiled version serves every step. Writes ``out_codes``, ``audio_table`` and ``seen`` in
+    place; returns (next input (B, 1, hidden), the step's output tokens (-1 outside the text), word-start flags,
+    tail, done, n_words, cur_audio)."""
+    in_text, in_tail = (tail < 0) & ~done, (tail > 0) & ~done
+    starts = in_text & (word_start_t[token] | first)
+    new_word = starts | in_tail
+    k = n_words - delay  # the word whose codes this step predicts (when a word starts)
+    need = new_word & (k >= wp)
+    if pred is None:
+        pred = model.predict_codes(h)  # (B, Q)
+    slot = (k - wp).clamp(min=0, max=out_codes.shape[1] - 1)
+    out_codes[rows, slot] = torch.where(need[:, None], pred, out_codes[rows, slot])
+    kk = k.clamp(min=0, max=audio_table.shape[1] - 1)
+    audio_table[rows, kk] = torch.where(need[:, None], model.word_audio(pred).to(audio_table.dtype),
+                                        audio_table[rows, kk])  # fmt: skip
+    fed_audio = torch.where((k >= 0)[:, None], audio_table[rows, kk], pad_audio)
+    cur_audio = torch.where(new_word[:, None], fed_audio, cur_audio)
+    n_words = n_words + new_word.long()
+    token_out = torch.where(in_text, token, -1)
+    seen[rows, token] |= in_text
+    gen = n_words - wp
+    stop = (gen >= extra_words) & end_t[token] | (gen >= 3 * extra_words) | last
+    if stop_id is not None:
+        stop = stop | (token == stop_id)
+    tail = torch.where(in_tail, tail - 1, tail)
+    done = done | (in_tail & (tail == 0))
+    tail = torch.where(in_text & stop, torch.full_like(tail, delay), tail)
+    text = model.embed_tokens(token)
+    text = torch.where(in_tail[:, None], model.pad_text_unit_embed.to(text.dtype), text)
+    x = model.fuse(text, cur_audio)[:, None]  # (B, 1, hidden)
+    return x, token_out, starts, tail, done, n_words, cur_audio
+
+
+@functools.cache
+def _compiled_advance():
+    """:func:`_advance` under torch.compile, made once per process (its guards then serve every generation of the
+    same shapes). Without CUDA graphs: it writes its inputs in place. What it saves is the host's dispatch of the
+    step's many small operators (205 per step in eager mode on the CPU with a tiny model, the RVQ searches' CPU
+    reference included), fused into a few kernels."""
+    return torch.compile(_advance, dynamic=False)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -241,7 +288,8 @@ def generate(
 
     if use_cache:
         cache = _new_cache(model, b, total, device, prompt.embeds.dtype)
-        h = model.run_backbone(prompt.embeds, prompt.positions, mask[:, :total], cache)[:, -1]
+        # contiguous, as the steps' rows are: the compiled step guards on strides
+        h = model.run_backbone(prompt.embeds, prompt.positions, mask[:, :total], cache)[:, -1].contiguous()
         step_fn = model.run_backbone
         if compile:
             step_fn = torch.compile(model.run_backbone, mode="reduce-overhead" if device.type == "cuda" else None)
@@ -252,43 +300,22 @@ def generate(
         positions[:, :width] = prompt.positions
         h = model.run_backbone(prompt.embeds, prompt.positions, mask[:, :width])[:, -1]
 
+    advance = _compiled_advance() if compile else _advance
+    # (False, True) for `first` and for `last`: four tensors, so that the compiled step never sees its two flags alias
+    first_flag, last_flag = ((torch.tensor(False, device=device), torch.tensor(True, device=device)) for _ in "fl")
+    codes_inside = model.config.head == "latent" or config.taste_top_p <= 0  # no sampler state in the codes
     for s in range(steps):
         logits = model.lm_head(h).float()  # (B, V)
         logits = logits.masked_fill(ban_t, float("-inf"))
         if s == 0:
             logits = logits.masked_fill(~word_start_t, float("-inf"))
         token = _sample_text(logits, seen, config, generator)
-        in_text, in_tail = (tail < 0) & ~done, (tail > 0) & ~done
-        starts = in_text & (word_start_t[token] | (s == 0))
-        new_word = starts | in_tail
-        k = n_words - delay  # the word whose codes this step predicts (when a word starts)
-        need = new_word & (k >= wp)
-        pred = model.predict_codes(h, config.taste_top_p, generator)  # (B, Q)
-        slot = (k - wp).clamp(min=0, max=out_codes.shape[1] - 1)
-        out_codes[rows, slot] = torch.where(need[:, None], pred, out_codes[rows, slot])
-        kk = k.clamp(min=0, max=wcap - 1)
-        audio_table[rows, kk] = torch.where(need[:, None], model.word_audio(pred).to(audio_table.dtype),
-                                            audio_table[rows, kk])  # fmt: skip
-        fed_audio = torch.where((k >= 0)[:, None], audio_table[rows, kk], pad_audio)
-        cur_audio = torch.where(new_word[:, None], fed_audio, cur_audio)
-        n_words = n_words + new_word.long()
-
-        out_tokens[:, s] = torch.where(in_text, token, -1)
-        out_start[:, s] = starts
-        seen[rows, token] |= in_text
-        gen = n_words - wp
-        stop = (gen >= config.extra_words) & end_t[token] | (gen >= 3 * config.extra_words)
-        if config.stop_id is not None:
-            stop = stop | (token == config.stop_id)
-        if s >= max_new - 1:
-            stop = torch.ones_like(stop)
-        tail = torch.where(in_tail, tail - 1, tail)
-        done = done | (in_tail & (tail == 0))
-        tail = torch.where(in_text & stop, torch.full_like(tail, delay), tail)
-
-        text = model.embed_tokens(token)
-        text = torch.where(in_tail[:, None], model.pad_text_unit_embed.to(text.dtype), text)
-        x = model.fuse(text, cur_audio)[:, None]  # (B, 1, hidden)
+        pred = None if codes_inside else model.predict_codes(h, config.taste_top_p, generator)
+        x, out_tokens[:, s], out_start[:, s], tail, done, n_words, cur_audio = advance(
+            model, h, token, pred, tail, done, n_words, cur_audio, audio_table, out_codes, seen, wp, rows, pad_audio,
+            word_start_t, end_t, first_flag[s == 0], last_flag[s >= max_new - 1], delay, config.extra_words,
+            config.stop_id,
+        )  # fmt: skip
         col = width + s
         if s == steps - 1 or (s % 8 == 7 and bool(done.all())):
             break

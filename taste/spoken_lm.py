@@ -353,7 +353,8 @@ class TasteSpokenLM(nn.Module):
             config: a :class:`taste.generate.GenerationConfig`.
             generator: torch.Generator for sampling.
             use_cache: False re-runs the whole sequence every step (the reference algorithm).
-            compile: run the one-row step under torch.compile (``reduce-overhead`` on CUDA).
+            compile: run the one-row backbone step under torch.compile (``reduce-overhead``, CUDA graphs, on CUDA)
+                and the step's state machine and code heads as one more compiled function.
 
         Returns:
             :class:`taste.generate.GenerationOutput`.

@@ -138,6 +138,35 @@ def test_compiled_step_matches_eager():
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes)
 
 
+def test_compiled_step_matches_eager_when_sampling():
+    """Sampled text and sampled codes (the classifier head with top-p: the codes are drawn outside the compiled
+    state machine, from the same generator) give the same sequences compiled and eager, for the same seed."""
+    model = make("classifier", seed=2)
+    tokens, word_ids, codes, cu = prompt()
+    args = (torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes))
+    cfg = GenerationConfig(extra_words=2, text_top_p=0.9, text_temperature=1.5, taste_top_p=0.9, max_new_tokens=8)
+    a = model.generate(*args, config=cfg, generator=torch.Generator().manual_seed(3))
+    b = model.generate(*args, config=cfg, generator=torch.Generator().manual_seed(3), compile=True)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes)
+
+
+def test_compiled_state_machine_compiles_once_per_generation(monkeypatch):
+    """The step's state machine is one compiled graph for every step of a generation: its per-step flags are
+    tensors (no recompilation for the first and the last step, nor when the two flags would alias) and the prefill's
+    last row is made contiguous like the steps' rows."""
+    from torch._dynamo.testing import CompileCounter
+
+    import taste.generate as generation
+
+    counter = CompileCounter()
+    monkeypatch.setattr(generation, "_compiled_advance", lambda: torch.compile(generation._advance, backend=counter))
+    model = make("latent", seed=2)
+    tokens, word_ids, codes, cu = prompt()
+    cfg = GenerationConfig(extra_words=3, text_top_p=0.0, max_new_tokens=10)
+    out = model.generate(torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes), config=cfg, compile=True)
+    assert out.tokens.shape[1] >= 3 and counter.frame_count == 1, counter.frame_count
+
+
 def test_bad_generation_input(model):
     with pytest.raises(ValueError, match="num_sequences"):
         model.generate(config=GREEDY)
