@@ -162,7 +162,9 @@ def test_compiled_state_machine_compiles_once_per_generation(monkeypatch):
     monkeypatch.setattr(generation, "_compiled_advance", lambda: torch.compile(generation._advance, backend=counter))
     model = make("latent", seed=2)
     tokens, word_ids, codes, cu = prompt()
-    cfg = GenerationConfig(extra_words=3, text_top_p=0.0, max_new_tokens=10)
+    # the shapes of test_compiled_step_matches_eager: torch 2.11's CPU inductor miscompiles (C++ error) the backbone
+    # graph that a new cache length makes dynamic (the backbone's compile, not the state machine's)
+    cfg = GenerationConfig(extra_words=2, text_top_p=0.0, max_new_tokens=8)
     out = model.generate(torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes), config=cfg, compile=True)
     assert out.tokens.shape[1] >= 3 and counter.frame_count == 1, counter.frame_count
 
