@@ -300,7 +300,7 @@ def generate(
         positions[:, :width] = prompt.positions
         h = model.run_backbone(prompt.embeds, prompt.positions, mask[:, :width])[:, -1]
 
-    advance = _compiled_advance() if compile else _advance
+    advance = _compiled_advance() if compile and use_cache else _advance  # use_cache=False: the reference, eager
     # (False, True) for `first` and for `last`: four tensors, so that the compiled step never sees its two flags alias
     first_flag, last_flag = ((torch.tensor(False, device=device), torch.tensor(True, device=device)) for _ in "fl")
     codes_inside = model.config.head == "latent" or config.taste_top_p <= 0  # no sampler state in the codes
