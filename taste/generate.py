@@ -302,7 +302,8 @@ def generate(
 
     advance = _compiled_advance() if compile and use_cache else _advance  # use_cache=False: the reference, eager
     # (False, True) for `first` and for `last`: four tensors, so that the compiled step never sees its two flags alias
-    first_flag, last_flag = ((torch.tensor(False, device=device), torch.tensor(True, device=device)) for _ in "fl")
+    first_flag = (torch.tensor(False, device=device), torch.tensor(True, device=device))
+    last_flag = (torch.tensor(False, device=device), torch.tensor(True, device=device))
     codes_inside = model.config.head == "latent" or config.taste_top_p <= 0  # no sampler state in the codes
     for s in range(steps):
         logits = model.lm_head(h).float()  # (B, V)

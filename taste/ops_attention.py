@@ -210,14 +210,14 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
     # Made once per call, not per chunk (on a GPU every op costs host time): each chunk's key offsets are a prefix of
     # one tensor, its encoder states views from one split each.
     cu_k_all = torch.arange(min(chunk, batch) + 1, device=q.device, dtype=torch.int32) * frames
+    if triton_path:
+        from taste.kernels.attention import text_query_attention_fwd
     for b0, hk, hv in zip(range(0, batch, chunk), h_key.split(chunk), h_val.split(chunk)):
         b1 = b0 + hk.shape[0]
         # (b1 - b0, frames, H * D): the Triton kernel reads contiguous rows of H x D, whatever the shape says
         k, v = F.linear(hk, k_weight, k_bias), F.linear(hv, v_weight, v_bias)
         cu_k = cu_k_all if b1 - b0 == chunk else cu_k_all[: b1 - b0 + 1]
         if triton_path:
-            from taste.kernels.attention import text_query_attention_fwd
-
             if out is None:  # one chunk: the plain launch, which may split the keys to fill the GPU
                 return text_query_attention_fwd(q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, frames, False, scale)[0]
             # rows stay global: the kernel reads this chunk's query offsets from the slice, writes only its rows
