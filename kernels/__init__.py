@@ -6,6 +6,18 @@ import functools
 import os
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's grid arithmetic. ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
+    functions since Triton 3.5: called from Python, each costs about 2 us (this CPU, Triton 3.8), against 0.03 us
+    here, and a launch computes several."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as ``triton.next_power_of_2`` on the host (see :func:`cdiv`)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def autotune_enabled() -> bool:
     """Large problems pick their tiles by measurement unless ``TASTE_AUTOTUNE=0``."""
     return os.environ.get("TASTE_AUTOTUNE", "1") != "0"

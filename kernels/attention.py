@@ -17,7 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, autotuned, launch_fitting, launch_tuned, shrinking, tuned_choices, tuning_timings
+from . import (
+    autotune_enabled,
+    autotuned,
+    cdiv,
+    launch_fitting,
+    launch_tuned,
+    next_power_of_2,
+    shrinking,
+    tuned_choices,
+    tuning_timings,
+)
 
 # fmt: off  (kernel signatures stay compact)
 
@@ -251,7 +261,7 @@ MIN_BLOCKS = {"BLOCK_N": 16, "BLOCK_M": 16}
 
 def _tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """Forward (BLOCK_M, BLOCK_N, num_warps): one tile holds a whole utterance's queries, up to 128 of them."""
-    fitted = max(16, triton.next_power_of_2(max(max_seqlen_q, 1)))
+    fitted = max(16, next_power_of_2(max(max_seqlen_q, 1)))
     if dtype == torch.float32:
         (cap, block_n), _ = FP32_TILES[head_dim]
         return min(cap, fitted), block_n, 8
@@ -309,11 +319,11 @@ def use_autotune(q: torch.Tensor, batch: int, max_seqlen_q: int, max_seqlen_k: i
 def auto_num_splits(batch, heads, max_seqlen_q, max_seqlen_k, block_m, block_n, device) -> int:
     """Key splits so that the grid fills the GPU: only when (query tiles x batch x heads) is below the SM count,
     with at least four key blocks per split."""
-    programs = triton.cdiv(max(max_seqlen_q, 1), block_m) * batch * heads
+    programs = cdiv(max(max_seqlen_q, 1), block_m) * batch * heads
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     if programs >= sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max_seqlen_k, 4 * block_n)))
+    return max(1, min(cdiv(2 * sms, programs), cdiv(max_seqlen_k, 4 * block_n)))
 
 
 def text_query_attention_fwd(
@@ -360,20 +370,20 @@ def text_query_attention_fwd(
     flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1), PRECISION=_precision(q.dtype),
                  RAW_MAX=_raw_max(scale))  # fmt: skip
     if use_autotune(q, batch, max_seqlen_q, max_seqlen_k) if autotune is None else autotune:
-        buckets = tuple(triton.next_power_of_2(max(n, 1)) for n in (max_seqlen_q, max_seqlen_k, batch))
-        grid = lambda meta: (triton.cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
+        buckets = tuple(next_power_of_2(max(n, 1)) for n in (max_seqlen_q, max_seqlen_k, batch))
+        grid = lambda meta: (cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
         key = (q.device, q.dtype, buckets, heads, splits, tuple(flags.items()))
         launch_tuned(tuned_fwd_kernel(), key, grid, *args, *buckets, **flags)
     else:
 
         def launch(tile):
-            grid = (triton.cdiv(max(max_seqlen_q, 1), tile["BLOCK_M"]), batch * heads, splits)
+            grid = (cdiv(max(max_seqlen_q, 1), tile["BLOCK_M"]), batch * heads, splits)
             _text_query_attention_fwd_kernel[grid](*args, 0, 0, 0, **flags, **tile)
 
         tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
         launch_fitting(launch, shrinking(tile, MIN_BLOCKS), ("fwd", q.device, q.dtype, tuple(flags.items())))
     if splits > 1:
-        _text_query_attention_merge_kernel[(triton.cdiv(total_q, 64), heads)](
+        _text_query_attention_merge_kernel[(cdiv(total_q, 64), heads)](
             o_buf, l_buf, out, lse, heads, total_q, splits, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4,
         )  # fmt: skip
     return out, lse

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_fitting, shrinking
+from . import cdiv, launch_fitting, shrinking
 from .attention import (
     MIN_BLOCKS,
     _key_range,
@@ -220,7 +220,7 @@ def text_query_attention_bwd(
         return dq, dk, dv
     block_m, block_n, warps = bwd_tiles(max_seqlen_q, head_dim, q.dtype)
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
-    _text_query_attention_bwd_delta_kernel[(triton.cdiv(total_q, 64), heads)](
+    _text_query_attention_bwd_delta_kernel[(cdiv(total_q, 64), heads)](
         out, do, delta, heads, total_q, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4
     )
     flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), PRECISION=_precision(q.dtype))
@@ -229,12 +229,12 @@ def text_query_attention_bwd(
 
     # dK/dV: one program per key tile walks every query tile of its sequence; dQ: one per query tile.
     def dkdv(tile):
-        _text_query_attention_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen_k, 1), tile["BLOCK_N"]), batch * heads)](
+        _text_query_attention_bwd_dkdv_kernel[(cdiv(max(max_seqlen_k, 1), tile["BLOCK_N"]), batch * heads)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **flags, **tile
         )
 
     def dq_(tile):
-        _text_query_attention_bwd_dq_kernel[(triton.cdiv(max(max_seqlen_q, 1), tile["BLOCK_M"]), batch * heads)](
+        _text_query_attention_bwd_dq_kernel[(cdiv(max(max_seqlen_q, 1), tile["BLOCK_M"]), batch * heads)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **flags, **tile
         )
 

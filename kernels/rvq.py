@@ -17,7 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, autotuned, launch_fitting, launch_tuned, shrinking, tuned_choices, tuning_timings
+from . import (
+    autotune_enabled,
+    autotuned,
+    cdiv,
+    launch_fitting,
+    launch_tuned,
+    next_power_of_2,
+    shrinking,
+    tuned_choices,
+    tuning_timings,
+)
 
 
 @triton.jit
@@ -287,7 +297,7 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: b
     sq_err = torch.empty((n, nq), dtype=torch.float32, device=x.device)
     if n == 0:
         return indices, quantized, sq_err
-    block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs K >= 16 on GPUs
+    block_d = max(16, next_power_of_2(dim))  # tl.dot needs K >= 16 on GPUs
     if autotune is None:  # large problems of the TASTE size pick their tiles by measurement
         autotune = x.is_cuda and block_d <= 256 and n * k * nq >= AUTOTUNE_MIN_WORK and autotune_enabled()
     args = (
@@ -317,9 +327,9 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: b
         return quantized if quantized.dtype == torch.float32 else torch.empty((n, dim), device=x.device)
 
     if autotune:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
         buffer = scratch()
-        n_bucket = triton.next_power_of_2(n)
+        n_bucket = next_power_of_2(n)
         key = (x.device, x.dtype, codebooks.dtype, n_bucket, dim, k, tuple(flags.items()))
         launch_tuned(tuned_encode_kernel("fast" if fast else "exact"), key, grid, *args, n_bucket, buffer,
                      buffer.stride(0), **flags)  # fmt: skip
@@ -327,7 +337,7 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: b
 
         def launch(tile):
             buffer = scratch() if tile["BLOCK_DS"] else quantized
-            _rvq_encode_fwd_kernel[(triton.cdiv(n, tile["BLOCK_M"]),)](
+            _rvq_encode_fwd_kernel[(cdiv(n, tile["BLOCK_M"]),)](
                 *args, 0, buffer, buffer.stride(0) if tile["BLOCK_DS"] else 0, **flags, **tile
             )
 
@@ -349,9 +359,9 @@ def rvq_decode_fwd(indices, codebooks, weights=None, out_dtype=None):
     out = torch.empty((n, dim), dtype=out_dtype or codebooks.dtype, device=codebooks.device)
     if n == 0:
         return out
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_power_of_2(dim)
     block_m = max(1, min(64, 8192 // block_d))
-    _rvq_decode_fwd_kernel[(triton.cdiv(n, block_m),)](
+    _rvq_decode_fwd_kernel[(cdiv(n, block_m),)](
         indices,
         codebooks,
         weights if weights is not None else codebooks,
