@@ -253,6 +253,34 @@ std::vector<int64_t> output_shape(std::initializer_list<int64_t> lead, const at:
   return shape;
 }
 
+PrefixLayoutBuffers prepare_prefix_layout(const at::Tensor& tokens, const at::Tensor& cu_seqlens,
+                                          const at::Tensor& prefix) {
+  check_index_dtype(tokens, "tokens", /*allow_int64=*/true);
+  TORCH_CHECK(tokens.dim() == 1, "taste: tokens must be a 1-D (N,) tensor, got shape ", tokens.sizes());
+  TORCH_CHECK(prefix.dim() == 1 && prefix.scalar_type() == tokens.scalar_type(),
+              "taste: prefix must be a 1-D (P,) tensor of tokens' dtype (", tokens.scalar_type(), "), got ",
+              prefix.scalar_type(), " of shape ", prefix.sizes());
+  check_same_device(tokens, "tokens", prefix, "prefix");
+  check_offsets_tensor(cu_seqlens, "cu_seqlens");
+  check_same_device(tokens, "tokens", cu_seqlens, "cu_seqlens");
+  check_offsets_values(cu_seqlens, "cu_seqlens", tokens.size(0));
+  PrefixLayoutBuffers b;
+  b.batch = cu_seqlens.size(0) - 1;
+  TORCH_CHECK(b.batch > 0 || tokens.size(0) == 0, "taste: cu_seqlens has no sequence (shape (1,)) but tokens has ",
+              tokens.size(0), " rows");
+  b.rows = tokens.size(0) + b.batch * prefix.size(0);
+  TORCH_CHECK(b.rows <= std::numeric_limits<int32_t>::max(), "taste: the prefixed batch has ", b.rows,
+              " rows, more than int32 cu_seqlens can index");
+  b.tokens = tokens.contiguous();
+  b.cu_seqlens = cu_seqlens.contiguous();
+  b.prefix = prefix.contiguous();
+  b.cu_out = at::empty_like(b.cu_seqlens);
+  b.ids = at::empty({b.rows}, tokens.options());
+  b.positions = at::empty({b.rows}, tokens.options().dtype(at::kLong));
+  b.token_rows = at::empty({tokens.size(0)}, tokens.options().dtype(at::kLong));
+  return b;
+}
+
 DelayLayoutBuffers prepare_delay_layout(const at::Tensor& word_ids, const at::Tensor& cu_seqlens, int64_t delay) {
   check_word_args(word_ids, cu_seqlens);
   TORCH_CHECK(delay >= 0, "taste: delay must be >= 0, got ", delay);

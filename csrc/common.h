@@ -18,14 +18,15 @@
 
 namespace taste {
 
-// Largest b in [0, n) with offsets[b] <= x, for non-decreasing offsets (n + 1 entries, offsets[0] <= x).
-// Empty segments (equal neighbours) are skipped, so the returned segment always contains x.
+// Largest b in [0, n) with offsets[b] + step * b <= x, for non-decreasing offsets (n + 1 entries, offsets[0] <= x).
+// Empty segments (equal neighbours) are skipped, so the returned segment always contains x. ``step`` shifts segment
+// b by step * b rows: the offsets of a layout that adds ``step`` rows to every segment, without making them.
 template <typename index_t>
-TASTE_HD int64_t find_segment(const index_t* offsets, int64_t n, int64_t x) {
-  int64_t lo = 0, hi = n;  // invariant: offsets[lo] <= x < offsets[hi]
+TASTE_HD int64_t find_segment(const index_t* offsets, int64_t n, int64_t x, int64_t step = 0) {
+  int64_t lo = 0, hi = n;  // invariant: offsets[lo] + step * lo <= x < offsets[hi] + step * hi
   while (hi - lo > 1) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (static_cast<int64_t>(offsets[mid]) <= x) {
+    if (static_cast<int64_t>(offsets[mid]) + step * mid <= x) {
       lo = mid;
     } else {
       hi = mid;
@@ -107,6 +108,16 @@ struct DelayLayoutBuffers {
   int64_t batch, rows;
 };
 DelayLayoutBuffers prepare_delay_layout(const at::Tensor& word_ids, const at::Tensor& cu_seqlens, int64_t delay);
+
+// Everything the prefix_layout kernels need: checked contiguous inputs and the outputs (see prefix_layout in
+// taste/ops.py). The kernels write every entry: cu_out (B + 1,) int32, ids (M,) tokens' dtype, positions (M,)
+// int64, token_rows (N,) int64, with M = N + B * P.
+struct PrefixLayoutBuffers {
+  at::Tensor tokens, cu_seqlens, prefix, cu_out, ids, positions, token_rows;
+  int64_t batch, rows;
+};
+PrefixLayoutBuffers prepare_prefix_layout(const at::Tensor& tokens, const at::Tensor& cu_seqlens,
+                                          const at::Tensor& prefix);
 
 // ---- implementations shared by composite ops ----
 // out[w] = sum (or mean) of x[perm[r]] for r in [offsets[w], offsets[w+1]) (perm optional, int64). With

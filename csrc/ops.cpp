@@ -37,6 +37,8 @@ TORCH_LIBRARY(taste, m) {
   m.def("segment_mean_broadcast(Tensor x, Tensor offsets) -> Tensor");
   // Deterministic per-key sums (num_keys, *) and counts (num_keys,) int64; key -1 is ignored.
   m.def("segment_sum_by_key(Tensor values, Tensor keys, int num_keys) -> (Tensor, Tensor)");
+  // The same P prefix ids before every packed sequence: (cu_seqlens, ids, positions, token_rows).
+  m.def("prefix_layout(Tensor tokens, Tensor cu_seqlens, Tensor prefix) -> (Tensor, Tensor, Tensor, Tensor)");
   // TASLM word-delay layout: (cu_seqlens, input_token, input_word, label_token, label_word).
   m.def("delay_layout(Tensor word_ids, Tensor cu_seqlens, int delay=1) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -28,7 +28,7 @@ from taste import ops  # noqa: E402
 from taste.aggregator import AggregatorConfig, TextQueryAggregator  # noqa: E402
 from taste.generate import GenerationConfig, GenerationOutput  # noqa: E402
 from taste.official import load_official  # noqa: E402
-from taste.ops import HAS_EXTENSION, DelayLayout  # noqa: E402
+from taste.ops import HAS_EXTENSION, DelayLayout, PrefixLayout  # noqa: E402
 from taste.rvq import ResidualVQ  # noqa: E402
 from taste.spoken_lm import SpokenLMConfig, SpokenLMOutput, TasteSpokenLM  # noqa: E402
 from taste.tokenizer import QuantizerConfig, TasteConfig, TasteTokenizer, TokenizerOutput  # noqa: E402
@@ -38,6 +38,7 @@ __all__ = [
     "ops",
     "HAS_EXTENSION",
     "DelayLayout",
+    "PrefixLayout",
     "AggregatorConfig",
     "TextQueryAggregator",
     "ResidualVQ",

@@ -82,6 +82,15 @@ class DelayLayout(NamedTuple):
     label_word: Tensor  # (M,) int64: global word whose codes are the TASTE target; -1 = no TASTE label
 
 
+class PrefixLayout(NamedTuple):
+    """A packed batch with the same prefix before every sequence (see :func:`prefix_layout`)."""
+
+    cu_seqlens: Tensor  # (B + 1,) int32: prefixed sequence b owns rows [cu_seqlens[b], cu_seqlens[b + 1])
+    ids: Tensor  # (M,) tokens' dtype: the prefix ids, then the sequence's tokens, for every sequence
+    positions: Tensor  # (M,) int64: each row's index inside its prefixed sequence (0 at the first prefix id)
+    token_rows: Tensor  # (N,) int64: the row where packed token n went (ids[token_rows] == tokens)
+
+
 def pack(padded: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """Packs the valid rows of a right-padded batch. Differentiable in ``padded``.
 
@@ -185,6 +194,24 @@ def segment_sum_by_key(values: Tensor, keys: Tensor, num_keys: int) -> tuple[Ten
     return _impl.segment_sum_by_key(values, keys, num_keys)
 
 
+def prefix_layout(tokens: Tensor, cu_seqlens: Tensor, prefix: Tensor) -> PrefixLayout:
+    """Puts the same ``P`` ids before every sequence of a packed batch, in one kernel and with no host sync.
+
+    Sequence b (``L`` tokens) becomes ``P + L`` rows: ``prefix``, then its tokens. The aggregator's Whisper prefix
+    (spec section 1.4) is made this way; ``positions`` index its learned position table and ``token_rows`` picks the
+    text tokens' outputs back out.
+
+    Args:
+        tokens: ``(N,)`` int32/int64 packed ids.
+        cu_seqlens: ``(B + 1,)`` int32, ends at N.
+        prefix: ``(P,)`` ids of tokens' dtype and device (P may be 0).
+
+    Returns:
+        :class:`PrefixLayout` with ``M = N + B * P`` rows; its offsets, ids and positions describe the prefixed batch.
+    """
+    return PrefixLayout(*_impl.prefix_layout(tokens, cu_seqlens, prefix))
+
+
 def delay_layout(word_ids: Tensor, cu_seqlens: Tensor, delay: int = 1) -> DelayLayout:
     """The TASLM word-delay input/label layout (spec section 2.4) of a packed batch, with no loop over it.
 
@@ -255,6 +282,13 @@ if HAS_EXTENSION:
     @torch.library.register_fake("taste::segment_sum_by_key")
     def _segment_sum_by_key_fake(values, keys, num_keys):
         return values.new_empty((num_keys, *_trailing(values, 1))), keys.new_empty((num_keys,), dtype=torch.int64)
+
+    @torch.library.register_fake("taste::prefix_layout")
+    def _prefix_layout_fake(tokens, cu_seqlens, prefix):
+        rows = tokens.shape[0] + (cu_seqlens.shape[0] - 1) * prefix.shape[0]
+        long = torch.int64
+        return (cu_seqlens.new_empty(cu_seqlens.shape), tokens.new_empty((rows,)),
+                tokens.new_empty((rows,), dtype=long), tokens.new_empty(tokens.shape, dtype=long))  # fmt: skip
 
     @torch.library.register_fake("taste::delay_layout")
     def _delay_layout_fake(word_ids, cu_seqlens, delay=1):

@@ -76,6 +76,23 @@ def segment_sum_by_key(values: Tensor, keys: Tensor, num_keys: int) -> tuple[Ten
     return sums, torch.bincount(k, minlength=num_keys)
 
 
+def prefix_layout(tokens: Tensor, cu_seqlens: Tensor, prefix: Tensor):
+    """See :func:`taste.ops.prefix_layout`; returns the same four tensors as a tuple."""
+    dev = tokens.device
+    n, batch, p = tokens.numel(), cu_seqlens.numel() - 1, prefix.numel()
+    lengths = cu_seqlens.long().diff()
+    cu_out = cu_seqlens + p * torch.arange(batch + 1, device=dev, dtype=cu_seqlens.dtype)
+    seq = torch.repeat_interleave(torch.arange(batch, device=dev), lengths, output_size=n)  # (N,)
+    token_rows = torch.arange(n, device=dev) + p * (seq + 1)
+    prefix_rows = (cu_out[:-1, None].long() + torch.arange(p, device=dev)).flatten()  # (B * P,)
+    ids = tokens.new_empty(n + batch * p)
+    ids[token_rows] = tokens
+    ids[prefix_rows] = prefix.repeat(batch)
+    seq_out = torch.repeat_interleave(torch.arange(batch, device=dev), lengths + p, output_size=ids.numel())
+    positions = torch.arange(ids.numel(), device=dev) - cu_out.long()[seq_out]
+    return cu_out, ids, positions, token_rows
+
+
 def delay_layout(word_ids: Tensor, cu_seqlens: Tensor, delay: int = 1):
     """See :func:`taste.ops.delay_layout`; returns the same five tensors as a tuple."""
     dev = word_ids.device

@@ -25,6 +25,7 @@ OPS = [
     "segment_mean_broadcast",
     "segment_sum_by_key",
     "delay_layout",
+    "prefix_layout",
 ]
 
 

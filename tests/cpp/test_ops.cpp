@@ -110,6 +110,18 @@ bool delay_layout() {
   return true;
 }
 
+bool prefix_layout() {
+  using Out = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+  auto layout = op<Out(const Tensor&, const Tensor&, const Tensor&)>("taste::prefix_layout");
+  // Sequences of 2, 0 and 1 tokens, each after the prefix (90, 91).
+  auto [cu, ids, positions, token_rows] = layout.call(i64({5, 6, 7}), i32({0, 2, 2, 3}), i64({90, 91}));
+  EXPECT(at::equal(cu, i32({0, 4, 6, 9})));
+  EXPECT(at::equal(ids, i64({90, 91, 5, 6, 90, 91, 90, 91, 7})));
+  EXPECT(at::equal(positions, i64({0, 1, 2, 3, 0, 1, 0, 1, 2})));
+  EXPECT(at::equal(token_rows, i64({2, 3, 8})));
+  return true;
+}
+
 bool bad_input() {
   auto word_offsets = op<Tensor(const Tensor&, const Tensor&)>("taste::word_offsets");
   auto unpack = op<Tensor(const Tensor&, const Tensor&, c10::SymInt, double)>("taste::unpack");
@@ -133,7 +145,8 @@ int main(int argc, char** argv) {
   const std::map<std::string, std::function<bool()>> cases{
       {"pack_unpack", pack_unpack},       {"word_offsets", word_offsets},
       {"segment_mean_broadcast", segment_mean_broadcast}, {"segment_sum_by_key", segment_sum_by_key},
-      {"delay_layout", delay_layout},     {"bad_input", bad_input}};
+      {"delay_layout", delay_layout},     {"prefix_layout", prefix_layout},
+      {"bad_input", bad_input}};
   at::manual_seed(0);
   int failed = 0;
   for (const auto& [name, fn] : cases) {
