@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taste.ops import text_query_attention, text_query_cross_attention
+from taste.ops import prefix_layout, text_query_attention, text_query_cross_attention
+from taste.ops_attention import uniform_offsets
 
 OFFICIAL_PREFIX = "audio_tower.audio_joint_encoder_segmenter.audio_segmenter.decoder."
 WHISPER_PREFIX_IDS = (50258, 50259, 50360, 50364)  # <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
@@ -115,7 +116,7 @@ class WhisperAttention(nn.Module):
                 max_seqlen_q, v_bias=self.v_proj.bias, chunk_size=max(1, min(b, chunk_frames // max(e, 1))),
             )  # fmt: skip
             return self._out(attn)
-        cu_k = torch.arange(b + 1, device=h_q.device, dtype=torch.int32) * e
+        cu_k = uniform_offsets(b, e, h_q.device)
         return self(h_q, h_key.reshape(b * e, d), h_val.reshape(b * e, d), cu_seqlens_q, cu_k, max_seqlen_q, e)
 
     def forward_dense(self, x: Tensor) -> Tensor:
@@ -233,22 +234,12 @@ class TextQueryAggregator(nn.Module):
             raise ValueError(
                 f"cu_seqlens must have B + 1 = {batch + 1} entries (B from h_key), got {cu_seqlens.shape[0]}"
             )
-        n = tokens.shape[0]
-        dev = tokens.device
-        lengths = cu_seqlens.diff()
-        cu_p = cu_seqlens + prefix * torch.arange(batch + 1, device=dev, dtype=cu_seqlens.dtype)  # (B + 1,)
-        seq = torch.repeat_interleave(torch.arange(batch, device=dev), lengths, output_size=n)  # (N,)
-        token_rows = torch.arange(n, device=dev) + prefix * (seq + 1)  # where each token sits after its prefix
-        prefix_rows = (cu_p[:-1, None] + torch.arange(prefix, device=dev)).flatten()  # (B * P,)
-        ids = tokens.new_empty(n + batch * prefix)
-        ids[token_rows] = tokens
-        ids[prefix_rows] = self.prefix_ids.repeat(batch)
-        seq_p = torch.repeat_interleave(torch.arange(batch, device=dev), lengths + prefix, output_size=ids.shape[0])
-        positions = torch.arange(ids.shape[0], device=dev) - cu_p[seq_p]
-        x = self.embed_tokens(ids) + self.embed_positions(positions)  # (N + B*P, d)
+        layout = prefix_layout(tokens, cu_seqlens, self.prefix_ids.to(tokens.dtype))
+        x = self.embed_tokens(layout.ids) + self.embed_positions(layout.positions)  # (N + B*P, d)
+        chunk = self.resolved_kv_chunk_frames(h_key.device)
         for layer in self.layers:
-            x = layer(x, cu_p, max_seqlen + prefix, h_key, h_val, self.resolved_kv_chunk_frames(h_key.device))
-        return self.layer_norm(x)[token_rows]  # (N, d): the skip_prefix prefix outputs dropped
+            x = layer(x, layout.cu_seqlens, max_seqlen + prefix, h_key, h_val, chunk)
+        return self.layer_norm(x[layout.token_rows])  # (N, d): the skip_prefix prefix outputs dropped
 
     @classmethod
     def from_whisper_decoder(cls, decoder: nn.Module, **overrides) -> TextQueryAggregator:

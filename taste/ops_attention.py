@@ -195,6 +195,13 @@ def text_query_attention(
 # ---- cross-attention with K/V projected from the encoder states a few sequences at a time (inference) ----
 
 
+def uniform_offsets(count: int, length: int, device) -> Tensor:
+    """``(count + 1,)`` int32 offsets of ``count`` sequences of ``length`` rows each, in one operator."""
+    if length == 0:
+        return torch.zeros(count + 1, device=device, dtype=torch.int32)
+    return torch.arange(0, (count + 1) * length, length, device=device, dtype=torch.int32)
+
+
 def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk,
                             scale, triton_path: bool):  # fmt: skip
     """Projects K/V for ``chunk`` sequences, attends their queries, frees them; one output for the batch."""
@@ -205,11 +212,11 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
     if batch == 0 or q.shape[0] == 0:
         return torch.zeros_like(q)
     cu_host = None if triton_path else cu_seqlens_q.tolist()  # the reference path reads offsets on the host anyway
-    out = None if triton_path and chunk >= batch else torch.zeros_like(q)
+    out = None if triton_path and chunk >= batch else torch.empty_like(q)  # every row is some sequence's
     lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device) if out is not None else None
     # Made once per call, not per chunk (on a GPU every op costs host time): each chunk's key offsets are a prefix of
     # one tensor, its encoder states views from one split each.
-    cu_k_all = torch.arange(min(chunk, batch) + 1, device=q.device, dtype=torch.int32) * frames
+    cu_k_all = uniform_offsets(min(chunk, batch), frames, q.device)
     if triton_path:
         from taste.kernels.attention import text_query_attention_fwd
     for b0, hk, hv in zip(range(0, batch, chunk), h_key.split(chunk), h_val.split(chunk)):
