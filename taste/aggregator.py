@@ -75,6 +75,15 @@ def whisper_init(module: nn.Module, std: float = 0.02) -> None:
             m.bias.zero_()
 
 
+def balanced_chunk(count: int, most: int) -> int:
+    """Items per chunk when ``count`` items go in chunks of at most ``most`` (at least 1): as few chunks as that
+    allows, of equal size but the last (17 items, at most 16: chunks of 9 and 8, not 16 and 1). The largest chunk
+    sets the peak memory, and a lone small chunk would cost a launch for little work."""
+    most = max(1, min(count, most))
+    chunks = -(-count // most)
+    return -(-count // chunks) if count else 1
+
+
 class WhisperAttention(nn.Module):
     """Whisper's bias layout: q, v and out with bias, k without."""
 
@@ -104,16 +113,17 @@ class WhisperAttention(nn.Module):
     def forward_states(self, h_q, h_key, h_val, cu_seqlens_q, max_seqlen_q, chunk_frames=None):
         """Cross-attention of packed ``h_q`` rows over dense encoder states ``(B, E, d_model)``.
 
-        When no gradient is needed and ``chunk_frames`` is set, keys and values are projected for
-        ``chunk_frames // E`` utterances at a time (``ops.text_query_cross_attention``), so only that many
-        utterances' K/V exist at once; otherwise every frame is projected and the differentiable op runs."""
+        When no gradient is needed and ``chunk_frames`` is set, keys and values are projected for at most
+        ``chunk_frames // E`` utterances at a time, in chunks of equal size (:func:`balanced_chunk`;
+        ``ops.text_query_cross_attention``), so only that many utterances' K/V exist at once; otherwise every frame
+        is projected and the differentiable op runs."""
         b, e, d = h_key.shape
         params = (self.k_proj.weight, self.v_proj.weight, self.v_proj.bias)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h_q, h_key, h_val, *params))
         if chunk_frames and not grad:
             attn = text_query_cross_attention(
                 self._heads(self.q_proj(h_q)), h_key, h_val, self.k_proj.weight, self.v_proj.weight, cu_seqlens_q,
-                max_seqlen_q, v_bias=self.v_proj.bias, chunk_size=max(1, min(b, chunk_frames // max(e, 1))),
+                max_seqlen_q, v_bias=self.v_proj.bias, chunk_size=balanced_chunk(b, chunk_frames // max(e, 1)),
             )  # fmt: skip
             return self._out(attn)
         cu_k = uniform_offsets(b, e, h_q.device)

@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICES, HAS_CUDA, make_cu
 
 from taste import AggregatorConfig, TextQueryAggregator, aggregator, ops, ops_attention
-from taste.aggregator import OFFICIAL_PREFIX
+from taste.aggregator import OFFICIAL_PREFIX, balanced_chunk
 
 transformers = pytest.importorskip("transformers")
 from transformers import WhisperConfig  # noqa: E402
@@ -139,6 +139,13 @@ def test_compiles_fullgraph_and_trains():
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+def test_balanced_chunks():
+    for count, most, expected in ((64, 16, 16), (17, 16, 9), (65, 16, 13), (5, 4, 3), (3, 10, 3), (1, 0, 1), (0, 4, 1)):
+        assert balanced_chunk(count, most) == expected, (count, most)
+        if count:  # as few chunks as the bound allows, none above it
+            assert -(-count // expected) == -(-count // max(1, min(count, most))) and expected <= max(most, 1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(device, monkeypatch):
     """Without gradients K/V are made kv_chunk_frames at a time (here one or two utterances, and one frame:
@@ -154,7 +161,8 @@ def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(dev
         agg.kv_chunk_frames = None
         whole = agg(tokens, cu, 30, h_key, h_val)
         assert not chunked
-        for frames, per_chunk in ((40, 1), (80, 2), (1, 1), (10**6, 5)):
+        # 160 frames: at most 4 utterances, in two chunks of 3 and 2 (not 4 and 1)
+        for frames, per_chunk in ((40, 1), (80, 2), (160, 3), (1, 1), (10**6, 5)):
             agg.kv_chunk_frames = frames
             torch.testing.assert_close(agg(tokens, cu, 30, h_key, h_val), whole, atol=2e-5, rtol=1e-5)
             assert chunked[-1]["chunk_size"] == per_chunk
