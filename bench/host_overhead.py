@@ -1,0 +1,142 @@
+"""Host work of the aggregator's CUDA code path, measured on any machine (a proxy for GPU runs that are host-bound).
+
+    python bench/host_overhead.py [--batch 64] [--reps 7] [--json out.json]
+
+On the H200 our aggregator at B=64 kept the GPU busy less than half of its wall time: the host issuing operators
+was the bottleneck (bench/RESULTS.md). This script measures that host work without a GPU. It runs this process's
+taste ops through their CUDA Python code (the K/V chunk loop, the launchers' tile and autotune bookkeeping) on CPU
+tensors, with every Triton launch replaced by a counter, on a problem so small (d_model 32, 2 queries and 2 frames
+per utterance) that the time left is the host's: Python, argument checks, operator dispatch. PyTorch SDPA on the
+padded batch, as in bench/aggregator.py (2), runs its own CPU operators on the same problem.
+
+Per provider it prints the host time of one forward (median), the operators it issues (the profiler's top-level
+events, and those our custom ops' Python issues inside them) and its Triton launches, which are not in the time (each costs a few us more on a GPU host). A proxy:
+CPU operators cost the host less than their CUDA counterparts (cuBLAS heuristics, kernel launches), so compare
+providers with each other, and GPU runs with GPU runs.
+
+This process is changed for good (our ops' CPU kernels are replaced): run it as a script, not from other code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aggregator import make_problem, sdpa  # noqa: E402
+from baselines import official_prefixed_ids, padded_aggregator  # noqa: E402
+from common import _quiet_stderr  # noqa: E402
+
+from taste import AggregatorConfig, TextQueryAggregator, ops, reference  # noqa: E402
+
+FRAMES = 2  # per utterance; the CUDA default chunk (24576 frames, 16 utterances of 1500) is kept in utterances
+CUDA_CHUNK_UTTERANCES = 16
+PYTHON_OPS = ("taste::text_query_attention", "taste::text_query_cross_attention")  # their CUDA code is Python
+
+
+def emulate_cuda_code_path() -> dict:
+    """Routes taste's attention ops through their CUDA implementations on CPU tensors, Triton launches counted and
+    skipped, value checks skipped as on CUDA tensors (they would sync). Returns the launch counter."""
+    import taste.kernels.attention as kernels
+
+    import taste.ops_attention as attention
+
+    launches = {"n": 0}
+
+    def count(*args, **kwargs):
+        launches["n"] += 1
+
+    kernels.launch_tuned = count
+    kernels.launch_fitting = lambda launch, tiles, key: count()
+    kernels.use_autotune = lambda *args: True  # bf16 problems of this size are autotuned on a GPU
+    attention._uses_triton = lambda q: True
+    attention._check_offsets = lambda cu, name, total, max_len, batch: None
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    attention._attention.register_kernel("cpu")(attention._attention_cuda)
+    attention._cross_attention.register_kernel("cpu")(attention._cross_attention_cuda)
+    return launches
+
+
+def providers(batch: int) -> dict:
+    torch.manual_seed(0)
+    config = AggregatorConfig.distil_large_v3(d_model=32, num_heads=1, ffn_dim=32, identity_v_proj=False)
+    agg = TextQueryAggregator(config=config).eval().requires_grad_(False)
+    p = make_problem(batch, 2, FRAMES, config.d_model, "cpu", torch.float32)
+    ids = official_prefixed_ids(p["tok_pad"], config.prefix_ids)[:, :-1]
+    prefix = len(config.prefix_ids)
+
+    def with_sdpa():
+        out = padded_aggregator(agg, ids, p["h_key"], p["h_val"], lambda q, k, v: sdpa(q, k, v, True), sdpa)
+        return reference.segment_mean(reference.pack_offsets(out[:, prefix:], p["cu"], p["n"]), p["offsets"])
+
+    def ours(chunk_frames):
+        def run():
+            agg.kv_chunk_frames = chunk_frames
+            return ops.segment_mean(agg(p["tokens"], p["cu"], p["S"], p["h_key"], p["h_val"]), p["offsets"])
+
+        return run
+
+    return {
+        "(2) pytorch sdpa padded": with_sdpa,
+        f"(4) ours, K/V {CUDA_CHUNK_UTTERANCES} utterances at a time": ours(CUDA_CHUNK_UTTERANCES * FRAMES),
+        "(5) ours, K/V at once": ours(None),
+    }
+
+
+def top_level_ops(fn) -> int:
+    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    def issued(e):  # called from Python: at the top, or inside one of our custom ops written in Python
+        return e.cpu_parent is None or e.cpu_parent.name in PYTHON_OPS
+
+    return sum(1 for e in prof.events() if issued(e))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64, help="utterances (default 64, the GPU target's batch)")
+    ap.add_argument("--reps", type=int, default=7, help="timed rounds of 50 forwards each (median)")
+    ap.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    args = ap.parse_args()
+    if args.batch < 1 or args.reps < 1:
+        ap.error("--batch and --reps must be >= 1")
+    torch.set_num_threads(1)
+    launches = emulate_cuda_code_path()
+    print(f"bench/host_overhead.py: host work of one aggregator forward + word pooling, B={args.batch}, our ops on "
+          f"their CUDA code path with CPU tensors (Triton launches counted, not run); torch {torch.__version__}",
+          flush=True)  # fmt: skip
+    results = []
+    with torch.no_grad():
+        for name, fn in providers(args.batch).items():
+            for _ in range(20):
+                fn()
+            rounds = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                for _ in range(50):
+                    fn()
+                rounds.append((time.perf_counter() - t0) / 50 * 1e6)
+            launches["n"] = 0
+            fn()
+            count = launches["n"]
+            results.append(dict(provider=name, host_us=statistics.median(rounds), operators=top_level_ops(fn),
+                                triton_launches=count))  # fmt: skip
+    base = results[0]["host_us"]
+    print("| provider | host time per forward | vs (2) | operators | Triton launches |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['provider']} | {r['host_us']:.0f} us | {r['host_us'] / base:.2f}x | {r['operators']} | "
+              f"{r['triton_launches']} |")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "torch": torch.__version__, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
