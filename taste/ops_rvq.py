@@ -125,12 +125,13 @@ def _stages(num_stages, q_total: int, device) -> Tensor:
                 f"taste: num_stages must be an int or a one-element integer tensor, got "
                 f"{num_stages.dtype} {tuple(num_stages.shape)}"
             )
-        return num_stages.reshape(()).to(device=device, dtype=torch.int64)
+        return num_stages.reshape(()).to(device=device, dtype=torch.int32)
     if not 0 <= int(num_stages) <= q_total:
         raise RuntimeError(f"taste: num_stages must be in [0, {q_total}], got {num_stages}")
     # A fill on the device, not torch.tensor(..., device=...): that copies from pageable host memory, which the CUDA
     # driver may serialise with the stream, and the encoder runs at every TASLM generation step.
-    return torch.full((), int(num_stages), dtype=torch.int64, device=device)
+    # int32, what the CUDA kernel reads: no conversion kernel per call.
+    return torch.full((), int(num_stages), dtype=torch.int32, device=device)
 
 
 def rvq_encode(x: Tensor, codebooks: Tensor, num_stages: int | Tensor | None = None, *, fast: bool = False):
