@@ -5,7 +5,8 @@
 #   OUTDIR/build.log        pip install --no-build-isolation --no-deps into a temporary prefix
 #   OUTDIR/tests.log        pytest (all tests; CUDA ones run here)
 #   OUTDIR/bench.log        every benchmark's table (+ the aggregator's and the RVQ's kernel profiles of ours)
-#   OUTDIR/bench.json       every benchmark's numbers by name (packing, aggregator, rvq, aggregator_train, generate)
+#   OUTDIR/bench.json       every benchmark's numbers by name (aggregator, rvq, generate, aggregator_train, packing,
+#                           aggregator_chunks)
 # Environment: PYTEST_ARGS (pytest arguments, split on spaces; default: all but the C++-error tests), TESTS=cuda
 # (the default selection, CUDA-marked tests only), TEST_TIMEOUT, BENCHES, BENCH_TIMEOUT (seconds each),
 # GENERATE_ARGS (extra arguments of bench/generate.py), TESTS_LAST=1 (benchmarks first, then the tests),
@@ -82,7 +83,7 @@ run_bench() {  # name, then the benchmark's command line (without --device/--jso
 }
 # BENCHES (default: all) picks benchmarks by name, e.g. BENCHES="aggregator rvq" for a short second call; the
 # issues' open GPU targets come first.
-benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing} "
+benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing aggregator_chunks} "
 want() { [[ $benches == *" $1 "* ]]; }
 # --profile: where our providers' device time goes, kernel by kernel (the open targets' next question). Not on the
 # generation benchmark: its compiled step replays CUDA graphs, which the profiler does not see into reliably.
@@ -94,13 +95,16 @@ read -r -a generate_args <<< "${GENERATE_ARGS:-}"
 want generate && run_bench generate bench/generate.py --compile "${generate_args[@]}"
 want aggregator_train && run_bench aggregator_train bench/aggregator.py --train --no-flex
 want packing && run_bench packing bench/packing.py
+# The K/V chunk's trade of memory against host work at B=64: 22 utterances at a time (3 chunks, about 245 MB
+# expected) beside the default's 16 (4 chunks, 198 MB on the H200) and all at once.
+want aggregator_chunks && run_bench aggregator_chunks bench/aggregator.py --batch 64 --no-flex --kv-chunk-frames 33000
 [ -n "${TESTS_LAST:-}" ] && run_tests
 # One JSON for all benchmarks: the device tool brings back at most 8 files.
-"$py" - "$out" <<'PY' && rm -f "$out"/packing.json "$out"/aggregator.json "$out"/rvq.json "$out"/aggregator_train.json "$out"/generate.json
+"$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks}.json
 import json, os, sys
 out = sys.argv[1]
 merged = {}
-for name in ("packing", "aggregator", "rvq", "aggregator_train", "generate"):
+for name in ("packing", "aggregator", "rvq", "aggregator_train", "generate", "aggregator_chunks"):
     path = os.path.join(out, name + ".json")
     if os.path.isfile(path):
         with open(path) as f:
