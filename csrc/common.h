@@ -35,6 +35,29 @@ TASTE_HD int64_t find_segment(const index_t* offsets, int64_t n, int64_t x, int6
   return lo;
 }
 
+// Row m of the prefix layout (see prefix_layout in taste/ops.py), for the CPU and the CUDA kernel alike: sequence b's
+// rows start at cu[b] + P * b and hold its P prefix ids, then its tokens. Writes the row's position, its id (a
+// prefix id, or the token it holds, which also records the row in token_rows) and, for m <= batch, cu_out[m].
+// A row whose token falls outside the n tokens (offsets not validated: CUDA without strict checks) gets id -1.
+template <typename id_t>
+TASTE_HD void prefix_row(const id_t* tokens, const id_t* prefix, const int32_t* cu, int64_t batch, int64_t n,
+                         int64_t P, int64_t m, int32_t* cu_out, id_t* ids, int64_t* positions, int64_t* token_rows) {
+  if (m <= batch) cu_out[m] = static_cast<int32_t>(cu[m] + P * m);
+  if (m >= n + batch * P) return;
+  const int64_t b = find_segment(cu, batch, m, P);
+  const int64_t p = m - cu[b] - P * b;  // >= 0 where cu[0] == 0
+  const int64_t token = cu[b] + p - P;
+  positions[m] = p;
+  if (p < P) {
+    ids[m] = p >= 0 ? prefix[p] : static_cast<id_t>(-1);
+  } else if (token >= 0 && token < n) {
+    ids[m] = tokens[token];
+    token_rows[token] = m;
+  } else {
+    ids[m] = static_cast<id_t>(-1);
+  }
+}
+
 // One row of the TASLM word-delay layout (see delay_layout in taste/ops.py for the definition).
 // p: row inside the output sequence, 0 <= p < L + delay + 1. wid: the sequence's word ids (L of them),
 // W: its number of words, base: global index of its first word, start: packed index of its first token.

@@ -1,9 +1,10 @@
 // CPU kernels of pack / pack_offsets / unpack: each sequence is one contiguous block of rows on both sides,
-// so a sequence is a single memcpy and sequences run in parallel. prefix_layout: one pass per sequence.
+// so a sequence is a single memcpy and sequences run in parallel. prefix_layout: the row function of csrc/common.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "../common.h"
@@ -69,24 +70,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_layout_cpu(con
   int32_t* cu_out = b.cu_out.data_ptr<int32_t>();
   int64_t* positions = b.positions.data_ptr<int64_t>();
   int64_t* token_rows = b.token_rows.data_ptr<int64_t>();
-  const int64_t P = b.prefix.size(0);
-  for (int64_t s = 0; s <= b.batch; ++s) cu_out[s] = static_cast<int32_t>(cu[s] + P * s);
+  const int64_t n = b.tokens.size(0), P = b.prefix.size(0);
   AT_DISPATCH_INDEX_TYPES(b.tokens.scalar_type(), "prefix_layout_cpu", [&] {
-    const index_t* tok = b.tokens.const_data_ptr<index_t>();
-    const index_t* pre = b.prefix.const_data_ptr<index_t>();
+    const index_t* tokens_p = b.tokens.const_data_ptr<index_t>();
+    const index_t* prefix_p = b.prefix.const_data_ptr<index_t>();
     index_t* ids = b.ids.data_ptr<index_t>();
-    at::parallel_for(0, b.batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {  // offsets validated: every row of sequence s is in range
-        const int64_t m0 = cu_out[s], L = cu[s + 1] - cu[s];
-        for (int64_t p = 0; p < P; ++p) {
-          ids[m0 + p] = pre[p];
-          positions[m0 + p] = p;
-        }
-        for (int64_t t = 0; t < L; ++t) {
-          ids[m0 + P + t] = tok[cu[s] + t];
-          positions[m0 + P + t] = P + t;
-          token_rows[cu[s] + t] = m0 + P + t;
-        }
+    at::parallel_for(0, std::max(b.rows, b.batch + 1), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        prefix_row(tokens_p, prefix_p, cu, b.batch, n, P, m, cu_out, ids, positions, token_rows);
       }
     });
   });

@@ -71,31 +71,14 @@ at::Tensor unpack_cuda(const at::Tensor& packed_in, const at::Tensor& cu_seqlens
   return out;
 }
 
-// One thread per row m of the prefixed layout (and per entry of cu_out, m <= B). Sequence b's rows start at
-// cu[b] + P * b: P prefix rows, then its tokens. Offsets that were not validated (CUDA without strict checks) never
-// make it read or write outside its tensors: a row whose token falls outside tokens gets id -1.
+// One thread per row of the prefix layout and per entry of its offsets (csrc/common.h: prefix_row).
 template <typename id_t>
-__global__ void prefix_layout_kernel(const id_t* __restrict__ tokens, const id_t* __restrict__ prefix_ids,
-                                     const int32_t* __restrict__ cu, int64_t batch, int64_t n_tokens, int64_t P,
-                                     int64_t rows, int32_t* __restrict__ cu_out, id_t* __restrict__ ids,
+__global__ void prefix_layout_kernel(const id_t* __restrict__ tokens, const id_t* __restrict__ prefix,
+                                     const int32_t* __restrict__ cu, int64_t batch, int64_t n, int64_t P,
+                                     int64_t threads, int32_t* __restrict__ cu_out, id_t* __restrict__ ids,
                                      int64_t* __restrict__ positions, int64_t* __restrict__ token_rows) {
   const int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (m <= batch) cu_out[m] = static_cast<int32_t>(cu[m] + P * m);
-  if (m >= rows) return;
-  const int64_t b = find_segment(cu, batch, m, P);
-  const int64_t p = m - cu[b] - P * b;  // >= 0 for offsets starting at 0
-  positions[m] = p;
-  if (p < P) {
-    ids[m] = p >= 0 ? prefix_ids[p] : static_cast<id_t>(-1);
-    return;
-  }
-  const int64_t n = cu[b] + p - P;
-  if (n < 0 || n >= n_tokens) {
-    ids[m] = static_cast<id_t>(-1);
-    return;
-  }
-  ids[m] = tokens[n];
-  token_rows[n] = m;
+  if (m < threads) prefix_row(tokens, prefix, cu, batch, n, P, m, cu_out, ids, positions, token_rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_layout_cuda(const at::Tensor& tokens,
@@ -109,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_layout_cuda(co
     prefix_layout_kernel<index_t><<<static_cast<unsigned>((threads + kThreads - 1) / kThreads), kThreads, 0,
                                     at::cuda::getCurrentCUDAStream()>>>(
         b.tokens.const_data_ptr<index_t>(), b.prefix.const_data_ptr<index_t>(), b.cu_seqlens.const_data_ptr<int32_t>(),
-        b.batch, b.tokens.size(0), b.prefix.size(0), b.rows, b.cu_out.data_ptr<int32_t>(), b.ids.data_ptr<index_t>(),
+        b.batch, b.tokens.size(0), b.prefix.size(0), threads, b.cu_out.data_ptr<int32_t>(), b.ids.data_ptr<index_t>(),
         b.positions.data_ptr<int64_t>(), b.token_rows.data_ptr<int64_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

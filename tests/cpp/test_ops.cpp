@@ -3,12 +3,15 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <functional>
 #include <map>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "../../csrc/common.h"
 
 namespace {
 
@@ -119,6 +122,19 @@ bool prefix_layout() {
   EXPECT(at::equal(ids, i64({90, 91, 5, 6, 90, 91, 90, 91, 7})));
   EXPECT(at::equal(positions, i64({0, 1, 2, 3, 0, 1, 0, 1, 2})));
   EXPECT(at::equal(token_rows, i64({2, 3, 8})));
+  // The row function the CUDA kernel runs on offsets it does not validate: it never reads outside the tokens.
+  const int64_t tok[2] = {5, 6}, pre[1] = {90};
+  auto rows_of = [&](std::vector<int32_t> cu_in) {
+    const int64_t batch = static_cast<int64_t>(cu_in.size()) - 1, rows = 2 + batch;
+    std::vector<int32_t> cu_o(cu_in.size());
+    std::vector<int64_t> ids_o(rows), pos_o(rows), tr(2, -7);
+    for (int64_t m = 0; m < std::max<int64_t>(rows, batch + 1); ++m) {
+      taste::prefix_row(tok, pre, cu_in.data(), batch, 2, 1, m, cu_o.data(), ids_o.data(), pos_o.data(), tr.data());
+    }
+    return ids_o;
+  };
+  EXPECT((rows_of({0, 5, 5}) == std::vector<int64_t>{90, 5, 6, -1}));  // sequence 0 claims tokens 2..4
+  EXPECT((rows_of({0, -5, 2}) == std::vector<int64_t>{-1, -1, 5, 6}));  // a negative offset
   return true;
 }
 
