@@ -10,9 +10,9 @@ per utterance) that the time left is the host's: Python, argument checks, operat
 padded batch, as in bench/aggregator.py (2), runs its own CPU operators on the same problem.
 
 Per provider it prints the host time of one forward (median), the operators it issues (the profiler's top-level
-events, and those our custom ops' Python issues inside them) and its Triton launches, which are not in the time (each costs a few us more on a GPU host). A proxy:
-CPU operators cost the host less than their CUDA counterparts (cuBLAS heuristics, kernel launches), so compare
-providers with each other, and GPU runs with GPU runs.
+events, and those our custom ops' Python issues inside them) and its Triton launches, which are not in the time
+(each costs a few us more on a GPU host). A proxy: CPU operators cost the host less than their CUDA counterparts
+(cuBLAS heuristics, kernel launches), so compare providers with each other, and GPU runs with GPU runs.
 
 This process is changed for good (our ops' CPU kernels are replaced): run it as a script, not from other code.
 """
@@ -42,8 +42,9 @@ PYTHON_OPS = ("taste::text_query_attention", "taste::text_query_cross_attention"
 
 
 def emulate_cuda_code_path() -> dict:
-    """Routes taste's attention ops through their CUDA implementations on CPU tensors, Triton launches counted and
-    skipped, value checks skipped as on CUDA tensors (they would sync). Returns the launch counter."""
+    """Routes taste's attention ops through their CUDA implementations on CPU tensors, whether called directly or
+    through the op (taste._dispatch), Triton launches counted and skipped, value checks skipped as on CUDA tensors
+    (they would sync). Returns the launch counter."""
     import taste.kernels.attention as kernels
 
     import taste.ops_attention as attention
@@ -57,6 +58,7 @@ def emulate_cuda_code_path() -> dict:
     kernels.launch_fitting = lambda launch, tiles, key: count()
     kernels.use_autotune = lambda *args: True  # bf16 problems of this size are autotuned on a GPU
     attention._uses_triton = lambda q: True
+    attention._cuda_kernel = lambda q: True  # direct calls (taste._dispatch) take the CUDA kernel too
     attention._check_offsets = lambda cu, name, total, max_len, batch: None
     torch.cuda.device = lambda device: contextlib.nullcontext()
     attention._attention.register_kernel("cpu")(attention._attention_cuda)
@@ -91,8 +93,11 @@ def providers(batch: int) -> dict:
 
 
 def top_level_ops(fn) -> int:
+    """Operators issued by one call of fn, under the profiler (with which our ops dispatch through the op: one more
+    operator per call of ours than the direct calls that the timing sees)."""
     with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
+
     def issued(e):  # called from Python: at the top, or inside one of our custom ops written in Python
         return e.cpu_parent is None or e.cpu_parent.name in PYTHON_OPS
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from taste import reference
+from taste._dispatch import direct_call_ok
 
 TRITON_HEAD_DIMS = (32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -18,6 +19,12 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _uses_triton(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in TRITON_DTYPES
+
+
+def _cuda_kernel(q: Tensor) -> bool:
+    """Whether a direct call (taste._dispatch) runs the op's CUDA kernel for q, else its default kernel
+    (``bench/host_overhead.py`` makes it say yes for CPU tensors)."""
+    return q.is_cuda
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -189,7 +196,10 @@ def text_query_attention(
     _check_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, None)
     _check_offsets(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, cu_seqlens_q.shape[0] - 1)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)[0]
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    if direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k):  # the op's own kernel, without its dispatch
+        return (_attention_cuda if _cuda_kernel(q) else reference.text_query_attention)(*args)[0]
+    return _attention(*args)[0]
 
 
 # ---- cross-attention with K/V projected from the encoder states a few sequences at a time (inference) ----
@@ -340,5 +350,7 @@ def text_query_cross_attention(
     _check_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, h_key.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chunk = max(h_key.shape[0], 1) if chunk_size is None else int(chunk_size)
-    return _cross_attention(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk,
-                            scale)  # fmt: skip
+    args = (q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk, scale)
+    if direct_call_ok(q, h_key, h_val, k_weight, v_weight, k_bias, v_bias, cu_seqlens_q):
+        return _cross_attention_cuda(*args) if _cuda_kernel(q) else _cross_attention_chunks(*args, triton_path=False)
+    return _cross_attention(*args)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from taste import reference
+from taste._dispatch import direct_call_ok
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -23,10 +24,14 @@ def _err_dtype(x: Tensor) -> torch.dtype:
 
 
 # Outputs (quantized, indices, sq_err): the float output first, which opcheck's gradient check needs.
-@torch.library.custom_op("taste::rvq_encode", mutates_args=())
-def _rvq_encode(x: Tensor, codebooks: Tensor, num_stages: Tensor, fast: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _rvq_encode_reference(x, codebooks, num_stages, fast):
     idx, quantized, sq_err = reference.rvq_encode(x, codebooks, num_stages, fast)
     return quantized, idx, sq_err
+
+
+@torch.library.custom_op("taste::rvq_encode", mutates_args=())
+def _rvq_encode(x: Tensor, codebooks: Tensor, num_stages: Tensor, fast: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _rvq_encode_reference(x, codebooks, num_stages, fast)
 
 
 @_rvq_encode.register_kernel("cuda")
@@ -34,8 +39,7 @@ def _rvq_encode_cuda(x, codebooks, num_stages, fast):
     from taste.kernels.rvq import MAX_DIM, rvq_encode_fwd
 
     if x.dtype not in TRITON_DTYPES or codebooks.dtype not in TRITON_DTYPES or x.shape[-1] > MAX_DIM:
-        idx, quantized, sq_err = reference.rvq_encode(x, codebooks, num_stages, fast)
-        return quantized, idx, sq_err
+        return _rvq_encode_reference(x, codebooks, num_stages, fast)
 
     wide = codebooks.float()  # no copy for float32; the exact mode multiplies 16-bit codebooks in float32 too
     norms = wide.square().sum(-1)  # (Q, K)
@@ -149,8 +153,16 @@ def rvq_encode(x: Tensor, codebooks: Tensor, num_stages: int | Tensor | None = N
         of the chosen codewords, with the straight-through gradient to x.
     """
     _check_codebooks(x, codebooks)
-    quantized, idx, _ = _rvq_encode(x, codebooks, _stages(num_stages, codebooks.shape[0], x.device), fast)
+    quantized, idx, _ = _encode(x, codebooks, _stages(num_stages, codebooks.shape[0], x.device), fast)
     return idx, quantized
+
+
+def _encode(x, codebooks, num_stages, fast):
+    """The rvq_encode op, or its kernel called directly where the op's dispatch would add nothing (taste._dispatch:
+    no gradient to record, no tracing)."""
+    if direct_call_ok(x, codebooks, num_stages):
+        return (_rvq_encode_cuda if x.is_cuda else _rvq_encode_reference)(x, codebooks, num_stages, fast)
+    return _rvq_encode(x, codebooks, num_stages, fast)
 
 
 class RVQQuantization(NamedTuple):
@@ -164,7 +176,7 @@ def rvq_quantize(x: Tensor, codebooks: Tensor, num_stages: int | Tensor | None =
     """:func:`rvq_encode` plus the commitment loss of vector-quantize-pytorch (mean over rows and dims of
     ``(sg(c_i) - r_{i-1})^2`` per stage, summed), differentiable in x. Returns :class:`RVQQuantization`."""
     _check_codebooks(x, codebooks)
-    quantized, idx, sq_err = _rvq_encode(x, codebooks, _stages(num_stages, codebooks.shape[0], x.device), fast)
+    quantized, idx, sq_err = _encode(x, codebooks, _stages(num_stages, codebooks.shape[0], x.device), fast)
     stage_losses = sq_err.sum(0) / max(x.shape[0] * x.shape[1], 1)
     return RVQQuantization(idx, quantized, stage_losses.sum(), stage_losses)
 
@@ -185,7 +197,10 @@ def rvq_decode(indices: Tensor, codebooks: Tensor) -> Tensor:
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= codebooks.shape[1]:
             raise RuntimeError(f"taste: indices must lie in [-1, K={codebooks.shape[1]}), got [{lo}, {hi}]")
-    return _rvq_decode(indices.long(), codebooks, None)
+    indices = indices.long()
+    if direct_call_ok(indices, codebooks):
+        return (_rvq_decode_cuda if codebooks.is_cuda else reference.rvq_decode)(indices, codebooks, None)
+    return _rvq_decode(indices, codebooks, None)
 
 
 def rvq_ema_statistics(x: Tensor, indices: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor]:
