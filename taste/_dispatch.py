@@ -6,7 +6,7 @@ the CPU machine (``bench/host_overhead.py``, B=64): calling the implementations 
 off the host time of one aggregator forward, whose CUDA calls were bound by the host on the H200. The direct call
 runs the same function the op's kernel would, so it is taken only where the op's dispatch would add nothing:
 
-- no gradient to record (grad mode off, or no input that requires it);
+- no gradient to record (grad mode off, or no input that requires it; no forward-mode dual level open);
 - not traced: not inside ``torch.compile``, no functorch transform (vmap, grad), only plain tensors and
   parameters (no fake, meta-functional or other subclass tensors);
 - no mode that intercepts operators (TorchDispatchMode, TorchFunctionMode: FakeTensorMode, FlopCounterMode,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor, nn
 
 ENABLED = os.environ.get("TASTE_DIRECT_CALLS", "1") != "0"
@@ -33,7 +34,7 @@ def direct_call_ok(*tensors: Tensor | None) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

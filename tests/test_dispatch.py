@@ -111,7 +111,7 @@ class Sub(torch.Tensor):
     pass
 
 
-def test_functorch_transforms_go_through_the_op():
+def test_functorch_transforms_and_forward_ad_go_through_the_op():
     seen = []
 
     def f(x):
@@ -119,9 +119,11 @@ def test_functorch_transforms_go_through_the_op():
         return x.sum()
 
     torch.func.grad(f)(torch.ones(3))
+    with torch.autograd.forward_ad.dual_level():  # forward-mode AD: the op says it has no rule, never a silent drop
+        f(torch.autograd.forward_ad.make_dual(torch.ones(3), torch.ones(3)))
     with torch.no_grad():
         torch.vmap(lambda x: seen.append(_dispatch.direct_call_ok(x)) or x)(torch.ones(2, 3))
-    assert seen == [False, False] and _dispatch.direct_call_ok(torch.ones(3))
+    assert seen == [False, False, False] and _dispatch.direct_call_ok(torch.ones(3))
 
 
 def test_compiled_graphs_keep_the_op(gen):
