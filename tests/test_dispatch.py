@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_cu
+from conftest import DEVICES, make_cu
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from taste import _dispatch, ops, ops_attention, ops_rvq
@@ -32,17 +32,19 @@ def op_calls(monkeypatch):
     return calls
 
 
-def test_direct_calls_give_the_ops_results(gen, monkeypatch):
-    q, k, v, cu_q, cu_k, max_q, max_k = attention_args(gen)
-    h = torch.randn(2, 7, 16, generator=gen)
-    w = torch.randn(64, 16, generator=gen)
-    x, books = torch.randn(10, 8, generator=gen), torch.randn(3, 16, 8, generator=gen)
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_calls_give_the_ops_results(device, gen, monkeypatch):
+    q, k, v, cu_q, cu_k, max_q, max_k = (t.to(device) if torch.is_tensor(t) else t for t in attention_args(gen))
+    h = torch.randn(2, 7, 16, generator=gen).to(device)
+    w = torch.randn(64, 16, generator=gen).to(device)
+    x, books = torch.randn(10, 8, generator=gen).to(device), torch.randn(3, 16, 8, generator=gen).to(device)
+    codes = torch.tensor([[0, 3, -1]], device=device)
 
     def run():
         with torch.no_grad():
             return (ops.text_query_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=True),
                     ops.text_query_cross_attention(q, h, h, w, w, cu_q, max_q, chunk_size=1),
-                    *ops.rvq_encode(x, books), ops.rvq_decode(torch.tensor([[0, 3, -1]]), books))  # fmt: skip
+                    *ops.rvq_encode(x, books), ops.rvq_decode(codes, books))  # fmt: skip
 
     direct = run()
     monkeypatch.setattr(_dispatch, "ENABLED", False)  # TASTE_DIRECT_CALLS=0
