@@ -113,17 +113,18 @@ class WhisperAttention(nn.Module):
     def forward_states(self, h_q, h_key, h_val, cu_seqlens_q, max_seqlen_q, chunk_frames=None):
         """Cross-attention of packed ``h_q`` rows over dense encoder states ``(B, E, d_model)``.
 
-        When no gradient is needed and ``chunk_frames`` is set, keys and values are projected for at most
-        ``chunk_frames // E`` utterances at a time, in chunks of equal size (:func:`balanced_chunk`;
-        ``ops.text_query_cross_attention``), so only that many utterances' K/V exist at once; otherwise every frame
-        is projected and the differentiable op runs."""
+        When no gradient is needed and ``chunk_frames`` holds fewer than the batch's utterances, keys and values
+        are projected for at most ``chunk_frames // E`` utterances at a time, in chunks of equal size
+        (:func:`balanced_chunk`; ``ops.text_query_cross_attention``), so only that many utterances' K/V exist at
+        once; otherwise every frame is projected and the differentiable op runs."""
         b, e, d = h_key.shape
         params = (self.k_proj.weight, self.v_proj.weight, self.v_proj.bias)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h_q, h_key, h_val, *params))
-        if chunk_frames and not grad:
+        per_chunk = balanced_chunk(b, chunk_frames // max(e, 1)) if chunk_frames else b
+        if per_chunk < b and not grad:  # (one chunk would hold the whole batch: the plain path, fewer operators)
             attn = text_query_cross_attention(
                 self._heads(self.q_proj(h_q)), h_key, h_val, self.k_proj.weight, self.v_proj.weight, cu_seqlens_q,
-                max_seqlen_q, v_bias=self.v_proj.bias, chunk_size=balanced_chunk(b, chunk_frames // max(e, 1)),
+                max_seqlen_q, v_bias=self.v_proj.bias, chunk_size=per_chunk,
             )  # fmt: skip
             return self._out(attn)
         cu_k = uniform_offsets(b, e, h_q.device)
