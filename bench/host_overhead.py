@@ -1,6 +1,6 @@
 """Host work of the aggregator's CUDA code path, measured on any machine (a proxy for GPU runs that are host-bound).
 
-    python bench/host_overhead.py [--batch 64] [--reps 7] [--json out.json]
+    python bench/host_overhead.py [--batch 64] [--reps 15] [--json out.json]
 
 On the H200 our aggregator at B=64 kept the GPU busy less than half of its wall time: the host issuing operators
 was the bottleneck (bench/RESULTS.md). This script measures that host work without a GPU. It runs this process's
@@ -107,7 +107,7 @@ def top_level_ops(fn) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64, help="utterances (default 64, the GPU target's batch)")
-    ap.add_argument("--reps", type=int, default=7, help="timed rounds of 50 forwards each (median)")
+    ap.add_argument("--reps", type=int, default=15, help="timed rounds of 20 forwards of each provider (median)")
     ap.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = ap.parse_args()
     if args.batch < 1 or args.reps < 1:
@@ -117,21 +117,24 @@ def main() -> None:
     print(f"bench/host_overhead.py: host work of one aggregator forward + word pooling, B={args.batch}, our ops on "
           f"their CUDA code path with CPU tensors (Triton launches counted, not run); torch {torch.__version__}",
           flush=True)  # fmt: skip
+    fns = providers(args.batch)
+    rounds = {name: [] for name in fns}
     results = []
     with torch.no_grad():
-        for name, fn in providers(args.batch).items():
+        for fn in fns.values():
             for _ in range(20):
                 fn()
-            rounds = []
-            for _ in range(args.reps):
+        for _ in range(args.reps):  # round-robin: a drift of the machine shifts every provider alike
+            for name, fn in fns.items():
                 t0 = time.perf_counter()
-                for _ in range(50):
+                for _ in range(20):
                     fn()
-                rounds.append((time.perf_counter() - t0) / 50 * 1e6)
+                rounds[name].append((time.perf_counter() - t0) / 20 * 1e6)
+        for name, fn in fns.items():
             launches["n"] = 0
             fn()
             count = launches["n"]
-            results.append(dict(provider=name, host_us=statistics.median(rounds), operators=top_level_ops(fn),
+            results.append(dict(provider=name, host_us=statistics.median(rounds[name]), operators=top_level_ops(fn),
                                 triton_launches=count))  # fmt: skip
     base = results[0]["host_us"]
     print("| provider | host time per forward | vs (2) | operators | Triton launches |\n|---|---|---|---|---|")
