@@ -145,6 +145,8 @@ def test_fallback_to_reference_without_extension():
         offsets = ops.word_offsets(torch.tensor([0, 0, 1]), cu)
         assert offsets.tolist() == [0, 2, 3]
         assert ops.segment_mean(packed, offsets).tolist() == [0.5, 3.0]
+        layout = ops.prefix_layout(torch.tensor([5, 6, 7]), cu, torch.tensor([9]))
+        assert layout.ids.tolist() == [9, 5, 6, 9, 7] and layout.token_rows.tolist() == [1, 2, 4]
         print("ok")
         """
     )
