@@ -47,6 +47,7 @@ def emulate_cuda_code_path() -> dict:
     (they would sync). Returns the launch counter."""
     import taste.kernels.attention as kernels
 
+    import taste._dispatch as dispatch
     import taste.ops_attention as attention
 
     launches = {"n": 0}
@@ -58,7 +59,7 @@ def emulate_cuda_code_path() -> dict:
     kernels.launch_fitting = lambda launch, tiles, key: count()
     kernels.use_autotune = lambda *args: True  # bf16 problems of this size are autotuned on a GPU
     attention._uses_triton = lambda q: True
-    attention._cuda_kernel = lambda q: True  # direct calls (taste._dispatch) take the CUDA kernel too
+    dispatch.on_cuda = lambda t: True  # direct calls (taste._dispatch) take the CUDA kernel too
     attention._check_offsets = lambda cu, name, total, max_len, batch: None
     torch.cuda.device = lambda device: contextlib.nullcontext()
     attention._attention.register_kernel("cpu")(attention._attention_cuda)

@@ -43,3 +43,17 @@ def direct_call_ok(*tensors: Tensor | None) -> bool:
         if type(t) not in _PLAIN or (grad and t.requires_grad):
             return False
     return True
+
+
+def on_cuda(t: Tensor) -> bool:
+    """Which kernel a direct call runs: the op's CUDA kernel for a CUDA tensor, else its default kernel
+    (``bench/host_overhead.py`` makes CPU tensors take the CUDA kernel)."""
+    return t.is_cuda
+
+
+def call(op, cuda_kernel, default_kernel, args: tuple, *tensors: Tensor | None):
+    """``op(*args)``; or, where :func:`direct_call_ok` holds for ``tensors``, the kernel that the op would run for
+    the device of ``tensors[0]``, called directly."""
+    if direct_call_ok(*tensors):
+        return (cuda_kernel if on_cuda(tensors[0]) else default_kernel)(*args)
+    return op(*args)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from taste import reference
-from taste._dispatch import direct_call_ok
+from taste._dispatch import call
 
 TRITON_HEAD_DIMS = (32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -19,12 +19,6 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _uses_triton(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in TRITON_DTYPES
-
-
-def _cuda_kernel(q: Tensor) -> bool:
-    """Whether a direct call (taste._dispatch) runs the op's CUDA kernel for q, else its default kernel
-    (``bench/host_overhead.py`` makes it say yes for CPU tensors)."""
-    return q.is_cuda
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -197,9 +191,8 @@ def text_query_attention(
     _check_offsets(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, cu_seqlens_q.shape[0] - 1)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
-    if direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k):  # the op's own kernel, without its dispatch
-        return (_attention_cuda if _cuda_kernel(q) else reference.text_query_attention)(*args)[0]
-    return _attention(*args)[0]
+    return call(_attention, _attention_cuda, reference.text_query_attention, args, q, k, v, cu_seqlens_q,
+                cu_seqlens_k)[0]  # fmt: skip
 
 
 # ---- cross-attention with K/V projected from the encoder states a few sequences at a time (inference) ----
@@ -253,6 +246,12 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
     return out
 
 
+def _cross_attention_reference(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk,
+                               scale):  # fmt: skip
+    return _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q,
+                                   chunk, scale, triton_path=False)  # fmt: skip
+
+
 @torch.library.custom_op("taste::text_query_cross_attention", mutates_args=())
 def _cross_attention(
     q: Tensor,
@@ -267,8 +266,8 @@ def _cross_attention(
     chunk: int,
     scale: float,
 ) -> Tensor:
-    return _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q,
-                                   chunk, scale, triton_path=False)  # fmt: skip
+    return _cross_attention_reference(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q,
+                                      chunk, scale)  # fmt: skip
 
 
 @_cross_attention.register_kernel("cuda")
@@ -354,6 +353,5 @@ def text_query_cross_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chunk = max(h_key.shape[0], 1) if chunk_size is None else int(chunk_size)
     args = (q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk, scale)
-    if direct_call_ok(q, h_key, h_val, k_weight, v_weight, k_bias, v_bias, cu_seqlens_q):
-        return _cross_attention_cuda(*args) if _cuda_kernel(q) else _cross_attention_chunks(*args, triton_path=False)
-    return _cross_attention(*args)
+    return call(_cross_attention, _cross_attention_cuda, _cross_attention_reference, args, q, h_key, h_val, k_weight,
+                v_weight, k_bias, v_bias, cu_seqlens_q)  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from taste import reference
-from taste._dispatch import direct_call_ok
+from taste._dispatch import call
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -160,9 +160,8 @@ def rvq_encode(x: Tensor, codebooks: Tensor, num_stages: int | Tensor | None = N
 def _encode(x, codebooks, num_stages, fast):
     """The rvq_encode op, or its kernel called directly where the op's dispatch would add nothing (taste._dispatch:
     no gradient to record, no tracing)."""
-    if direct_call_ok(x, codebooks, num_stages):
-        return (_rvq_encode_cuda if x.is_cuda else _rvq_encode_reference)(x, codebooks, num_stages, fast)
-    return _rvq_encode(x, codebooks, num_stages, fast)
+    args = (x, codebooks, num_stages, fast)
+    return call(_rvq_encode, _rvq_encode_cuda, _rvq_encode_reference, args, x, codebooks, num_stages)
 
 
 class RVQQuantization(NamedTuple):
@@ -197,10 +196,8 @@ def rvq_decode(indices: Tensor, codebooks: Tensor) -> Tensor:
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= codebooks.shape[1]:
             raise RuntimeError(f"taste: indices must lie in [-1, K={codebooks.shape[1]}), got [{lo}, {hi}]")
-    indices = indices.long()
-    if direct_call_ok(indices, codebooks):
-        return (_rvq_decode_cuda if codebooks.is_cuda else reference.rvq_decode)(indices, codebooks, None)
-    return _rvq_decode(indices, codebooks, None)
+    args = (indices.long(), codebooks, None)
+    return call(_rvq_decode, _rvq_decode_cuda, reference.rvq_decode, args, codebooks, args[0])
 
 
 def rvq_ema_statistics(x: Tensor, indices: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor]:
