@@ -243,10 +243,11 @@ def main() -> None:
         problem = make_problem(batch, prob["queries"], prob["frames"], prob["d_model"], dev, dtype)
         label = f"B={batch} N={problem['n']}"
         cases = aggregator_providers(agg, problem, args.train, flex, compiled)
-        rows += measure(f"aggregator+pooling {label}", cases, dev, args.reps)
-        for r in rows:  # CUDA graphs replay in a private pool allocated while recording: no peak to read per call
+        case_rows = measure(f"aggregator+pooling {label}", cases, dev, args.reps)
+        for r in case_rows:  # CUDA graphs replay in a private pool allocated while recording: no peak to read per call
             if r.provider == "(6) ours compiled" and dev == "cuda":
                 r.peak_mb = float("nan")
+        rows += case_rows
         providers, nbytes = attention_providers(agg, problem, args.train, flex)
         rows += measure(f"attention+pooling {label}", providers, dev, args.reps, bytes_moved=nbytes)
     ceiling = copy_ceiling_gbps(dev) if dev == "cuda" else None

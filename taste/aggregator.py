@@ -175,10 +175,10 @@ class TextQueryAggregator(nn.Module):
 
     ``kv_chunk_frames`` (attribute): when no gradient is needed, the cross-attention keys and values are made for
     at most this many encoder frames (whole utterances, at least one; chunks of equal size) at a time and freed
-    after their queries have attended, so inference never holds the whole batch's K/V (2 x B x E x d_model). ``"auto"`` (default): 24576
-    on CUDA (16 utterances of 30 s, enough for the attention grid to fill a GPU), 6000 elsewhere (4 utterances: on
-    2 CPU cores as fast as all at once, where 2 utterances measured ~5% slower). ``None`` projects every frame at
-    once, as training always does.
+    after their queries have attended, so inference never holds the whole batch's K/V (2 x B x E x d_model).
+    ``"auto"`` (default): 24576 on CUDA (16 utterances of 30 s, enough for the attention grid to fill a GPU), 6000
+    elsewhere (4 utterances: on 2 CPU cores as fast as all at once, where 2 utterances measured ~5% slower). ``None``
+    projects every frame at once, as training always does.
     """
 
     kv_chunk_frames: int | str | None = "auto"
