@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taste.ops import prefix_layout, text_query_attention, text_query_cross_attention
+from taste.ops import (
+    cross_attention_folds,
+    prefix_layout,
+    text_query_attention,
+    text_query_cross_attention,
+    text_query_cross_attention_folded,
+)
 from taste.ops_attention import uniform_offsets
 
 OFFICIAL_PREFIX = "audio_tower.audio_joint_encoder_segmenter.audio_segmenter.decoder."
@@ -110,15 +116,23 @@ class WhisperAttention(nn.Module):
         )  # fmt: skip
         return self._out(attn)
 
-    def forward_states(self, h_q, h_key, h_val, cu_seqlens_q, max_seqlen_q, chunk_frames=None):
+    def forward_states(self, h_q, h_key, h_val, cu_seqlens_q, max_seqlen_q, chunk_frames=None, fold=True):
         """Cross-attention of packed ``h_q`` rows over dense encoder states ``(B, E, d_model)``.
 
-        When no gradient is needed and ``chunk_frames`` holds fewer than the batch's utterances, keys and values
-        are projected for at most ``chunk_frames // E`` utterances at a time, in chunks of equal size
-        (:func:`balanced_chunk`; ``ops.text_query_cross_attention``), so only that many utterances' K/V exist at
-        once; otherwise every frame is projected and the differentiable op runs."""
+        With ``fold``, where utterances hold few queries (on the CPU; ``ops.cross_attention_folds``), the key and value
+        projections are folded into the queries and outputs (``ops.text_query_cross_attention_folded``): no K/V is
+        made, with or without gradients. Otherwise, when no gradient is needed and ``chunk_frames`` holds fewer
+        than the batch's utterances, keys and values are projected for at most ``chunk_frames // E`` utterances at
+        a time, in chunks of equal size (:func:`balanced_chunk`; ``ops.text_query_cross_attention``), so only that
+        many utterances' K/V exist at once; otherwise every frame is projected and the differentiable op runs."""
         b, e, d = h_key.shape
         params = (self.k_proj.weight, self.v_proj.weight, self.v_proj.bias)
+        if fold and cross_attention_folds(max_seqlen_q, self.heads, d, e, h_q.device):
+            attn = text_query_cross_attention_folded(
+                self._heads(self.q_proj(h_q)), h_key, h_val, self.k_proj.weight, self.v_proj.weight, cu_seqlens_q,
+                max_seqlen_q, v_bias=self.v_proj.bias,
+            )  # fmt: skip
+            return self._out(attn)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h_q, h_key, h_val, *params))
         per_chunk = balanced_chunk(b, chunk_frames // max(e, 1)) if chunk_frames else b
         if per_chunk < b and not grad:  # (one chunk would hold the whole batch: the plain path, fewer operators)
@@ -162,11 +176,11 @@ class AggregatorLayer(WhisperLayer):
         self.encoder_attn = WhisperAttention(config.d_model, config.num_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
-    def forward(self, x, cu_seqlens, max_seqlen, h_key, h_val, kv_chunk_frames=None):
+    def forward(self, x, cu_seqlens, max_seqlen, h_key, h_val, kv_chunk_frames=None, fold_kv=True):
         h = self.self_attn_layer_norm(x)
         x = x + self.self_attn(h, h, h, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         h = self.encoder_attn_layer_norm(x)
-        x = x + self.encoder_attn.forward_states(h, h_key, h_val, cu_seqlens, max_seqlen, kv_chunk_frames)
+        x = x + self.encoder_attn.forward_states(h, h_key, h_val, cu_seqlens, max_seqlen, kv_chunk_frames, fold_kv)
         return self.ffn(x)
 
 
@@ -179,9 +193,16 @@ class TextQueryAggregator(nn.Module):
     ``"auto"`` (default): 24576 on CUDA (16 utterances of 30 s, enough for the attention grid to fill a GPU), 6000
     elsewhere (4 utterances: on 2 CPU cores as fast as all at once, where 2 utterances measured ~5% slower). ``None``
     projects every frame at once, as training always does.
+
+    ``fold_kv`` (attribute, default True): on the CPU, where no utterance holds more than about 0.85 x a head dim
+    of queries, prefix included (``ops.cross_attention_folds``), the cross-attention folds the key and value
+    projections into the queries and outputs instead of projecting every frame
+    (``ops.text_query_cross_attention_folded``), in training and inference alike: the same function, fewer
+    multiply-adds, no K/V in memory. False always projects.
     """
 
     kv_chunk_frames: int | str | None = "auto"
+    fold_kv: bool = True
 
     def resolved_kv_chunk_frames(self, device: torch.device) -> int | None:
         """The frames per K/V chunk that inference on ``device`` uses (None: all at once)."""
@@ -249,7 +270,7 @@ class TextQueryAggregator(nn.Module):
         x = self.embed_tokens(layout.ids) + self.embed_positions(layout.positions)  # (N + B*P, d)
         chunk = self.resolved_kv_chunk_frames(h_key.device)
         for layer in self.layers:
-            x = layer(x, layout.cu_seqlens, max_seqlen + prefix, h_key, h_val, chunk)
+            x = layer(x, layout.cu_seqlens, max_seqlen + prefix, h_key, h_val, chunk, self.fold_kv)
         return self.layer_norm(x[layout.token_rows])  # (N, d): the skip_prefix prefix outputs dropped
 
     @classmethod

@@ -361,7 +361,12 @@ if HAS_EXTENSION:
     torch.library.register_autograd("taste::segment_sum_by_key", _by_key_backward, setup_context=_by_key_setup)
 
 
-from taste.ops_attention import text_query_attention, text_query_cross_attention  # noqa: E402,F401  (Triton custom op, see the module)
+from taste.ops_attention import (  # noqa: E402,F401  (Triton custom op, see the module)
+    cross_attention_folds,
+    text_query_attention,
+    text_query_cross_attention,
+    text_query_cross_attention_folded,
+)
 from taste.ops_rvq import (  # noqa: E402,F401  (Triton custom ops, see the module)
     RVQQuantization,
     rvq_decode,

@@ -252,6 +252,36 @@ def _cross_attention_reference(q, h_key, h_val, k_weight, k_bias, v_weight, v_bi
                                    chunk, scale, triton_path=False)  # fmt: skip
 
 
+def _check_cross_args(q, h_key, h_val, k_weight, v_weight, k_bias, v_bias, cu_seqlens_q, max_seqlen_q):
+    """The argument checks shared by both cross-attentions; returns the named weight-side tensors."""
+    if q.dim() != 3 or not q.is_floating_point():
+        raise RuntimeError(f"taste: q must be a floating-point (rows, heads, head_dim) tensor, got {q.dtype} "
+                           f"{tuple(q.shape)}")  # fmt: skip
+    if h_key.dim() != 3 or h_key.shape != h_val.shape:
+        raise RuntimeError(f"taste: h_key and h_val must both be (B, E, d_in), got {tuple(h_key.shape)} and "
+                           f"{tuple(h_val.shape)}")  # fmt: skip
+    width = q.shape[1] * q.shape[2]
+    for name, w in (("k_weight", k_weight), ("v_weight", v_weight)):
+        if w.shape != (width, h_key.shape[2]):
+            raise RuntimeError(f"taste: {name} must be (H * D, d_in) = ({width}, {h_key.shape[2]}), got "
+                               f"{tuple(w.shape)}")  # fmt: skip
+    for name, bias in (("k_bias", k_bias), ("v_bias", v_bias)):
+        if bias is not None and bias.shape != (width,):
+            raise RuntimeError(f"taste: {name} must be (H * D,) = ({width},) or None, got {tuple(bias.shape)}")
+    named = [("h_key", h_key), ("h_val", h_val), ("k_weight", k_weight), ("v_weight", v_weight),
+             ("k_bias", k_bias), ("v_bias", v_bias)]  # fmt: skip
+    for name, t in named:
+        if t is not None and (t.dtype != q.dtype or t.device != q.device):
+            raise RuntimeError(f"taste: {name} must have q's dtype and device ({q.dtype}, {q.device}), got "
+                               f"{t.dtype}, {t.device}")  # fmt: skip
+    if cu_seqlens_q.device != q.device:
+        raise RuntimeError(f"taste: cu_seqlens_q must be on q's device ({q.device}), got {cu_seqlens_q.device}")
+    if max_seqlen_q < 0:
+        raise RuntimeError(f"taste: max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    _check_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, h_key.shape[0])
+    return named
+
+
 @torch.library.custom_op("taste::text_query_cross_attention", mutates_args=())
 def _cross_attention(
     q: Tensor,
@@ -318,40 +348,86 @@ def text_query_cross_attention(
     Returns:
         ``(Nq, H, D)`` in q.dtype.
     """
-    if q.dim() != 3 or not q.is_floating_point():
-        raise RuntimeError(f"taste: q must be a floating-point (rows, heads, head_dim) tensor, got {q.dtype} "
-                           f"{tuple(q.shape)}")  # fmt: skip
-    if h_key.dim() != 3 or h_key.shape != h_val.shape:
-        raise RuntimeError(f"taste: h_key and h_val must both be (B, E, d_in), got {tuple(h_key.shape)} and "
-                           f"{tuple(h_val.shape)}")  # fmt: skip
-    width = q.shape[1] * q.shape[2]
-    for name, w in (("k_weight", k_weight), ("v_weight", v_weight)):
-        if w.shape != (width, h_key.shape[2]):
-            raise RuntimeError(f"taste: {name} must be (H * D, d_in) = ({width}, {h_key.shape[2]}), got "
-                               f"{tuple(w.shape)}")  # fmt: skip
-    for name, bias in (("k_bias", k_bias), ("v_bias", v_bias)):
-        if bias is not None and bias.shape != (width,):
-            raise RuntimeError(f"taste: {name} must be (H * D,) = ({width},) or None, got {tuple(bias.shape)}")
-    named = [("h_key", h_key), ("h_val", h_val), ("k_weight", k_weight), ("v_weight", v_weight),
-             ("k_bias", k_bias), ("v_bias", v_bias)]  # fmt: skip
-    for name, t in named:
-        if t is not None and (t.dtype != q.dtype or t.device != q.device):
-            raise RuntimeError(f"taste: {name} must have q's dtype and device ({q.dtype}, {q.device}), got "
-                               f"{t.dtype}, {t.device}")  # fmt: skip
-    if cu_seqlens_q.device != q.device:
-        raise RuntimeError(f"taste: cu_seqlens_q must be on q's device ({q.device}), got {cu_seqlens_q.device}")
+    named = _check_cross_args(q, h_key, h_val, k_weight, v_weight, k_bias, v_bias, cu_seqlens_q, max_seqlen_q)
     if q.is_cuda and q.shape[-1] not in TRITON_HEAD_DIMS:
         raise RuntimeError(f"taste: head_dim must be one of {TRITON_HEAD_DIMS} on CUDA, got {q.shape[-1]}")
-    if max_seqlen_q < 0:
-        raise RuntimeError(f"taste: max_seqlen_q must be >= 0, got {max_seqlen_q}")
     if chunk_size is not None and chunk_size < 1:
         raise RuntimeError(f"taste: chunk_size must be >= 1 or None, got {chunk_size}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for _, t in named + [("q", q)]):
         raise RuntimeError("taste: text_query_cross_attention is inference only (no backward); call it under "
                            "torch.no_grad() or use text_query_attention on projected K/V")  # fmt: skip
-    _check_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, h_key.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chunk = max(h_key.shape[0], 1) if chunk_size is None else int(chunk_size)
     args = (q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk, scale)
     return call(_cross_attention, _cross_attention_cuda, _cross_attention_reference, args, q, h_key, h_val, k_weight,
                 v_weight, k_bias, v_bias, cu_seqlens_q)  # fmt: skip
+
+
+# ---- cross-attention with the key and value projections folded into the queries and outputs ----
+
+FOLD_RATIO = 0.85  # measured on the CPU (bench/RESULTS.md): folding pays while max_seqlen_q x H < ~0.85-1.1 x d_in
+
+
+def cross_attention_folds(max_seqlen_q: int, heads: int, d_in: int, frames: int, device: torch.device) -> bool:
+    """Whether :func:`text_query_cross_attention_folded` is expected to beat projecting every frame's K/V, for
+    sequences of at most ``max_seqlen_q`` queries in ``heads`` heads over ``frames`` encoder states of width
+    ``d_in`` (host values only: no sync).
+
+    Per frame of a sequence of ``L`` queries, projecting K and V costs ``2 x d_in x H x D`` multiply-adds and the
+    attention ``2 x L x H x D``; folded, the attention costs ``2 x L x H x d_in`` and nothing is projected. With
+    ``H x D = d_in`` (Whisper) folding does less work while ``L x (H - 1) < d_in``. The attention at width ``d_in``
+    runs slower per multiply-add than the GEMMs it replaces and pads every sequence to ``max_seqlen_q`` queries, so
+    the rule, measured on 2 CPU cores, is ``max_seqlen_q x H < FOLD_RATIO x d_in`` (about ``0.85 x D`` queries). On
+    the CPU only: on CUDA the Triton kernel has no head dim of ``d_in``."""
+    if device.type == "cuda" or frames == 0 or heads < 2:
+        return False
+    return max_seqlen_q * heads < FOLD_RATIO * d_in
+
+
+def text_query_cross_attention_folded(
+    q: Tensor,
+    h_key: Tensor,
+    h_val: Tensor,
+    k_weight: Tensor,
+    v_weight: Tensor,
+    cu_seqlens_q: Tensor,
+    max_seqlen_q: int,
+    *,
+    k_bias: Tensor | None = None,
+    v_bias: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """The cross-attention of :func:`text_query_cross_attention`, computed without projecting any key or value.
+
+    For head h with key rows ``W_k[h]`` ``(D, d_in)`` and value rows ``W_v[h]``, ``q_h . (W_k[h] x) = (q_h W_k[h])
+    . x``: each query is mapped once into the encoder's width, attends over the raw states ``h_key`` (the H heads of
+    a sequence are H x its queries over one shared head of width ``d_in``), and since a query's attention weights
+    sum to one, ``sum_j p_j (W_v[h] x_j + b) = W_v[h] (sum_j p_j x_j) + b`` maps its output back. ``k_bias`` adds
+    the same score to every key of a query, which the softmax cancels: it is accepted and exactly ignored. No K/V
+    is made, and for a sequence of ``L`` queries each frame costs ``2 x L x H x d_in`` multiply-adds instead of
+    ``2 x (d_in + L) x H x D``: fewer while sequences hold fewer queries than about a head dim
+    (:func:`cross_attention_folds`).
+
+    Differentiable (through ``text_query_attention`` and matrix products); any device where ``text_query_attention``
+    takes head dim ``d_in`` (on CUDA: ``d_in`` in (32, 64, 128)). Arguments as :func:`text_query_cross_attention`
+    (no ``chunk_size``: nothing per frame is made). Returns ``(Nq, H, D)`` in q.dtype, 0 where a sequence has no
+    frames.
+    """
+    _check_cross_args(q, h_key, h_val, k_weight, v_weight, k_bias, v_bias, cu_seqlens_q, max_seqlen_q)
+    rows, heads, head_dim = q.shape
+    batch, frames, d_in = h_key.shape
+    if q.is_cuda and d_in not in TRITON_HEAD_DIMS:
+        raise RuntimeError(f"taste: the folded cross-attention attends at the encoder width d_in, which on CUDA must "
+                           f"be one of {TRITON_HEAD_DIMS}, got {d_in}")  # fmt: skip
+    if frames == 0:  # no key anywhere: every output is 0 (the bias is not added to an empty attention)
+        return torch.zeros_like(q)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    # (H, rows, D) @ (H, D, d_in) -> (rows, H, d_in): row-major, so sequence b's H x rows are contiguous
+    q_in = torch.bmm(q.transpose(0, 1), k_weight.view(heads, head_dim, d_in)).transpose(0, 1).reshape(-1, 1, d_in)
+    o_in = text_query_attention(
+        q_in, h_key.reshape(batch * frames, 1, d_in), h_val.reshape(batch * frames, 1, d_in), cu_seqlens_q * heads,
+        uniform_offsets(batch, frames, q.device), max_seqlen_q * heads, frames, scale=scale,
+    )  # fmt: skip
+    out = torch.bmm(o_in.view(rows, heads, d_in).transpose(0, 1), v_weight.view(heads, head_dim, d_in).transpose(1, 2))
+    out = out.transpose(0, 1)  # (rows, H, D)
+    return out if v_bias is None else out + v_bias.view(heads, head_dim)

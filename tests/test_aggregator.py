@@ -71,17 +71,32 @@ def batch(lengths, frames=50, dtype=torch.float64, seed=1):
     return tokens, make_cu(lengths), h_key, h_val
 
 
+def force_path(agg, monkeypatch, path=None):
+    """Forces the CPU cross-attention's path: "fold" (K/V projections folded into the queries and outputs),
+    "project" (K/V made from every frame) or None (the default rule). Returns a list that grows by one each time a
+    cross-attention k_proj module runs on the states, which the projecting path does and the folded one does not."""
+    if path is not None:
+        monkeypatch.setattr(ops_attention, "FOLD_RATIO", 1e9 if path == "fold" else 0.0)
+    projected = []
+    for layer in agg.layers:
+        layer.encoder_attn.k_proj.register_forward_hook(lambda *_: projected.append(True))
+    return projected
+
+
+@pytest.mark.parametrize("path", ["fold", "project"])
 @pytest.mark.parametrize("lengths", [[1], [5, 1, 9], [30, 2, 17, 1]])
-def test_matches_whisper_decoder_with_separate_key_and_value_states(lengths):
+def test_matches_whisper_decoder_with_separate_key_and_value_states(lengths, path, monkeypatch):
     decoder = whisper_decoder()
     agg = TextQueryAggregator.from_whisper_decoder(decoder, prefix_ids=PREFIX, identity_v_proj=False)
     tokens, cu, h_key, h_val = batch(lengths)
+    projected = force_path(agg, monkeypatch, path)
     out = agg(tokens, cu, max(lengths), h_key, h_val)
     assert out.shape == (sum(lengths), 64) and out.dtype == torch.float64
     torch.testing.assert_close(out, hf_reference(decoder, tokens, cu, h_key, h_val), atol=1e-12, rtol=1e-12)
     # Same states for keys and values: the unmodified transformers decoder.
     out_same = agg(tokens, cu, max(lengths), h_key, h_key)
     torch.testing.assert_close(out_same, hf_reference(decoder, tokens, cu, h_key, h_key), atol=1e-12, rtol=1e-12)
+    assert len(projected) == (0 if path == "fold" else 4)  # 2 layers x 2 calls
 
 
 def test_identity_v_proj_and_config_from_decoder():
@@ -131,7 +146,8 @@ def test_compiles_fullgraph_and_trains():
     eager = agg(tokens, cu, 9, h_key, h_val)
     got = compiled(tokens, cu, 9, h_key, h_val)
     torch.testing.assert_close(got, eager)
-    agg.kv_chunk_frames = 40  # inference: K/V one utterance at a time, also compiled whole
+    assert ops.cross_attention_folds(9 + 4, 2, 64, 40, h_key.device)  # so far: K/V projections folded
+    agg.fold_kv, agg.kv_chunk_frames = False, 40  # inference: K/V one utterance at a time, also compiled whole
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens, cu, 9, h_key, h_val), eager, atol=2e-5, rtol=1e-5)
     got.square().mean().backward()
@@ -152,6 +168,7 @@ def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(dev
     still one utterance); the output equals the unchunked one. With gradients the differentiable path runs."""
     agg = TextQueryAggregator(config=AggregatorConfig.tiny()).to(device)
     assert agg.kv_chunk_frames == "auto"
+    agg.fold_kv = False  # (folded, the CPU makes no K/V to chunk)
     assert agg.resolved_kv_chunk_frames(torch.device(device)) == (24576 if device == "cuda" else 6000)
     tokens, cu, h_key, h_val = (t.to(device) for t in batch([7, 0, 12, 1, 30], frames=40, dtype=torch.float32))
     chunked = []
@@ -176,6 +193,32 @@ def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(dev
     torch.testing.assert_close(out, whole, atol=2e-5, rtol=1e-5)
     out.square().mean().backward()
     assert agg.layers[0].encoder_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_folds_where_utterances_are_short_in_training_and_inference(monkeypatch):
+    """With the default rule: a batch of short utterances folds the K/V projections, one long utterance makes the
+    batch project them; fold_kv=False always projects. Outputs and gradients agree across the paths (float64)."""
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny()).double()
+    projected = force_path(agg, monkeypatch)
+    assert agg.fold_kv is True and ops_attention.FOLD_RATIO == 0.85
+    short = batch([5, 9, 2, 20], frames=40)  # at most 24 queries with the prefix: 24 x 2 heads < 0.85 x 64
+    long = batch([5, 9, 2, 24], frames=40)  # 28 x 2 >= 0.85 x 64
+    for (tokens, cu, h_key, h_val), folds in ((short, True), (long, False)):
+        runs = {}
+        for fold_kv in (True, False):
+            agg.fold_kv = fold_kv
+            agg.zero_grad()
+            del projected[:]
+            h_key.grad = h_val.grad = None
+            with torch.no_grad():
+                inference = agg(tokens, cu, int(cu.diff().max()), h_key, h_val)
+            out = agg(tokens, cu, int(cu.diff().max()), h_key.requires_grad_(), h_val.requires_grad_())
+            out.square().mean().backward()
+            assert len(projected) == (0 if fold_kv and folds else 4), (fold_kv, folds)  # 2 layers x 2 calls
+            torch.testing.assert_close(inference, out, atol=0, rtol=0)
+            runs[fold_kv] = [out, h_key.grad, h_val.grad] + [p.grad for p in agg.parameters()]
+        for a, b in zip(runs[True], runs[False]):
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
 
 
 @pytest.mark.parametrize("grad", [False, True])

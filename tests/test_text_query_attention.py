@@ -500,6 +500,11 @@ BAD_CROSS = [
     (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h, h, w, w, c, 4, chunk_size=0), r"chunk_size must"),
     (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h, h, w, w, c[:1], 4), r"cu_seqlens_q must have"),
     (lambda q, h, w, b, c: ops.text_query_cross_attention(q, h, h, w.requires_grad_(), w, c, 4), r"inference only"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention_folded(q, h, h[:, :1], w, w, c, 4), r"h_key and h_val must"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention_folded(q, h, h, w, w[:, :3], c, 4), r"v_weight must be \(H"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention_folded(q, h, h, w, w, c, 4, k_bias=b[:5]), r"k_bias must"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention_folded(q, h, h, w.double(), w, c, 4), r"k_weight must have"),
+    (lambda q, h, w, b, c: ops.text_query_cross_attention_folded(q, h, h, w, w, c, 3), r"exceeds its max_seqlen=3"),
 ]
 
 
@@ -508,3 +513,83 @@ def test_cross_attention_bad_input(call, match):
     q, h = torch.randn(4, 2, 32), torch.randn(1, 5, 8)
     with pytest.raises(RuntimeError, match=match):
         call(q, h, torch.randn(64, 8), torch.randn(64), make_cu([4]))
+
+
+# ---- text_query_cross_attention_folded: the K/V projections folded into the queries and outputs -------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_folded_cross_attention_matches_naive_and_projected(dtype, gen):
+    """Equal to projecting every frame, including a key bias (the softmax cancels it) and a sequence, or all of
+    them, without queries; H x D need not equal d_in."""
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 6e-2}[dtype]
+    for lq in CROSS_STATES:
+        for heads, dim, d_in in ((2, 32, 24), (3, 16, 64)):
+            q, h_key, h_val, k_w, v_w, v_b, cu = make_cross(lq, 19, heads, dim, d_in, dtype, "cpu", gen)
+            k_b = torch.randn(heads * dim, generator=gen).to(dtype)
+            for v_bias in (v_b, None):
+                out = ops.text_query_cross_attention_folded(q, h_key, h_val, k_w, v_w, cu, max(lq), k_bias=k_b,
+                                                            v_bias=v_bias)  # fmt: skip
+                assert out.dtype == dtype and out.shape == q.shape
+                ref = naive_cross(q, h_key, h_val, k_w, v_w, v_bias, cu, dim**-0.5)
+                assert (out.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item()), lq
+                projected = reference.text_query_cross_attention(q, h_key, h_val, k_w, k_b, v_w, v_bias, cu, max(lq))
+                torch.testing.assert_close(out, projected, atol=tol, rtol=tol)
+
+
+def test_folded_cross_attention_gradients_equal_the_projected_ones(gen):
+    """float64 gradients of every input through the folded path equal those through projected K/V; the key bias
+    gets none (its true gradient is 0: the softmax cancels it)."""
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([5, 1, 0, 9], 13, 2, 32, 24, torch.float64, "cpu", gen)
+    k_b = torch.randn(64, generator=gen, dtype=torch.float64)
+    ins = [t.requires_grad_() for t in (q, h_key, h_val, k_w, v_w, v_b, k_b)]
+    weights = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+
+    def projected():
+        k = torch.nn.functional.linear(h_key, k_w, k_b).reshape(-1, 2, 32)
+        v = torch.nn.functional.linear(h_val, v_w, v_b).reshape(-1, 2, 32)
+        return ops.text_query_attention(q, k, v, cu, make_cu([13] * 4), 9, 13)
+
+    folded = ops.text_query_cross_attention_folded(q, h_key, h_val, k_w, v_w, cu, 9, k_bias=k_b, v_bias=v_b)
+    got = torch.autograd.grad((folded * weights).sum(), ins, allow_unused=True)
+    want = torch.autograd.grad((projected() * weights).sum(), ins)
+    for name, g, w in zip(("q", "h_key", "h_val", "k_weight", "v_weight", "v_bias"), got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=name)
+    assert got[-1] is None and want[-1].abs().max().item() < 1e-12
+
+
+def test_folded_cross_attention_without_frames_or_queries(gen):
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([3, 2], 0, 2, 32, 8, torch.float32, "cpu", gen)
+    out = ops.text_query_cross_attention_folded(q, h_key, h_val, k_w, v_w, cu, 3, v_bias=v_b)
+    assert torch.equal(out, torch.zeros_like(q))  # no key: 0, as text_query_attention gives (no bias added)
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([0, 0], 5, 2, 32, 8, torch.float32, "cpu", gen)
+    assert ops.text_query_cross_attention_folded(q, h_key, h_val, k_w, v_w, cu, 0, v_bias=v_b).shape == (0, 2, 32)
+
+
+def test_folded_cross_attention_compiles(gen):
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([3, 0, 4], 6, 2, 32, 8, torch.float32, "cpu", gen)
+    fn = lambda q, hk, hv: ops.text_query_cross_attention_folded(q, hk, hv, k_w, v_w, cu, 4, v_bias=v_b)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, h_key, h_val), fn(q, h_key, h_val))
+
+
+def test_cross_attention_folds_rule():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # TASTE's aggregator (H = 20, d_in = 1280): utterances of up to 54 queries fold on the CPU, never on CUDA
+    assert ops.cross_attention_folds(54, 20, 1280, 1500, cpu) and not ops.cross_attention_folds(55, 20, 1280, 1500, cpu)
+    assert not ops.cross_attention_folds(10, 20, 1280, 1500, cuda)
+    assert not ops.cross_attention_folds(10, 20, 1280, 0, cpu)  # no frames: nothing to save
+    assert not ops.cross_attention_folds(1, 1, 1280, 1500, cpu)  # one head: folding saves nothing
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda)])
+def test_folded_cross_attention_on_gpu(device, gen):
+    """On CUDA the folded attention runs the Triton kernel at head dim d_in (here 64); widths it lacks are refused."""
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([30, 1, 0, 12], 300, 4, 32, 64, torch.float32, device, gen)
+    out = ops.text_query_cross_attention_folded(q, h_key, h_val, k_w, v_w, cu, 30, v_bias=v_b)
+    ref = naive_cross(q, h_key, h_val, k_w, v_w, v_b, cu, 32**-0.5)
+    assert (out.double() - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([3], 5, 2, 32, 24, torch.float32, device, gen)
+    with pytest.raises(RuntimeError, match=r"encoder width d_in, which on CUDA must be one of"):
+        ops.text_query_cross_attention_folded(q, h_key, h_val, k_w, v_w, cu, 3)
