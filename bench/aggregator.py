@@ -8,8 +8,9 @@ Providers, side by side on the same weights and inputs:
   (2) PyTorch SDPA on the padded batch (causal mask for self-attention) + vectorised pooling;
   (3) FlexAttention (compiled) on the padded batch + vectorised pooling, where the installed torch has it;
   (4) ours: taste.TextQueryAggregator on packed rows (Triton text_query_attention on CUDA) + ops.segment_mean;
-      at inference it makes the cross-attention K/V for at most --kv-chunk-frames frames at a time;
-  (5) where that chunks the batch: ours with every utterance's K/V made at once (the memory it saves, the time);
+      at inference it makes the cross-attention K/V for at most --kv-chunk-frames frames at a time, and on the CPU
+      it folds the K/V projections into the queries where utterances are short (ops.cross_attention_folds);
+  (5) where (4) chunks or folds: ours with every utterance's K/V projected at once (what that saves);
   (6) with --compile: (4) under torch.compile (fullgraph; on a GPU mode="reduce-overhead", whose CUDA graphs
       replay the whole forward with no host work per kernel), compiled once per batch size before timing. On a
       GPU its peak memory is not reported (nan): the graphs' memory pool is taken while recording, not per call.
@@ -128,16 +129,20 @@ def aggregator_providers(agg, p, train, flex, compiled=None):
         )
     providers["(4) ours packed"] = ours
     frames, chunk = p["h_key"].shape[1], agg.resolved_kv_chunk_frames(p["h_key"].device)
-    if not train and chunk and chunk // frames < p["lengths"].numel():
+    chunks = not train and chunk and chunk // frames < p["lengths"].numel()
+    cfg = agg.config
+    folds = ops.cross_attention_folds(p["S"] + P, cfg.num_heads, cfg.d_model, frames, p["h_key"].device)
+    if chunks or folds:
 
-        def unchunked():  # the same module with every utterance's K/V made at once
-            saved, agg.kv_chunk_frames = agg.kv_chunk_frames, None
+        def at_once():  # the same module with every utterance's K/V projected at once
+            saved = agg.kv_chunk_frames, agg.fold_kv
+            agg.kv_chunk_frames, agg.fold_kv = None, False
             try:
                 return ours()
             finally:
-                agg.kv_chunk_frames = saved
+                agg.kv_chunk_frames, agg.fold_kv = saved
 
-        providers["(5) ours, K/V unchunked"] = unchunked
+        providers["(5) ours, K/V at once"] = at_once
     steps = {name: _step(fn, train) for name, fn in providers.items()}
     if compiled is not None:
         step = _step(
@@ -208,7 +213,7 @@ def main() -> None:
     )
     p.add_argument("--kv-chunk-frames", type=int, default=None,
                    help="ours at inference: K/V made for at most this many frames at a time (default: the module's, "
-                        "0: all at once); where it chunks, (5) measures the whole batch at once beside it")  # fmt: skip
+                        "0: all at once); where it chunks, (5) measures all K/V at once beside it")  # fmt: skip
     args = parse(p)
     dev = args.device
     prob = GPU_PROBLEM if dev == "cuda" else CPU_PROBLEM

@@ -71,6 +71,7 @@ def providers(batch: int) -> dict:
     torch.manual_seed(0)
     config = AggregatorConfig.distil_large_v3(d_model=32, num_heads=1, ffn_dim=32, identity_v_proj=False)
     agg = TextQueryAggregator(config=config).eval().requires_grad_(False)
+    agg.fold_kv = False  # CUDA never folds the K/V projections (ops.cross_attention_folds); these CPU tensors would
     p = make_problem(batch, 2, FRAMES, config.d_model, "cpu", torch.float32)
     ids = official_prefixed_ids(p["tok_pad"], config.prefix_ids)[:, :-1]
     prefix = len(config.prefix_ids)
