@@ -8,8 +8,8 @@ Providers, side by side on the same weights and inputs:
   (2) PyTorch SDPA on the padded batch (causal mask for self-attention) + vectorised pooling;
   (3) FlexAttention (compiled) on the padded batch + vectorised pooling, where the installed torch has it;
   (4) ours: taste.TextQueryAggregator on packed rows (Triton text_query_attention on CUDA) + ops.segment_mean;
-      at inference it makes the cross-attention K/V for at most --kv-chunk-frames frames at a time, and on the CPU
-      it folds the K/V projections into the queries where utterances are short (ops.cross_attention_folds);
+      at inference it makes the cross-attention K/V for at most --kv-chunk-frames frames at a time, or on the CPU
+      folds the K/V projections into the queries where utterances are short (ops.cross_attention_folds);
   (5) where (4) chunks or folds: ours with every utterance's K/V projected at once (what that saves);
   (6) with --compile: (4) under torch.compile (fullgraph; on a GPU mode="reduce-overhead", whose CUDA graphs
       replay the whole forward with no host work per kernel), compiled once per batch size before timing. On a
@@ -131,7 +131,8 @@ def aggregator_providers(agg, p, train, flex, compiled=None):
     frames, chunk = p["h_key"].shape[1], agg.resolved_kv_chunk_frames(p["h_key"].device)
     chunks = not train and chunk and chunk // frames < p["lengths"].numel()
     cfg = agg.config
-    folds = ops.cross_attention_folds(p["S"] + P, cfg.num_heads, cfg.d_model, frames, p["h_key"].device)
+    # (training here leaves the encoder states frozen, as TASTE does: the aggregator then projects K/V)
+    folds = not train and ops.cross_attention_folds(p["S"] + P, cfg.num_heads, cfg.d_model, frames, p["h_key"].device)
     if chunks or folds:
 
         def at_once():  # the same module with every utterance's K/V projected at once

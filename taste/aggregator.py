@@ -120,20 +120,27 @@ class WhisperAttention(nn.Module):
         """Cross-attention of packed ``h_q`` rows over dense encoder states ``(B, E, d_model)``.
 
         With ``fold``, where utterances hold few queries (on the CPU; ``ops.cross_attention_folds``), the key and value
-        projections are folded into the queries and outputs (``ops.text_query_cross_attention_folded``): no K/V is
-        made, with or without gradients. Otherwise, when no gradient is needed and ``chunk_frames`` holds fewer
-        than the batch's utterances, keys and values are projected for at most ``chunk_frames // E`` utterances at
-        a time, in chunks of equal size (:func:`balanced_chunk`; ``ops.text_query_cross_attention``), so only that
-        many utterances' K/V exist at once; otherwise every frame is projected and the differentiable op runs."""
+        projections are folded into the queries and outputs (``ops.text_query_cross_attention_folded``) and no K/V
+        is made: at inference, and in training where the encoder states need gradients too. (With frozen states,
+        the folded attention's backward would still make their gradients, at the width of the states, which costs
+        more than the projections' weight gradients it saves.) Otherwise, when no gradient is needed and
+        ``chunk_frames`` holds fewer than the batch's utterances, keys and values are projected for at most
+        ``chunk_frames // E`` utterances at a time, in chunks of equal size (:func:`balanced_chunk`;
+        ``ops.text_query_cross_attention``), so only that many utterances' K/V exist at once; otherwise every frame
+        is projected and the differentiable op runs."""
         b, e, d = h_key.shape
         params = (self.k_proj.weight, self.v_proj.weight, self.v_proj.bias)
-        if fold and cross_attention_folds(max_seqlen_q, self.heads, d, e, h_q.device):
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h_q, h_key, h_val, *params))
+        if (
+            fold
+            and (not grad or h_key.requires_grad or h_val.requires_grad)
+            and cross_attention_folds(max_seqlen_q, self.heads, d, e, h_q.device)
+        ):
             attn = text_query_cross_attention_folded(
                 self._heads(self.q_proj(h_q)), h_key, h_val, self.k_proj.weight, self.v_proj.weight, cu_seqlens_q,
                 max_seqlen_q, v_bias=self.v_proj.bias,
             )  # fmt: skip
             return self._out(attn)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h_q, h_key, h_val, *params))
         per_chunk = balanced_chunk(b, chunk_frames // max(e, 1)) if chunk_frames else b
         if per_chunk < b and not grad:  # (one chunk would hold the whole batch: the plain path, fewer operators)
             attn = text_query_cross_attention(
@@ -197,8 +204,9 @@ class TextQueryAggregator(nn.Module):
     ``fold_kv`` (attribute, default True): on the CPU, where no utterance holds more than about 0.85 x a head dim
     of queries, prefix included (``ops.cross_attention_folds``), the cross-attention folds the key and value
     projections into the queries and outputs instead of projecting every frame
-    (``ops.text_query_cross_attention_folded``), in training and inference alike: the same function, fewer
-    multiply-adds, no K/V in memory. False always projects.
+    (``ops.text_query_cross_attention_folded``): the same function, fewer multiply-adds, no K/V in memory. At
+    inference, and in training where ``h_key`` or ``h_val`` need gradients (with a frozen encoder, projecting
+    trains faster). False always projects.
     """
 
     kv_chunk_frames: int | str | None = "auto"

@@ -90,12 +90,13 @@ def test_matches_whisper_decoder_with_separate_key_and_value_states(lengths, pat
     agg = TextQueryAggregator.from_whisper_decoder(decoder, prefix_ids=PREFIX, identity_v_proj=False)
     tokens, cu, h_key, h_val = batch(lengths)
     projected = force_path(agg, monkeypatch, path)
-    out = agg(tokens, cu, max(lengths), h_key, h_val)
-    assert out.shape == (sum(lengths), 64) and out.dtype == torch.float64
-    torch.testing.assert_close(out, hf_reference(decoder, tokens, cu, h_key, h_val), atol=1e-12, rtol=1e-12)
-    # Same states for keys and values: the unmodified transformers decoder.
-    out_same = agg(tokens, cu, max(lengths), h_key, h_key)
-    torch.testing.assert_close(out_same, hf_reference(decoder, tokens, cu, h_key, h_key), atol=1e-12, rtol=1e-12)
+    with torch.no_grad():  # (in training with frozen states the aggregator never folds)
+        out = agg(tokens, cu, max(lengths), h_key, h_val)
+        assert out.shape == (sum(lengths), 64) and out.dtype == torch.float64
+        torch.testing.assert_close(out, hf_reference(decoder, tokens, cu, h_key, h_val), atol=1e-12, rtol=1e-12)
+        # Same states for keys and values: the unmodified transformers decoder.
+        out_same = agg(tokens, cu, max(lengths), h_key, h_key)
+        torch.testing.assert_close(out_same, hf_reference(decoder, tokens, cu, h_key, h_key), atol=1e-12, rtol=1e-12)
     assert len(projected) == (0 if path == "fold" else 4)  # 2 layers x 2 calls
 
 
@@ -138,18 +139,28 @@ def test_batch_invariance_of_word_embeddings(device):
     torch.testing.assert_close(words[first_word : first_word + 12], alone_words, atol=2e-5, rtol=1e-5)
 
 
-def test_compiles_fullgraph_and_trains():
+def test_compiles_fullgraph_and_trains(monkeypatch):
+    """Compiled whole: training with projected K/V and with folded projections (states with gradients), and
+    inference with K/V made one utterance at a time."""
     agg = TextQueryAggregator(config=AggregatorConfig.tiny())
+    projected = force_path(agg, monkeypatch)
     tokens, cu, h_key, h_val = batch([5, 9, 2], frames=40, dtype=torch.float32)
     torch._dynamo.reset()
     compiled = torch.compile(agg, fullgraph=True, backend="aot_eager")
     eager = agg(tokens, cu, 9, h_key, h_val)
     got = compiled(tokens, cu, 9, h_key, h_val)
     torch.testing.assert_close(got, eager)
-    assert ops.cross_attention_folds(9 + 4, 2, 64, 40, h_key.device)  # so far: K/V projections folded
+    assert projected and ops.cross_attention_folds(9 + 4, 2, 64, 40, h_key.device)
+    del projected[:]
+    states = [h.clone().requires_grad_() for h in (h_key, h_val)]  # folds: the states need gradients too
+    folded = compiled(tokens, cu, 9, *states)
+    torch.testing.assert_close(folded, eager, atol=2e-5, rtol=1e-5)
+    folded.sum().backward()
+    assert not projected and all(h.grad.abs().sum() > 0 for h in states)
     agg.fold_kv, agg.kv_chunk_frames = False, 40  # inference: K/V one utterance at a time, also compiled whole
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens, cu, 9, h_key, h_val), eager, atol=2e-5, rtol=1e-5)
+    agg.zero_grad()
     got.square().mean().backward()
     grads = [p.grad for p in agg.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
@@ -195,30 +206,38 @@ def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(dev
     assert agg.layers[0].encoder_attn.k_proj.weight.grad.abs().sum() > 0
 
 
-def test_folds_where_utterances_are_short_in_training_and_inference(monkeypatch):
-    """With the default rule: a batch of short utterances folds the K/V projections, one long utterance makes the
-    batch project them; fold_kv=False always projects. Outputs and gradients agree across the paths (float64)."""
+def test_folds_where_utterances_are_short_at_inference_and_with_state_gradients(monkeypatch):
+    """With the default rule: a batch of short utterances folds the K/V projections at inference and in training
+    where the encoder states need gradients, and projects them in training with frozen states; one long utterance
+    makes the batch project them; fold_kv=False always projects. Outputs and gradients agree across the paths
+    (float64)."""
     agg = TextQueryAggregator(config=AggregatorConfig.tiny()).double()
     projected = force_path(agg, monkeypatch)
     assert agg.fold_kv is True and ops_attention.FOLD_RATIO == 0.85
     short = batch([5, 9, 2, 20], frames=40)  # at most 24 queries with the prefix: 24 x 2 heads < 0.85 x 64
     long = batch([5, 9, 2, 24], frames=40)  # 28 x 2 >= 0.85 x 64
-    for (tokens, cu, h_key, h_val), folds in ((short, True), (long, False)):
-        runs = {}
-        for fold_kv in (True, False):
-            agg.fold_kv = fold_kv
-            agg.zero_grad()
-            del projected[:]
-            h_key.grad = h_val.grad = None
-            with torch.no_grad():
-                inference = agg(tokens, cu, int(cu.diff().max()), h_key, h_val)
-            out = agg(tokens, cu, int(cu.diff().max()), h_key.requires_grad_(), h_val.requires_grad_())
-            out.square().mean().backward()
-            assert len(projected) == (0 if fold_kv and folds else 4), (fold_kv, folds)  # 2 layers x 2 calls
-            torch.testing.assert_close(inference, out, atol=0, rtol=0)
-            runs[fold_kv] = [out, h_key.grad, h_val.grad] + [p.grad for p in agg.parameters()]
-        for a, b in zip(runs[True], runs[False]):
-            torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+    for (tokens, cu, h_key, h_val), short_batch in ((short, True), (long, False)):
+        for state_grads in (True, False):
+            runs = {}
+            for fold_kv in (True, False):
+                agg.fold_kv = fold_kv
+                agg.zero_grad()
+                h_key.grad = h_val.grad = None
+                del projected[:]
+                with torch.no_grad():
+                    inference = agg(tokens, cu, int(cu.diff().max()), h_key, h_val)
+                assert len(projected) == (0 if fold_kv and short_batch else 2)  # 2 layers
+                del projected[:]
+                out = agg(tokens, cu, int(cu.diff().max()), h_key.requires_grad_(state_grads),
+                          h_val.requires_grad_(state_grads))  # fmt: skip
+                out.square().mean().backward()
+                folds = fold_kv and short_batch and state_grads
+                assert len(projected) == (0 if folds else 2), (fold_kv, short_batch, state_grads)
+                torch.testing.assert_close(inference, out, atol=1e-12, rtol=1e-12)
+                runs[fold_kv] = [out] + [p.grad for p in agg.parameters()]
+                runs[fold_kv] += [h_key.grad, h_val.grad] if state_grads else []
+            for a, b in zip(runs[True], runs[False]):
+                torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
 
 
 @pytest.mark.parametrize("grad", [False, True])
