@@ -215,16 +215,26 @@ def main() -> None:
     p.add_argument("--kv-chunk-frames", type=int, default=None,
                    help="ours at inference: K/V made for at most this many frames at a time (default: the module's, "
                         "0: all at once); where it chunks, (5) measures all K/V at once beside it")  # fmt: skip
+    p.add_argument("--full-size", action="store_true",
+                   help="on the CPU too, the GPU default's model (d_model 1280, 20 heads: TASTE's)")  # fmt: skip
+    p.add_argument("--queries", type=int, default=None,
+                   help="mean text tokens per utterance (default: ~100 on GPU, ~50 on CPU), +-40%%")  # fmt: skip
     args = parse(p)
     dev = args.device
-    prob = GPU_PROBLEM if dev == "cuda" else CPU_PROBLEM
+    prob = dict(GPU_PROBLEM if dev == "cuda" or args.full_size else CPU_PROBLEM)
+    if args.queries is not None:
+        if args.queries < 1:
+            p.error(f"--queries must be >= 1, got {args.queries}")
+        prob["queries"] = args.queries
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     mode = "forward+backward" if args.train else "forward"
     print(
         f"bench/aggregator.py: {mode} on {dev} ({dtype}); problem: d_model {prob['d_model']}, {prob['heads']} heads x "
         f"{prob['d_model'] // prob['heads']}, {prob['frames']} keys, ~{prob['queries']} queries per utterance"
         + (
-            "" if dev == "cuda" else " (a smaller problem than the GPU default: d_model 1280, ~100 queries, B up to 64)"
+            ""
+            if prob["d_model"] == GPU_PROBLEM["d_model"]
+            else " (a smaller model than TASTE's, the GPU default: d_model 1280)"
         ),
         flush=True,
     )
@@ -245,7 +255,7 @@ def main() -> None:
         compiled = torch.compile(agg, fullgraph=True, dynamic=False,
                                  mode="reduce-overhead" if dev == "cuda" else None)  # fmt: skip
     rows = []
-    for batch in args.batch or prob["batches"]:
+    for batch in args.batch or (prob["batches"] if dev == "cuda" else CPU_PROBLEM["batches"]):
         problem = make_problem(batch, prob["queries"], prob["frames"], prob["d_model"], dev, dtype)
         label = f"B={batch} N={problem['n']}"
         cases = aggregator_providers(agg, problem, args.train, flex, compiled)
