@@ -423,11 +423,12 @@ def text_query_cross_attention_folded(
         return torch.zeros_like(q)
     scale = head_dim**-0.5 if scale is None else float(scale)
     # (H, rows, D) @ (H, D, d_in) -> (rows, H, d_in): row-major, so sequence b's H x rows are contiguous
-    q_in = torch.bmm(q.transpose(0, 1), k_weight.view(heads, head_dim, d_in)).transpose(0, 1).reshape(-1, 1, d_in)
+    k_rows, v_rows = (w.reshape(heads, head_dim, d_in) for w in (k_weight, v_weight))  # (views of nn.Linear weights)
+    q_in = torch.bmm(q.transpose(0, 1), k_rows).transpose(0, 1).reshape(-1, 1, d_in)
     o_in = text_query_attention(
         q_in, h_key.reshape(batch * frames, 1, d_in), h_val.reshape(batch * frames, 1, d_in), cu_seqlens_q * heads,
         uniform_offsets(batch, frames, q.device), max_seqlen_q * heads, frames, scale=scale,
     )  # fmt: skip
-    out = torch.bmm(o_in.view(rows, heads, d_in).transpose(0, 1), v_weight.view(heads, head_dim, d_in).transpose(1, 2))
+    out = torch.bmm(o_in.reshape(rows, heads, d_in).transpose(0, 1), v_rows.transpose(1, 2))
     out = out.transpose(0, 1)  # (rows, H, D)
     return out if v_bias is None else out + v_bias.view(heads, head_dim)

@@ -566,6 +566,14 @@ def test_folded_cross_attention_without_frames_or_queries(gen):
     assert ops.text_query_cross_attention_folded(q, h_key, h_val, k_w, v_w, cu, 0, v_bias=v_b).shape == (0, 2, 32)
 
 
+def test_folded_cross_attention_takes_strided_weights_and_states(gen):
+    q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([4, 7], 9, 2, 32, 24, torch.float32, "cpu", gen)
+    want = ops.text_query_cross_attention_folded(q, h_key, h_val, k_w, v_w, cu, 7, v_bias=v_b)
+    strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (h_key, h_val, k_w, v_w)]
+    assert not any(t.is_contiguous() for t in strided)
+    torch.testing.assert_close(ops.text_query_cross_attention_folded(q, *strided, cu, 7, v_bias=v_b), want)
+
+
 def test_folded_cross_attention_compiles(gen):
     q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([3, 0, 4], 6, 2, 32, 8, torch.float32, "cpu", gen)
     fn = lambda q, hk, hv: ops.text_query_cross_attention_folded(q, hk, hv, k_w, v_w, cu, 4, v_bias=v_b)  # noqa: E731
