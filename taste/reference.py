@@ -171,6 +171,13 @@ def _padded_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return qp, kp, vp, mask, False, ~ok.any(-1)
 
 
+def _unit_stride(t: Tensor) -> Tensor:
+    """``t`` with its last dim contiguous (a copy only where it is not). PyTorch's CPU flash-attention kernels read
+    q, k and v as if the head dim had stride 1, whatever the strides say (torch 2.14: q; 2.13: q, k and v); the
+    public ``scaled_dot_product_attention`` makes its inputs contiguous before calling them, and so must we."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def _cpu_attention_kernel(q) -> bool:
     """Whether PyTorch's memory-efficient CPU attention kernel applies (it exists for CPU tensors only)."""
     return q.device.type == "cpu"
@@ -203,7 +210,7 @@ def text_query_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     )
     if _cpu_attention_kernel(q):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qp, kp, vp, 0.0, is_causal, attn_mask=mask, scale=scale
+            _unit_stride(qp), _unit_stride(kp), _unit_stride(vp), 0.0, is_causal, attn_mask=mask, scale=scale
         )  # (B, H, Mq, D), (B, H, Mq)
     else:  # other devices (float64 on CUDA): the plain formula, with the full score tensor
         s = _scores(qp, kp, mask, is_causal, scale)
@@ -243,8 +250,9 @@ def text_query_attention_backward(
     lp = _to_padded(lse.t(), cu_seqlens_q, max_seqlen_q, lq, float("inf"))  # +inf: padded rows get no gradient
     if _cpu_attention_kernel(q):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            gp.contiguous(), qp, kp, vp, op.contiguous(), lp.contiguous(), 0.0, is_causal, attn_mask=mask, scale=scale
-        )
+            gp.contiguous(), *map(_unit_stride, (qp, kp, vp)), op.contiguous(), lp.contiguous(), 0.0, is_causal,
+            attn_mask=mask, scale=scale,
+        )  # fmt: skip
     else:  # the flash-attention backward formulas, with the full score tensor
         s = _scores(qp, kp, mask, is_causal, scale)
         p = torch.exp(s - lp[..., None].to(s.dtype))  # lse = +inf (no key, padding) gives 0

@@ -87,6 +87,42 @@ def test_gradients_match_naive(device, causal, gen):
         assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (q, k, v)))
 
 
+def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values in another memory layout: the head dim strided (nothing contiguous), or rows of a wider
+    tensor (head dim contiguous, rows not)."""
+    if how == "head dim strided":
+        return t.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., : t.shape[-1]] = t
+    return wide[..., : t.shape[-1]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["q", "k", "v", "qkv"])
+@pytest.mark.parametrize("how", ["head dim strided", "rows of a wider tensor"])
+@pytest.mark.parametrize("causal,lq,lk", [(False, [6], [9]), (False, [6, 6], [9, 9]), (True, [7, 7], [7, 7]),
+                                          (False, [6, 2], [9, 4])])  # fmt: skip
+def test_any_memory_layout(device, which, how, causal, lq, lk, gen):
+    """Inputs in any layout give the contiguous inputs' results, forward and backward. PyTorch's CPU flash kernels
+    (which the reference calls) read the head dim as contiguous whatever its stride: q's on torch 2.14 (outputs off
+    by 1e18), k's and v's too on 2.13 (a 1-utterance batch of the tokenizer took values strided so). Equal lengths
+    make the padded batch a view of the inputs, so their layout reaches the kernel."""
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+        q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, dtype, device, gen)
+        ins = {n: _layout(t, how) if n in which else t for n, t in zip("qkv", (q, k, v))}
+        assert all(torch.equal(ins[n], t) for n, t in zip("qkv", (q, k, v)))
+        ins = {n: t.requires_grad_() for n, t in ins.items()}
+        out = ops.text_query_attention(ins["q"], ins["k"], ins["v"], cu_q, cu_k, max(lq), max(lk), causal=causal)
+        ref_ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = naive(*ref_ins, cu_q, cu_k, causal, 32**-0.5)
+        torch.testing.assert_close(out.double(), ref.detach(), atol=tol, rtol=tol)
+        grad = torch.randn(q.shape, generator=gen, dtype=dtype).to(device)
+        out.backward(grad)
+        ref.backward(grad.double())
+        for n, r in zip("qkv", ref_ins):
+            torch.testing.assert_close(ins[n].grad.double(), r.grad, atol=10 * tol, rtol=10 * tol)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_key_at_all_gives_zeros_and_zero_gradients(device, gen):
     """Every sequence without keys (max_seqlen_k 0): PyTorch's CPU kernel would divide by zero; the op returns 0."""
