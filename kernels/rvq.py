@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import (
+    COMPILE_OPTIONS,
     autotune_enabled,
     autotuned,
     cdiv,
@@ -102,6 +103,13 @@ def _best_of_tile(dist, k0, best, best_idx):
 
 
 @triton.jit
+def _stage_rows(q, num_stages, BLOCK_M: tl.constexpr):
+    """Whether stage ``q`` is active, for each of the tile's rows (the same for all). A block, not a scalar: Triton
+    3.9's interpreter turns a scalar comparison and'ed with a block mask into integers that ``tl.load`` refuses."""
+    return tl.full([BLOCK_M], q, tl.int32) < num_stages
+
+
+@triton.jit
 def _encode_whole_rows(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, rows, row_ok, offs_d, d_ok, num_stages, codebook_size,
                        stride_xm, stride_cbq, stride_cbk, stride_cnq, stride_im, stride_em, NUM_Q: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):  # fmt: skip
@@ -130,7 +138,7 @@ def _encode_whole_rows(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, rows, row_ok, of
                 prod = tl.dot(r_op, tl.trans(c), input_precision="tf32")
             dist = norm[None, :] - 2.0 * prod  # (BLOCK_M, BLOCK_K)
             best, best_idx = _best_of_tile(dist, k0, best, best_idx)
-        active = q < num_stages
+        active = _stage_rows(q, num_stages, BLOCK_M)
         chosen = tl.load(
             CB_ptr + q * stride_cbq + best_idx[:, None] * stride_cbk + offs_d[None, :],
             mask=(row_ok & active)[:, None] & d_ok[None, :],
@@ -178,7 +186,7 @@ def _encode_sliced(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, RS_ptr, rows, row_ok
                     prod += tl.dot(r.to(CB_ptr.dtype.element_ty), tl.trans(c), input_precision="tf32")
             norm = tl.load(CN_ptr + q * stride_cnq + codes, mask=k_ok, other=float("inf"))
             best, best_idx = _best_of_tile(norm[None, :] - 2.0 * prod, k0, best, best_idx)
-        active = q < num_stages
+        active = _stage_rows(q, num_stages, BLOCK_M)
         tl.store(IDX_ptr + rows * stride_im + q, tl.where(active, best_idx, -1).to(tl.int64), mask=row_ok)
         tl.debug_barrier()  # every thread's reads of this stage's residual come before its update
         sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -187,7 +195,7 @@ def _encode_sliced(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, RS_ptr, rows, row_ok
             ok = row_ok[:, None] & (cols < dim)[None, :]
             r = tl.load(RS_ptr + rows[:, None] * stride_rm + cols[None, :], mask=ok, other=0.0)
             chosen = tl.load(CB_ptr + q * stride_cbq + best_idx[:, None] * stride_cbk + cols[None, :],
-                             mask=ok & active, other=0.0).to(tl.float32)  # fmt: skip
+                             mask=ok & active[:, None], other=0.0).to(tl.float32)  # fmt: skip
             r -= chosen
             tl.store(RS_ptr + rows[:, None] * stride_rm + cols[None, :], r, mask=ok)
             sq += tl.sum(r * r, 1)
@@ -338,7 +346,7 @@ def rvq_encode_fwd(x, codebooks, code_norms, num_stages, fast: bool, autotune: b
         def launch(tile):
             buffer = scratch() if tile["BLOCK_DS"] else quantized
             _rvq_encode_fwd_kernel[(cdiv(n, tile["BLOCK_M"]),)](
-                *args, 0, buffer, buffer.stride(0) if tile["BLOCK_DS"] else 0, **flags, **tile
+                *args, 0, buffer, buffer.stride(0) if tile["BLOCK_DS"] else 0, **flags, **tile, **COMPILE_OPTIONS
             )
 
         wide = block_d >= 512
@@ -378,5 +386,6 @@ def rvq_decode_fwd(indices, codebooks, weights=None, out_dtype=None):
         BLOCK_M=block_m,
         BLOCK_D=block_d,
         num_warps=8 if block_m * block_d >= 8192 else 4,  # 4 warps spill a full tile with weights (sm_90 build)
+        **COMPILE_OPTIONS,
     )
     return out
