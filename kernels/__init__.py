@@ -5,6 +5,11 @@ from __future__ import annotations
 import functools
 import os
 
+# Compile options that every launch passes. ``enable_fp_fusion``: multiplies and adds fused into FMAs, Triton's
+# default through 3.9, which warns that 3.10 turns it off. The kernels were built, measured and checked with it on
+# (the attention's exp2 scaling and the RVQ's distances ride on FMAs), so they ask for it rather than inherit it.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the host's grid arithmetic. ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
@@ -82,10 +87,10 @@ def launch_tuned(tuner, key: tuple, grid, *args, **kwargs) -> None:
     A tuner run that settles nothing (``bench/compile_kernels.py`` compiles every candidate instead) is not kept."""
     settled = _SETTLED.get((tuner, key))
     if settled is not None:
-        tuner.fn[grid](*args, **kwargs, **settled.all_kwargs())
+        tuner.fn[grid](*args, **kwargs, **settled.all_kwargs(), **COMPILE_OPTIONS)
         return
     tuner.best_config = None
-    tuner[grid](*args, **kwargs)
+    tuner[grid](*args, **kwargs, **COMPILE_OPTIONS)
     if tuner.best_config is not None:
         _SETTLED[(tuner, key)] = tuner.best_config
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import (
+    COMPILE_OPTIONS,
     autotune_enabled,
     autotuned,
     cdiv,
@@ -378,12 +379,13 @@ def text_query_attention_fwd(
 
         def launch(tile):
             grid = (cdiv(max(max_seqlen_q, 1), tile["BLOCK_M"]), batch * heads, splits)
-            _text_query_attention_fwd_kernel[grid](*args, 0, 0, 0, **flags, **tile)
+            _text_query_attention_fwd_kernel[grid](*args, 0, 0, 0, **flags, **tile, **COMPILE_OPTIONS)
 
         tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
         launch_fitting(launch, shrinking(tile, MIN_BLOCKS), ("fwd", q.device, q.dtype, tuple(flags.items())))
     if splits > 1:
         _text_query_attention_merge_kernel[(cdiv(total_q, 64), heads)](
             o_buf, l_buf, out, lse, heads, total_q, splits, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4,
+            **COMPILE_OPTIONS,
         )  # fmt: skip
     return out, lse

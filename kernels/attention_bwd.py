@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, launch_fitting, shrinking
+from . import COMPILE_OPTIONS, cdiv, launch_fitting, shrinking
 from .attention import (
     MIN_BLOCKS,
     _key_range,
@@ -221,7 +221,7 @@ def text_query_attention_bwd(
     block_m, block_n, warps = bwd_tiles(max_seqlen_q, head_dim, q.dtype)
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     _text_query_attention_bwd_delta_kernel[(cdiv(total_q, 64), heads)](
-        out, do, delta, heads, total_q, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4
+        out, do, delta, heads, total_q, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4, **COMPILE_OPTIONS
     )
     flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), PRECISION=_precision(q.dtype))
     tiles = shrinking(dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2), MIN_BLOCKS)
@@ -230,13 +230,15 @@ def text_query_attention_bwd(
     # dK/dV: one program per key tile walks every query tile of its sequence; dQ: one per query tile.
     def dkdv(tile):
         _text_query_attention_bwd_dkdv_kernel[(cdiv(max(max_seqlen_k, 1), tile["BLOCK_N"]), batch * heads)](
-            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **flags, **tile
-        )
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **flags, **tile,
+            **COMPILE_OPTIONS,
+        )  # fmt: skip
 
     def dq_(tile):
         _text_query_attention_bwd_dq_kernel[(cdiv(max(max_seqlen_q, 1), tile["BLOCK_M"]), batch * heads)](
-            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **flags, **tile
-        )
+            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, heads, total_q, scale, **flags, **tile,
+            **COMPILE_OPTIONS,
+        )  # fmt: skip
 
     launch_fitting(dkdv, tiles, ("bwd dkdv", *key))
     launch_fitting(dq_, tiles, ("bwd dq", *key))
