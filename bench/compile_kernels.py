@@ -128,11 +128,14 @@ def _kernel_name(symbol: str) -> str:
 
 def extension_rows(arch: int) -> list[dict]:
     """Registers, stack and static shared memory of every CUDA C++ kernel in the built ``taste._C`` (nvcc compiled
-    them with the package; cuobjdump reads the library). Empty when it has no code for ``arch``."""
+    them with the package; cuobjdump reads the library). Empty when it has no code for ``arch``, or no CUDA kernels at
+    all (a CPU-only torch or ``TASTE_SKIP_CUDA_BUILD=1``)."""
     import importlib.util
 
+    from taste import ops
+
     spec = importlib.util.find_spec("taste._C")
-    if spec is None or spec.origin is None:
+    if spec is None or spec.origin is None or ops.CUDA_ARCH_LIST is None:  # no CUDA kernels (cuobjdump would fail)
         return []
     rows = []
     # cuobjdump lists each embedded cubin ("Fatbin elf code: ... arch = sm_90") with its functions' usage.
