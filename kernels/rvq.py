@@ -104,8 +104,9 @@ def _best_of_tile(dist, k0, best, best_idx):
 
 @triton.jit
 def _stage_rows(q, num_stages, BLOCK_M: tl.constexpr):
-    """Whether stage ``q`` is active, for each of the tile's rows (the same for all). A block, not a scalar: Triton
-    3.9's interpreter turns a scalar comparison and'ed with a block mask into integers that ``tl.load`` refuses."""
+    """Whether stage ``q`` is active, for each of the tile's rows (the same for all), for load masks. A block, not a
+    scalar: Triton 3.9's interpreter turns a scalar comparison and'ed with a block mask into integers that
+    ``tl.load`` refuses."""
     return tl.full([BLOCK_M], q, tl.int32) < num_stages
 
 
@@ -138,10 +139,10 @@ def _encode_whole_rows(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, rows, row_ok, of
                 prod = tl.dot(r_op, tl.trans(c), input_precision="tf32")
             dist = norm[None, :] - 2.0 * prod  # (BLOCK_M, BLOCK_K)
             best, best_idx = _best_of_tile(dist, k0, best, best_idx)
-        active = _stage_rows(q, num_stages, BLOCK_M)
+        active = q < num_stages
         chosen = tl.load(
             CB_ptr + q * stride_cbq + best_idx[:, None] * stride_cbk + offs_d[None, :],
-            mask=(row_ok & active)[:, None] & d_ok[None, :],
+            mask=(row_ok & _stage_rows(q, num_stages, BLOCK_M))[:, None] & d_ok[None, :],
             other=0.0,
         ).to(tl.float32)
         residual -= chosen
@@ -186,7 +187,8 @@ def _encode_sliced(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, RS_ptr, rows, row_ok
                     prod += tl.dot(r.to(CB_ptr.dtype.element_ty), tl.trans(c), input_precision="tf32")
             norm = tl.load(CN_ptr + q * stride_cnq + codes, mask=k_ok, other=float("inf"))
             best, best_idx = _best_of_tile(norm[None, :] - 2.0 * prod, k0, best, best_idx)
-        active = _stage_rows(q, num_stages, BLOCK_M)
+        active = q < num_stages
+        stage_rows = _stage_rows(q, num_stages, BLOCK_M)[:, None]
         tl.store(IDX_ptr + rows * stride_im + q, tl.where(active, best_idx, -1).to(tl.int64), mask=row_ok)
         tl.debug_barrier()  # every thread's reads of this stage's residual come before its update
         sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -195,7 +197,7 @@ def _encode_sliced(X_ptr, CB_ptr, CN_ptr, IDX_ptr, ERR_ptr, RS_ptr, rows, row_ok
             ok = row_ok[:, None] & (cols < dim)[None, :]
             r = tl.load(RS_ptr + rows[:, None] * stride_rm + cols[None, :], mask=ok, other=0.0)
             chosen = tl.load(CB_ptr + q * stride_cbq + best_idx[:, None] * stride_cbk + cols[None, :],
-                             mask=ok & active[:, None], other=0.0).to(tl.float32)  # fmt: skip
+                             mask=ok & stage_rows, other=0.0).to(tl.float32)  # fmt: skip
             r -= chosen
             tl.store(RS_ptr + rows[:, None] * stride_rm + cols[None, :], r, mask=ok)
             sq += tl.sum(r * r, 1)
