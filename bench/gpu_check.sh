@@ -32,10 +32,7 @@ if ! "$py" -m pip install --no-build-isolation --no-deps --prefix "$prefix" . > 
   exit 1
 fi
 # Pure-Python test/benchmark dependencies the GPU image lacks (it has no network) travel as wheels in .gpu_wheels/
-# (an ignored folder: carry it), made on a machine with an index by
-#   pip download --no-deps -d .gpu_wheels peft==0.21.2 accelerate==1.15.0 vector-quantize-pytorch==1.32.0 \
-#       einx==0.4.3 frozendict==2.5.1 loguru==0.7.3 torch-einops-utils==0.2.0 llama-models==0.3.0
-# (llama-models: only its llama3/tokenizer.model is read, by the Llama-3 tokenizer of bench/generate.py.)
+# (an ignored folder: carry it), made on a machine with an index by bench/gpu_wheels.sh.
 if ls .gpu_wheels/*.whl > /dev/null 2>&1; then
   "$py" -m pip install --no-deps --no-index --prefix "$prefix" .gpu_wheels/*.whl >> "$out/build.log" 2>&1 || step "wheels FAILED"
 fi
