@@ -50,15 +50,26 @@ def word_offsets(word_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
     return torch.cat([rows[:-1][starts], rows[-1:]]).to(torch.int32)
 
 
-def segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums of 16-bit floats accumulate in float32 and round once, as the compiled kernels do."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _segment_sums(x: Tensor, offsets: Tensor) -> Tensor:
     lengths = _lengths(offsets)
     segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
-    return x.new_zeros((lengths.numel(), *x.shape[1:])).index_add(0, segment, x)
+    acc = _acc_dtype(x.dtype)
+    return torch.zeros((lengths.numel(), *x.shape[1:]), dtype=acc, device=x.device).index_add(0, segment, x.to(acc))
+
+
+def segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
+    return _segment_sums(x, offsets).to(x.dtype)
 
 
 def segment_mean(x: Tensor, offsets: Tensor) -> Tensor:
-    counts = _lengths(offsets).clamp(min=1).to(x.dtype)
-    return segment_sum(x, offsets) / counts.view(-1, *([1] * (x.dim() - 1)))
+    sums = _segment_sums(x, offsets)
+    counts = _lengths(offsets).clamp(min=1).to(sums.dtype)
+    return (sums / counts.view(-1, *([1] * (x.dim() - 1)))).to(x.dtype)
 
 
 def segment_mean_broadcast(x: Tensor, offsets: Tensor) -> Tensor:
@@ -72,8 +83,9 @@ def segment_broadcast(y: Tensor, offsets: Tensor, num_rows: int | None = None) -
 def segment_sum_by_key(values: Tensor, keys: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
     valid = keys >= 0
     k = keys[valid].long()
-    sums = values.new_zeros((num_keys, *values.shape[1:])).index_add(0, k, values[valid])
-    return sums, torch.bincount(k, minlength=num_keys)
+    acc = _acc_dtype(values.dtype)
+    sums = torch.zeros((num_keys, *values.shape[1:]), dtype=acc, device=values.device)
+    return sums.index_add(0, k, values[valid].to(acc)).to(values.dtype), torch.bincount(k, minlength=num_keys)
 
 
 def prefix_layout(tokens: Tensor, cu_seqlens: Tensor, prefix: Tensor):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, LENGTH_CASES, assert_close, make_cu, random_word_ids
+from conftest import DEVICES, LENGTH_CASES, assert_close, make_cu, needs_extension, random_word_ids
 
 from taste import ops, reference
 
@@ -90,6 +90,7 @@ def test_gradcheck(device, gen):
         assert torch.autograd.gradgradcheck(fn, (arg,))
 
 
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device, gen):
     offsets = torch.tensor([0, 2, 2, 3, 7], dtype=torch.int32, device=device)
@@ -104,3 +105,19 @@ def test_opcheck(device, gen):
         (y, offsets, None),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4096,), (4096, 2)])
+def test_reference_sums_16bit_values_in_float32(dtype, shape, gen):
+    """The references (the fallback without taste._C) round a 16-bit sum once, as the kernels do. Accumulated in
+    bf16 (as index_add does for 1-D rows), a sum of 4096 values in [0, 1) stopped at 256."""
+    x = torch.rand(*shape, generator=gen, dtype=torch.float64)
+    offsets = make_cu([4096])
+    exact = x.to(dtype).double().sum(0, keepdim=True)
+    for op, want in ((reference.segment_sum, exact), (reference.segment_mean, exact / 4096)):
+        got = op(x.to(dtype), offsets)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want.to(dtype), atol=0, rtol=0)
+    keys = torch.zeros(4096, dtype=torch.long)
+    torch.testing.assert_close(reference.segment_sum_by_key(x.to(dtype), keys, 1)[0], exact.to(dtype), atol=0, rtol=0)
