@@ -5,9 +5,10 @@ Word segments are ``word_offsets`` int32 ``(W_total + 1,)`` over the packed rows
 
 The kernels live in the compiled library ``taste._C`` (C++ for the CPU, CUDA for GPUs). If it cannot be
 loaded (a source checkout, a failed build) this module warns once and every op runs the plain-PyTorch
-reference of :mod:`taste.reference` instead; :data:`HAS_EXTENSION` says which one is in use, and
-:data:`CUDA_ARCH_LIST` for which GPU architectures its CUDA kernels were compiled (None without them). On a GPU
-that the list does not cover, the CUDA ops raise an error that names the list and the rebuild command.
+reference of :mod:`taste.reference` instead, behind the same argument checks (:mod:`taste._fallback`);
+:data:`HAS_EXTENSION` says which one is in use, and :data:`CUDA_ARCH_LIST` for which GPU architectures its CUDA
+kernels were compiled (None without them). On a GPU that the list does not cover, the CUDA ops raise an error that
+names the list and the rebuild command.
 
 Value checks (offsets monotone and ending at N, word ids contiguous, lengths within T) always run on CPU
 tensors. On CUDA tensors they would cost a device sync, so they run only in ops that sync anyway (``pack``,
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from taste import reference
+from taste import _fallback
 
 try:
     from taste import _C  # loading it registers torch.ops.taste.*
@@ -41,7 +42,7 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess by t
 # TORCH_CUDA_ARCH_LIST of the build ("9.0+PTX", commas between entries), or None when taste._C has no CUDA kernels.
 CUDA_ARCH_LIST: str | None = (getattr(_C, "cuda_arch_list", "") or None) if HAS_EXTENSION else None
 
-_impl = torch.ops.taste if HAS_EXTENSION else reference
+_impl = torch.ops.taste if HAS_EXTENSION else _fallback  # the references, behind the compiled ops' argument checks
 
 
 def cuda_arch_covers(capability: tuple[int, int], arch_list: str | None = None) -> bool | None:

@@ -57,6 +57,18 @@ cuda = pytest.mark.cuda
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
+
+def _has_extension() -> bool:
+    from taste import ops
+
+    return ops.HAS_EXTENSION
+
+
+# Tests of the registered torch.library ops (opcheck) and of what their fake kernels make possible (fullgraph compiles
+# through data-dependent sizes). Without taste._C the ops run their references instead (tests/test_extension.py
+# fails then, so such a run cannot pass unnoticed).
+needs_extension = pytest.mark.skipif(not _has_extension(), reason="needs the compiled extension taste._C")
+
 # (atol, rtol) by dtype, STYLE.md.
 TOL = {
     torch.float64: (1e-12, 1e-12),

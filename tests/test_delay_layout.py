@@ -1,7 +1,7 @@
 import pytest
 import torch
 from baselines import PAD_TEXT, official_prepare_single
-from conftest import DEVICES, LENGTH_CASES, make_cu, random_word_ids
+from conftest import DEVICES, LENGTH_CASES, make_cu, needs_extension, random_word_ids
 
 from taste import ops, reference
 
@@ -72,6 +72,7 @@ def test_matches_the_official_per_sample_layout(lengths, delay, gen):
         assert torch.equal(gather(lay.label_word[rows], codes, -1), taste_labels)
 
 
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     args = (torch.tensor([0, 0, 1, 0, 1, 1, 2], device=device), make_cu([3, 0, 4], device), 2)

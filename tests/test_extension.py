@@ -142,7 +142,7 @@ def test_fallback_to_reference_without_extension():
         import torch
         packed, cu = ops.pack(torch.arange(6.0).view(2, 3), torch.tensor([2, 1]))
         assert packed.tolist() == [0.0, 1.0, 3.0] and cu.tolist() == [0, 2, 3]
-        offsets = ops.word_offsets(torch.tensor([0, 0, 1]), cu)
+        offsets = ops.word_offsets(torch.tensor([0, 0, 0]), cu)
         assert offsets.tolist() == [0, 2, 3]
         assert ops.segment_mean(packed, offsets).tolist() == [0.5, 3.0]
         layout = ops.prefix_layout(torch.tensor([5, 6, 7]), cu, torch.tensor([9]))

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import DEVICES, LENGTH_CASES, make_cu
+from conftest import DEVICES, LENGTH_CASES, make_cu, needs_extension
 
 from taste import ops, reference
 
@@ -68,6 +68,7 @@ def test_gradcheck(device, gen):
     assert torch.autograd.gradgradcheck(lambda x: ops.unpack(x, cu, 5, 2.0), (packed,))
 
 
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device, gen):
     lengths = [3, 0, 1, 4]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, LENGTH_CASES, make_cu
+from conftest import DEVICES, HAS_CUDA, LENGTH_CASES, make_cu, needs_extension
 
 from taste import ops, reference
 
@@ -52,6 +52,7 @@ def test_matches_per_sequence_construction_and_reference(device, lengths, num_pr
         assert torch.equal(out.ids[out.token_rows], tokens.to(device))
 
 
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     args = (torch.tensor([3, 1, 4, 1, 5, 9, 2], device=device), make_cu([3, 0, 4], device),

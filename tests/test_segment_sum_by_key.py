@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, assert_close, needs_extension
 
 from taste import ops, reference
 
@@ -34,6 +34,7 @@ def test_ignores_minus_one_and_is_bitwise_deterministic(device, gen):
         assert torch.equal(ops.segment_sum_by_key(big, big_keys, 3)[0], first)
 
 
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_and_opcheck(device, gen):
     keys = torch.tensor([1, -1, 0, 1, 3, 3, -1], device=device)

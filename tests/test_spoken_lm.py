@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_taslm_dependencies
+from conftest import needs_extension, require_taslm_dependencies
 
 require_taslm_dependencies()
 
@@ -251,6 +251,7 @@ def test_merge_lora_keeps_the_function(latent):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
+@needs_extension
 def test_compile_fullgraph(classifier):
     tokens, word_ids, codes, cu = batch()
     args = packed(tokens, word_ids, codes, cu)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import DEVICES, LENGTH_CASES, make_cu, random_word_ids
+from conftest import DEVICES, LENGTH_CASES, make_cu, needs_extension, random_word_ids
 
 from taste import ops, reference
 
@@ -30,6 +30,7 @@ def test_empty():
     assert ops.word_offsets(torch.zeros(0, dtype=torch.int64), make_cu([0, 0])).tolist() == [0]
 
 
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     word_ids = torch.tensor([0, 0, 1, 0, 1, 1, 2], device=device)
