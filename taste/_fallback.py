@@ -57,33 +57,47 @@ def _offsets_tensor(offsets: Tensor, name: str) -> None:
               f"{list(offsets.shape)}")  # fmt: skip
 
 
+def _first(mask: Tensor) -> int | None:
+    """Index of the first True in a 1-D mask, None if there is none (one host read)."""
+    hits = mask.nonzero()
+    return int(hits[0, 0]) if hits.numel() else None
+
+
 def _offsets_values(offsets: Tensor, name: str, total: int, max_len: int = -1, always: bool = False) -> None:
-    """Starts at 0, never decreases, no segment longer than ``max_len`` (-1: any), ends at ``total`` (-1: any)."""
+    """Starts at 0, never decreases, no segment longer than ``max_len`` (-1: any), ends at ``total`` (-1: any).
+    Vectorised: the offsets of every word of a batch can be many."""
     if _tracing() or not (always or _content_checks(offsets)):
         return
-    o = offsets.tolist()
-    if o[0] != 0:
-        _fail(f"{name} must start at 0, got {name}[0]={o[0]}")
-    for i in range(len(o) - 1):
-        if o[i + 1] < o[i]:
-            _fail(f"{name} must be non-decreasing, got {name}[{i}]={o[i]} > {name}[{i + 1}]={o[i + 1]}")
-        if max_len >= 0 and o[i + 1] - o[i] > max_len:
-            _fail(f"sequence {i} has length {o[i + 1] - o[i]} (from {name}) which exceeds max_len={max_len}")
-    if total >= 0 and o[-1] != total:
-        _fail(f"{name} must end at the number of rows ({total}), got {name}[{len(o) - 1}]={o[-1]}")
+    o = offsets.long()
+    if int(o[0]) != 0:
+        _fail(f"{name} must start at 0, got {name}[0]={int(o[0])}")
+    steps = o.diff()
+    i = _first((steps < 0) | (steps > max_len) if max_len >= 0 else steps < 0)
+    if i is not None and int(steps[i]) < 0:
+        _fail(f"{name} must be non-decreasing, got {name}[{i}]={int(o[i])} > {name}[{i + 1}]={int(o[i + 1])}")
+    if i is not None:
+        _fail(f"sequence {i} has length {int(steps[i])} (from {name}) which exceeds max_len={max_len}")
+    if total >= 0 and int(o[-1]) != total:
+        _fail(f"{name} must end at the number of rows ({total}), got {name}[{o.numel() - 1}]={int(o[-1])}")
 
 
 def _word_ids_values(word_ids: Tensor, cu_seqlens: Tensor, always: bool = False) -> None:
-    if _tracing() or not (always or _content_checks(word_ids)):
+    """Each sequence's word ids start at 0 and go up in steps of 0 or 1 (``cu_seqlens`` already checked)."""
+    if _tracing() or not (always or _content_checks(word_ids)) or word_ids.numel() == 0:
         return
-    wid, cu = word_ids.tolist(), cu_seqlens.tolist()
-    for b in range(len(cu) - 1):
-        for n in range(cu[b], cu[b + 1]):
-            if n == cu[b] and wid[n] != 0:
-                _fail(f"word_ids of sequence {b} must start at 0, got word_ids[{n}]={wid[n]}")
-            if n > cu[b] and wid[n] - wid[n - 1] not in (0, 1):
-                _fail(f"word_ids must be contiguous and non-decreasing within a sequence (steps of 0 or 1), got "
-                      f"word_ids[{n - 1}]={wid[n - 1]} then word_ids[{n}]={wid[n]} in sequence {b}")  # fmt: skip
+    wid, cu = word_ids.long(), cu_seqlens.long()
+    lengths = cu.diff()
+    first_rows = cu[:-1][lengths > 0]
+    is_first = torch.zeros_like(wid, dtype=torch.bool).index_fill_(0, first_rows, True)
+    steps = torch.cat([wid[:1], wid.diff()])
+    n = _first(torch.where(is_first, wid != 0, (steps != 0) & (steps != 1)))
+    if n is None:
+        return
+    b = int(torch.searchsorted(cu, n, right=True)) - 1  # the sequence that holds row n
+    if bool(is_first[n]):
+        _fail(f"word_ids of sequence {b} must start at 0, got word_ids[{n}]={int(wid[n])}")
+    _fail(f"word_ids must be contiguous and non-decreasing within a sequence (steps of 0 or 1), got "
+          f"word_ids[{n - 1}]={int(wid[n - 1])} then word_ids[{n}]={int(wid[n])} in sequence {b}")  # fmt: skip
 
 
 def _segment_args(x: Tensor, x_name: str, offsets: Tensor, num_rows: int, always: bool = False) -> None:

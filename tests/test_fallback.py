@@ -2,6 +2,8 @@
 bad input gets the same clear error, good input the same result. Here the fallback is swapped in for taste.ops'
 implementation, so this runs in every build."""
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import make_cu, random_word_ids
@@ -67,3 +69,45 @@ def test_value_checks_on_cuda_tensors_only_where_they_sync_or_when_strict(monkey
     assert _fallback._content_checks(torch.empty(0, device="meta"))
     monkeypatch.setenv("TASTE_STRICT_CHECKS", "0")
     assert not _fallback._content_checks(torch.empty(0, device="meta"))
+
+
+def _error(call):
+    try:
+        call()
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def test_value_errors_match_the_extensions_word_for_word(monkeypatch, gen):
+    """Random offsets and word ids, valid and not: the fallback raises where the extension raises, with the same
+    message (the first violation, by the same rule)."""
+    if not ops.HAS_EXTENSION:
+        pytest.skip("compares with the compiled extension")
+    raised = 0
+    for _ in range(300):
+        lengths = torch.randint(0, 4, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen).tolist()
+        cu = make_cu(lengths)
+        word_ids = random_word_ids(lengths, gen)
+        if torch.rand(1, generator=gen) < 0.5 and word_ids.numel():  # a bad word id somewhere
+            word_ids[torch.randint(0, word_ids.numel(), (1,), generator=gen)] += int(
+                torch.randint(-2, 3, (1,), generator=gen)
+            )
+        if torch.rand(1, generator=gen) < 0.5:  # bad offsets somewhere
+            cu[torch.randint(0, cu.numel(), (1,), generator=gen)] += int(torch.randint(-2, 3, (1,), generator=gen))
+        x = torch.randn(word_ids.numel(), 2, generator=gen)
+        calls = [
+            partial(ops.word_offsets, word_ids, cu),
+            partial(ops.delay_layout, word_ids, cu),
+            partial(ops.unpack, x, cu, 2),
+            partial(ops.segment_sum, x, cu),
+            partial(ops.segment_broadcast, torch.randn(cu.numel() - 1, 2), cu),
+            partial(ops.prefix_layout, word_ids, cu, torch.tensor([7], dtype=word_ids.dtype)),
+        ]
+        for call in calls:
+            want = _error(call)
+            with monkeypatch.context() as m:
+                m.setattr(ops, "_impl", _fallback)
+                assert _error(call) == want, (lengths, cu.tolist(), word_ids.tolist())
+            raised += want is not None
+    assert raised > 300  # the invalid cases did reach the checks
