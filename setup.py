@@ -1,7 +1,9 @@
 """Build of taste-kernels: the Python package `taste` plus its compiled op library `taste._C`.
 
 The C++ CPU kernels are always compiled. The CUDA kernels (csrc/cuda/*.cu) are compiled whenever the installed
-torch is a CUDA build and a CUDA toolkit is found, GPU present or not. Environment:
+torch is a CUDA build and a CUDA toolkit of torch's CUDA major version is found, GPU present or not; otherwise the
+build says why, and on CUDA tensors the ops run their PyTorch references (taste.ops.register_references_on_cuda).
+Environment:
 
 - TASTE_SKIP_CUDA_BUILD=1: compile the CPU kernels only.
 - TORCH_CUDA_ARCH_LIST: GPU architectures. Default: those of the GPUs this machine shows, with PTX for the newest
@@ -41,13 +43,14 @@ def _nvcc_wrapper_target(nvcc):
     return match.group(1).decode() if match else None
 
 
-def find_cuda_home():
+def find_cuda_home(torch_cuda=None):
     """Locate a usable CUDA toolkit (bin/nvcc and include/cuda_runtime.h), or None.
 
     torch guesses the toolkit from the directory of the first `nvcc` on PATH; where that nvcc is a wrapper
     script (e.g. /usr/local/bin/nvcc) the guess is /usr/local, which has no CUDA libraries, and linking fails.
     So check, in order: CUDA_HOME / CUDA_PATH, /usr/local/cuda, the target of an nvcc wrapper, the real
-    directory of nvcc, then /usr/local/cuda-* (newest first).
+    directory of nvcc, then /usr/local/cuda-* (newest first). Among the toolkits found after CUDA_HOME / CUDA_PATH,
+    the first of torch's CUDA major version ``torch_cuda`` ("12.1") wins, else the first one.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         path = os.environ.get(var)
@@ -59,12 +62,40 @@ def find_cuda_home():
                 "looking elsewhere",
                 file=sys.stderr,
             )
+    toolkits = [c for c in _toolkit_candidates() if _is_toolkit(c)]
+    return next((c for c in toolkits if not toolkit_mismatch(c, torch_cuda)), toolkits[0] if toolkits else None)
+
+
+def _toolkit_candidates():
     candidates = ["/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates += [_nvcc_wrapper_target(nvcc), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    return next((c for c in candidates if _is_toolkit(c)), None)
+    return candidates + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+
+
+def toolkit_cuda_version(cuda_home):
+    """(major, minor) of the CUDA toolkit at ``cuda_home``, from CUDA_VERSION in include/cuda.h (13000 is 13.0), or
+    None where that cannot be read."""
+    try:
+        with open(os.path.join(cuda_home, "include", "cuda.h")) as f:
+            match = re.search(r"^#define\s+CUDA_VERSION\s+(\d+)", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    if not match:
+        return None
+    value = int(match.group(1))
+    return value // 1000, value % 1000 // 10
+
+
+def toolkit_mismatch(cuda_home, torch_cuda):
+    """Why the toolkit at ``cuda_home`` cannot build kernels for a torch built with CUDA ``torch_cuda`` ("12.1"), or
+    None when it can (or its version is unknown: then torch's own check decides). torch refuses a toolkit of
+    another major version at build time; minor versions of one major are compatible."""
+    found = toolkit_cuda_version(cuda_home)
+    if found is None or not torch_cuda or str(found[0]) == torch_cuda.split(".")[0]:
+        return None
+    return f"the CUDA toolkit at {cuda_home} is CUDA {found[0]}.{found[1]} but torch was built with CUDA {torch_cuda}"
 
 
 def pip_cuda_include_dirs(cuda_home):
@@ -128,13 +159,18 @@ def build_extensions():
     cuda_home = None
     want_cuda = torch.version.cuda is not None and not _truthy("TASTE_SKIP_CUDA_BUILD")
     if want_cuda:
-        cuda_home = find_cuda_home()
-        if cuda_home is None:
+        cuda_home = find_cuda_home(torch.version.cuda)
+        mismatch = cuda_home and toolkit_mismatch(cuda_home, torch.version.cuda)
+        if cuda_home is None or mismatch:
+            reason = mismatch or "torch is a CUDA build but no CUDA toolkit was found"
+            cuda_major = torch.version.cuda.split(".")[0]
             print(
-                "taste setup: torch is a CUDA build but no CUDA toolkit was found; building the CPU kernels only "
-                "(set CUDA_HOME to build the CUDA kernels)",
+                f"taste setup: {reason}; building the CPU kernels only. On CUDA tensors the alignment ops will run "
+                "their PyTorch references (the Triton kernels are not affected). To compile the CUDA kernels, set "
+                f"CUDA_HOME to a CUDA {cuda_major}.x toolkit and rebuild.",
                 file=sys.stderr,
             )
+            cuda_home = None
         else:
             # cpp_extension reads CUDA_HOME when it is imported, so it must be set before the import below.
             os.environ["CUDA_HOME"] = cuda_home

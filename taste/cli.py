@@ -309,8 +309,11 @@ def cmd_info(args) -> None:
         print("gpus: none visible")
     for gpu in info["gpus"]:
         has = {True: "yes", False: "NO: rebuild with TORCH_CUDA_ARCH_LIST=" + gpu["capability"], None: "unknown"}
+        verdict = has[gpu["extension_has_code"]]
+        if not info["extension"] or info["extension_cuda_arch_list"] is None:
+            verdict = "no, the build has no CUDA kernels: the ops run their PyTorch references on it"
         print(f"gpu {gpu['index']}: {gpu['name']}, compute capability {gpu['capability']}, extension has code for it: "
-              f"{has[gpu['extension_has_code']]}")  # fmt: skip
+              f"{verdict}")  # fmt: skip
 
 
 def cmd_import_official(args) -> None:

@@ -44,6 +44,51 @@ CUDA_ARCH_LIST: str | None = (getattr(_C, "cuda_arch_list", "") or None) if HAS_
 
 _impl = torch.ops.taste if HAS_EXTENSION else _fallback  # the references, behind the compiled ops' argument checks
 
+# The ops that taste._C compiles (schemas in csrc/ops.cpp); taste._fallback has a function of the same name for each.
+COMPILED_OPS = ("pack", "pack_offsets", "unpack", "word_offsets", "segment_sum", "segment_mean", "segment_broadcast",
+                "segment_mean_broadcast", "segment_sum_by_key", "prefix_layout", "delay_layout")  # fmt: skip
+
+REFERENCES_ON_CUDA_WARNING = (
+    "taste: taste._C was built without CUDA kernels (no CUDA toolkit was found at build time, or its major version "
+    "differed from torch's CUDA {cuda}, or TASTE_SKIP_CUDA_BUILD was set), so on CUDA tensors the alignment ops run "
+    "their PyTorch references: the same results, but slower, and segment_sum_by_key's float sums are not bitwise "
+    "reproducible there (index_add's atomics). The Triton kernels are not affected. To compile the CUDA kernels, "
+    "rebuild with a CUDA {cuda_major}.x toolkit: CUDA_HOME=/path/to/toolkit pip install --no-build-isolation "
+    "--no-deps --force-reinstall ."
+)
+
+
+def register_references_on_cuda(library: torch.library.Library) -> None:
+    """Registers, in ``library`` (a ``torch.library.Library("taste", "IMPL")``), the references behind the compiled
+    ops' argument checks (:mod:`taste._fallback`) as the CUDA kernels of every op of :data:`COMPILED_OPS`. Done at
+    import for an extension without CUDA kernels (a machine without a CUDA toolkit, a toolkit of another major
+    version than torch's, a ROCm torch): its ops then work on CUDA tensors instead of failing with torch's "Could
+    not run 'taste::pack' with arguments from the 'CUDA' backend". The first such call warns once
+    (:data:`REFERENCES_ON_CUDA_WARNING`). Autograd and the fakes are registered for every backend, so nothing else
+    changes."""
+    warned = []
+
+    def on_cuda(name):
+        reference_op = getattr(_fallback, name)
+
+        def kernel(*args, **kwargs):
+            if not warned:
+                warned.append(True)
+                cuda = torch.version.cuda or "?"
+                warnings.warn(REFERENCES_ON_CUDA_WARNING.format(cuda=cuda, cuda_major=cuda.split(".")[0]),
+                              RuntimeWarning, stacklevel=2)  # fmt: skip
+            return reference_op(*args, **kwargs)
+
+        return kernel
+
+    for name in COMPILED_OPS:
+        library.impl(name, on_cuda(name), "CUDA")
+
+
+if HAS_EXTENSION and CUDA_ARCH_LIST is None:
+    _REFERENCES_ON_CUDA = torch.library.Library("taste", "IMPL")  # kept alive: the registrations live as long as it
+    register_references_on_cuda(_REFERENCES_ON_CUDA)
+
 
 def cuda_arch_covers(capability: tuple[int, int], arch_list: str | None = None) -> bool | None:
     """Whether CUDA kernels built for ``arch_list`` (TORCH_CUDA_ARCH_LIST syntax; default :data:`CUDA_ARCH_LIST`)

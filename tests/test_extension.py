@@ -35,16 +35,30 @@ def test_extension_is_loaded():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"taste::{name}", "CPU"), name
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU build: no CUDA kernels to compile")
-@pytest.mark.skipif(os.environ.get("TASTE_SKIP_CUDA_BUILD", "0") not in ("", "0"), reason="CUDA build skipped")
+def _no_cuda_build_expected() -> str | None:
+    """Why setup.py builds no CUDA kernels here, or None when it must build them."""
+    if torch.version.cuda is None:
+        return "torch is a CPU build: no CUDA kernels to compile"
+    if os.environ.get("TASTE_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        return "CUDA build skipped (TASTE_SKIP_CUDA_BUILD)"
+    setup = _setup_module()
+    toolkit = setup.find_cuda_home(torch.version.cuda)
+    # A toolkit of another major CUDA version than torch's is not used (test_toolkit_of_another_major_...). No
+    # toolkit at all is no reason: the tests then fail, as a CUDA machine or CI is expected to have one.
+    return toolkit and setup.toolkit_mismatch(toolkit, torch.version.cuda)
+
+
 def test_cuda_kernels_are_compiled_in():
+    if reason := _no_cuda_build_expected():
+        pytest.skip(reason)
+    assert ops.CUDA_ARCH_LIST is not None, "taste._C has no CUDA kernels: was a CUDA toolkit found at build time?"
     missing = [n for n in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"taste::{n}", "CUDA")]
-    assert not missing, f"ops without a CUDA kernel: {missing} (was a CUDA toolkit found at build time?)"
+    assert not missing, f"ops without a CUDA kernel: {missing}"
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU build: no CUDA kernels to compile")
-@pytest.mark.skipif(os.environ.get("TASTE_SKIP_CUDA_BUILD", "0") not in ("", "0"), reason="CUDA build skipped")
 def test_cuda_arch_list_is_recorded():
+    if reason := _no_cuda_build_expected():
+        pytest.skip(reason)
     # What the build compiled for: the error on a GPU without code in the library names it.
     assert ops.CUDA_ARCH_LIST is not None and re.fullmatch(r"[0-9A-Za-z.+]+(,[0-9A-Za-z.+]+)*", ops.CUDA_ARCH_LIST)
     assert ops.CUDA_ARCH_LIST != "unknown", "setup.py passed no TASTE_CUDA_ARCHS"
@@ -95,6 +109,12 @@ def test_info_command_names_each_gpu_and_whether_the_extension_runs_there(monkey
     text = capsys.readouterr().out
     assert "gpu 0: NVIDIA A100, compute capability 8.0, extension has code for it: NO" in text
     assert "TORCH_CUDA_ARCH_LIST=8.0" in text
+    monkeypatch.setattr(ops, "CUDA_ARCH_LIST", None)  # built without CUDA kernels: no arch list would help
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "TORCH_CUDA_ARCH_LIST" not in text
+    assert "gpu 1: NVIDIA H100, compute capability 9.0, extension has code for it: no, the build has no CUDA " \
+        "kernels: the ops run their PyTorch references on it" in text  # fmt: skip
 
 
 def _setup_module():
@@ -166,3 +186,89 @@ def test_ops_have_docstrings_with_shapes():
     for name in OPS:
         doc = getattr(ops, name).__doc__
         assert doc and "(" in doc, name
+
+
+def _fake_toolkit(root, version: int | None) -> str:
+    for sub in ("bin", "include"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for rel in (("bin", "nvcc"), ("include", "cuda_runtime.h")):
+        open(os.path.join(root, *rel), "w").close()
+    if version is not None:
+        with open(os.path.join(root, "include", "cuda.h"), "w") as f:
+            f.write(f"#ifndef CUDA_H\n#define CUDA_VERSION {version}\n#endif\n")
+    return str(root)
+
+
+def test_toolkit_of_another_major_version_than_torch_is_not_used(tmp_path, monkeypatch):
+    """torch refuses to build with a toolkit of another major CUDA version (e.g. torch cu121, nvcc 13.0): setup.py
+    looks for one of torch's version, and without one builds the CPU kernels only, saying why, instead of
+    failing the install."""
+    setup = _setup_module()
+    cuda13 = _fake_toolkit(tmp_path / "cuda-13.0", 13000)
+    cuda12 = _fake_toolkit(tmp_path / "cuda-12.4", 12040)
+    unknown = _fake_toolkit(tmp_path / "cuda-x", None)
+    assert setup.toolkit_cuda_version(cuda12) == (12, 4) and setup.toolkit_cuda_version(cuda13) == (13, 0)
+    assert setup.toolkit_cuda_version(unknown) is None
+    assert setup.toolkit_mismatch(cuda12, "12.1") is None
+    assert setup.toolkit_mismatch(cuda13, "12.1") == f"the CUDA toolkit at {cuda13} is CUDA 13.0 but torch was built " \
+        "with CUDA 12.1"  # fmt: skip
+    assert setup.toolkit_mismatch(unknown, "12.1") is None  # unknown: torch's own check decides
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(setup, "_toolkit_candidates", lambda: [cuda13, str(tmp_path / "none"), cuda12])
+    assert setup.find_cuda_home("12.1") == cuda12  # the first of torch's major version
+    assert setup.find_cuda_home("13.0") == cuda13
+    assert setup.find_cuda_home("11.8") == cuda13  # none matches: the first (the build then reports the mismatch)
+    monkeypatch.setenv("CUDA_HOME", cuda13)
+    assert setup.find_cuda_home("12.1") == cuda13  # the user's choice stands
+
+
+def test_every_op_has_a_cuda_kernel_in_every_build():
+    """Compiled, or (an extension built without CUDA kernels) the reference: never torch's "Could not run
+    'taste::pack' with arguments from the 'CUDA' backend"."""
+    if not taste.HAS_EXTENSION:
+        pytest.skip("no compiled extension: taste.ops calls the references directly on every device")
+    assert set(ops.COMPILED_OPS) == set(OPS)
+    missing = [n for n in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"taste::{n}", "CUDA")]
+    assert not missing, missing
+
+
+def test_references_serve_cuda_tensors_without_cuda_kernels():
+    """What an extension without CUDA kernels registers at import (registered here over the compiled CUDA kernels,
+    in a subprocess, where the build has them), with the CUDA dispatch key called on CPU tensors: the references'
+    results, their argument checks, and one warning that says how to build the kernels."""
+    script = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        import taste
+        from taste import ops, reference
+        if ops.CUDA_ARCH_LIST is not None:  # (without CUDA kernels the import registered them already)
+            lib = torch.library.Library("taste", "IMPL")
+            ops.register_references_on_cuda(lib)
+        cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+        def on_cuda(name, *args):
+            return getattr(torch.ops.taste, name).default.redispatch(cuda, *args)
+        x, off = torch.randn(7, 3), torch.tensor([0, 2, 2, 7], dtype=torch.int32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert torch.equal(on_cuda("segment_sum", x, off), reference.segment_sum(x, off))
+            packed, cu = on_cuda("pack", torch.arange(8.0).view(2, 4), torch.tensor([1, 3]))
+            assert packed.tolist() == [0.0, 4.0, 5.0, 6.0] and cu.tolist() == [0, 1, 4]
+            cu_out, ids, _, rows = on_cuda("prefix_layout", torch.tensor([5, 6, 7, 8]), cu, torch.tensor([9]))
+            assert ids.tolist() == [9, 5, 9, 6, 7, 8] and rows.tolist() == [1, 3, 4, 5]
+            try:
+                on_cuda("segment_mean", x, torch.tensor([0, 3, 2, 7], dtype=torch.int32))
+                raise AssertionError("bad offsets were accepted")
+            except RuntimeError as e:
+                assert "offsets must be non-decreasing" in str(e), e
+        notes = [str(w.message) for w in caught if "built without CUDA kernels" in str(w.message)]
+        assert len(notes) == 1 and f"CUDA {torch.version.cuda or '?'}" in notes[0], notes
+        assert "CUDA_HOME=" in notes[0] and "--no-build-isolation" in notes[0]
+        print("ok")
+        """
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(taste.__file__)), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
