@@ -292,6 +292,18 @@ def accept_refused(record: list) -> None:
             r["note"] = "refused, another tile taken"
 
 
+def unsupported_triton() -> str | None:
+    """Why this Triton cannot run the script, or None: it swaps in a compile-only driver through
+    ``driver._active`` / ``driver.set_active``, which Triton 3.6-3.9 have and 3.4 (torch 2.8's) lacks."""
+    import triton
+    from triton.runtime import driver
+
+    if not (hasattr(driver, "_active") and hasattr(driver, "set_active")):
+        return f"bench/compile_kernels.py needs Triton's driver._active and driver.set_active (Triton 3.6-3.9 have " \
+            f"them), which Triton {triton.__version__} lacks"  # fmt: skip
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -305,6 +317,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels that this script compiles")
+    if reason := unsupported_triton():
+        parser.error(reason)
     import triton
     from triton.runtime.errors import OutOfResources
 

@@ -88,7 +88,7 @@ def build_backbone(config) -> nn.Module:
         from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            "TasteSpokenLM needs transformers >= 4.53 (packed sequences) and peft: pip install 'taste-kernels[lm]'"
+            "TasteSpokenLM needs transformers >= 4.53.1 (packed sequences) and peft: pip install 'taste-kernels[lm]'"
         ) from e
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 

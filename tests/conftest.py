@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 HAS_CUDA = torch.cuda.is_available()
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (correctness only). Triton reads
 # this when a kernel is decorated, i.e. when taste.kernels.* is first imported, which happens after conftest.
 if not HAS_CUDA:
@@ -22,11 +23,11 @@ on_triton_interpreter = pytest.mark.skipif(not INTERPRET, reason="set TRITON_INT
 
 
 def _fix_triton_36_interpreter_for_numpy_24() -> None:
-    """Triton 3.6's interpreter (the Triton of torch 2.11, the GPU image's) converts a tensor used as an index, e.g.
-    a ``range`` bound taken from a kernel argument, with ``int()`` of a one-element array, which NumPy 2.4 refuses
-    ("only 0-dimensional arrays can be converted to Python scalars"): every kernel with such a loop fails in it.
-    Triton 3.8 squeezes the array first; this gives 3.6's interpreter the same conversion. Tests only: compiled
-    kernels never run this code."""
+    """Triton 3.5's and 3.6's interpreters (the Triton of torch 2.9, and of torch 2.10 and 2.11, the GPU image's)
+    convert a tensor used as an index, e.g. a ``range`` bound taken from a kernel argument, with ``int()`` of a
+    one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"):
+    every kernel with such a loop fails in it. Triton 3.8 squeezes the array first; this gives 3.5 and 3.6 the same
+    conversion. Tests only: compiled kernels never run this code."""
     import numpy as np
 
     try:
@@ -44,9 +45,13 @@ def _fix_triton_36_interpreter_for_numpy_24() -> None:
     if version >= (3, 7) or original is None:
         return
 
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))  # restored in reverse order
+    def patch(tensor, *scope):  # Triton 3.6 passes a scope that restores what it set; 3.5 sets attributes directly
+        original(tensor, *scope)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)  # restored in reverse order
+        else:
+            tensor.__index__ = index
 
     interpreter._patch_lang_tensor = patch
 
@@ -109,11 +114,26 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+def skip_unless_launches_go_through_run() -> None:
+    """Skips the calling test where a kernel launch does not call the kernel's ``run`` method, which the tests hook
+    to count or refuse launches: Triton's interpreter before 3.5 (torch 2.8's Triton 3.4) launches straight from
+    ``kernel[grid]``. Only the hooks are missing there; the launchers work the same."""
+    if not INTERPRET:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not hasattr(InterpretedFunction, "run"):
+        import triton
+
+        pytest.skip(f"Triton {triton.__version__}'s interpreter launches without the kernel's run(), which this hooks")
+
+
 def refuse_tiles(monkeypatch, kernels, refuse) -> list[tuple[str, dict]]:
     """Makes the Triton ``kernels`` act as on a GPU with little shared memory: a launch whose meta-parameters
     ``refuse(kwargs)`` rejects raises Triton's ``OutOfResources`` before anything runs, as Triton does for a build
     that does not fit. Returns the list of (kernel name, meta-parameters) of every launch tried. The launchers'
     memory of which tiles fit (``taste.kernels._FITTING``) starts empty."""
+    skip_unless_launches_go_through_run()
     from triton.runtime.errors import OutOfResources
 
     from taste import kernels as kernel_package
@@ -156,9 +176,9 @@ def torchrun_rank_digests(subcommand: str, config: dict, out_dir, ranks: int = 2
 
 
 def require_taslm_dependencies() -> None:
-    """Skips the calling test module unless transformers >= 4.53 (packed sequences are masked from restarting
+    """Skips the calling test module unless transformers >= 4.53.1 (packed sequences are masked from restarting
     position ids) and peft are installed: what TASLM needs."""
-    masking = pytest.importorskip("transformers.masking_utils", reason="TASLM needs transformers >= 4.53")
+    masking = pytest.importorskip("transformers.masking_utils", reason="TASLM needs transformers >= 4.53.1")
     if not hasattr(masking, "find_packed_sequence_indices"):
-        pytest.skip("TASLM needs transformers >= 4.53 (packed sequences)", allow_module_level=True)
+        pytest.skip("TASLM needs transformers >= 4.53.1 (packed sequences)", allow_module_level=True)
     pytest.importorskip("peft")

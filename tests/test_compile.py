@@ -3,7 +3,7 @@ breaks, and the compiled result (values and gradients) equals eager."""
 
 import pytest
 import torch
-from conftest import DEVICES, make_cu, random_word_ids
+from conftest import DEVICES, TORCH_VERSION, make_cu, random_word_ids
 
 from taste import ops
 
@@ -21,7 +21,11 @@ def word_pooling(padded, lengths, word_ids, cu_seqlens, total: int, max_len: int
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.skipif(TORCH_VERSION < (2, 10), reason="torch 2.8 and 2.9 cannot trace this chain (README, versions)")
 def test_chain_compiles_fullgraph_dynamic(device, gen):
+    """Measured on torch 2.8 and 2.9: word_offsets' data-dependent size stops dynamo unless
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops`` is set, and with it (2.8) the guard on that size fails
+    in AOT autograd's broadcasting; 2.10 and later compile it as it is."""
     torch._dynamo.reset()
     compiled = torch.compile(word_pooling, fullgraph=True, dynamic=True, backend="aot_eager")
     for lengths in ([5, 0, 3], [9, 1, 4, 2, 7]):  # a second shape reuses the dynamic graph

@@ -28,7 +28,15 @@ def _has_nvidia_backend() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not _has_nvidia_backend(), reason="needs Triton with its NVIDIA backend")
+def _unsupported() -> str | None:
+    if not _has_nvidia_backend():
+        return "needs Triton with its NVIDIA backend"
+    from compile_kernels import unsupported_triton  # bench/ is on the path (conftest)
+
+    return unsupported_triton()
+
+
+pytestmark = pytest.mark.skipif(bool(_unsupported()), reason=str(_unsupported()))
 
 
 def _run(tmp_path, *args):

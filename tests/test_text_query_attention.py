@@ -3,7 +3,15 @@
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, make_cu, needs_cuda, on_triton_interpreter, refuse_tiles
+from conftest import (
+    DEVICES,
+    HAS_CUDA,
+    make_cu,
+    needs_cuda,
+    on_triton_interpreter,
+    refuse_tiles,
+    skip_unless_launches_go_through_run,
+)
 
 from taste import ops, reference
 
@@ -367,6 +375,7 @@ def test_a_settled_problem_class_launches_the_kernel_directly(monkeypatch, gen):
     """Once the tuner has picked tiles for a problem class, the next launch of that class goes straight to the kernel
     with them (kernels.launch_tuned: Triton's Autotuner.run costs host time at every launch), with the same results;
     another class (here a batch of 5: class 8) goes through the tuner again."""
+    skip_unless_launches_go_through_run()
     from taste import kernels
 
     monkeypatch.setattr(kernels, "_SETTLED", {})
