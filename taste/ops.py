@@ -49,13 +49,21 @@ COMPILED_OPS = ("pack", "pack_offsets", "unpack", "word_offsets", "segment_sum",
                 "segment_mean_broadcast", "segment_sum_by_key", "prefix_layout", "delay_layout")  # fmt: skip
 
 REFERENCES_ON_CUDA_WARNING = (
-    "taste: taste._C was built without CUDA kernels (no CUDA toolkit was found at build time, or its major version "
-    "differed from torch's CUDA {cuda}, or TASTE_SKIP_CUDA_BUILD was set), so on CUDA tensors the alignment ops run "
-    "their PyTorch references: the same results, but slower, and segment_sum_by_key's float sums are not bitwise "
-    "reproducible there (index_add's atomics). The Triton kernels are not affected. To compile the CUDA kernels, "
-    "rebuild with a CUDA {cuda_major}.x toolkit: CUDA_HOME=/path/to/toolkit pip install --no-build-isolation "
-    "--no-deps --force-reinstall ."
+    "taste: taste._C was built without CUDA kernels ({why}), so on CUDA tensors the alignment ops run their PyTorch "
+    "references: the same results, but slower, and their float segment sums and means not bitwise reproducible "
+    "there (index_add's atomics). The Triton kernels are not affected.{how}"
 )
+
+
+def _references_on_cuda_warning() -> str:
+    cuda = torch.version.cuda
+    if cuda is None:  # a ROCm (or CPU-only) torch: setup.py builds no CUDA kernels for it
+        return REFERENCES_ON_CUDA_WARNING.format(why="torch is not a CUDA build", how="")
+    why = (f"no CUDA toolkit was found at build time, or its major version differed from torch's CUDA {cuda}, or "
+           "TASTE_SKIP_CUDA_BUILD was set")  # fmt: skip
+    how = (f" To compile the CUDA kernels, rebuild with a CUDA {cuda.split('.')[0]}.x toolkit: "
+           "CUDA_HOME=/path/to/toolkit pip install --no-build-isolation --no-deps --force-reinstall .")  # fmt: skip
+    return REFERENCES_ON_CUDA_WARNING.format(why=why, how=how)
 
 
 def register_references_on_cuda(library: torch.library.Library) -> None:
@@ -63,8 +71,8 @@ def register_references_on_cuda(library: torch.library.Library) -> None:
     ops' argument checks (:mod:`taste._fallback`) as the CUDA kernels of every op of :data:`COMPILED_OPS`. Done at
     import for an extension without CUDA kernels (a machine without a CUDA toolkit, a toolkit of another major
     version than torch's, a ROCm torch): its ops then work on CUDA tensors instead of failing with torch's "Could
-    not run 'taste::pack' with arguments from the 'CUDA' backend". The first such call warns once
-    (:data:`REFERENCES_ON_CUDA_WARNING`). Autograd and the fakes are registered for every backend, so nothing else
+    not run 'taste::pack' with arguments from the 'CUDA' backend". The first such call warns once, saying how to
+    build the kernels. Autograd and the fakes are registered for every backend, so nothing else
     changes."""
     warned = []
 
@@ -74,9 +82,7 @@ def register_references_on_cuda(library: torch.library.Library) -> None:
         def kernel(*args, **kwargs):
             if not warned:
                 warned.append(True)
-                cuda = torch.version.cuda or "?"
-                warnings.warn(REFERENCES_ON_CUDA_WARNING.format(cuda=cuda, cuda_major=cuda.split(".")[0]),
-                              RuntimeWarning, stacklevel=2)  # fmt: skip
+                warnings.warn(_references_on_cuda_warning(), RuntimeWarning, stacklevel=2)
             return reference_op(*args, **kwargs)
 
         return kernel

@@ -263,8 +263,11 @@ def test_references_serve_cuda_tensors_without_cuda_kernels():
             except RuntimeError as e:
                 assert "offsets must be non-decreasing" in str(e), e
         notes = [str(w.message) for w in caught if "built without CUDA kernels" in str(w.message)]
-        assert len(notes) == 1 and f"CUDA {torch.version.cuda or '?'}" in notes[0], notes
-        assert "CUDA_HOME=" in notes[0] and "--no-build-isolation" in notes[0]
+        assert len(notes) == 1, notes
+        if torch.version.cuda:  # what to install and how to rebuild
+            assert f"torch's CUDA {torch.version.cuda}" in notes[0] and "--no-build-isolation" in notes[0], notes
+        else:  # a ROCm or CPU-only torch: nothing to rebuild with
+            assert "torch is not a CUDA build" in notes[0] and "CUDA_HOME" not in notes[0], notes
         print("ok")
         """
     )
