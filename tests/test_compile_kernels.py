@@ -36,7 +36,8 @@ def _unsupported() -> str | None:
     return unsupported_triton()
 
 
-pytestmark = pytest.mark.skipif(bool(_unsupported()), reason=str(_unsupported()))
+_WHY_NOT = _unsupported()
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 
 def _run(tmp_path, *args):
