@@ -61,18 +61,39 @@ void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor
               a.device(), "), got ", b.device());
 }
 
+std::string dtype_name(at::ScalarType dt) {
+  // Python's spelling (what users write and what the references' errors print), not c10's ("Float", "Long").
+  switch (dt) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(dt);
+  }
+}
+
 void check_index_dtype(const at::Tensor& t, const char* name, bool allow_int64) {
   const auto dt = t.scalar_type();
   if (allow_int64) {
-    TORCH_CHECK(dt == at::kInt || dt == at::kLong, "taste: ", name, " must be an int32 or int64 tensor, got ", dt);
+    TORCH_CHECK(dt == at::kInt || dt == at::kLong, "taste: ", name, " must be an int32 or int64 tensor, got ",
+                dtype_name(dt));
   } else {
-    TORCH_CHECK(dt == at::kInt, "taste: ", name, " must be an int32 tensor, got ", dt);
+    TORCH_CHECK(dt == at::kInt, "taste: ", name, " must be an int32 tensor, got ", dtype_name(dt));
   }
 }
 
 void check_float_dtype(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "taste: ", name,
-              " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ", t.scalar_type());
+              " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+              dtype_name(t.scalar_type()));
 }
 
 void check_offsets_tensor(const at::Tensor& offsets, const char* name) {
@@ -258,8 +279,8 @@ PrefixLayoutBuffers prepare_prefix_layout(const at::Tensor& tokens, const at::Te
   check_index_dtype(tokens, "tokens", /*allow_int64=*/true);
   TORCH_CHECK(tokens.dim() == 1, "taste: tokens must be a 1-D (N,) tensor, got shape ", tokens.sizes());
   TORCH_CHECK(prefix.dim() == 1 && prefix.scalar_type() == tokens.scalar_type(),
-              "taste: prefix must be a 1-D (P,) tensor of tokens' dtype (", tokens.scalar_type(), "), got ",
-              prefix.scalar_type(), " of shape ", prefix.sizes());
+              "taste: prefix must be a 1-D (P,) tensor of tokens' dtype (", dtype_name(tokens.scalar_type()),
+              "), got ", dtype_name(prefix.scalar_type()), " of shape ", prefix.sizes());
   check_same_device(tokens, "tokens", prefix, "prefix");
   check_offsets_tensor(cu_seqlens, "cu_seqlens");
   check_same_device(tokens, "tokens", cu_seqlens, "cu_seqlens");

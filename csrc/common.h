@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -103,6 +104,7 @@ const char* cuda_arch_list();
 bool strict_checks();
 bool content_checks(const at::Tensor& t);
 void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name);
+std::string dtype_name(at::ScalarType dt);  // "torch.float32", as Python prints it
 void check_index_dtype(const at::Tensor& t, const char* name, bool allow_int64);
 void check_float_dtype(const at::Tensor& t, const char* name);
 // cu_seqlens / word_offsets: 1-D int32, starts at 0, non-decreasing, ends at `total` (when total >= 0).
