@@ -40,7 +40,7 @@ def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]
         if not os.path.isfile(os.path.join(directory, name)):
             raise FileNotFoundError(f"{directory!r} has no {name}: not a {kind}.save_pretrained directory")
     with open(os.path.join(directory, CONFIG_NAME)) as f:
-        config = json.load(f)
+        config = parse_json(f.read(), os.path.join(directory, CONFIG_NAME))
     return config, load_file(os.path.join(directory, WEIGHTS_NAME))
 
 
@@ -48,6 +48,14 @@ def meta_tensors(module: nn.Module) -> list[str]:
     """Names of the parameters and buffers of ``module`` still on the meta device (after building it there and
     loading a state dict with ``assign=True``, whatever the file did not hold)."""
     return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
+def parse_json(text: str, where: str):
+    """``json.loads`` whose error names the file (and line) it came from: ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON: {e}") from None
 
 
 def read_jsonl_records(path: str) -> list[dict]:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from taste.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, mel_filters, resample
+from taste.checkpoint import parse_json
 
 UNIT_RATE = 50  # units per second, the rate of CosyVoice's S3 tokens (spec 1.1 item 6)
 
@@ -282,7 +283,9 @@ def read_manifest(path: str) -> list[dict]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            row = parse_json(line, f"{path}:{n}")
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: a manifest row must be a JSON object, got {type(row).__name__}")
             for key in ("id", "path", "text"):
                 if key not in row:
                     raise ValueError(f"{path}:{n}: manifest row has no {key!r} field")

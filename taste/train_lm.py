@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from taste.checkpoint import parse_json
 from taste.spoken_lm import SpokenLMConfig, TasteSpokenLM
 from taste.text import WordTokenizer
 from taste.trainer import LoopConfig, fit, setup_distributed
@@ -49,7 +50,9 @@ class CodeCorpus:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                row = parse_json(line, f"{path}:{line_no}")
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{line_no}: a codes row must be a JSON object, got {type(row).__name__}")
                 words, codes = row.get("words"), torch.tensor(row.get("codes", []), dtype=torch.long)
                 if not words or codes.dim() != 2 or codes.shape[0] != len(words):
                     raise ValueError(f"{path}:{line_no}: needs 'words' and one 'codes' row per word")

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from taste.checkpoint import read_jsonl_records, write_jsonl_atomically
+from taste.checkpoint import parse_json, read_jsonl_records, write_jsonl_atomically
 
 
 @dataclass(kw_only=True)
@@ -74,7 +74,9 @@ class LoopConfig:
     @classmethod
     def from_json(cls, path: str, **overrides):
         with open(path) as f:
-            raw = json.load(f)
+            raw = parse_json(f.read(), path)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: must hold a JSON object of training options, got {type(raw).__name__}")
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown training options {sorted(unknown)}")

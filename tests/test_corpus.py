@@ -159,3 +159,13 @@ def test_word_prosody_changes_the_speech(tmp_path):
     assert cli.main(["corpus", str(tmp_path), "--num", "3", "--seed", "1", "--prosody"]) == 0
     rows = corpus.read_manifest(str(tmp_path / "manifest.jsonl"))
     assert all(len(r["prosody"]["rate"]) == len(r["text"].split()) for r in rows)
+
+
+def test_manifest_errors_name_the_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "path": "a.wav", "text": "hi"}\n\n{"id": "b", "path": "b.wav", "text": "hi"\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:3: not valid JSON: Expecting ',' delimiter"):
+        corpus.read_manifest(str(path))
+    path.write_text('{"id": "a", "path": "a.wav", "text": "hi"}\n"b.wav"\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2: a manifest row must be a JSON object, got str"):
+        corpus.read_manifest(str(path))

@@ -53,6 +53,16 @@ def test_corpus_tokenises_words_like_training(data):
     assert b["codes"].shape[0] == words
 
 
+def test_codes_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "codes.jsonl"
+    path.write_text('{"words": ["hi"], "codes": [[1, 2, 3, 4]]}\n{"words": ["hi"], "codes": [[1, 2, 3, 4]\n')
+    with pytest.raises(ValueError, match=r"codes.jsonl:2: not valid JSON: Expecting ',' delimiter"):
+        CodeCorpus(str(path))
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"codes.jsonl:1: a codes row must be a JSON object, got list"):
+        CodeCorpus(str(path))
+
+
 def test_resume_reaches_the_same_weights(data, tmp_path):
     straight = train_lm(config(data, tmp_path / "a"), progress=False)
     train_lm(config(data, tmp_path / "b"), stop_after=3, progress=False)  # interrupted after step 3

@@ -221,3 +221,13 @@ def test_ddp_accumulation_reduces_once_a_step_and_matches_one_rank(tmp_path):
     assert ranks[0]["no_sync"] == ranks[1]["no_sync"] == 7  # 7 steps, all but the last micro-batch of each
     for mine, single in zip(ranks[0]["weights"], one.parameters()):
         torch.testing.assert_close(torch.tensor(mine), single.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_config_files_that_are_not_json_objects_name_the_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"out_dir": "o"\n"steps": 3}')
+    with pytest.raises(ValueError, match=r"broken.json: not valid JSON: Expecting ',' delimiter: line 2"):
+        LoopConfig.from_json(str(path))  # before: the decoder's message alone, no file named
+    path.write_text('["out_dir", "o"]')
+    with pytest.raises(ValueError, match=r"broken.json: must hold a JSON object of training options, got list"):
+        LoopConfig.from_json(str(path))
