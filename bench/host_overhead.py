@@ -61,6 +61,7 @@ def emulate_cuda_code_path() -> dict:
     attention._uses_triton = lambda q: True
     dispatch.on_cuda = lambda t: True  # direct calls (taste._dispatch) take the CUDA kernel too
     attention._check_offsets = lambda cu, name, total, max_len, batch: None
+    TextQueryAggregator._check_values = lambda self, tokens, cu_seqlens, max_seqlen: None  # CPU tensors only
     torch.cuda.device = lambda device: contextlib.nullcontext()
     attention._attention.register_kernel("cpu")(attention._attention_cuda)
     attention._cross_attention.register_kernel("cpu")(attention._cross_attention_cuda)

@@ -260,26 +260,46 @@ class TextQueryAggregator(nn.Module):
         """
         cfg = self.config
         prefix = len(cfg.prefix_ids)
-        if max_seqlen + prefix > cfg.max_positions:
+        if max_seqlen < 0 or max_seqlen + prefix > cfg.max_positions:
             raise ValueError(
-                f"max_seqlen + {prefix} prefix tokens must be <= max_positions={cfg.max_positions}, "
-                f"got max_seqlen={max_seqlen}"
+                f"max_seqlen must be >= 0 and, with the {prefix} prefix tokens, <= max_positions="
+                f"{cfg.max_positions}, got max_seqlen={max_seqlen}"
             )
         if h_key.shape != h_val.shape or h_key.dim() != 3 or h_key.shape[-1] != cfg.d_model:
             raise ValueError(
                 f"h_key and h_val must both be (B, E, {cfg.d_model}), got {tuple(h_key.shape)} and {tuple(h_val.shape)}"
             )
+        weight = self.embed_tokens.weight
+        for name, t in (("h_key", h_key), ("h_val", h_val), ("tokens", tokens), ("cu_seqlens", cu_seqlens)):
+            if t.device != weight.device:
+                raise ValueError(f"{name} must be on the module's device ({weight.device}), got {t.device}")
         batch = h_key.shape[0]
         if cu_seqlens.shape[0] != batch + 1:
             raise ValueError(
                 f"cu_seqlens must have B + 1 = {batch + 1} entries (B from h_key), got {cu_seqlens.shape[0]}"
             )
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            self._check_values(tokens, cu_seqlens, max_seqlen)  # (on a GPU this would sync)
         layout = prefix_layout(tokens, cu_seqlens, self.prefix_ids.to(tokens.dtype))
         x = self.embed_tokens(layout.ids) + self.embed_positions(layout.positions)  # (N + B*P, d)
         chunk = self.resolved_kv_chunk_frames(h_key.device)
         for layer in self.layers:
             x = layer(x, layout.cu_seqlens, max_seqlen + prefix, h_key, h_val, chunk, self.fold_kv)
         return self.layer_norm(x[layout.token_rows])  # (N, d): the skip_prefix prefix outputs dropped
+
+    def _check_values(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
+        """What the ops would report in their own terms (or, for the ids, as an IndexError), in the caller's: the
+        ids within the vocabulary, no sequence longer than ``max_seqlen`` (offsets checked by prefix_layout)."""
+        if tokens.numel() and not tokens.is_floating_point():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                vocab = self.config.vocab_size
+                raise ValueError(f"tokens must lie in [0, vocab_size={vocab}), got ids in [{lo}, {hi}]")
+        if cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1:
+            longest = int(cu_seqlens.diff().max())
+            if longest > max_seqlen:
+                raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence in cu_seqlens "
+                                 f"({longest} tokens)")  # fmt: skip
 
     @classmethod
     def from_whisper_decoder(cls, decoder: nn.Module, **overrides) -> TextQueryAggregator:

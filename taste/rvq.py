@@ -90,7 +90,7 @@ class ResidualVQ(nn.Module):
         self.num_quantizers, self.codebook_size, self.codebook_dim = num_quantizers, codebook_size, codebook_dim
         self.decay, self.eps, self.kmeans_iters = decay, eps, kmeans_iters
         self.quantize_dropout, self.threshold_ema_dead_code = quantize_dropout, threshold_ema_dead_code
-        self.commitment_weight, self.fast = commitment_weight, fast
+        self.commitment_weight, self.fast, self.dim = commitment_weight, fast, dim
         same = dim == codebook_dim
         self.project_in = nn.Identity() if same else nn.Linear(dim, codebook_dim)
         self.project_out = nn.Identity() if same else nn.Linear(codebook_dim, dim)
@@ -118,7 +118,12 @@ class ResidualVQ(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """``(N, dim)`` -> ``(N, Q)`` codes only, as the eval forward finds them (no EMA update, no dropout), without
         making the ``(N, dim)`` output: for tokenising speech into codes."""
-        return self.get_indices_from_code(self.project_in(x))
+        return self.get_indices_from_code(self.project_in(self._checked(x)))
+
+    def _checked(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim or not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point (N, dim={self.dim}) tensor, got {x.dtype} {tuple(x.shape)}")
+        return x
 
     # ---- forward ----
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,7 +137,7 @@ class ResidualVQ(nn.Module):
             by quantizer dropout) and ``commit_loss`` () float32 (0 in eval mode, as vector-quantize-pytorch).
             Training also updates the codebooks by EMA (k-means-initialised on the first training batch).
         """
-        z = self.project_in(x).float()  # the RVQ runs in float32 (spec 7.3)
+        z = self.project_in(self._checked(x)).float()  # the RVQ runs in float32 (spec 7.3)
         if self.training and not self._all_initted():
             self._kmeans_init(z.detach())
         if not self.training:  # as vector-quantize-pytorch: no commitment loss outside training

@@ -200,9 +200,9 @@ class TasteTokenizer(nn.Module):
         self, waveforms: Sequence[Tensor], texts: Sequence[str], sample_rate: int | Sequence[int] = 16000
     ) -> tuple[Tensor, TextBatch]:
         """Host-side batch preparation: ``(mel (B, n_mels, frames) on the model's device, TextBatch)``."""
+        text = self.text_tokenizer(texts)  # first: it names a single str passed for the list of texts
         if len(waveforms) != len(texts):
             raise ValueError(f"got {len(waveforms)} waveforms but {len(texts)} texts")
-        text = self.text_tokenizer(texts)
         audio, _ = batch_waveforms(waveforms, sample_rate, window_seconds=self.config.encoder.window_seconds)
         return self.frontend(audio.to(self.frontend.filters.device)), text
 

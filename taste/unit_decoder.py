@@ -186,6 +186,10 @@ class UnitDecoder(nn.Module):
         Returns B int64 tensors of units (EOS not included), on the CPU.
         """
         c = self.config
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None (the config's {c.top_k}), got {top_k}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}")
         prompt, plen = self.prompt(text_tokens, text_cu_seqlens, max_text, taste, word_offsets, speaker)
         batch, dev = prompt.shape[0], prompt.device
         if batch == 0:

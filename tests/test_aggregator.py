@@ -268,8 +268,19 @@ def test_gpu_bf16_matches_float64():
 def test_bad_input():
     agg = TextQueryAggregator(config=AggregatorConfig.tiny())
     tokens, cu, h_key, h_val = batch([5, 9], dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"max_seqlen \+ 4 prefix tokens must be <= max_positions=96"):
+    with pytest.raises(ValueError, match=r"with the 4 prefix tokens, <= max_positions=96, got max_seqlen=93"):
         agg(tokens, cu, 93, h_key, h_val)
+    with pytest.raises(ValueError, match=r"max_seqlen must be >= 0"):
+        agg(tokens, cu, -1, h_key, h_val)
+    # in the caller's terms, not the ops' (which count the prefix): before, "a sequence of 13 rows ... max_seqlen=12"
+    with pytest.raises(ValueError, match=r"max_seqlen=8 is shorter than the longest sequence in cu_seqlens \(9 tok"):
+        agg(tokens, cu, 8, h_key, h_val)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=1000\), got ids in \[\d+, 1000\]"):
+        agg(torch.where(tokens == tokens[3], 1000, tokens), cu, 9, h_key, h_val)  # before: IndexError from embedding
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=1000\), got ids in \[-1, "):
+        agg(torch.where(tokens == tokens[3], -1, tokens), cu, 9, h_key, h_val)
+    with pytest.raises(ValueError, match=r"h_key must be on the module's device \(cpu\), got meta"):
+        agg(tokens, cu, 9, h_key.to("meta"), h_val.to("meta"))
     with pytest.raises(ValueError, match=r"h_key and h_val must both be"):
         agg(tokens, cu, 9, h_key, h_val[:, :10])
     with pytest.raises(ValueError, match=r"cu_seqlens must have B \+ 1 = 2 entries"):

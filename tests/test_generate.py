@@ -184,6 +184,9 @@ def test_bad_generation_input(model):
         GenerationConfig(extra_words=0)
     with pytest.raises(ValueError, match="text_temperature"):
         GenerationConfig(text_temperature=0.0)
+    for name in ("text_top_p", "taste_top_p"):  # before: 1.5 sampled as 1, -1 as greedy, silently
+        with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\] \(0: greedy\), got -0.1"):
+            GenerationConfig(**{name: -0.1})
 
 
 def test_equals_the_official_algorithm(model):

@@ -122,6 +122,22 @@ def test_bad_arguments():
         taste.ResidualVQ(**{**KW, "codebook_size": 0})
 
 
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize(
+    "x,got",
+    [
+        (torch.randn(4, 63), r"torch.float32 \(4, 63\)"),  # before: "mat1 and mat2 shapes cannot be multiplied"
+        (torch.randn(2, 4, 64), r"torch.float32 \(2, 4, 64\)"),  # before: the projected shape (2, 4, 16)
+        (torch.ones(4, 64, dtype=torch.long), r"torch.int64 \(4, 64\)"),  # before: "must have the same dtype"
+    ],
+)
+def test_bad_input_is_named_in_the_callers_terms(x, got, train):
+    rvq = taste.ResidualVQ(**KW).train(train)
+    for call in (rvq, rvq.encode):
+        with pytest.raises(ValueError, match=r"x must be a floating-point \(N, dim=64\) tensor, got " + got):
+            call(x)
+
+
 def test_kmeans_init_keeps_the_ema_state_consistent():
     """After k-means initialisation the EMA sums are means x counts (as vector-quantize-pytorch), so one more EMA
     step on the same batch leaves the codebook where k-means put it instead of shrinking it by the counts."""

@@ -173,6 +173,8 @@ def test_bad_input(model):
         model.embeddings_from_codes(torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="got 2 waveforms but 1 texts"):
         model.encode(speech(2), TEXTS[:1])
+    with pytest.raises(TypeError, match="texts must be a list of strings"):  # before: "1 waveforms but 11 texts"
+        model.encode(speech(1), "hello world")
     with pytest.raises(ValueError, match="longer than the 3 s window"):
         model.encode([torch.zeros(16000 * 4)], ["too long"])
     with pytest.raises(ValueError, match="encoder.d_model .* must equal aggregator.d_model"):

@@ -175,6 +175,12 @@ def test_bad_input():
         m.prompt(**{**cond(b), "word_offsets": None})
     with pytest.raises(ValueError, match="divisible by heads"):
         RelPositionAttention(30, 4)
+    # before: "selected index k out of range"; max_new_tokens=0 sampled one unit, -3 failed to make a tensor
+    with pytest.raises(ValueError, match=r"top_k must be >= 1 or None \(the config's 25\), got 0"):
+        m.generate(**cond(b), top_k=0)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be >= 1 or None, got {bad}"):
+            m.generate(**cond(b), max_new_tokens=bad)
 
 
 def test_compiles_fullgraph():
