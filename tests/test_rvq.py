@@ -190,7 +190,10 @@ def _kernel_check(device, n, d, k, gen, fast=False, dtype=torch.float32):
                 assert torch.equal(idx, ref_idx)
                 torch.testing.assert_close(sq_err, ref_err.float(), atol=1e-3, rtol=1e-4)
             elif fast:  # tf32 / bf16 products: near ties go either way more often
-                assert (idx == ref_idx).float().mean().item() > 0.98
+                # A row whose stage s went the other way follows another residual in the stages after it; and at small
+                # N one such row is already 3% (tests/fuzz_kernels.py: N=31, fp16, one near tie at stage 1).
+                differ = (idx != ref_idx).any(1).sum().item()
+                assert differ <= max(2, 0.02 * n), f"{differ} of {n} rows"
                 assert_nearest(x, codebooks, idx, sq_err, stages, rtol=1e-2)
             else:
                 assert_nearest(x, codebooks, idx, sq_err, stages, rtol=1e-5)

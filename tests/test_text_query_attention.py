@@ -32,18 +32,18 @@ CROSS = [
 SELF = [([1], [1]), ([5, 1, 0, 17], [5, 1, 0, 17]), ([3, 8], [6, 8])]  # the last: Lk > Lq (bottom-right)
 
 
-def naive(q, k, v, cu_q, cu_k, causal, scale):
-    """Per-sequence softmax(q k^T) v in float64; rows without keys give 0."""
-    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+def naive(q, k, v, cu_q, cu_k, causal, scale, dtype=torch.float64):
+    """Per-sequence softmax(q k^T) v computed in ``dtype`` (float64: the truth); rows without keys give 0."""
+    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
     for b in range(cu_q.numel() - 1):
         qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-        s = torch.einsum("qhd,khd->hqk", q[qs:qe].double(), k[ks:ke].double()) * scale
+        s = torch.einsum("qhd,khd->hqk", q[qs:qe].to(dtype), k[ks:ke].to(dtype)) * scale
         if causal:
             i = torch.arange(qe - qs, device=q.device)[:, None]
             j = torch.arange(ke - ks, device=q.device)[None]
             s = s.masked_fill(j > i + (ke - ks) - (qe - qs), float("-inf"))
         p = torch.softmax(s, -1).nan_to_num(0.0)
-        out[qs:qe] = torch.einsum("hqk,khd->qhd", p, v[ks:ke].double())
+        out[qs:qe] = torch.einsum("hqk,khd->qhd", p, v[ks:ke].to(dtype))
     return out
 
 
@@ -58,9 +58,13 @@ def make(lq, lk, heads, dim, dtype, device, gen):
 
 
 def max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, scale):
-    """flash-attention's rule: at most twice the error of the same computation in PyTorch at the same dtype."""
-    same_dtype = naive(q, k, v, cu_q, cu_k, causal, scale).to(q.dtype)  # rounding at the inputs' dtype
-    pytorch_err = max_abs(same_dtype.double() - ref)
+    """flash-attention's rule: at most twice the error of the same computation in PyTorch at the same dtype, or of
+    the truth rounded to that dtype where that is larger. The rounding alone understates float32 arithmetic where
+    scores are large (|s| ~ 20 at twice the default scale): there PyTorch's own float32 run errs by ~2.8e-6, as the
+    kernels do, against 1.2e-7 for the rounding (tests/fuzz_kernels.py found it)."""
+    rounded = naive(q, k, v, cu_q, cu_k, causal, scale).to(q.dtype)
+    same_dtype = naive(q, k, v, cu_q, cu_k, causal, scale, dtype=q.dtype)
+    pytorch_err = max(max_abs(rounded.double() - ref), max_abs(same_dtype.double() - ref))
     return 2 * pytorch_err + {torch.float64: 1e-12, torch.float32: 2e-6}.get(q.dtype, 1e-3)
 
 
