@@ -13,7 +13,8 @@ The suite runs a few hundred cases. Longer campaigns, e.g. under AddressSanitize
     python tests/test_fuzz_ops.py --cases 20000 [--seed 0] [--op segment_mean] [--device cuda]
 
 (under compute-sanitizer on a GPU, ``--device cuda`` without TASTE_STRICT_CHECKS checks the unchecked kernels'
-memory accesses).
+memory accesses). The Triton kernels' random-shape campaigns are ``tests/fuzz_kernels.py``; a test here keeps it
+runnable.
 """
 
 from __future__ import annotations
@@ -254,6 +255,20 @@ def test_cuda_kernels_on_corrupted_input(strict):
     run = subprocess.run([sys.executable, __file__, "--device", "cuda", "--cases", "100"], env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+
+@pytest.mark.parametrize("kernel", ["attention", "rvq"])
+def test_kernel_campaigns_run(kernel):
+    """tests/fuzz_kernels.py, a tool, stays runnable: three random cases of each Triton kernel (the interpreter
+    without a GPU)."""
+    pytest.importorskip("triton")
+    import subprocess
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_kernels.py")
+    run = subprocess.run([sys.executable, script, kernel, "--cases", "3", "--device", device], capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0 and "3 cases" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
 
 
 def main() -> int:
