@@ -9,7 +9,8 @@ Without a GPU the kernels run in Triton's interpreter (set here), in float32 and
 returns garbage, STYLE.md); on a GPU bfloat16 too. Softmax scales stay within 2x of ``D ** -0.5``, 0 and negative:
 at scores of |60| (scale 1.7, D 128) the float32 forward errs by ~7e-6 in the interpreter, as much as the same
 float32 arithmetic in NumPy (8e-6; the interpreter runs its dots there), but the tests' bound is twice PyTorch's own
-float32 error (8.5e-7 there: its CPU GEMM sums more accurately) + 2e-6. Prints each failing case (its seed reproduces it); exits 1 if any failed.
+float32 error (8.5e-7 there: its CPU GEMM sums more accurately) + 2e-6. Prints each failing case (its seed
+reproduces it); exits 1 if any failed.
 """
 
 from __future__ import annotations

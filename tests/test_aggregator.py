@@ -275,6 +275,8 @@ def test_bad_input():
     # in the caller's terms, not the ops' (which count the prefix): before, "a sequence of 13 rows ... max_seqlen=12"
     with pytest.raises(ValueError, match=r"max_seqlen=8 is shorter than the longest sequence in cu_seqlens \(9 tok"):
         agg(tokens, cu, 8, h_key, h_val)
+    with pytest.raises(RuntimeError, match=r"cu_seqlens must be non-decreasing"):  # not "max_seqlen is shorter"
+        agg(tokens, torch.tensor([0, 20, 14], dtype=torch.int32), 9, h_key, h_val)
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=1000\), got ids in \[\d+, 1000\]"):
         agg(torch.where(tokens == tokens[3], 1000, tokens), cu, 9, h_key, h_val)  # before: IndexError from embedding
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=1000\), got ids in \[-1, "):
