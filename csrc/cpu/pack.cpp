@@ -16,8 +16,8 @@ at::Tensor gather_sequences(const at::Tensor& padded_in, const at::Tensor& cu_se
   const at::Tensor padded = padded_in.contiguous();
   at::Tensor packed = at::empty(output_shape({total}, padded, 2), padded.options());
   const int64_t batch = padded.size(0), T = padded.size(1);
-  if (total == 0) return packed;
-  const int64_t row_bytes = padded.numel() == 0 ? 0 : padded.nbytes() / (batch * T);
+  if (packed.numel() == 0) return packed;  // (rows of 0 elements: null data, and memcpy must not see it)
+  const int64_t row_bytes = packed.nbytes() / total;
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
   const char* src = static_cast<const char*>(padded.const_data_ptr());
   char* dst = static_cast<char*>(packed.data_ptr());
@@ -55,7 +55,9 @@ at::Tensor unpack_cpu(const at::Tensor& packed_in, const at::Tensor& cu_seqlens_
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = cu[b + 1] - cu[b];
-      std::memcpy(dst + b * max_len * row_bytes, src + cu[b] * row_bytes, len * row_bytes);
+      if (len > 0) {  // (an empty batch's packed data is null, and memcpy must not see it)
+        std::memcpy(dst + b * max_len * row_bytes, src + cu[b] * row_bytes, len * row_bytes);
+      }
       if (len < max_len) out[b].narrow(0, len, max_len - len).fill_(pad_value);
     }
   });
