@@ -135,7 +135,7 @@ def _fwd_block(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_base", "store_lse"])  # (one build for every chunk, LSE stored or not)
 def _text_query_attention_fwd_kernel(
     Q_ptr,
     K_ptr,
@@ -144,6 +144,8 @@ def _text_query_attention_fwd_kernel(
     LSE_ptr,
     CUQ_ptr,
     CUK_ptr,
+    seq_base,  # program b attends sequence seq_base + b of CUQ_ptr (and sequence b of CUK_ptr)
+    store_lse,  # 0: the log-sum-exp is not wanted (inference into a given output), LSE_ptr unused
     num_heads,
     total_q,
     num_splits,
@@ -163,7 +165,7 @@ def _text_query_attention_fwd_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
     b, h = pid_bh // num_heads, pid_bh % num_heads
-    q_start, q_len = _seq(CUQ_ptr, b)
+    q_start, q_len = _seq(CUQ_ptr, seq_base + b)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
         return
@@ -189,13 +191,15 @@ def _text_query_attention_fwd_kernel(
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     # Natural-log LSE; with splits a split without keys reports -inf (weight 0 in the merge), else +inf = no key.
+    # store_lse is a runtime flag, not a constexpr: the sm_90 build of the float32 tile without the store kept 32
+    # bytes of stack, with it none; the masked store costs a few instructions per tile.
     lse = (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634
     if SPLIT:
         lse = tl.where(has_key, lse, float("-inf"))
     else:
         lse = tl.where(has_key, lse, float("inf"))
     _store_tile(O_ptr + split * total_q * num_heads * BLOCK_D, q_start + rows, row_ok, h, num_heads, out, BLOCK_D)
-    tl.store(LSE_ptr + (split * num_heads + h) * total_q + q_start + rows, lse, mask=row_ok)
+    tl.store(LSE_ptr + (split * num_heads + h) * total_q + q_start + rows, lse, mask=row_ok & (store_lse != 0))
 
 
 @triton.jit
@@ -341,21 +345,26 @@ def text_query_attention_fwd(
     out=None,
     lse=None,
     autotune: bool | None = None,
+    seqs: tuple[int, int] | None = None,
 ):
     """Returns out (Nq, H, D) in q.dtype and lse (H, Nq) float32. k and v hold Nk rows of H x D: (Nk, H, D), or any
     contiguous shape with those elements (the chunked cross-attention passes (B, E, H * D) projections as they are).
 
-    With ``out`` and ``lse`` given, the kernel writes into them, only the rows of the sequences that
-    ``cu_seqlens_q`` names, and never splits the key range: ``cu_seqlens_q`` may then be a slice
-    ``cu[b0 : b1 + 1]`` of the whole batch's offsets (rows stay global) while k/v and ``cu_seqlens_k`` hold only
-    those sequences' keys. This is how a batch is processed a few sequences at a time into one output.
+    With ``out`` given, the kernel writes into it (and into ``lse`` if given: None stores no log-sum-exp and
+    returns None for it), only the rows of the sequences it attends, and never splits the key range. ``seqs =
+    (b0, b1)`` (only with ``out``) then attends sequences b0..b1-1 of ``cu_seqlens_q``, the whole batch's offsets
+    (rows stay global), while k/v and ``cu_seqlens_k`` hold only those sequences' keys (``cu_seqlens_k`` may be
+    longer: its first b1 - b0 + 1 entries are read). This is how a batch is processed a few sequences at a time into
+    one output, with no per-chunk offsets made on the host.
     ``autotune``: pick the tiles by measurement (default: :func:`use_autotune`); False: the fixed tiles.
     """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     total_q, heads, head_dim = q.shape
-    batch = cu_seqlens_q.shape[0] - 1
-    block_m, block_n, warps = _tiles(max_seqlen_q, head_dim, q.dtype)
     given = out is not None
+    if seqs is not None and not given:
+        raise ValueError("text_query_attention_fwd: seqs needs out (the rows written are the batch's)")
+    seq_base, batch = (0, cu_seqlens_q.shape[0] - 1) if seqs is None else (seqs[0], seqs[1] - seqs[0])
+    block_m, block_n, warps = _tiles(max_seqlen_q, head_dim, q.dtype)
     if not given:
         out = torch.empty_like(q)
         lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
@@ -367,7 +376,9 @@ def text_query_attention_fwd(
     if splits > 1:  # per-split partial results in float32, merged below
         o_buf = torch.empty((splits, total_q, heads, head_dim), dtype=torch.float32, device=q.device)
         l_buf = torch.empty((splits, heads, total_q), dtype=torch.float32, device=q.device)
-    args = (q, k, v, o_buf, l_buf, cu_seqlens_q, cu_seqlens_k, heads, total_q, splits, scale)
+    store_lse = l_buf is not None
+    args = (q, k, v, o_buf, l_buf if store_lse else o_buf, cu_seqlens_q, cu_seqlens_k, seq_base, int(store_lse),
+            heads, total_q, splits, scale)  # fmt: skip
     flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1), PRECISION=_precision(q.dtype),
                  RAW_MAX=_raw_max(scale))  # fmt: skip
     if use_autotune(q, batch, max_seqlen_q, max_seqlen_k) if autotune is None else autotune:

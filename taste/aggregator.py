@@ -280,7 +280,8 @@ class TextQueryAggregator(nn.Module):
             )
         if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
             self._check_values(tokens, cu_seqlens, max_seqlen)  # (on a GPU this would sync)
-        layout = prefix_layout(tokens, cu_seqlens, self.prefix_ids.to(tokens.dtype))
+        prefix_ids = self.prefix_ids if self.prefix_ids.dtype == tokens.dtype else self.prefix_ids.to(tokens.dtype)
+        layout = prefix_layout(tokens, cu_seqlens, prefix_ids)  # (no operator for a .to that changes nothing)
         x = self.embed_tokens(layout.ids) + self.embed_positions(layout.positions)  # (N + B*P, d)
         chunk = self.resolved_kv_chunk_frames(h_key.device)
         for layer in self.layers:

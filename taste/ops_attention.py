@@ -217,9 +217,9 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
     single = chunk >= batch  # one chunk: attend as one call, straight to its output
     cu_host = None if triton_path or single else cu_seqlens_q.tolist()  # the reference reads offsets on the host
     out = None if single else torch.empty_like(q)  # every row is some sequence's
-    lse = None if single or not triton_path else torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
     # Made once per call, not per chunk (on a GPU every op costs host time): each chunk's key offsets are a prefix of
-    # one tensor, its encoder states views from one split each.
+    # one tensor (the kernel reads as many as it needs), its encoder states views from one split each, and the
+    # kernel reads the chunk's query offsets from the batch's (its ``seqs``); no log-sum-exp is stored.
     cu_k_all = uniform_offsets(min(chunk, batch), frames, q.device)
     if triton_path:
         from taste.kernels.attention import text_query_attention_fwd
@@ -227,20 +227,18 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
         b1 = b0 + hk.shape[0]
         # (b1 - b0, frames, H * D): the Triton kernel reads contiguous rows of H x D, whatever the shape says
         k, v = F.linear(hk, k_weight, k_bias), F.linear(hv, v_weight, v_bias)
-        cu_k = cu_k_all if b1 - b0 == chunk else cu_k_all[: b1 - b0 + 1]
         if not triton_path:
             k, v = (t.view((b1 - b0) * frames, heads, head_dim) for t in (k, v))
         if single:  # on CUDA the plain launch, which may split the keys to fill the GPU
             attend = text_query_attention_fwd if triton_path else reference.text_query_attention
-            return attend(q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, frames, False, scale)[0]
-        if triton_path:
-            # rows stay global: the kernel reads this chunk's query offsets from the slice, writes only its rows
-            text_query_attention_fwd(q, k, v, cu_seqlens_q[b0 : b1 + 1], cu_k, max_seqlen_q, frames, False, scale,
-                                     out=out, lse=lse)  # fmt: skip
+            return attend(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False, scale)[0]
+        if triton_path:  # rows stay global: the kernel writes only the chunk's rows
+            text_query_attention_fwd(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False, scale, out=out,
+                                     seqs=(b0, b1))  # fmt: skip
         else:
             r0, r1 = cu_host[b0], cu_host[b1]
-            cu_q = cu_seqlens_q[b0 : b1 + 1] - r0
-            out[r0:r1] = reference.text_query_attention(q[r0:r1], k, v, cu_q, cu_k, max_seqlen_q, frames, False,
+            out[r0:r1] = reference.text_query_attention(q[r0:r1], k, v, cu_seqlens_q[b0 : b1 + 1] - r0,
+                                                        cu_k_all[: b1 - b0 + 1], max_seqlen_q, frames, False,
                                                         scale)[0]  # fmt: skip
         del k, v
     return out

@@ -71,11 +71,12 @@ def test_every_kernel_compiles_for_sm90(smoke):
 
 
 def test_16bit_attention_runs_on_hopper_tensor_cores(smoke):
-    """bf16 dots compile to wgmma (warpgroup MMA), not the older per-warp mma.sync, in all three kernels."""
+    """bf16 dots compile to wgmma (warpgroup MMA), not the older per-warp mma.sync, in all three kernels (the
+    forward's fixed, split and chunked launches)."""
     _, rows = smoke
     dots = [r for r in rows if r["case"].startswith("attention bfloat16") and r["kernel"].endswith(("fwd_kernel",
             "dkdv_kernel", "dq_kernel"))]  # fmt: skip
-    assert len(dots) == 4 and all(r["tensor_cores"] == "wgmma" for r in dots), dots
+    assert len(dots) == 5 and all(r["tensor_cores"] == "wgmma" for r in dots), dots
 
 
 def test_cuda_cpp_kernels_keep_their_registers(smoke):

@@ -509,7 +509,8 @@ def test_cross_attention_equals_projected_text_query_attention(gen):
 @on_triton_interpreter
 @pytest.mark.parametrize("chunk", [1, 2, 5])
 def test_cross_attention_triton_chunks_in_interpreter(chunk, gen):
-    """The Triton path: each chunk's kernel reads a slice of the global query offsets and writes global rows."""
+    """The Triton path: each chunk's kernel reads its sequences' query offsets from the batch's and writes global
+    rows."""
     from taste.ops_attention import _cross_attention_chunks
 
     lq = [5, 1, 0, 17, 3]
@@ -517,6 +518,40 @@ def test_cross_attention_triton_chunks_in_interpreter(chunk, gen):
     out = _cross_attention_chunks(q, h_key, h_val, k_w, None, v_w, v_b, cu, 17, chunk, 32**-0.5, triton_path=True)
     ref = naive_cross(q, h_key, h_val, k_w, v_w, v_b, cu, 32**-0.5)
     assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+@on_triton_interpreter
+@pytest.mark.parametrize("store_lse", [False, True])
+def test_forward_into_given_output_writes_only_the_named_sequences(store_lse, gen):
+    """``seqs=(b0, b1)`` with a given output: sequences b0..b1-1 of the batch's offsets over keys that hold only
+    theirs; every other row of the output (and of the log-sum-exp, when one is given) keeps what it held."""
+    lq, lk = [4, 7, 0, 5, 3], [6, 9, 3, 8, 2]
+    q, k, v, cu_q, cu_k = make(lq, lk, 2, 32, torch.float32, "cpu", gen)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((2, q.shape[0]), float("nan")) if store_lse else None
+    ks, ke = int(cu_k[1]), int(cu_k[4])  # sequences 1..3's keys, and their offsets with a spare entry after them
+    cu_k_chunk = torch.tensor([0, 9, 12, 20, 25], dtype=torch.int32)
+    got, got_lse = attention.text_query_attention_fwd(q, k[ks:ke], v[ks:ke], cu_q, cu_k_chunk, 7, 9, False,
+                                                      32**-0.5, out=out, lse=lse, seqs=(1, 4))  # fmt: skip
+    assert got is out and got_lse is lse
+    rows = slice(int(cu_q[1]), int(cu_q[4]))
+    ref = naive(q, k, v, cu_q, cu_k, False, 32**-0.5)
+    assert max_abs(out[rows].double() - ref[rows]) < 1e-5
+    assert out[: rows.start].isnan().all() and out[rows.stop :].isnan().all()
+    if store_lse:
+        want = torch.logsumexp(torch.einsum("qhd,khd->hqk", q[rows], k[ks:ke]).double() * 32**-0.5 +
+                               block_diagonal_mask(lq[1:4], lk[1:4]), -1)  # fmt: skip
+        torch.testing.assert_close(lse[:, rows].double(), want)
+        assert lse[:, : rows.start].isnan().all() and lse[:, rows.stop :].isnan().all()
+    with pytest.raises(ValueError, match="seqs needs out"):
+        attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 7, 9, False, 1.0, seqs=(0, 1))
+
+
+def block_diagonal_mask(lq, lk):
+    """(sum lq, sum lk): 0 where query and key are in the same sequence, -inf elsewhere."""
+    seq_q = torch.repeat_interleave(torch.arange(len(lq)), torch.tensor(lq))
+    seq_k = torch.repeat_interleave(torch.arange(len(lk)), torch.tensor(lk))
+    return torch.where(seq_q[:, None] == seq_k[None], 0.0, float("-inf")).double()
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda)])
