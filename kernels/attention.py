@@ -202,12 +202,13 @@ def _text_query_attention_fwd_kernel(
     tl.store(LSE_ptr + (split * num_heads + h) * total_q + q_start + rows, lse, mask=row_ok & (store_lse != 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["store_lse"])
 def _text_query_attention_merge_kernel(
     OP_ptr,
     LP_ptr,
     O_ptr,
     LSE_ptr,
+    store_lse,  # 0: only the output is wanted, LSE_ptr unused (a runtime flag, as in the forward kernel)
     num_heads,
     total_q,
     num_splits,
@@ -232,7 +233,7 @@ def _text_query_attention_merge_kernel(
     has_key = weight > 0.0
     _store_tile(O_ptr, rows, row_ok, h, num_heads, acc / tl.where(has_key, weight, 1.0)[:, None], BLOCK_D)
     lse = tl.where(has_key, use + tl.log(tl.where(has_key, weight, 1.0)), float("inf"))
-    tl.store(LSE_ptr + h * total_q + rows, lse, mask=row_ok)
+    tl.store(LSE_ptr + h * total_q + rows, lse, mask=row_ok & (store_lse != 0))
 
 
 # fmt: on
@@ -346,6 +347,7 @@ def text_query_attention_fwd(
     lse=None,
     autotune: bool | None = None,
     seqs: tuple[int, int] | None = None,
+    want_lse: bool = True,
 ):
     """Returns out (Nq, H, D) in q.dtype and lse (H, Nq) float32. k and v hold Nk rows of H x D: (Nk, H, D), or any
     contiguous shape with those elements (the chunked cross-attention passes (B, E, H * D) projections as they are).
@@ -355,7 +357,8 @@ def text_query_attention_fwd(
     (b0, b1)`` (only with ``out``) then attends sequences b0..b1-1 of ``cu_seqlens_q``, the whole batch's offsets
     (rows stay global), while k/v and ``cu_seqlens_k`` hold only those sequences' keys (``cu_seqlens_k`` may be
     longer: its first b1 - b0 + 1 entries are read). This is how a batch is processed a few sequences at a time into
-    one output, with no per-chunk offsets made on the host.
+    one output, with no per-chunk offsets made on the host. Without ``out``, ``want_lse=False`` makes and stores no
+    log-sum-exp (None is returned for it): inference, where no backward needs it.
     ``autotune``: pick the tiles by measurement (default: :func:`use_autotune`); False: the fixed tiles.
     """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -367,7 +370,7 @@ def text_query_attention_fwd(
     block_m, block_n, warps = _tiles(max_seqlen_q, head_dim, q.dtype)
     if not given:
         out = torch.empty_like(q)
-        lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+        lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device) if want_lse else None
     if total_q == 0 or batch == 0:
         return out, lse
     splits = 1 if given else num_splits
@@ -376,7 +379,7 @@ def text_query_attention_fwd(
     if splits > 1:  # per-split partial results in float32, merged below
         o_buf = torch.empty((splits, total_q, heads, head_dim), dtype=torch.float32, device=q.device)
         l_buf = torch.empty((splits, heads, total_q), dtype=torch.float32, device=q.device)
-    store_lse = l_buf is not None
+    store_lse = l_buf is not None  # (key splits always store their partial log-sum-exps, for the merge)
     args = (q, k, v, o_buf, l_buf if store_lse else o_buf, cu_seqlens_q, cu_seqlens_k, seq_base, int(store_lse),
             heads, total_q, splits, scale)  # fmt: skip
     flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1), PRECISION=_precision(q.dtype),
@@ -396,7 +399,7 @@ def text_query_attention_fwd(
         launch_fitting(launch, shrinking(tile, MIN_BLOCKS), ("fwd", q.device, q.dtype, tuple(flags.items())))
     if splits > 1:
         _text_query_attention_merge_kernel[(cdiv(total_q, 64), heads)](
-            o_buf, l_buf, out, lse, heads, total_q, splits, BLOCK_M=64, BLOCK_D=head_dim, num_warps=4,
-            **COMPILE_OPTIONS,
+            o_buf, l_buf, out, l_buf if lse is None else lse, int(lse is not None), heads, total_q, splits,
+            BLOCK_M=64, BLOCK_D=head_dim, num_warps=4, **COMPILE_OPTIONS,
         )  # fmt: skip
     return out, lse

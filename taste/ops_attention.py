@@ -43,7 +43,7 @@ def _attention(
 
 
 @_attention.register_kernel("cuda")
-def _attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, want_lse=True):
     if not _uses_triton(q):
         return reference.text_query_attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
@@ -51,17 +51,13 @@ def _attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     from taste.kernels.attention import text_query_attention_fwd
 
     with torch.cuda.device(q.device):
-        return text_query_attention_fwd(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            causal,
-            scale,
-        )
+        return text_query_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+                                        max_seqlen_q, max_seqlen_k, causal, scale, want_lse=want_lse)  # fmt: skip
+
+
+def _attention_cuda_output_only(*args):
+    """The CUDA kernel of a direct call (taste._dispatch: no gradient to record), which makes no log-sum-exp."""
+    return _attention_cuda(*args, want_lse=False)
 
 
 @_attention.register_fake
@@ -191,7 +187,7 @@ def text_query_attention(
     _check_offsets(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, cu_seqlens_q.shape[0] - 1)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
-    return call(_attention, _attention_cuda, reference.text_query_attention, args, q, k, v, cu_seqlens_q,
+    return call(_attention, _attention_cuda_output_only, reference.text_query_attention, args, q, k, v, cu_seqlens_q,
                 cu_seqlens_k)[0]  # fmt: skip
 
 
@@ -230,8 +226,11 @@ def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias,
         if not triton_path:
             k, v = (t.view((b1 - b0) * frames, heads, head_dim) for t in (k, v))
         if single:  # on CUDA the plain launch, which may split the keys to fill the GPU
-            attend = text_query_attention_fwd if triton_path else reference.text_query_attention
-            return attend(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False, scale)[0]
+            if triton_path:
+                return text_query_attention_fwd(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False, scale,
+                                                want_lse=False)[0]  # fmt: skip
+            return reference.text_query_attention(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False,
+                                                  scale)[0]  # fmt: skip
         if triton_path:  # rows stay global: the kernel writes only the chunk's rows
             text_query_attention_fwd(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False, scale, out=out,
                                      seqs=(b0, b1))  # fmt: skip

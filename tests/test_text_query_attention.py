@@ -212,6 +212,9 @@ def _triton_check(device, lq, lk, dim, dtype, causal, splits, gen, scale=None):
     out, lse = text_query_attention_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), causal, scale, num_splits=splits)
     ref = naive(q, k, v, cu_q, cu_k, causal, scale)
     assert max_abs(out.double() - ref) <= max_error_allowed(out, ref, q, k, v, cu_q, cu_k, causal, scale)
+    alone, no_lse = text_query_attention_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), causal, scale, num_splits=splits,
+                                             want_lse=False)  # fmt: skip
+    assert no_lse is None and torch.equal(alone, out)  # inference: the same output, no log-sum-exp made or stored
     _, lse_ref = reference.text_query_attention(
         *(t.double().cpu() for t in (q, k, v)), cu_q.cpu(), cu_k.cpu(), max(lq), max(lk), causal, scale
     )
