@@ -13,6 +13,8 @@ aligned bottom-right, as in flash-attention: query i of a sequence sees keys j <
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -265,6 +267,7 @@ FP32_TILES = {32: ((64, 64), (32, 32)), 64: ((64, 32), (32, 32)), 128: ((32, 16)
 MIN_BLOCKS = {"BLOCK_N": 16, "BLOCK_M": 16}
 
 
+@functools.cache  # (host time: every launch asks, with a handful of distinct arguments)
 def _tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """Forward (BLOCK_M, BLOCK_N, num_warps): one tile holds a whole utterance's queries, up to 128 of them."""
     fitted = max(16, next_power_of_2(max(max_seqlen_q, 1)))
@@ -385,7 +388,7 @@ def text_query_attention_fwd(
     flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1), PRECISION=_precision(q.dtype),
                  RAW_MAX=_raw_max(scale))  # fmt: skip
     if use_autotune(q, batch, max_seqlen_q, max_seqlen_k) if autotune is None else autotune:
-        buckets = tuple(next_power_of_2(max(n, 1)) for n in (max_seqlen_q, max_seqlen_k, batch))
+        buckets = (next_power_of_2(max_seqlen_q), next_power_of_2(max_seqlen_k), next_power_of_2(batch))
         grid = lambda meta: (cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
         key = (q.device, q.dtype, buckets, heads, splits, tuple(flags.items()))
         launch_tuned(tuned_fwd_kernel(), key, grid, *args, *buckets, **flags)
