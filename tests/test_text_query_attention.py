@@ -215,6 +215,7 @@ def _triton_check(device, lq, lk, dim, dtype, causal, splits, gen, scale=None):
     alone, no_lse = text_query_attention_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), causal, scale, num_splits=splits,
                                              want_lse=False)  # fmt: skip
     assert no_lse is None and torch.equal(alone, out)  # inference: the same output, no log-sum-exp made or stored
+    _check_chunked_launches(q, k, v, cu_q, cu_k, max(lq), max(lk), causal, scale)
     _, lse_ref = reference.text_query_attention(
         *(t.double().cpu() for t in (q, k, v)), cu_q.cpu(), cu_k.cpu(), max(lq), max(lk), causal, scale
     )
@@ -234,6 +235,23 @@ def _triton_check(device, lq, lk, dim, dtype, causal, splits, gen, scale=None):
         assert err <= tol * max(1.0, max_abs(b.grad)), (name, err)
     again = text_query_attention_bwd(grad, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), causal, scale)
     assert all(torch.equal(a, b) for a, b in zip((dq, dk, dv), again)), "backward is not deterministic"
+
+
+def _check_chunked_launches(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, per_chunk=2):
+    """The chunked cross-attention's launches (``seqs``, a given output, no log-sum-exp): ``per_chunk`` sequences at a
+    time, over keys that hold only theirs, give bit for bit the output of one launch without key splits (the same
+    tiles over the same rows and keys)."""
+    from taste.kernels.attention import text_query_attention_fwd
+
+    whole, _ = text_query_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, num_splits=1)
+    out = torch.full_like(q, float("nan"))
+    batch = cu_q.numel() - 1
+    for b0 in range(0, batch, per_chunk):
+        b1 = min(b0 + per_chunk, batch)
+        ks, ke = int(cu_k[b0]), int(cu_k[b1])
+        text_query_attention_fwd(q, k[ks:ke], v[ks:ke], cu_q, cu_k[b0 : b1 + 1] - ks, max_q, max_k, causal, scale,
+                                 out=out, seqs=(b0, b1))  # fmt: skip
+    assert torch.equal(out, whole)
 
 
 @on_triton_interpreter
