@@ -253,7 +253,7 @@ def attention_cases(level: dict):
         common = (q, k, v, cu_q, cu_k, lq, lk, causal, d**-0.5)
         yield name + " fwd", partial(text_query_attention_fwd, *common, autotune=False)
         yield name + " fwd split", partial(text_query_attention_fwd, *common, num_splits=2, autotune=False)
-        # the chunked cross-attention's launch: sequences 1..1 into a given output, no log-sum-exp stored
+        # the chunked cross-attention's launch: sequence 1 alone into a given output, no log-sum-exp stored
         yield name + " fwd chunk", partial(text_query_attention_fwd, *common, out=torch.empty_like(q), seqs=(1, 2),
                                            autotune=False)  # fmt: skip
         if level["autotune"] and dtype != torch.float32 and lq == 100:
