@@ -201,7 +201,8 @@ def _text_query_attention_fwd_kernel(
     else:
         lse = tl.where(has_key, lse, float("inf"))
     _store_tile(O_ptr + split * total_q * num_heads * BLOCK_D, q_start + rows, row_ok, h, num_heads, out, BLOCK_D)
-    tl.store(LSE_ptr + (split * num_heads + h) * total_q + q_start + rows, lse, mask=row_ok & (store_lse != 0))
+    lse_ok = row_ok & (tl.full([BLOCK_M], store_lse, tl.int32) != 0)  # a block, see kernels/rvq.py _stage_rows
+    tl.store(LSE_ptr + (split * num_heads + h) * total_q + q_start + rows, lse, mask=lse_ok)
 
 
 @triton.jit(do_not_specialize=["store_lse"])
@@ -235,7 +236,7 @@ def _text_query_attention_merge_kernel(
     has_key = weight > 0.0
     _store_tile(O_ptr, rows, row_ok, h, num_heads, acc / tl.where(has_key, weight, 1.0)[:, None], BLOCK_D)
     lse = tl.where(has_key, use + tl.log(tl.where(has_key, weight, 1.0)), float("inf"))
-    tl.store(LSE_ptr + h * total_q + rows, lse, mask=row_ok & (store_lse != 0))
+    tl.store(LSE_ptr + h * total_q + rows, lse, mask=row_ok & (tl.full([BLOCK_M], store_lse, tl.int32) != 0))
 
 
 # fmt: on
