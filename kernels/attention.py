@@ -368,9 +368,13 @@ def text_query_attention_fwd(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     total_q, heads, head_dim = q.shape
     given = out is not None
-    if seqs is not None and not given:
-        raise ValueError("text_query_attention_fwd: seqs needs out (the rows written are the batch's)")
-    seq_base, batch = (0, cu_seqlens_q.shape[0] - 1) if seqs is None else (seqs[0], seqs[1] - seqs[0])
+    seq_base, batch = 0, cu_seqlens_q.shape[0] - 1
+    if seqs is not None:
+        if not given:
+            raise ValueError("text_query_attention_fwd: seqs needs out (the rows written are the batch's)")
+        if not 0 <= seqs[0] <= seqs[1] <= batch:  # (the kernel would read offsets past the tensor)
+            raise ValueError(f"text_query_attention_fwd: seqs must satisfy 0 <= b0 <= b1 <= {batch}, got {seqs}")
+        seq_base, batch = seqs[0], seqs[1] - seqs[0]
     block_m, block_n, warps = _tiles(max_seqlen_q, head_dim, q.dtype)
     if not given:
         out = torch.empty_like(q)

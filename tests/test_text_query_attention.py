@@ -566,6 +566,9 @@ def test_forward_into_given_output_writes_only_the_named_sequences(store_lse, ge
         assert lse[:, : rows.start].isnan().all() and lse[:, rows.stop :].isnan().all()
     with pytest.raises(ValueError, match="seqs needs out"):
         attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 7, 9, False, 1.0, seqs=(0, 1))
+    for seqs in ((4, 6), (3, 2), (-1, 1)):
+        with pytest.raises(ValueError, match=r"seqs must satisfy 0 <= b0 <= b1 <= 5"):
+            attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 7, 9, False, 1.0, out=out, seqs=seqs)
 
 
 def block_diagonal_mask(lq, lk):
