@@ -23,6 +23,22 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (1 for any other device)."""
+    if device.type != "cuda":
+        return 1
+    import torch
+
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache  # (launches ask; the count never changes, and torch's query re-validates the device every call)
+def _cuda_sm_count(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def autotune_enabled() -> bool:
     """Large problems pick their tiles by measurement unless ``TASTE_AUTOTUNE=0``."""
     return os.environ.get("TASTE_AUTOTUNE", "1") != "0"

@@ -28,6 +28,7 @@ from . import (
     launch_tuned,
     next_power_of_2,
     shrinking,
+    sm_count,
     tuned_choices,
     tuning_timings,
 )
@@ -330,7 +331,7 @@ def auto_num_splits(batch, heads, max_seqlen_q, max_seqlen_k, block_m, block_n, 
     """Key splits so that the grid fills the GPU: only when (query tiles x batch x heads) is below the SM count,
     with at least four key blocks per split."""
     programs = cdiv(max(max_seqlen_q, 1), block_m) * batch * heads
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     if programs >= sms:
         return 1
     return max(1, min(cdiv(2 * sms, programs), cdiv(max_seqlen_k, 4 * block_n)))
