@@ -7,7 +7,9 @@ was the bottleneck (bench/RESULTS.md). This script measures that host work witho
 taste ops through their CUDA Python code (the K/V chunk loop, the launchers' tile and autotune bookkeeping) on CPU
 tensors, with every Triton launch replaced by a counter, on a problem so small (d_model 32, 2 queries and 2 frames
 per utterance) that the time left is the host's: Python, argument checks, operator dispatch. PyTorch SDPA on the
-padded batch, as in bench/aggregator.py (2), runs its own CPU operators on the same problem.
+padded batch, as in bench/aggregator.py (2), runs its own CPU operators on the same problem. Whether a launch
+splits its keys over the GPU (a small batch: float32 partials and a merge launch more) is decided as for the GPU
+problem of bench/aggregator.py on an H200 (``--sms``).
 
 Per provider it prints the host time of one forward (median), the operators it issues (the profiler's top-level
 events, and those our custom ops' Python issues inside them) and its Triton launches, which are not in the time
@@ -38,13 +40,18 @@ from taste import AggregatorConfig, TextQueryAggregator, ops, reference  # noqa:
 
 FRAMES = 2  # per utterance; the CUDA default chunk (24576 frames, 16 utterances of 1500) is kept in utterances
 CUDA_CHUNK_UTTERANCES = 16
+H200_SMS = 132
+# The GPU problem's shape (bench/aggregator.py: 20 heads, up to 140 text tokens + the 4-token prefix, 1500 frames):
+# whether a launch splits its keys (and adds a merge launch) is decided as for it.
+GPU_HEADS, GPU_QUERIES, GPU_FRAMES = 20, 144, 1500
 PYTHON_OPS = ("taste::text_query_attention", "taste::text_query_cross_attention")  # their CUDA code is Python
 
 
-def emulate_cuda_code_path() -> dict:
+def emulate_cuda_code_path(sms: int = H200_SMS) -> dict:
     """Routes taste's attention ops through their CUDA implementations on CPU tensors, whether called directly or
     through the op (taste._dispatch), Triton launches counted and skipped, value checks skipped as on CUDA tensors
-    (they would sync). Returns the launch counter."""
+    (they would sync), on a GPU of ``sms`` multiprocessors (which decides the key splits of small batches and their
+    merge launches). Returns the launch counter."""
     import taste.kernels.attention as kernels
 
     import taste._dispatch as dispatch
@@ -55,8 +62,21 @@ def emulate_cuda_code_path() -> dict:
     def count(*args, **kwargs):
         launches["n"] += 1
 
+    class Stub:  # kernel[grid](...) counts
+        def __getitem__(self, grid):
+            return count
+
     kernels.launch_tuned = count
     kernels.launch_fitting = lambda launch, tiles, key: count()
+    kernels._text_query_attention_merge_kernel = Stub()
+    kernels.sm_count = lambda device: sms
+    splits = kernels.auto_num_splits
+
+    def gpu_problem_splits(batch, heads, max_seqlen_q, max_seqlen_k, block_m, block_n, device):
+        keys = GPU_FRAMES if max_seqlen_k == FRAMES else GPU_QUERIES  # cross- or self-attention
+        return splits(batch, GPU_HEADS, GPU_QUERIES, keys, 128, block_n, device)
+
+    kernels.auto_num_splits = gpu_problem_splits
     kernels.use_autotune = lambda *args: True  # bf16 problems of this size are autotuned on a GPU
     attention._uses_triton = lambda q: True
     dispatch.on_cuda = lambda t: True  # direct calls (taste._dispatch) take the CUDA kernel too
@@ -117,14 +137,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64, help="utterances (default 64, the GPU target's batch)")
     ap.add_argument("--reps", type=int, default=15, help="timed rounds of 20 forwards of each provider (median)")
+    sms_help = "multiprocessors of the emulated GPU (default 132, an H200's; a small batch splits its keys over them)"
+    ap.add_argument("--sms", type=int, default=H200_SMS, help=sms_help)
     ap.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = ap.parse_args()
-    if args.batch < 1 or args.reps < 1:
-        ap.error("--batch and --reps must be >= 1")
+    if args.batch < 1 or args.reps < 1 or args.sms < 1:
+        ap.error("--batch, --reps and --sms must be >= 1")
     torch.set_num_threads(1)
-    launches = emulate_cuda_code_path()
+    launches = emulate_cuda_code_path(args.sms)
     print(f"bench/host_overhead.py: host work of one aggregator forward + word pooling, B={args.batch}, our ops on "
-          f"their CUDA code path with CPU tensors (Triton launches counted, not run); torch {torch.__version__}",
+          f"their CUDA code path with CPU tensors (Triton launches counted, not run; {args.sms} SMs); "
+          f"torch {torch.__version__}",
           flush=True)  # fmt: skip
     fns = providers(args.batch)
     rounds = {name: [] for name in fns}
@@ -152,7 +175,8 @@ def main() -> None:
               f"{r['triton_launches']} |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "torch": torch.__version__, "results": results}, f, indent=2)
+            record = {"batch": args.batch, "sms": args.sms, "torch": torch.__version__, "results": results}
+            json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":

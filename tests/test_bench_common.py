@@ -93,20 +93,30 @@ def test_aggregator_bench_keeps_its_other_providers_when_compile_fails(capsys):
 
 def test_host_overhead_proxy_runs_the_cuda_code_path(tmp_path):
     """bench/host_overhead.py: our providers go through the CUDA Python code (Triton launches counted): at B=40 the
-    default chunks K/V 16 utterances at most at a time, i.e. three chunks per layer, against one for (5)."""
+    default chunks K/V 16 utterances at most at a time, i.e. three chunks per layer, against one for (5). At B=1 the
+    GPU problem's cross-attention (20 heads, 1500 frames) splits its keys over an H200's 132 SMs: a merge launch
+    after each."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / "host_overhead.py"
-    out = tmp_path / "host.json"
-    run = subprocess.run([sys.executable, str(script), "--batch", "40", "--reps", "1", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    results = {r["provider"]: r for r in json.loads(out.read_text())["results"]}
+
+    def run(batch, *extra):
+        out = tmp_path / f"host{batch}.json"
+        done = subprocess.run([sys.executable, str(script), "--batch", str(batch), "--reps", "1", "--json", str(out),
+                               *extra], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout, {r["provider"]: r for r in json.loads(out.read_text())["results"]}
+
+    stdout, results = run(40)
     sdpa, chunked, whole = results.values()
     assert sdpa["triton_launches"] == 0 and whole["triton_launches"] == 4  # 2 layers x (self + cross)
     assert chunked["triton_launches"] == 2 + 2 * 3
     assert chunked["operators"] > whole["operators"] > 0 and all(r["host_us"] > 0 for r in results.values())
-    assert "| (4) ours, K/V 16 utterances at a time |" in run.stdout
+    assert "| (4) ours, K/V 16 utterances at a time |" in stdout
+    _, results = run(1)
+    assert [r["triton_launches"] for r in results.values()] == [0, 6, 6]  # 2 layers x (self + cross + merge)
+    _, results = run(1, "--sms", "40")  # 40 programs fill a 40-SM GPU: no split
+    assert [r["triton_launches"] for r in results.values()] == [0, 4, 4]
