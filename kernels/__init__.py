@@ -123,8 +123,6 @@ def launch_fitting(launch, tiles: list[dict], key: tuple) -> dict:
     block: 227 KB on Hopper and Blackwell data-centre GPUs, 163 KB on A100, 99 KB on Ada and consumer Blackwell, 64 KB
     on Turing. Then the next tile is tried. The choice is kept per ``key``, which must name the launch site, the
     device and everything that changes the build besides the tile (dtype, head dim, flags), and per first tile."""
-    from triton.runtime.errors import OutOfResources
-
     if not tiles:
         raise ValueError("launch_fitting: no tiles given")
     key = (key, tuple(sorted(tiles[0].items())))
@@ -132,13 +130,20 @@ def launch_fitting(launch, tiles: list[dict], key: tuple) -> dict:
     for i in range(first, len(tiles)):
         try:
             launch(tiles[i])
-        except OutOfResources:
+        except _out_of_resources():  # (evaluated only when something is raised: no import on the launch path)
             if i + 1 == len(tiles):
                 raise
             continue
         _FITTING[key] = i
         return tiles[i]
     raise AssertionError("unreachable: the last tile either launched or raised")
+
+
+@functools.cache
+def _out_of_resources() -> type:
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources
 
 
 def shrinking(tile: dict, minimum: dict) -> list[dict]:

@@ -280,6 +280,14 @@ def _tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, i
     return block_m, 64, 8 if block_m * head_dim >= 128 * 64 else 4
 
 
+@functools.cache  # (host time: the list is the same for every launch of a problem class)
+def fixed_fwd_tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, ...]:
+    """The forward's fixed launch tile (:func:`_tiles`, two pipeline stages) and the smaller ones that
+    :func:`launch_fitting` falls back to. Shared: not to be modified."""
+    block_m, block_n, warps = _tiles(max_seqlen_q, head_dim, dtype)
+    return tuple(shrinking(dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2), MIN_BLOCKS))
+
+
 def bwd_tiles(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """Backward (BLOCK_M, BLOCK_N, num_warps), for the dK/dV and the dQ kernels. 16-bit head dim 128 takes 32-key
     blocks: at 64 its sm_90 dK/dV build kept 80-248 bytes of stack per thread, at 32 16-56 (`bench/RESULTS.md`)."""
@@ -376,7 +384,7 @@ def text_query_attention_fwd(
         if not 0 <= seqs[0] <= seqs[1] <= batch:  # (the kernel would read offsets past the tensor)
             raise ValueError(f"text_query_attention_fwd: seqs must satisfy 0 <= b0 <= b1 <= {batch}, got {seqs}")
         seq_base, batch = seqs[0], seqs[1] - seqs[0]
-    block_m, block_n, warps = _tiles(max_seqlen_q, head_dim, q.dtype)
+    block_m, block_n, _ = _tiles(max_seqlen_q, head_dim, q.dtype)
     if not given:
         out = torch.empty_like(q)
         lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device) if want_lse else None
@@ -404,8 +412,8 @@ def text_query_attention_fwd(
             grid = (cdiv(max(max_seqlen_q, 1), tile["BLOCK_M"]), batch * heads, splits)
             _text_query_attention_fwd_kernel[grid](*args, 0, 0, 0, **flags, **tile, **COMPILE_OPTIONS)
 
-        tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
-        launch_fitting(launch, shrinking(tile, MIN_BLOCKS), ("fwd", q.device, q.dtype, tuple(flags.items())))
+        tiles = fixed_fwd_tiles(max_seqlen_q, head_dim, q.dtype)
+        launch_fitting(launch, tiles, ("fwd", q.device, q.dtype, tuple(flags.items())))
     if splits > 1:
         _text_query_attention_merge_kernel[(cdiv(total_q, 64), heads)](
             o_buf, l_buf, out, l_buf if lse is None else lse, int(lse is not None), heads, total_q, splits,
