@@ -7,7 +7,10 @@ backward is a second custom op with the same split, so training works on both an
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from taste import reference
@@ -19,6 +22,14 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _uses_triton(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in TRITON_DTYPES
+
+
+@functools.cache  # (an import statement per launch costs the host about 0.6 us)
+def _forward_kernels():
+    """``taste.kernels.attention``, imported on first use: it imports Triton."""
+    import taste.kernels.attention as kernels
+
+    return kernels
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -48,11 +59,9 @@ def _attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         return reference.text_query_attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
         )
-    from taste.kernels.attention import text_query_attention_fwd
-
     with torch.cuda.device(q.device):
-        return text_query_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
-                                        max_seqlen_q, max_seqlen_k, causal, scale, want_lse=want_lse)  # fmt: skip
+        return _forward_kernels().text_query_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                           max_seqlen_k, causal, scale, want_lse=want_lse)  # fmt: skip
 
 
 def _attention_cuda_output_only(*args):
@@ -95,7 +104,7 @@ def _attention_backward_cuda(
     from taste.kernels.attention_bwd import text_query_attention_bwd
 
     with torch.cuda.device(q.device):
-        return text_query_attention_bwd(grad_out, q.contiguous(), k.contiguous(), v.contiguous(), out, lse, *args)
+        return text_query_attention_bwd(grad_out, q, k, v, out, lse, *args)
 
 
 @_attention_backward.register_fake
@@ -204,38 +213,35 @@ def uniform_offsets(count: int, length: int, device) -> Tensor:
 def _cross_attention_chunks(q, h_key, h_val, k_weight, k_bias, v_weight, v_bias, cu_seqlens_q, max_seqlen_q, chunk,
                             scale, triton_path: bool):  # fmt: skip
     """Projects K/V for ``chunk`` sequences, attends their queries, frees them; one output for the batch."""
-    import torch.nn.functional as F
-
     batch, frames = h_key.shape[:2]
     heads, head_dim = q.shape[1:]
     if batch == 0 or q.shape[0] == 0:
         return torch.zeros_like(q)
-    single = chunk >= batch  # one chunk: attend as one call, straight to its output
-    cu_host = None if triton_path or single else cu_seqlens_q.tolist()  # the reference reads offsets on the host
-    out = None if single else torch.empty_like(q)  # every row is some sequence's
+    if triton_path:
+        text_query_attention_fwd = _forward_kernels().text_query_attention_fwd
     # Made once per call, not per chunk (on a GPU every op costs host time): each chunk's key offsets are a prefix of
     # one tensor (the kernel reads as many as it needs), its encoder states views from one split each, and the
     # kernel reads the chunk's query offsets from the batch's (its ``seqs``); no log-sum-exp is stored.
     cu_k_all = uniform_offsets(min(chunk, batch), frames, q.device)
-    if triton_path:
-        from taste.kernels.attention import text_query_attention_fwd
+    if chunk >= batch:  # one chunk: one call, straight to its output (on CUDA the plain launch, which may split keys)
+        # (B, frames, H * D): the Triton kernel reads contiguous rows of H x D, whatever the shape says
+        k, v = F.linear(h_key, k_weight, k_bias), F.linear(h_val, v_weight, v_bias)
+        if triton_path:
+            return text_query_attention_fwd(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False, scale,
+                                            want_lse=False)[0]  # fmt: skip
+        k, v = k.view(batch * frames, heads, head_dim), v.view(batch * frames, heads, head_dim)
+        return reference.text_query_attention(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False, scale)[0]
+    cu_host = None if triton_path else cu_seqlens_q.tolist()  # the reference reads offsets on the host
+    out = torch.empty_like(q)  # every row is some sequence's
     for b0, hk, hv in zip(range(0, batch, chunk), h_key.split(chunk), h_val.split(chunk)):
         b1 = b0 + hk.shape[0]
-        # (b1 - b0, frames, H * D): the Triton kernel reads contiguous rows of H x D, whatever the shape says
         k, v = F.linear(hk, k_weight, k_bias), F.linear(hv, v_weight, v_bias)
-        if not triton_path:
-            k, v = (t.view((b1 - b0) * frames, heads, head_dim) for t in (k, v))
-        if single:  # on CUDA the plain launch, which may split the keys to fill the GPU
-            if triton_path:
-                return text_query_attention_fwd(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False, scale,
-                                                want_lse=False)[0]  # fmt: skip
-            return reference.text_query_attention(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False,
-                                                  scale)[0]  # fmt: skip
         if triton_path:  # rows stay global: the kernel writes only the chunk's rows
             text_query_attention_fwd(q, k, v, cu_seqlens_q, cu_k_all, max_seqlen_q, frames, False, scale, out=out,
                                      seqs=(b0, b1))  # fmt: skip
         else:
             r0, r1 = cu_host[b0], cu_host[b1]
+            k, v = k.view((b1 - b0) * frames, heads, head_dim), v.view((b1 - b0) * frames, heads, head_dim)
             out[r0:r1] = reference.text_query_attention(q[r0:r1], k, v, cu_seqlens_q[b0 : b1 + 1] - r0,
                                                         cu_k_all[: b1 - b0 + 1], max_seqlen_q, frames, False,
                                                         scale)[0]  # fmt: skip
