@@ -90,6 +90,11 @@ def balanced_chunk(count: int, most: int) -> int:
     return -(-count // chunks) if count else 1
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` itself (no subclass or wrapper) without forward hooks: its weight and bias are its function."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 class WhisperAttention(nn.Module):
     """Whisper's bias layout: q, v and out with bias, k without."""
 
@@ -123,29 +128,37 @@ class WhisperAttention(nn.Module):
         projections are folded into the queries and outputs (``ops.text_query_cross_attention_folded``) and no K/V
         is made: at inference, and in training where the encoder states need gradients too. (With frozen states,
         the folded attention's backward would still make their gradients, at the width of the states, which costs
-        more than the projections' weight gradients it saves.) Otherwise, when no gradient is needed and
-        ``chunk_frames`` holds fewer than the batch's utterances, keys and values are projected for at most
-        ``chunk_frames // E`` utterances at a time, in chunks of equal size (:func:`balanced_chunk`;
-        ``ops.text_query_cross_attention``), so only that many utterances' K/V exist at once; otherwise every frame
-        is projected and the differentiable op runs."""
+        more than the projections' weight gradients it saves.) Otherwise, when no gradient is needed, keys and values
+        are projected by ``ops.text_query_cross_attention`` for at most ``chunk_frames // E`` utterances at a time,
+        in chunks of equal size (:func:`balanced_chunk`; None: all at once), so only that many utterances' K/V exist
+        at once; otherwise every frame is projected by the modules and the differentiable op runs.
+
+        The folded and chunked paths use ``k_proj``'s and ``v_proj``'s weights in place of calling them, so they run
+        only while both are plain ``nn.Linear`` modules without hooks: a wrapper (a LoRA adapter, whose ``weight`` is
+        its base layer's) or a hook makes every frame go through the modules."""
         b, e, d = h_key.shape
-        params = (self.k_proj.weight, self.v_proj.weight, self.v_proj.bias)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h_q, h_key, h_val, *params))
+        fused = _plain_linear(self.k_proj) and _plain_linear(self.v_proj)
+        if fused:
+            params = (self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias)
+        else:
+            params = (*self.k_proj.parameters(), *self.v_proj.parameters())
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h_q, h_key, h_val, *params))
         if (
             fold
+            and fused
             and (not grad or h_key.requires_grad or h_val.requires_grad)
             and cross_attention_folds(max_seqlen_q, self.heads, d, e, h_q.device)
         ):
             attn = text_query_cross_attention_folded(
                 self._heads(self.q_proj(h_q)), h_key, h_val, self.k_proj.weight, self.v_proj.weight, cu_seqlens_q,
-                max_seqlen_q, v_bias=self.v_proj.bias,
+                max_seqlen_q, k_bias=self.k_proj.bias, v_bias=self.v_proj.bias,
             )  # fmt: skip
             return self._out(attn)
         per_chunk = balanced_chunk(b, chunk_frames // max(e, 1)) if chunk_frames else b
-        if per_chunk < b and not grad:  # (one chunk would hold the whole batch: the plain path, fewer operators)
+        if fused and not grad:
             attn = text_query_cross_attention(
                 self._heads(self.q_proj(h_q)), h_key, h_val, self.k_proj.weight, self.v_proj.weight, cu_seqlens_q,
-                max_seqlen_q, v_bias=self.v_proj.bias, chunk_size=per_chunk,
+                max_seqlen_q, k_bias=self.k_proj.bias, v_bias=self.v_proj.bias, chunk_size=per_chunk,
             )  # fmt: skip
             return self._out(attn)
         cu_k = uniform_offsets(b, e, h_q.device)

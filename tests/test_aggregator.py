@@ -1,5 +1,7 @@
 """TextQueryAggregator against transformers' own WhisperDecoder with the same weights."""
 
+import copy
+
 import pytest
 import torch
 from conftest import DEVICES, HAS_CUDA, make_cu
@@ -71,16 +73,21 @@ def batch(lengths, frames=50, dtype=torch.float64, seed=1):
     return tokens, make_cu(lengths), h_key, h_val
 
 
-def force_path(agg, monkeypatch, path=None):
+def force_path(monkeypatch, path=None):
     """Forces the CPU cross-attention's path: "fold" (K/V projections folded into the queries and outputs),
     "project" (K/V made from every frame) or None (the default rule). Returns a list that grows by one each time a
-    cross-attention k_proj module runs on the states, which the projecting path does and the folded one does not."""
+    cross-attention folds."""
     if path is not None:
         monkeypatch.setattr(ops_attention, "FOLD_RATIO", 1e9 if path == "fold" else 0.0)
-    projected = []
-    for layer in agg.layers:
-        layer.encoder_attn.k_proj.register_forward_hook(lambda *_: projected.append(True))
-    return projected
+    folded = []
+    real = ops_attention.text_query_cross_attention_folded
+
+    def counted(*args, **kwargs):
+        folded.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(aggregator, "text_query_cross_attention_folded", counted)
+    return folded
 
 
 @pytest.mark.parametrize("path", ["fold", "project"])
@@ -89,7 +96,7 @@ def test_matches_whisper_decoder_with_separate_key_and_value_states(lengths, pat
     decoder = whisper_decoder()
     agg = TextQueryAggregator.from_whisper_decoder(decoder, prefix_ids=PREFIX, identity_v_proj=False)
     tokens, cu, h_key, h_val = batch(lengths)
-    projected = force_path(agg, monkeypatch, path)
+    folded = force_path(monkeypatch, path)
     with torch.no_grad():  # (in training with frozen states the aggregator never folds)
         out = agg(tokens, cu, max(lengths), h_key, h_val)
         assert out.shape == (sum(lengths), 64) and out.dtype == torch.float64
@@ -97,7 +104,7 @@ def test_matches_whisper_decoder_with_separate_key_and_value_states(lengths, pat
         # Same states for keys and values: the unmodified transformers decoder.
         out_same = agg(tokens, cu, max(lengths), h_key, h_key)
         torch.testing.assert_close(out_same, hf_reference(decoder, tokens, cu, h_key, h_key), atol=1e-12, rtol=1e-12)
-    assert len(projected) == (0 if path == "fold" else 4)  # 2 layers x 2 calls
+    assert len(folded) == (4 if path == "fold" else 0)  # 2 layers x 2 calls
 
 
 def test_identity_v_proj_and_config_from_decoder():
@@ -143,20 +150,19 @@ def test_compiles_fullgraph_and_trains(monkeypatch):
     """Compiled whole: training with projected K/V and with folded projections (states with gradients), and
     inference with K/V made one utterance at a time."""
     agg = TextQueryAggregator(config=AggregatorConfig.tiny())
-    projected = force_path(agg, monkeypatch)
+    folded = force_path(monkeypatch)
     tokens, cu, h_key, h_val = batch([5, 9, 2], frames=40, dtype=torch.float32)
     torch._dynamo.reset()
     compiled = torch.compile(agg, fullgraph=True, backend="aot_eager")
     eager = agg(tokens, cu, 9, h_key, h_val)
     got = compiled(tokens, cu, 9, h_key, h_val)
     torch.testing.assert_close(got, eager)
-    assert projected and ops.cross_attention_folds(9 + 4, 2, 64, 40, h_key.device)
-    del projected[:]
+    assert not folded and ops.cross_attention_folds(9 + 4, 2, 64, 40, h_key.device)
     states = [h.clone().requires_grad_() for h in (h_key, h_val)]  # folds: the states need gradients too
-    folded = compiled(tokens, cu, 9, *states)
-    torch.testing.assert_close(folded, eager, atol=2e-5, rtol=1e-5)
-    folded.sum().backward()
-    assert not projected and all(h.grad.abs().sum() > 0 for h in states)
+    out = compiled(tokens, cu, 9, *states)
+    torch.testing.assert_close(out, eager, atol=2e-5, rtol=1e-5)
+    out.sum().backward()
+    assert folded and all(h.grad.abs().sum() > 0 for h in states)
     agg.fold_kv, agg.kv_chunk_frames = False, 40  # inference: K/V one utterance at a time, also compiled whole
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens, cu, 9, h_key, h_val), eager, atol=2e-5, rtol=1e-5)
@@ -188,15 +194,14 @@ def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(dev
     with torch.no_grad():
         agg.kv_chunk_frames = None
         whole = agg(tokens, cu, 30, h_key, h_val)
-        assert not chunked
+        assert [c["chunk_size"] for c in chunked] == [5, 5]  # 2 layers, every utterance's K/V at once
         # 160 frames: at most 4 utterances, in two chunks of 3 and 2 (not 4 and 1)
         for frames, per_chunk in ((40, 1), (80, 2), (160, 3), (1, 1)):
             agg.kv_chunk_frames = frames
             torch.testing.assert_close(agg(tokens, cu, 30, h_key, h_val), whole, atol=2e-5, rtol=1e-5)
             assert chunked[-1]["chunk_size"] == per_chunk
-        calls = len(chunked)
-        agg.kv_chunk_frames = 200  # room for all 5 utterances: one chunk is the plain path
-        assert torch.equal(agg(tokens, cu, 30, h_key, h_val), whole) and len(chunked) == calls
+        agg.kv_chunk_frames = 200  # room for all 5 utterances: one chunk, as with None
+        assert torch.equal(agg(tokens, cu, 30, h_key, h_val), whole) and chunked[-1]["chunk_size"] == 5
     n = len(chunked)
     agg.kv_chunk_frames = 40
     out = agg(tokens, cu, 30, h_key, h_val)
@@ -206,13 +211,55 @@ def test_inference_kv_chunks_equal_the_whole_batch_and_training_is_unchunked(dev
     assert agg.layers[0].encoder_attn.k_proj.weight.grad.abs().sum() > 0
 
 
+class Shifted(torch.nn.Linear):
+    """A Linear whose forward adds 0.25: a subclass (as an adapter would be) whose weight is not its function."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.25
+
+
+@pytest.mark.parametrize("change", ["hook", "subclass", "lora"])
+def test_projection_wrappers_and_hooks_are_called_on_every_path(change, monkeypatch):
+    """The folded and chunked cross-attentions use k_proj / v_proj weights in place of the modules; where a module is
+    not a plain Linear (a LoRA adapter, a subclass) or has a hook, every path calls the modules and gives what the
+    modified modules compute (the differentiable path, which always calls them, is the reference)."""
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny()).double()
+    plain = copy.deepcopy(agg)
+    calls = []
+    if change == "lora":  # peft's adapters on the cross-attention's projections (B initialised non-zero)
+        peft = pytest.importorskip("peft")
+        config = peft.LoraConfig(r=4, target_modules=["encoder_attn.k_proj", "encoder_attn.v_proj"],
+                                 init_lora_weights=False)  # fmt: skip
+        agg = peft.inject_adapter_in_model(config, agg)
+    for layer in agg.layers:
+        attn = layer.encoder_attn
+        if change == "lora":
+            assert type(attn.k_proj).__name__ == "Linear" and type(attn.k_proj) is not torch.nn.Linear
+        elif change == "hook":
+            attn.k_proj.register_forward_hook(lambda module, args, out: calls.append(1) or out * 1.5)
+        else:
+            shifted = Shifted(64, 64).double()
+            shifted.load_state_dict(attn.v_proj.state_dict())
+            attn.v_proj = shifted
+    folded = force_path(monkeypatch)
+    tokens, cu, h_key, h_val = batch([5, 9, 2], frames=40)
+    want = agg(tokens, cu, 9, h_key, h_val)  # gradients on: the modules run
+    assert not torch.allclose(plain(tokens, cu, 9, h_key, h_val), want)  # the change changes the output
+    with torch.no_grad():
+        for fold_kv, chunk in ((True, None), (False, 40), (False, None)):  # would fold; would chunk; at once
+            agg.fold_kv, agg.kv_chunk_frames = fold_kv, chunk
+            del calls[:]
+            torch.testing.assert_close(agg(tokens, cu, 9, h_key, h_val), want, atol=1e-12, rtol=1e-12)
+            assert len(calls) == (2 if change == "hook" else 0) and not folded
+
+
 def test_folds_where_utterances_are_short_at_inference_and_with_state_gradients(monkeypatch):
     """With the default rule: a batch of short utterances folds the K/V projections at inference and in training
     where the encoder states need gradients, and projects them in training with frozen states; one long utterance
     makes the batch project them; fold_kv=False always projects. Outputs and gradients agree across the paths
     (float64)."""
     agg = TextQueryAggregator(config=AggregatorConfig.tiny()).double()
-    projected = force_path(agg, monkeypatch)
+    folded = force_path(monkeypatch)
     assert agg.fold_kv is True and ops_attention.FOLD_RATIO == 0.85
     short = batch([5, 9, 2, 20], frames=40)  # at most 24 queries with the prefix: 24 x 2 heads < 0.85 x 64
     long = batch([5, 9, 2, 24], frames=40)  # 28 x 2 >= 0.85 x 64
@@ -223,16 +270,16 @@ def test_folds_where_utterances_are_short_at_inference_and_with_state_gradients(
                 agg.fold_kv = fold_kv
                 agg.zero_grad()
                 h_key.grad = h_val.grad = None
-                del projected[:]
+                del folded[:]
                 with torch.no_grad():
                     inference = agg(tokens, cu, int(cu.diff().max()), h_key, h_val)
-                assert len(projected) == (0 if fold_kv and short_batch else 2)  # 2 layers
-                del projected[:]
+                assert len(folded) == (2 if fold_kv and short_batch else 0)  # 2 layers
+                del folded[:]
                 out = agg(tokens, cu, int(cu.diff().max()), h_key.requires_grad_(state_grads),
                           h_val.requires_grad_(state_grads))  # fmt: skip
                 out.square().mean().backward()
                 folds = fold_kv and short_batch and state_grads
-                assert len(projected) == (0 if folds else 2), (fold_kv, short_batch, state_grads)
+                assert len(folded) == (2 if folds else 0), (fold_kv, short_batch, state_grads)
                 torch.testing.assert_close(inference, out, atol=1e-12, rtol=1e-12)
                 runs[fold_kv] = [out] + [p.grad for p in agg.parameters()]
                 runs[fold_kv] += [h_key.grad, h_val.grad] if state_grads else []
