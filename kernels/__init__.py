@@ -88,7 +88,8 @@ def _record_timings(tuner) -> None:
     tuner.run = recording_run  # KernelInterface.__getitem__ launches through self.run
 
 
-# The configuration each tuner settled on, by (tuner, the launch site's key): see launch_tuned.
+# The launch keywords of the configuration each tuner settled on (compile options included), by (tuner, the launch
+# site's key): see launch_tuned.
 _SETTLED: dict = {}
 
 
@@ -103,12 +104,12 @@ def launch_tuned(tuner, key: tuple, grid, *args, **kwargs) -> None:
     A tuner run that settles nothing (``bench/compile_kernels.py`` compiles every candidate instead) is not kept."""
     settled = _SETTLED.get((tuner, key))
     if settled is not None:
-        tuner.fn[grid](*args, **kwargs, **settled.all_kwargs(), **COMPILE_OPTIONS)
+        tuner.fn[grid](*args, **kwargs, **settled)
         return
     tuner.best_config = None
     tuner[grid](*args, **kwargs, **COMPILE_OPTIONS)
     if tuner.best_config is not None:
-        _SETTLED[(tuner, key)] = tuner.best_config
+        _SETTLED[(tuner, key)] = {**tuner.best_config.all_kwargs(), **COMPILE_OPTIONS}
 
 
 # Launch sites' tiles that fit, by (site, device, what shapes the build): an index into the site's list of tiles.

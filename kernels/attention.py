@@ -246,9 +246,13 @@ def _text_query_attention_merge_kernel(
 # TRITON_INTERPRET=1 they also run on CPU tensors (correctness only).
 
 
-def _raw_max(scale: float) -> int:
-    """Whether the forward may take row maxima over unscaled scores (see _fwd_block): for scales >= 0."""
-    return int(scale >= 0)
+@functools.cache  # (host time: the same few dicts for every launch)
+def _fwd_flags(head_dim: int, causal: bool, split: bool, dtype: torch.dtype, raw_max: bool) -> tuple[dict, tuple]:
+    """The forward kernel's constexpr keywords and their items (for cache keys). Shared: not to be modified.
+    ``raw_max``: whether the kernel may take row maxima over unscaled scores (see _fwd_block): for scales >= 0."""
+    flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(split), PRECISION=_precision(dtype),
+                 RAW_MAX=int(raw_max))  # fmt: skip
+    return flags, tuple(flags.items())
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -399,12 +403,11 @@ def text_query_attention_fwd(
     store_lse = l_buf is not None  # (key splits always store their partial log-sum-exps, for the merge)
     args = (q, k, v, o_buf, l_buf if store_lse else o_buf, cu_seqlens_q, cu_seqlens_k, seq_base, int(store_lse),
             heads, total_q, splits, scale)  # fmt: skip
-    flags = dict(BLOCK_D=head_dim, CAUSAL=int(causal), SPLIT=int(splits > 1), PRECISION=_precision(q.dtype),
-                 RAW_MAX=_raw_max(scale))  # fmt: skip
+    flags, flag_items = _fwd_flags(head_dim, causal, splits > 1, q.dtype, scale >= 0)
     if use_autotune(q, batch, max_seqlen_q, max_seqlen_k) if autotune is None else autotune:
         buckets = (next_power_of_2(max_seqlen_q), next_power_of_2(max_seqlen_k), next_power_of_2(batch))
         grid = lambda meta: (cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
-        key = (q.device, q.dtype, buckets, heads, splits, tuple(flags.items()))
+        key = (q.device, q.dtype, buckets, heads, splits, flag_items)
         launch_tuned(tuned_fwd_kernel(), key, grid, *args, *buckets, **flags)
     else:
 
@@ -413,7 +416,7 @@ def text_query_attention_fwd(
             _text_query_attention_fwd_kernel[grid](*args, 0, 0, 0, **flags, **tile, **COMPILE_OPTIONS)
 
         tiles = fixed_fwd_tiles(max_seqlen_q, head_dim, q.dtype)
-        launch_fitting(launch, tiles, ("fwd", q.device, q.dtype, tuple(flags.items())))
+        launch_fitting(launch, tiles, ("fwd", q.device, q.dtype, flag_items))
     if splits > 1:
         _text_query_attention_merge_kernel[(cdiv(total_q, 64), heads)](
             o_buf, l_buf, out, l_buf if lse is None else lse, int(lse is not None), heads, total_q, splits,

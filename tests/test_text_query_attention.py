@@ -329,9 +329,9 @@ def test_raw_row_maximum_gives_identical_results(monkeypatch, gen):
     """The unmasked blocks' maxima over unscaled scores, scaled once, give bit-identical outputs and log-sum-exps
     to maxima over the scaled scores (rounding is monotonic)."""
     q, k, v, cu_q, cu_k = make([70, 5], [200, 64], 2, 32, torch.float16, "cpu", gen)
-    runs = []
-    for raw in (1, 0):
-        monkeypatch.setattr(attention, "_raw_max", lambda scale, raw=raw: raw)
+    runs, flags = [], attention._fwd_flags.__wrapped__  # (uncached)
+    for raw in (True, False):
+        monkeypatch.setattr(attention, "_fwd_flags", lambda *args, raw=raw: flags(*args[:-1], raw))
         runs.append(attention.text_query_attention_fwd(q, k, v, cu_q, cu_k, 70, 200, False, 0.3, num_splits=1))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
