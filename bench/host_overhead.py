@@ -79,7 +79,8 @@ def emulate_cuda_code_path(sms: int = H200_SMS) -> dict:
 
     class Settled(dict):  # every autotuned problem class has settled on a tile, as after the first call on a GPU
         def get(self, key, default=None):
-            return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
+            return {**triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3).all_kwargs(),
+                    **kernels_package.COMPILE_OPTIONS}  # fmt: skip
 
     # The launchers' own host work (tile choice, launch_tuned, launch_fitting) runs; the kernels' launches count.
     tuner = kernels.tuned_fwd_kernel()
