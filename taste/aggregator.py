@@ -10,7 +10,7 @@ Whisper decoder is the identity, and from the official TASTE checkpoint it is th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,10 @@ class AggregatorConfig:
             prefix_ids=(996, 997, 998, 999),
         )
         return replace(base, **overrides)
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (peft reads a model's ``config.to_dict()`` when adapters are injected)."""
+        return asdict(self)
 
     @property
     def head_dim(self) -> int:

@@ -10,7 +10,7 @@ Parameter names are transformers' ``WhisperEncoder``'s (``conv1``, ``conv2``, ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,10 @@ class EncoderConfig:
     def large_v3(cls, **overrides) -> EncoderConfig:
         """distil-large-v3's encoder (= large-v3's): 128 mels, 32 layers of 1280 / 20 heads, values after 6."""
         return replace(cls(), **overrides)
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (peft reads a model's ``config.to_dict()`` when adapters are injected)."""
+        return asdict(self)
 
     @property
     def frames(self) -> int:

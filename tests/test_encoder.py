@@ -58,3 +58,25 @@ def test_bad_config_and_input():
                                              ffn_dim=64, value_layer=1))  # fmt: skip
     with pytest.raises(ValueError, match=r"mel must be \(B, 80, 100\)"):
         enc(torch.randn(1, 80, 120))
+
+
+def test_peft_adapters_inject_into_the_encoder():
+    """peft reads ``model.config`` when it injects adapters (as a dict: peft 0.13, the oldest supported, calls its
+    ``.get``); our configs give ``to_dict``. LoRA with non-zero B changes the encoder's output and trains only the
+    adapters."""
+    import copy
+
+    import pytest
+
+    peft = pytest.importorskip("peft")
+    enc = SpeechEncoder(config=EncoderConfig(n_mels=80, window_seconds=1.0, d_model=32, num_layers=2, num_heads=2,
+                                             ffn_dim=64, value_layer=1))  # fmt: skip
+    assert EncoderConfig(**enc.config.to_dict()) == enc.config
+    mel = torch.randn(2, 80, 100)
+    before = enc(mel)
+    tuned = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False), copy.deepcopy(enc))  # fmt: skip
+    after = tuned(mel)
+    assert not torch.allclose(after[0], before[0])
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
