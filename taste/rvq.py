@@ -10,6 +10,8 @@ dimension of 1) are stacked into these on load, and its unused ``mlps.*`` keys a
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -57,6 +59,22 @@ def kmeans(
     return means, counts
 
 
+def _eager_only(fn):
+    """torch.compile runs ``fn`` outside the graph (a graph break; with ``fullgraph=True`` an error naming why)."""
+    why = (
+        "ResidualVQ's k-means initialisation reads the codebooks' state on the host, once, on the first training "
+        "batch: run one training step before compiling with fullgraph=True, or load initialised codebooks"
+    )
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:  # (older torch has no reason)
+        return torch.compiler.disable(fn, reason=why)
+    return torch.compiler.disable(fn)
+
+
+def _loaded(module: ResidualVQ, incompatible_keys) -> None:
+    """After a load: whether every stage is initialised (one read-back, at load time rather than at a step)."""
+    module._initted_seen = not module.initted.is_meta and bool(module.initted.all())
+
+
 class ResidualVQ(nn.Module):
     """Residual VQ with EMA codebooks, k-means initialisation and quantizer dropout.
 
@@ -100,7 +118,11 @@ class ResidualVQ(nn.Module):
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("cluster_size", torch.zeros(num_quantizers, codebook_size))
         self.register_buffer("initted", torch.full((num_quantizers,), float(not kmeans_init)))
+        # Whether every stage is initialised, kept on the host so that a step never reads it back, and so that
+        # torch.compile sees a Python bool (a read of the buffer inside a compiled graph is data-dependent).
+        self._initted_seen = not kmeans_init
         self._register_load_state_dict_pre_hook(self._from_official_layout)
+        self.register_load_state_dict_post_hook(_loaded)
 
     # ---- inference helpers of spec 1.6 ----
     def get_code_from_indices(self, indices: Tensor) -> Tensor:
@@ -138,7 +160,7 @@ class ResidualVQ(nn.Module):
             Training also updates the codebooks by EMA (k-means-initialised on the first training batch).
         """
         z = self.project_in(self._checked(x)).float()  # the RVQ runs in float32 (spec 7.3)
-        if self.training and not self._all_initted():
+        if self.training and not self._initted_seen:  # a host bool: nothing read back, nothing for torch.compile
             self._kmeans_init(z.detach())
         if not self.training:  # as vector-quantize-pytorch: no commitment loss outside training
             indices, quantized = rvq_encode(z, self.embed, fast=self.fast)
@@ -148,12 +170,6 @@ class ResidualVQ(nn.Module):
         out = rvq_quantize(z, self.embed.clone(), num_stages, fast=self.fast)
         self._ema_update(z.detach(), out.indices)
         return self.project_out(out.quantized), out.indices, out.commit_loss * self.commitment_weight
-
-    def _all_initted(self) -> bool:
-        # Read back once (after construction or a load), not at every step.
-        if not getattr(self, "_initted_seen", False):
-            self._initted_seen = bool(self.initted.all())
-        return self._initted_seen
 
     def _draw_num_stages(self, device) -> Tensor:
         """Quantizer dropout: j ~ U{0..Q-1} drawn on the device, stages > j skipped; rank 0's draw on every rank."""
@@ -196,10 +212,14 @@ class ResidualVQ(nn.Module):
         self.cluster_size.copy_(torch.where(dead, self.threshold_ema_dead_code, self.cluster_size))
 
     @torch.no_grad()
+    @_eager_only
     def _kmeans_init(self, z: Tensor) -> None:
         """Each uninitialised stage runs Lloyd's k-means on its input residual of this batch (initial centroids:
         a random sample of rows; an empty cluster keeps its centroid), as vector-quantize-pytorch does. The
         assignment step is the fused encoder with one stage; the update is a deterministic segment sum."""
+        if bool(self.initted.all()):  # (a load that could not tell, e.g. onto meta tensors, left it unknown)
+            self._initted_seen = True
+            return
         residual = z
         for s in range(self.num_quantizers):
             if not bool(self.initted[s]):

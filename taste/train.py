@@ -242,7 +242,6 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
         return loss, int(out.targets.numel())
 
     def reload(directory):
-        model.tokenizer.quantizer._initted_seen = False  # the loaded codebooks decide about k-means init
         return Stage1Model.from_pretrained(directory)
 
     train_idx = list(range(len(corpus.rows) - cfg.eval_size))

@@ -1,5 +1,7 @@
 """taste.ResidualVQ against vector-quantize-pytorch's ResidualVQ (the library the official TASTE code copied)."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -151,3 +153,59 @@ def test_kmeans_init_keeps_the_ema_state_consistent():
     before = rvq.embed.clone()
     rvq(x)
     assert (rvq.embed - before).abs().max() < 0.05
+
+
+def _twins(kmeans_init: bool):
+    torch.manual_seed(7)
+    eager = taste.ResidualVQ(**KW, kmeans_init=kmeans_init, kmeans_iters=5, quantize_dropout=False).train()
+    twin = taste.ResidualVQ(**KW, kmeans_init=kmeans_init, kmeans_iters=5, quantize_dropout=False).train()
+    twin.load_state_dict(eager.state_dict())
+    return eager, twin
+
+
+def _assert_same_steps(eager, compiled, module, steps=3):
+    for step in range(steps):
+        x = torch.randn(90, 64)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(100 + step)  # the k-means sample of the first step draws from the global generator
+        q_e, idx_e, loss_e = eager(xe)
+        torch.manual_seed(100 + step)
+        q_c, idx_c, loss_c = compiled(xc)
+        assert torch.equal(idx_c, idx_e), step
+        torch.testing.assert_close(q_c, q_e)
+        torch.testing.assert_close(loss_c, loss_e)
+        (q_e.square().sum() + loss_e).backward()
+        (q_c.square().sum() + loss_c).backward()
+        torch.testing.assert_close(xc.grad, xe.grad)
+    for name, buf in eager.named_buffers():  # the EMA steps (and k-means) moved both alike
+        torch.testing.assert_close(getattr(module, name), buf, msg=name)
+
+
+def test_training_steps_compile_fullgraph():
+    """Training forward, backward and EMA update in one graph: whether the codebooks are initialised is a host bool
+    known since construction or a load (it was read from the buffer inside the graph: a data-dependent error)."""
+    eager, twin = _twins(kmeans_init=False)
+    torch._dynamo.reset()
+    _assert_same_steps(eager, torch.compile(twin, fullgraph=True, backend="aot_eager"), twin)
+    fresh = taste.ResidualVQ(**KW, quantize_dropout=False)  # k-means pending, until a load brings initialised ones
+    fresh.load_state_dict(twin.state_dict())
+    torch._dynamo.reset()
+    _assert_same_steps(eager, torch.compile(fresh.train(), fullgraph=True, backend="aot_eager"), fresh)
+
+
+def test_kmeans_init_runs_outside_a_compiled_graph():
+    """k-means reads the codebooks' state on the host once: a graph break around it (then one graph per step); with
+    fullgraph=True a clear error until one step has run."""
+    eager, twin = _twins(kmeans_init=True)
+    torch._dynamo.reset()
+    says_why = "reason" in inspect.signature(torch.compiler.disable).parameters  # (older torch: no reason given)
+    with pytest.raises(Exception, match="k-means initialisation" if says_why else "disable"):
+        torch.compile(twin, fullgraph=True, backend="aot_eager")(torch.randn(90, 64))
+    assert not twin.initted.any()
+    torch._dynamo.reset()
+    _assert_same_steps(eager, torch.compile(twin, backend="aot_eager"), twin)
+    assert twin.initted.all()
+    pending = taste.ResidualVQ(**KW, kmeans_iters=5)
+    pending.load_state_dict(taste.ResidualVQ(**KW).state_dict())  # an uninitialised state: k-means still to run
+    pending.train()(torch.randn(90, 64))
+    assert pending.initted.all() and pending.embed.abs().sum() > 0
