@@ -20,6 +20,18 @@ TRITON_HEAD_DIMS = (32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...] | None:
+    """Under ``torch.autocast`` for ``device``: ``tensors`` in the autocast dtype, every floating one but float64 (as
+    autocast casts the inputs of ``F.linear`` and ``F.scaled_dot_product_attention``; custom ops it does not reach).
+    None where autocast is off."""
+    kind = device.type
+    if kind not in ("cuda", "cpu") or not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)  # fmt: skip
+
+
 def _uses_triton(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in TRITON_DTYPES
 
@@ -171,8 +183,12 @@ def text_query_attention(
 
     Returns:
         ``(Nq, H, D)`` in q.dtype; 0 for a query that sees no key. Differentiable in q, k and v (deterministic
-        backward). On CUDA the Triton kernels need D in (32, 64, 128).
+        backward). On CUDA the Triton kernels need D in (32, 64, 128). Under ``torch.autocast`` q, k and v are
+        first cast to its dtype, as for ``F.scaled_dot_product_attention``.
     """
+    cast = _autocast(q.device, q, k, v)
+    if cast is not None:
+        q, k, v = cast
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3 or not t.is_floating_point():
             raise RuntimeError(
@@ -349,8 +365,12 @@ def text_query_cross_attention(
         scale: softmax scale, default ``D ** -0.5``.
 
     Returns:
-        ``(Nq, H, D)`` in q.dtype.
+        ``(Nq, H, D)`` in q.dtype. Under ``torch.autocast`` every floating input is first cast to its dtype, as the
+        projections and the attention would be.
     """
+    cast = _autocast(q.device, q, h_key, h_val, k_weight, v_weight, k_bias, v_bias)
+    if cast is not None:
+        q, h_key, h_val, k_weight, v_weight, k_bias, v_bias = cast
     named = _check_cross_args(q, h_key, h_val, k_weight, v_weight, k_bias, v_bias, cu_seqlens_q, max_seqlen_q)
     if q.is_cuda and q.shape[-1] not in TRITON_HEAD_DIMS:
         raise RuntimeError(f"taste: head_dim must be one of {TRITON_HEAD_DIMS} on CUDA, got {q.shape[-1]}")
@@ -414,8 +434,11 @@ def text_query_cross_attention_folded(
     Differentiable (through ``text_query_attention`` and matrix products); any device where ``text_query_attention``
     takes head dim ``d_in`` (on CUDA: ``d_in`` in (32, 64, 128)). Arguments as :func:`text_query_cross_attention`
     (no ``chunk_size``: nothing per frame is made). Returns ``(Nq, H, D)`` in q.dtype, 0 where a sequence has no
-    frames.
+    frames. Under ``torch.autocast`` every floating input is first cast to its dtype.
     """
+    cast = _autocast(q.device, q, h_key, h_val, k_weight, v_weight, k_bias, v_bias)
+    if cast is not None:
+        q, h_key, h_val, k_weight, v_weight, k_bias, v_bias = cast
     _check_cross_args(q, h_key, h_val, k_weight, v_weight, k_bias, v_bias, cu_seqlens_q, max_seqlen_q)
     rows, heads, head_dim = q.shape
     batch, frames, d_in = h_key.shape

@@ -336,3 +336,33 @@ def test_bad_input():
         agg(tokens, cu, 9, h_key[:1], h_val[:1])
     with pytest.raises(ValueError, match=r"skip_prefix must equal"):
         TextQueryAggregator(config=AggregatorConfig.tiny(skip_prefix=2))
+
+
+def test_autocast_reaches_every_path(monkeypatch):
+    """Under torch.autocast a float32 aggregator runs its projections and attention in bfloat16 on every path: the
+    folded and chunked cross-attentions (custom ops that autocast does not reach by itself, which refused the
+    bfloat16 queries against float32 weights and states) give what the modules' path gives, compiled too; the
+    folded path's gradients reach the float32 states and weights."""
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny())
+    folded = force_path(monkeypatch)
+    tokens, cu, h_key, h_val = batch([5, 9, 2], frames=40, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = agg(tokens, cu, 9, h_key, h_val)  # gradients on, frozen states: the modules run, autocast applies
+        assert not folded
+        with torch.no_grad():
+            for fold_kv, chunk in ((True, None), (False, 40), (False, None)):  # folds; K/V per utterance; at once
+                agg.fold_kv, agg.kv_chunk_frames = fold_kv, chunk
+                torch.testing.assert_close(agg(tokens, cu, 9, h_key, h_val), want, atol=3e-2, rtol=2e-2)
+            assert len(folded) == 2  # (both layers folded once)
+            torch._dynamo.reset()
+            compiled = torch.compile(agg, fullgraph=True, backend="aot_eager")
+            torch.testing.assert_close(compiled(tokens, cu, 9, h_key, h_val), want, atol=3e-2, rtol=2e-2)
+        agg.fold_kv, agg.kv_chunk_frames = True, None
+        states = [h.clone().requires_grad_() for h in (h_key, h_val)]
+        out = agg(tokens, cu, 9, *states)  # training with state gradients: folds
+        assert len(folded) == 4
+        out.square().mean().backward()
+    torch.testing.assert_close(out, want, atol=3e-2, rtol=2e-2)
+    assert all(h.grad.dtype == torch.float32 and h.grad.isfinite().all() and h.grad.abs().sum() > 0 for h in states)
+    k_grad = agg.layers[0].encoder_attn.k_proj.weight.grad
+    assert k_grad.dtype == torch.float32 and k_grad.abs().sum() > 0

@@ -709,3 +709,37 @@ def test_folded_cross_attention_on_gpu(device, gen):
     q, h_key, h_val, k_w, v_w, v_b, cu = make_cross([3], 5, 2, 32, 24, torch.float32, device, gen)
     with pytest.raises(RuntimeError, match=r"encoder width d_in, which on CUDA must be one of"):
         ops.text_query_cross_attention_folded(q, h_key, h_val, k_w, v_w, cu, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_run_in_the_autocast_dtype(device, gen):
+    """Autocast does not reach custom ops by itself: under torch.autocast the three attention ops cast their
+    floating inputs to its dtype (as F.linear and F.scaled_dot_product_attention), so they equal the ops on inputs
+    cast beforehand, and mixed float32 / 16-bit inputs are taken (they were refused: "must have one dtype")."""
+    low = torch.bfloat16
+    q, k, v, cu_q, cu_k = make([5, 1, 9], [7, 3, 12], 2, 32, torch.float32, device, gen)
+    hq, h_key, h_val, k_w, v_w, v_b, cu = make_cross([4, 0, 6], 11, 2, 32, 24, torch.float32, device, gen)
+    k_b = torch.randn(64, generator=gen).to(device)
+
+    def calls(cast):
+        c = (lambda t: t.to(low)) if cast else (lambda t: t)
+        return [
+            lambda: ops.text_query_attention(c(q), c(k), c(v), cu_q, cu_k, 9, 12, causal=False),
+            lambda: ops.text_query_cross_attention(
+                c(hq), c(h_key), c(h_val), c(k_w), c(v_w), cu, 6, k_bias=c(k_b), v_bias=c(v_b), chunk_size=2
+            ),  # fmt: skip
+            lambda: ops.text_query_cross_attention_folded(
+                c(hq), c(h_key), c(h_val), c(k_w), c(v_w), cu, 6, k_bias=c(k_b), v_bias=c(v_b)
+            ),  # fmt: skip
+        ]
+
+    want = [fn() for fn in calls(cast=True)]
+    with torch.autocast(device, dtype=low):
+        got = [fn() for fn in calls(cast=False)]
+        mixed = ops.text_query_attention(q.to(low), k, v, cu_q, cu_k, 9, 12)
+    for g, w in zip(got, want):
+        assert g.dtype == low
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    torch.testing.assert_close(mixed, want[0], atol=0, rtol=0)
+    with torch.autocast(device, dtype=low):  # float64 inputs stay float64, as autocast leaves them
+        assert ops.text_query_attention(q.double(), k.double(), v.double(), cu_q, cu_k, 9, 12).dtype == torch.float64
