@@ -59,6 +59,10 @@ def kmeans(
     return means, counts
 
 
+def _float32_at_least(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _eager_only(fn):
     """torch.compile runs ``fn`` outside the graph (a graph break; with ``fullgraph=True`` an error naming why)."""
     why = (
@@ -131,21 +135,29 @@ class ResidualVQ(nn.Module):
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """``(N, Q)`` -> ``(N, dim)``: project_out of :meth:`get_code_from_indices`."""
-        return self.project_out(self.get_code_from_indices(indices))
+        return self._projected_out(self.get_code_from_indices(indices))
 
     def get_indices_from_code(self, code: Tensor) -> Tensor:
         """``(N, codebook_dim)`` -> ``(N, Q)``: the greedy residual search on a code vector (no project_in)."""
-        return rvq_encode(code.float(), self.embed, fast=self.fast)[0]
+        return rvq_encode(_float32_at_least(code), self.embed, fast=self.fast)[0]
 
     def encode(self, x: Tensor) -> Tensor:
         """``(N, dim)`` -> ``(N, Q)`` codes only, as the eval forward finds them (no EMA update, no dropout), without
         making the ``(N, dim)`` output: for tokenising speech into codes."""
-        return self.get_indices_from_code(self.project_in(self._checked(x)))
+        return self.get_indices_from_code(self._projected_in(x))
 
-    def _checked(self, x: Tensor) -> Tensor:
+    def _projected_in(self, x: Tensor) -> Tensor:
+        """project_in of checked rows of any float dtype, run in the projection's own (a float32 RVQ takes the
+        16-bit rows of a bf16 aggregator; a module cast as a whole to 16 bits or to float64 runs in that)."""
         if x.dim() != 2 or x.shape[1] != self.dim or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point (N, dim={self.dim}) tensor, got {x.dtype} {tuple(x.shape)}")
-        return x
+        weight = getattr(self.project_in, "weight", None)
+        return self.project_in(x if weight is None else x.to(weight.dtype))
+
+    def _projected_out(self, codes: Tensor) -> Tensor:
+        """project_out of the summed codewords (float32 at least) in the projection's dtype."""
+        weight = getattr(self.project_out, "weight", None)
+        return self.project_out(codes if weight is None else codes.to(weight.dtype))
 
     # ---- forward ----
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,17 +171,17 @@ class ResidualVQ(nn.Module):
             by quantizer dropout) and ``commit_loss`` () float32 (0 in eval mode, as vector-quantize-pytorch).
             Training also updates the codebooks by EMA (k-means-initialised on the first training batch).
         """
-        z = self.project_in(self._checked(x)).float()  # the RVQ runs in float32 (spec 7.3)
+        z = _float32_at_least(self._projected_in(x))  # distances in float32 at least (spec 7.3)
         if self.training and not self._initted_seen:  # a host bool: nothing read back, nothing for torch.compile
             self._kmeans_init(z.detach())
         if not self.training:  # as vector-quantize-pytorch: no commitment loss outside training
             indices, quantized = rvq_encode(z, self.embed, fast=self.fast)
-            return self.project_out(quantized), indices, z.new_zeros(())
+            return self._projected_out(quantized), indices, z.new_zeros(())
         num_stages = self._draw_num_stages(z.device) if self.quantize_dropout else None
         # The backward needs the codebooks of this forward; the EMA update below changes the buffer in place.
         out = rvq_quantize(z, self.embed.clone(), num_stages, fast=self.fast)
         self._ema_update(z.detach(), out.indices)
-        return self.project_out(out.quantized), out.indices, out.commit_loss * self.commitment_weight
+        return self._projected_out(out.quantized), out.indices, out.commit_loss * self.commitment_weight
 
     def _draw_num_stages(self, device) -> Tensor:
         """Quantizer dropout: j ~ U{0..Q-1} drawn on the device, stages > j skipped; rank 0's draw on every rank."""
@@ -185,8 +197,9 @@ class ResidualVQ(nn.Module):
         if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
-        self.cluster_size.lerp_(counts, 1.0 - self.decay)
-        self.embed_avg.lerp_(sums, 1.0 - self.decay)
+        # (the statistics are float32 at least; the buffers have whatever dtype the module was cast to)
+        self.cluster_size.lerp_(counts.to(self.cluster_size.dtype), 1.0 - self.decay)
+        self.embed_avg.lerp_(sums.to(self.embed_avg.dtype), 1.0 - self.decay)
         total = self.cluster_size.sum(-1, keepdim=True)
         smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
         self.embed.copy_(self.embed_avg / smoothed[..., None])

@@ -177,7 +177,7 @@ class TasteTokenizer(nn.Module):
         if not quantize:
             codes = torch.full((words.shape[0], self.quantizer.num_quantizers), -1, device=words.device)
             return TokenizerOutput(codes, word_cu, words, words.new_zeros((), dtype=torch.float32))
-        quantized, codes, commit = self.quantizer(words.float())  # the VQ runs in float32 (spec 7.3)
+        quantized, codes, commit = self.quantizer(words)  # in its own precision: float32 (spec 7.3) unless cast
         return TokenizerOutput(codes, word_cu, quantized.to(words.dtype), commit)
 
     def embeddings_from_codes(self, codes: Tensor) -> Tensor:

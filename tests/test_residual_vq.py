@@ -1,5 +1,6 @@
 """taste.ResidualVQ against vector-quantize-pytorch's ResidualVQ (the library the official TASTE code copied)."""
 
+import copy
 import inspect
 
 import pytest
@@ -209,3 +210,41 @@ def test_kmeans_init_runs_outside_a_compiled_graph():
     pending.load_state_dict(taste.ResidualVQ(**KW).state_dict())  # an uninitialised state: k-means still to run
     pending.train()(torch.randn(90, 64))
     assert pending.initted.all() and pending.embed.abs().sum() > 0
+
+
+def test_rows_and_modules_of_any_float_dtype():
+    """A float32 module takes 16-bit rows (a bf16 aggregator's), and a module cast as a whole (``.double()``,
+    ``.half()``, ``.bfloat16()``) runs in that dtype, distances in float32 at least, in eval and in training (k-means
+    and the EMA update included). These raised "mat1 and mat2 must have the same dtype" and, in training, a dtype
+    error of the EMA update."""
+    torch.manual_seed(8)
+    base = taste.ResidualVQ(**KW, kmeans_iters=3, quantize_dropout=False).train()
+    x = torch.randn(120, 64)
+    base(x)  # k-means-initialised
+    base.eval()
+    for low in (torch.bfloat16, torch.float16):
+        rows = x.to(low)
+        q, idx, _ = base(rows)
+        want = base(rows.float())
+        assert q.dtype == torch.float32 and torch.equal(idx, want[1]) and torch.equal(base.encode(rows), want[1])
+    ref_q, ref_idx, _ = base(x)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        cast = copy.deepcopy(base).to(dtype)
+        q, idx, loss = cast(x.to(dtype))
+        assert q.dtype == dtype and torch.equal(cast.encode(x.to(dtype)), idx)
+        agree = (idx == ref_idx).float().mean().item()
+        assert agree == 1.0 if dtype == torch.float64 else agree > 0.9, (dtype, agree)
+        sixteen = dict(atol=1e-2, rtol=1e-2) if dtype != torch.float64 else {}  # (the decode sums in 16 bits)
+        torch.testing.assert_close(cast.get_output_from_indices(idx), q, **sixteen)
+        twin = copy.deepcopy(base).train()
+        cast.train()
+        rows = x.to(dtype).requires_grad_()
+        q, idx, loss = cast(rows)
+        (q.float().square().mean() + loss).backward()
+        assert rows.grad.dtype == dtype and rows.grad.isfinite().all()
+        twin(x)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float64 else dict(atol=0.05, rtol=0.05)
+        torch.testing.assert_close(cast.embed.float(), twin.embed, **tol)  # the same EMA step
+        fresh = taste.ResidualVQ(**KW, kmeans_iters=3).to(dtype).train()
+        fresh(x.to(dtype))  # k-means initialisation in that dtype
+        assert fresh.initted.all() and fresh.embed.dtype == dtype and fresh.embed.isfinite().all()

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import pytest
@@ -179,3 +180,18 @@ def test_bad_input(model):
         model.encode([torch.zeros(16000 * 4)], ["too long"])
     with pytest.raises(ValueError, match="encoder.d_model .* must equal aggregator.d_model"):
         taste.TasteTokenizer(config=small_config(aggregator=taste.AggregatorConfig(d_model=64, num_heads=2)))
+
+
+def test_a_tokenizer_cast_as_a_whole_still_tokenizes(model):
+    """``to_precision`` keeps the quantizer in float32; ``.to(torch.bfloat16)`` or ``.double()`` on the whole model
+    casts it too, which made its projections refuse the float32 words ("mat1 and mat2 must have the same dtype")."""
+    mel, text = model.prepare(speech(), TEXTS)
+    with torch.no_grad():
+        want = model.tokenize(mel, text)
+        wide = copy.deepcopy(model).double()
+        got = wide.tokenize(mel.double(), text)
+        assert got.word_embeddings.dtype == torch.float64 and torch.equal(got.word_codes, want.word_codes)
+        narrow = copy.deepcopy(model).to(torch.bfloat16)
+        got = narrow.tokenize(mel, text)
+    assert narrow.quantizer.embed.dtype == torch.bfloat16 and got.word_embeddings.dtype == torch.bfloat16
+    assert got.word_codes.shape == want.word_codes.shape and (got.word_codes >= 0).all()
