@@ -312,6 +312,39 @@ def test_gpu_bf16_matches_float64():
     assert (out.double().cpu() - ref).abs().max().item() < 0.1  # bf16 through 2 layers of LayerNorm outputs
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.cuda
+def test_gpu_forward_and_backward_make_no_host_sync():
+    """Issue 3: no host syncs in forward. Under torch.cuda.set_sync_debug_mode("error") any device-to-host read or
+    synchronising copy raises: inference with K/V at once and one utterance at a time, word pooling, and a training
+    step's forward and backward (after a warm-up call each: Triton compiles, and an autotuner would time, there)."""
+    agg = TextQueryAggregator(config=AggregatorConfig.tiny()).to("cuda", torch.bfloat16)
+    tokens, cu, h_key, h_val = (t.cuda() for t in batch([5, 9, 2], frames=40, dtype=torch.bfloat16))
+    offsets = ops.word_offsets(torch.tensor([0, 0, 1, 2, 2, 0, 1, 1, 2, 3, 4, 4, 5, 5, 0, 1], device="cuda",
+                                            dtype=torch.int32), cu)  # fmt: skip
+
+    def inference(chunk):
+        agg.kv_chunk_frames = chunk
+        with torch.no_grad():
+            return ops.segment_mean(agg(tokens, cu, 9, h_key, h_val), offsets)
+
+    def training():
+        states = [h.clone().requires_grad_() for h in (h_key, h_val)]
+        out = ops.segment_mean(agg(tokens, cu, 9, *states), offsets)
+        out.float().square().mean().backward()
+        return out.detach()
+
+    for run in (lambda: inference(None), lambda: inference(40), training):
+        want = run()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.testing.assert_close(got, want)
+
+
 def test_bad_input():
     agg = TextQueryAggregator(config=AggregatorConfig.tiny())
     tokens, cu, h_key, h_val = batch([5, 9], dtype=torch.float32)

@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 import torch
+from conftest import HAS_CUDA
 
 import taste
 from taste.rvq import OFFICIAL_PREFIX, kmeans
@@ -248,3 +249,33 @@ def test_rows_and_modules_of_any_float_dtype():
         fresh = taste.ResidualVQ(**KW, kmeans_iters=3).to(dtype).train()
         fresh(x.to(dtype))  # k-means initialisation in that dtype
         assert fresh.initted.all() and fresh.embed.dtype == dtype and fresh.embed.isfinite().all()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("fast", [False, True])
+def test_gpu_steps_make_no_host_sync(fast):
+    """No device-to-host read or synchronising copy in the eval forward, the codes-only encode or a training step
+    (quantizer dropout drawn on the device, forward, backward, EMA update) once the codebooks are initialised:
+    torch.cuda.set_sync_debug_mode("error") raises on any."""
+    torch.manual_seed(9)
+    rvq = taste.ResidualVQ(**KW, kmeans_iters=3, fast=fast).cuda()
+    x = torch.randn(300, 64, device="cuda")
+    rvq.train()(x)  # k-means (reads the codebooks' state once) and every kernel compiled
+
+    def step():
+        rows = x.clone().requires_grad_()
+        q, idx, loss = rvq.train()(rows)
+        (q.square().mean() + loss).backward()
+        return idx
+
+    runs = (lambda: rvq.eval()(x)[1], lambda: rvq.eval().encode(x), step)
+    for run in runs:
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for run in runs:
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
