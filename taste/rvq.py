@@ -88,6 +88,8 @@ class ResidualVQ(nn.Module):
     fast (False: exact float32 distances; True: tf32 products on CUDA).
     """
 
+    _initted_seen = False  # (instances set their own; a module pickled before it existed reads the buffer once)
+
     def __init__(
         self,
         *,
