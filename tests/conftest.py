@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import sys
 
@@ -182,3 +184,25 @@ def require_taslm_dependencies() -> None:
     if not hasattr(masking, "find_packed_sequence_indices"):
         pytest.skip("TASLM needs transformers >= 4.53.1 (packed sequences)", allow_module_level=True)
     pytest.importorskip("peft")
+
+
+def _gloo_rank(rank, world, init_file, out, body):
+    """One of ``world`` gloo ranks: writes ``body(rank, out)`` to ``out/rank{rank}.json``."""
+    import torch.distributed as dist
+
+    # A collective that one rank never joins fails after 60 s instead of hanging the suite.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    result = body(rank, out)  # an exception here reaches the test through torch.multiprocessing.spawn
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    # Leave without tearing the gloo group down: its teardown racing the peer's exit aborted a rank once (SIGABRT,
+    # "terminate called without an active exception") after all the work was done.
+    os._exit(0)
+
+
+def on_two_ranks(body, out) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.spawn(_gloo_rank, args=(2, str(out / "init"), str(out), body), nprocs=2)
+    return [json.load(open(out / f"rank{r}.json")) for r in range(2)]

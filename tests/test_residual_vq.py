@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, on_two_ranks
 
 import taste
 from taste.rvq import OFFICIAL_PREFIX, kmeans
@@ -279,3 +279,39 @@ def test_gpu_steps_make_no_host_sync(fast):
             run()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def _rvq_steps_on_rank(rank, out):
+    """Rank r trains on half r of a batch that every rank draws alike: an EMA step with given codebooks, a
+    quantizer-dropout step (each rank seeded differently) and a k-means initialisation."""
+    torch.manual_seed(11)
+    rows = torch.randn(2, 90, 64)
+    ema = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False).train()
+    ema(rows[rank])
+    dropout = taste.ResidualVQ(**KW, kmeans_init=False).train()
+    torch.manual_seed(100 + rank)  # the depth drawn differs by rank; rank 0's must reach both
+    depths = [int((dropout(rows[rank])[1] >= 0).all(0).sum()) for _ in range(6)]
+    fresh = taste.ResidualVQ(**KW, kmeans_iters=4, quantize_dropout=False).train()
+    fresh(rows[rank])
+    return dict(ema=[ema.embed.tolist(), ema.cluster_size.tolist(), ema.embed_avg.tolist()], depths=depths,
+                kmeans=fresh.embed.tolist())  # fmt: skip
+
+
+def test_two_ranks_all_reduce_the_statistics_and_share_the_dropout_depth(tmp_path):
+    """Under torch.distributed (two gloo ranks on the CPU): one EMA step over the ranks' halves equals the step of
+    one process over the whole batch (the statistics are all-reduced before the moving average); every rank skips
+    the same stages (rank 0's depth is broadcast); k-means ends with the same codebooks on both ranks."""
+    ranks = on_two_ranks(_rvq_steps_on_rank, tmp_path)
+    torch.manual_seed(11)
+    rows = torch.randn(2, 90, 64)
+    whole = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False).train()
+    whole(rows.reshape(180, 64))
+    want = [whole.embed, whole.cluster_size, whole.embed_avg]
+    for r in ranks:
+        for got, w in zip(r["ema"], want):
+            torch.testing.assert_close(torch.tensor(got), w, atol=1e-5, rtol=1e-5)
+    assert ranks[0]["depths"] == ranks[1]["depths"] and len(set(ranks[0]["depths"])) > 1
+    assert ranks[0]["kmeans"] == ranks[1]["kmeans"]
+    alone = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False).train()
+    alone(rows[0])
+    assert not torch.allclose(alone.embed, whole.embed)  # a rank's half alone moves the codebooks elsewhere

@@ -1,6 +1,5 @@
 """The shared training loop on a one-layer model: checkpoint retention, a save that fails, pre-emption signals."""
 
-import datetime
 import errno
 import json
 import os
@@ -9,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import on_two_ranks
 from torch import nn
 
 from taste import trainer
@@ -130,28 +130,6 @@ def test_the_command_line_exits_with_the_signal_status(tmp_path, monkeypatch):
     monkeypatch.setattr("taste.train.train", preempted)
     (tmp_path / "c.json").write_text(json.dumps({"manifest": "m.jsonl", "out_dir": str(tmp_path)}))
     assert cli.main(["train-tokenizer", str(tmp_path / "c.json"), "--quiet"]) == 128 + signal.SIGTERM
-
-
-def _gloo_rank(rank, world, init_file, out, body):
-    """One of ``world`` gloo ranks: writes ``body(rank, out)`` to ``out/rank{rank}.json``."""
-    import torch.distributed as dist
-
-    # A collective that one rank never joins fails after 60 s instead of hanging the suite.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    result = body(rank, out)  # an exception here reaches the test through torch.multiprocessing.spawn
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    # Leave without tearing the gloo group down: its teardown racing the peer's exit aborted a rank once (SIGABRT,
-    # "terminate called without an active exception") after all the work was done.
-    os._exit(0)
-
-
-def on_two_ranks(body, out) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    torch.multiprocessing.spawn(_gloo_rank, args=(2, str(out / "init"), str(out), body), nprocs=2)
-    return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
 
 
 def _signal_one_rank(rank, out):
