@@ -203,7 +203,7 @@ def _step(fn, train):
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--train", action="store_true", help="forward + backward instead of forward")
     p.add_argument("--batch", type=int, nargs="+", help="utterances per batch (default: 1 8 64 on GPU, 1 8 on CPU)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes ~30 s on CPU)")

@@ -50,8 +50,9 @@ def steady_cpu_allocator() -> bool:
     return _STEADY_ALLOCATOR
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The benchmarks' shared options; ``--help`` describes the script by the first paragraph of ``doc``."""
+    p = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions (default: by time budget)")

@@ -62,7 +62,7 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--preset", choices=("cpu_100m", "llama_3_2_1b"), default=None)
     p.add_argument("--words", type=int, nargs="+", default=None, help="default: 16 32 64 128 (cpu: 16 64)")
     p.add_argument("--batch", type=int, default=16)

@@ -60,7 +60,7 @@ def make_batch(batch: int, dim: int, device: str, dtype: torch.dtype, seed: int 
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dim", type=int, default=1280)
     args = parse(p)

@@ -31,8 +31,8 @@ KW = dict(dim=1280, codebook_dim=256, num_quantizers=4, codebook_size=512, decay
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=6400)
+    p = parser(__doc__)
+    p.add_argument("--rows", type=int, default=6400, help="rows (words) to quantize (default 6400: 64 x 100)")
     p.add_argument("--fast", action="store_true", help="ours in fast mode (tf32 products on CUDA)")
     args = parse(p)
     dev, n = args.device, args.rows

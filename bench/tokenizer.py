@@ -49,7 +49,7 @@ def utterances(n: int, seed: int = 0) -> tuple[list[torch.Tensor], list[str], st
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument(
         "--preset", choices=("tiny", "official"), default=None, help="default: tiny on cpu, official on cuda"
     )
