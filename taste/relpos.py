@@ -112,8 +112,9 @@ class Block(nn.Module):
         k, v = self.self_attn.project_kv(h)
         if cache is not None:
             index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            cache[0].scatter_(2, index, k)
-            cache[1].scatter_(2, index, v)
+            # (in the buffers' dtype: under autocast the projections give 16-bit rows for float32 buffers)
+            cache[0].scatter_(2, index, k.to(cache[0].dtype))
+            cache[1].scatter_(2, index, v.to(cache[1].dtype))
             k, v = cache
         x = x + self.dropout(self.self_attn.attend(h, k, v, mask, positions, pos_table))
         return x + self.dropout(self.feed_forward(getattr(self, self._norms[1])(x)))
