@@ -34,25 +34,33 @@ def kmeans(
 
     Initial centroids are a random sample of rows (with replacement when ``n < k``); an empty cluster keeps its
     centroid. The assignment step is the fused RVQ encoder with one stage (the (n, k) distances never touch
-    memory), the update a deterministic segment sum. Under ``torch.distributed`` every rank starts from rank 0's
-    sample and the sums and counts are all-reduced, so all ranks end with the same centroids.
+    memory), the update a deterministic segment sum. Under ``torch.distributed`` every rank starts from the sample
+    of the first rank that has rows (a rank may have none) and the sums and counts are all-reduced, so all ranks end
+    with the same centroids.
     """
     n, k, dev = samples.shape[0], num_clusters, samples.device
+    distributed = _distributed()
+    source = 0
+    if distributed:  # every rank takes part in the collectives below, rows or not (else the others would wait)
+        first = torch.tensor(dist.get_rank() if n else dist.get_world_size(), device=dev)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        source = int(first)
+    if n == 0 and (not distributed or source == dist.get_world_size()):
+        raise ValueError("k-means needs at least one sample row" + (" on some rank" if distributed else ""))
     if n == 0:
-        raise ValueError("k-means needs at least one sample row")
-    if n >= k:
-        pick = torch.randperm(n, generator=generator, device="cpu")[:k].to(dev)
+        means = samples.new_zeros(k, samples.shape[1])  # (rank `source`'s sample arrives below)
+    elif n >= k:
+        means = samples[torch.randperm(n, generator=generator, device="cpu")[:k].to(dev)]
     else:
-        pick = torch.randint(0, n, (k,), generator=generator, device="cpu").to(dev)
-    means = samples[pick]
-    if _distributed():
-        dist.broadcast(means, src=0)
+        means = samples[torch.randint(0, n, (k,), generator=generator, device="cpu").to(dev)]
+    if distributed:
+        dist.broadcast(means, src=source)
     counts = torch.zeros(k, device=dev)
     for _ in range(iters):
         idx, _ = rvq_encode(samples, means[None], fast=fast)
         sums, counts = segment_sum_by_key(samples, idx[:, 0], k)
         counts = counts.to(samples.dtype)
-        if _distributed():
+        if distributed:
             dist.all_reduce(sums)
             dist.all_reduce(counts)
         means = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], means)

@@ -315,3 +315,26 @@ def test_two_ranks_all_reduce_the_statistics_and_share_the_dropout_depth(tmp_pat
     alone = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False).train()
     alone(rows[0])
     assert not torch.allclose(alone.embed, whole.embed)  # a rank's half alone moves the codebooks elsewhere
+
+
+def _kmeans_with_rows_on_rank_1_only(rank, out):
+    torch.manual_seed(12)
+    rows = torch.randn(90, 64)
+    rvq = taste.ResidualVQ(**KW, kmeans_iters=4, quantize_dropout=False).train()
+    rvq(rows if rank == 1 else rows[:0])  # rank 0 has no rows this step
+    return dict(embed=rvq.embed.tolist(), cluster=rvq.cluster_size.tolist())
+
+
+def test_kmeans_on_two_ranks_when_one_has_no_rows(tmp_path):
+    """A rank without rows still takes part in k-means's collectives (it raised before them, and the other rank
+    waited until its collective timed out): both ranks end where one process with all the rows ends."""
+    ranks = on_two_ranks(_kmeans_with_rows_on_rank_1_only, tmp_path)
+    torch.manual_seed(12)
+    rows = torch.randn(90, 64)
+    alone = taste.ResidualVQ(**KW, kmeans_iters=4, quantize_dropout=False).train()
+    alone(rows)
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["embed"]), alone.embed, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(r["cluster"]), alone.cluster_size, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least one sample row"):
+        kmeans(rows[:0], 4, 2)
