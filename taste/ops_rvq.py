@@ -201,18 +201,19 @@ def rvq_decode(indices: Tensor, codebooks: Tensor) -> Tensor:
 
 
 def rvq_ema_statistics(x: Tensor, indices: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-stage EMA statistics before the moving average: ``counts (Q, K)`` float32 (rows assigned to each code)
-    and ``sums (Q, K, d)`` float32 (the sum of the stage's input residuals assigned to each code). Deterministic
-    (segment_sum_by_key); all-reduce both across ranks before the update in distributed training."""
+    """Per-stage EMA statistics before the moving average: ``counts (Q, K)`` (rows assigned to each code) and
+    ``sums (Q, K, d)`` (the sum of the stage's input residuals assigned to each code), float32 (float64 where x is).
+    Deterministic (segment_sum_by_key); all-reduce both across ranks before the update in distributed training."""
     from taste.ops import segment_sum_by_key
 
-    residual = x.detach().float()
-    cb = codebooks.float()
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    residual = x.detach().to(wide)
+    cb = codebooks.to(wide)
     counts, sums = [], []
     for s in range(codebooks.shape[0]):
         idx = indices[:, s]
         stage_sums, stage_counts = segment_sum_by_key(residual, idx, codebooks.shape[1])
         sums.append(stage_sums)
-        counts.append(stage_counts.float())
+        counts.append(stage_counts.to(wide))
         residual = residual - cb[s][idx.clamp(min=0)] * (idx >= 0)[:, None]
     return torch.stack(counts), torch.stack(sums)

@@ -124,6 +124,10 @@ def test_ema_statistics(device, gen):
         torch.testing.assert_close(sums[s].double(), onehot.T @ residual, atol=1e-4, rtol=1e-5)
         residual = residual - codebooks[s].double()[idx[:, s].clamp(min=0)] * (idx[:, s] >= 0)[:, None]
     assert counts[2].sum() == 0
+    assert counts.dtype == sums.dtype == torch.float32
+    wide = ops.rvq_ema_statistics(x.double(), idx, codebooks.double())  # float64 rows: float64 sums (were float32)
+    assert wide[0].dtype == wide[1].dtype == torch.float64
+    torch.testing.assert_close(wide[1], sums.double(), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
