@@ -206,7 +206,7 @@ def rvq_ema_statistics(x: Tensor, indices: Tensor, codebooks: Tensor) -> tuple[T
     Deterministic (segment_sum_by_key); all-reduce both across ranks before the update in distributed training."""
     from taste.ops import segment_sum_by_key
 
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wide = _err_dtype(x)
     residual = x.detach().to(wide)
     cb = codebooks.to(wide)
     counts, sums = [], []
