@@ -143,12 +143,14 @@ class LogMel(nn.Module):
             raise ValueError(f"audio must be (B, samples), got shape {tuple(audio.shape)}")
         if audio.shape[1] > self.window_samples:
             raise ValueError(f"audio has {audio.shape[1]} samples, more than the window ({self.window_samples})")
-        audio = nn.functional.pad(audio.float(), (0, self.window_samples - audio.shape[1]))
+        audio = audio.float()
+        if audio.shape[1] < self.window_samples:  # (a pad of nothing would still copy the whole batch)
+            audio = nn.functional.pad(audio, (0, self.window_samples - audio.shape[1]))
         out = audio.new_empty(audio.shape[0], self.n_mels, self.frames)
         for part, dest in zip(audio.split(self.chunk), out.split(self.chunk)):
             # (b, 201, F + 1) complex, freed once its power spectrum exists; the last frame is dropped
             spec = torch.stft(part, N_FFT, HOP_LENGTH, window=self.window, return_complex=True)
             torch.matmul(self.filters, spec[..., :-1].abs().square_(), out=dest)
         log_spec = out.clamp_(min=1e-10).log10_()  # (B, n_mels, F)
-        log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
+        torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0, out=log_spec)  # (in place)
         return log_spec.add_(4.0).div_(4.0)

@@ -106,3 +106,15 @@ def test_bad_audio():
     with pytest.raises(ValueError, match="more than the window"):
         LogMel(n_mels=80, window_seconds=1.0)(torch.zeros(1, 16001))
     assert np.isfinite(LogMel(n_mels=80, window_seconds=1.0)(torch.zeros(1, 16000)).numpy()).all()
+
+
+def test_a_full_window_batch_is_not_copied():
+    """Audio that already fills the window goes to the STFT as it is: the allocations of one call peak at the
+    features plus one utterance's spectrum, well below another copy of the batch (which a pad of nothing made)."""
+    import common
+
+    audio = torch.randn(64, 16000) * 0.1  # 4 MB; 1 s windows
+    mel = LogMel(n_mels=80, window_seconds=1.0, chunk=1)
+    features_mb = 64 * 80 * 100 * 4 / 2**20
+    peak = common.peak_mb(lambda: mel(audio), "cpu")
+    assert features_mb <= peak < features_mb + 0.5 * audio.numel() * 4 / 2**20, peak
