@@ -39,6 +39,8 @@ def test_batch_invariant():
     together = mel(batch_waveforms(ws)[0])
     for i, w in enumerate(ws):
         assert torch.equal(mel(batch_waveforms([w])[0])[0], together[i])
+    for chunk in (3, 4):  # STFT calls of several utterances (4 per call is the default on GPUs), the last one short
+        assert torch.equal(LogMel(n_mels=80, chunk=chunk)(batch_waveforms(ws)[0]), together)
 
 
 def test_filters_are_openai_whispers():
@@ -106,6 +108,8 @@ def test_bad_audio():
     with pytest.raises(ValueError, match="more than the window"):
         LogMel(n_mels=80, window_seconds=1.0)(torch.zeros(1, 16001))
     assert np.isfinite(LogMel(n_mels=80, window_seconds=1.0)(torch.zeros(1, 16000)).numpy()).all()
+    with pytest.raises(ValueError, match="chunk must be >= 1 or None, got 0"):
+        LogMel(n_mels=80, chunk=0)
 
 
 def test_a_full_window_batch_is_not_copied():
@@ -114,7 +118,7 @@ def test_a_full_window_batch_is_not_copied():
     import common
 
     audio = torch.randn(64, 16000) * 0.1  # 4 MB; 1 s windows
-    mel = LogMel(n_mels=80, window_seconds=1.0, chunk=1)
+    mel = LogMel(n_mels=80, window_seconds=1.0)  # (on the CPU: one utterance at a time)
     features_mb = 64 * 80 * 100 * 4 / 2**20
     peak = common.peak_mb(lambda: mel(audio), "cpu")
     assert features_mb <= peak < features_mb + 0.5 * audio.numel() * 4 / 2**20, peak
