@@ -123,6 +123,20 @@ def eager_attention(q, k, v, mask=None):
     return probs @ v
 
 
+def espnet_rel_attention(qu, qv, k, v, p_both, mask):
+    """ESPnet's ``rel_selfattn`` as the official unit decoder runs it (spec 1.7): position scores over all 2T-1
+    relative offsets ``+(T-1)..-(T-1)`` (``p_both`` ``(H, 2T-1, d_k)``, projected), aligned by the Transformer-XL
+    ``rel_shift`` (pad a zero column, reshape, drop a row, keep T columns), the full score and probability
+    tensors, softmax in float32. ``qu``/``qv`` ``(B, H, T, d_k)`` carry pos_bias_u / pos_bias_v."""
+    b, h, t, _ = qu.shape
+    ac = qu @ k.transpose(-1, -2)  # (B, H, T, T)
+    bd = qv @ p_both.transpose(-1, -2)  # (B, H, T, 2T-1)
+    shifted = torch.cat([bd.new_zeros(b, h, t, 1), bd], -1).view(b, h, 2 * t, t)
+    bd = shifted[:, :, 1:].reshape(b, h, t, 2 * t - 1)[..., :t]
+    scores = ((ac + bd) / qu.shape[-1] ** 0.5).masked_fill(~mask[:, None], float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+
+
 def official_prefixed_ids(tokens_pad, prefix_ids):
     """Spec 1.4: prefix ++ padded tokens (pad 0) ++ EOS 50257-style end token after the padding (inert)."""
     B = tokens_pad.shape[0]

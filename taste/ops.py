@@ -419,6 +419,7 @@ from taste.ops_attention import (  # noqa: E402,F401  (Triton custom op, see the
     text_query_cross_attention,
     text_query_cross_attention_folded,
 )
+from taste.ops_relpos import relpos_attention  # noqa: E402,F401  (the unit decoder's attention, see the module)
 from taste.ops_rvq import (  # noqa: E402,F401  (Triton custom ops, see the module)
     RVQQuantization,
     rvq_decode,

@@ -7,6 +7,8 @@ validate their inputs: :mod:`taste.ops` documents the contracts.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -321,3 +323,18 @@ def rvq_decode(indices, codebooks, weights=None):
             scale = scale * weights[:, s].to(codebooks.dtype)
         out += codebooks[s][idx.clamp(min=0)] * scale[:, None]
     return out
+
+
+def relpos_attention(qu, qv, k, v, p, positions, mask, dropout=None):
+    """The unit decoder's relative-position attention (``taste.ops.relpos_attention``) over whole score tensors:
+    ``softmax((qu k^T + gather(qv p^T, positions_i - j)) / sqrt(d_k))`` over the keys ``mask`` allows, probabilities
+    in float32 at least, then ``dropout`` (a function, or None) on them, then the values."""
+    ac = qu @ k.transpose(-1, -2)  # (B, H, Tq, Tk)
+    by_offset = qv @ p.transpose(-1, -2)  # (B, H, Tq, P)
+    offset = (positions[:, :, None] - torch.arange(k.shape[2], device=k.device)).clamp(0, p.shape[1] - 1)
+    bd = by_offset.gather(-1, offset[:, None].expand(-1, qu.shape[1], -1, -1))  # (B, H, Tq, Tk)
+    scores = ((ac + bd) / math.sqrt(qu.shape[-1])).to(_acc_dtype(qu.dtype))
+    probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    return probs.to(v.dtype) @ v

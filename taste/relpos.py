@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taste import ops, reference
+
 
 def relative_sinusoids(length: int, d_model: int, device=None, dtype=torch.float32) -> Tensor:
     """``(length, d_model)``: ESPnet's positional table for offsets ``0..length-1`` (sin even, cos odd)."""
@@ -37,6 +39,17 @@ def causal_mask(lengths: Tensor, size: int) -> Tensor:
 
 
 class RelPositionAttention(nn.Module):
+    """ESPnet's relative-position self-attention (the formula in the module docstring), official parameter names.
+
+    Attends through ``taste.ops.relpos_attention``: a block of queries at a time, keeping no ``(B, H, Tq, Tk)``
+    tensor for the backward (which recomputes them). ``block_elements`` (attribute) sizes the blocks (None: the
+    device's default); a problem that fits one block runs the whole-score formula, whose backward keeps each
+    layer's probabilities, so ``2**62`` always does. Measured on 2 CPU cores at the official decoder's shapes (B=2,
+    T=853, ``bench/relpos.py --decoder``): a training step's peak 1817 -> 1036 MB with blocks, its time
+    4.17 -> 4.55 s. With attention dropout in training the formula runs either way."""
+
+    block_elements: int | None = None
+
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0):
         super().__init__()
         if d_model % heads:
@@ -68,13 +81,11 @@ class RelPositionAttention(nn.Module):
         """
         q = self._heads(self.linear_q(x))  # (B, H, Tq, d_k)
         p = self.linear_pos(pos_table).view(-1, self.heads, self.d_k).transpose(0, 1)  # (H, P, d_k)
-        ac = (q + self.pos_bias_u[:, None]) @ k.transpose(-1, -2)  # (B, H, Tq, Tk)
-        bd_by_offset = (q + self.pos_bias_v[:, None]) @ p.transpose(-1, -2)[None]  # (B, H, Tq, P)
-        offset = (positions[:, :, None] - torch.arange(k.shape[2], device=x.device)).clamp_(0, p.shape[1] - 1)
-        bd = bd_by_offset.gather(-1, offset[:, None].expand(-1, self.heads, -1, -1))  # (B, H, Tq, Tk)
-        scores = (ac + bd) / math.sqrt(self.d_k)
-        probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-        out = self.dropout(probs) @ v  # (B, H, Tq, d_k)
+        qu, qv = q + self.pos_bias_u[:, None], q + self.pos_bias_v[:, None]
+        if not (self.training and self.dropout.p > 0):
+            out = ops.relpos_attention(qu, qv, k, v, p, positions, mask, block_elements=self.block_elements)
+        else:  # (dropout acts on the whole probability tensor)
+            out = reference.relpos_attention(qu, qv, k, v, p, positions, mask, self.dropout)
         return self.linear_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.d_k))
 
 

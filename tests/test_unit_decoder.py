@@ -67,6 +67,25 @@ def cond(b):
     return {k: b[k] for k in ("text_tokens", "text_cu_seqlens", "max_text", "taste", "word_offsets", "speaker")}
 
 
+def test_blocked_attention_trains_as_the_formula():
+    """The decoder's attentions a few query rows at a time (taste.ops.relpos_attention) or as the whole-score
+    formula (what a problem that fits one block runs): the same loss and gradients (float64)."""
+    m, b = make(), batch()
+    m = m.double().train()
+    b["taste"], b["speaker"] = b["taste"].double(), b["speaker"].double()
+    attentions = [a for a in m.modules() if isinstance(a, RelPositionAttention)]
+    results = []
+    for block_elements in (100, 2**62):  # (a block: 1 to 3 query rows here)
+        for a in attentions:
+            a.block_elements = block_elements
+        torch.manual_seed(0)  # (the same dropout masks elsewhere in the model)
+        loss = m(**b).loss
+        results.append((loss, torch.autograd.grad(loss, list(m.parameters()))))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-12, rtol=1e-12)
+    for x, y in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
+
+
 def test_teacher_forcing_layout_and_targets():
     m, b = make(), batch()
     out = m(**b)
