@@ -66,16 +66,13 @@ def _relpos_fake(qu, qv, k, v, p, positions, mask, block_elements):
 
 
 @torch.library.custom_op("taste::relpos_attention_backward", mutates_args=())
-def _relpos_backward(grad_out: Tensor, out: Tensor, qu: Tensor, qv: Tensor, k: Tensor, v: Tensor, p: Tensor,
-                     positions: Tensor, mask: Tensor, block_elements: int
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _relpos_backward(grad_out: Tensor, qu: Tensor, qv: Tensor, k: Tensor, v: Tensor, p: Tensor, positions: Tensor,
+                     mask: Tensor, block_elements: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     acc = reference._acc_dtype(qu.dtype)  # key, value and position gradients summed over blocks in this
     dqu, dqv = torch.empty_like(qu), torch.empty_like(qv)
     dk, dv = torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)
     dp = torch.zeros(p.shape, dtype=acc, device=p.device)
     scale = 1.0 / math.sqrt(qu.shape[-1])
-    # softmax's backward needs sum_j probs_ij dprobs_ij per row, which is grad_out_i . out_i: (B, H, Tq, 1)
-    delta = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)
     step = _block_rows(qu, k, block_elements)
     for lo in range(0, qu.shape[2], step):
         hi = min(lo + step, qu.shape[2])
@@ -83,7 +80,7 @@ def _relpos_backward(grad_out: Tensor, out: Tensor, qu: Tensor, qv: Tensor, k: T
         g = grad_out[:, :, lo:hi]
         dv += (probs.to(v.dtype).transpose(-1, -2) @ g).to(acc)
         dprobs = (g @ v.transpose(-1, -2)).to(probs.dtype)  # (B, H, rows, Tk)
-        ds = probs.mul_(dprobs.sub_(delta[:, :, lo:hi])).mul_(scale).to(qu.dtype)  # d scores
+        ds = probs.mul_(dprobs - (dprobs * probs).sum(-1, keepdim=True)).mul_(scale).to(qu.dtype)  # d scores
         dqu[:, :, lo:hi] = ds @ k
         dk += (ds.transpose(-1, -2) @ qu[:, :, lo:hi]).to(acc)
         # the gather's backward: each visible offset of a row is gathered once (masked keys add exact zeros)
@@ -94,13 +91,13 @@ def _relpos_backward(grad_out: Tensor, out: Tensor, qu: Tensor, qv: Tensor, k: T
 
 
 @_relpos_backward.register_fake
-def _relpos_backward_fake(grad_out, out, qu, qv, k, v, p, positions, mask, block_elements):
+def _relpos_backward_fake(grad_out, qu, qv, k, v, p, positions, mask, block_elements):
     return torch.empty_like(qu), torch.empty_like(qv), torch.empty_like(k), torch.empty_like(v), torch.empty_like(p)
 
 
 def _setup_context(ctx, inputs, output):
     qu, qv, k, v, p, positions, mask, block_elements = inputs
-    ctx.save_for_backward(output, qu, qv, k, v, p, positions, mask)
+    ctx.save_for_backward(qu, qv, k, v, p, positions, mask)
     ctx.block_elements = block_elements
 
 
