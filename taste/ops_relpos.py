@@ -37,7 +37,7 @@ def _block_probs(qu, qv, k, p, positions, mask, lo: int, hi: int) -> tuple[Tenso
     """Probabilities of query rows ``lo:hi`` ``(B, H, rows, Tk)`` (float32 at least, as autocast's softmax) and the
     relative-offset index ``(B, H, rows, Tk)`` their position scores were gathered with."""
     ac = qu[:, :, lo:hi] @ k.transpose(-1, -2)  # (B, H, rows, Tk)
-    by_offset = qv[:, :, lo:hi] @ p.transpose(-1, -2)  # (B, H, rows, P)
+    by_offset = reference.per_head_matmul(qv[:, :, lo:hi], p.transpose(-1, -2))  # (B, H, rows, P)
     offset = (positions[:, lo:hi, None] - torch.arange(k.shape[2], device=k.device)).clamp_(0, p.shape[1] - 1)
     index = offset[:, None].expand(-1, qu.shape[1], -1, -1)
     scores = (ac + by_offset.gather(-1, index)) / math.sqrt(qu.shape[-1])
@@ -85,7 +85,7 @@ def _relpos_backward(grad_out: Tensor, qu: Tensor, qv: Tensor, k: Tensor, v: Ten
         dk += (ds.transpose(-1, -2) @ qu[:, :, lo:hi]).to(acc)
         # the gather's backward: each visible offset of a row is gathered once (masked keys add exact zeros)
         d_offset = ds.new_zeros(*ds.shape[:3], p.shape[1]).scatter_add_(-1, index, ds)  # (B, H, rows, P)
-        dqv[:, :, lo:hi] = d_offset @ p
+        dqv[:, :, lo:hi] = reference.per_head_matmul(d_offset, p)
         dp += (d_offset.transpose(-1, -2) @ qv[:, :, lo:hi]).sum(0).to(acc)
     return dqu, dqv, dk.to(k.dtype), dv.to(v.dtype), dp.to(p.dtype)
 

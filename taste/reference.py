@@ -325,12 +325,20 @@ def rvq_decode(indices, codebooks, weights=None):
     return out
 
 
+def per_head_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a (B, H, M, K) @ b (H, K, N) -> (B, H, M, N)`` with the heads as the batch of one matmul: broadcasting
+    ``b`` over B would copy it B times (a position table as large as the keys, at every generation step)."""
+    batch, heads, m, _ = a.shape
+    out = torch.matmul(a.transpose(0, 1).reshape(heads, batch * m, a.shape[-1]), b)  # (H, B * M, N)
+    return out.view(heads, batch, m, b.shape[-1]).transpose(0, 1)
+
+
 def relpos_attention(qu, qv, k, v, p, positions, mask, dropout=None):
     """The unit decoder's relative-position attention (``taste.ops.relpos_attention``) over whole score tensors:
     ``softmax((qu k^T + gather(qv p^T, positions_i - j)) / sqrt(d_k))`` over the keys ``mask`` allows, probabilities
     in float32 at least, then ``dropout`` (a function, or None) on them, then the values."""
     ac = qu @ k.transpose(-1, -2)  # (B, H, Tq, Tk)
-    by_offset = qv @ p.transpose(-1, -2)  # (B, H, Tq, P)
+    by_offset = per_head_matmul(qv, p.transpose(-1, -2))  # (B, H, Tq, P)
     offset = (positions[:, :, None] - torch.arange(k.shape[2], device=k.device)).clamp(0, p.shape[1] - 1)
     bd = by_offset.gather(-1, offset[:, None].expand(-1, qu.shape[1], -1, -1))  # (B, H, Tq, Tk)
     scores = ((ac + bd) / math.sqrt(qu.shape[-1])).to(_acc_dtype(qu.dtype))

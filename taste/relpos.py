@@ -73,14 +73,18 @@ class RelPositionAttention(nn.Module):
         """``(B, T, d)`` -> keys and values ``(B, H, T, d_k)`` (what a KV cache stores)."""
         return self._heads(self.linear_k(x)), self._heads(self.linear_v(x))
 
-    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor, positions: Tensor, pos_table: Tensor) -> Tensor:
+    def project_positions(self, pos_table: Tensor) -> Tensor:
+        """``pos_table (P, d)`` relative sinusoids -> ``(H, P, d_k)`` (``W_pos p(k)`` per head). It depends on the
+        table alone: a KV-cached generation projects it once, not at every step (P x d x d multiply-adds a layer)."""
+        return self.linear_pos(pos_table).view(-1, self.heads, self.d_k).transpose(0, 1)
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor, positions: Tensor, p: Tensor) -> Tensor:
         """Queries from ``x (B, Tq, d)`` over ``k, v (B, H, Tk, d_k)``.
 
         ``mask (B, Tq, Tk)`` bool (True = may attend); ``positions (B, Tq)`` int64 absolute index of each query
-        (keys sit at 0..Tk-1); ``pos_table (P, d)`` relative sinusoids with ``P >= max offset + 1``.
+        (keys sit at 0..Tk-1); ``p (H, P, d_k)``: :meth:`project_positions` of a table with ``P >= max offset + 1``.
         """
         q = self._heads(self.linear_q(x))  # (B, H, Tq, d_k)
-        p = self.linear_pos(pos_table).view(-1, self.heads, self.d_k).transpose(0, 1)  # (H, P, d_k)
         qu, qv = q + self.pos_bias_u[:, None], q + self.pos_bias_v[:, None]
         if not (self.training and self.dropout.p > 0):
             out = ops.relpos_attention(qu, qv, k, v, p, positions, mask, block_elements=self.block_elements)
@@ -114,11 +118,12 @@ class Block(nn.Module):
             self.add_module(name, nn.LayerNorm(d_model, eps=1e-12))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, mask, positions, pos_table, cache: tuple[Tensor, Tensor] | None = None):
+    def forward(self, x, mask, positions, pos_table, cache: tuple[Tensor, Tensor] | None = None, projected=None):
         """Queries ``x (B, Tq, d)`` at ``positions (B, Tq)``. Without ``cache`` they attend among themselves
         (keys at 0..Tq-1). With ``cache = (k, v)`` preallocated ``(B, H, T_cap, d_k)`` buffers, this step's keys
         and values are written at ``positions`` first and the queries attend over the whole buffer (``mask``
-        is then ``(B, Tq, T_cap)``): prefill and one-token steps are the same call."""
+        is then ``(B, Tq, T_cap)``): prefill and one-token steps are the same call. ``projected``: this layer's
+        ``self_attn.project_positions(pos_table)``, made once for many calls (``pos_table`` is then unused)."""
         h = getattr(self, self._norms[0])(x)
         k, v = self.self_attn.project_kv(h)
         if cache is not None:
@@ -127,7 +132,8 @@ class Block(nn.Module):
             cache[0].scatter_(2, index, k.to(cache[0].dtype))
             cache[1].scatter_(2, index, v.to(cache[1].dtype))
             k, v = cache
-        x = x + self.dropout(self.self_attn.attend(h, k, v, mask, positions, pos_table))
+        p = self.self_attn.project_positions(pos_table) if projected is None else projected  # (H, P, d_k)
+        x = x + self.dropout(self.self_attn.attend(h, k, v, mask, positions, p))
         return x + self.dropout(self.feed_forward(getattr(self, self._norms[1])(x)))
 
 

@@ -203,6 +203,7 @@ class UnitDecoder(nn.Module):
         cap = prompt.shape[1] + int(max_len.max()) + 1
         top_k = top_k or c.top_k
         table = relative_sinusoids(cap, c.d_model, dev, prompt.dtype)
+        projected = [layer.self_attn.project_positions(table) for layer in self.llm.encoders]  # (once, not a step)
         out = torch.full((batch, int(max_len.max()) + 1), -1, dtype=torch.long, device=dev)
         rows = torch.arange(batch, device=dev)  # original row of each active row
         count = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -214,7 +215,7 @@ class UnitDecoder(nn.Module):
             mask = (torch.arange(cap, device=dev)[None, None] <= pos[..., None]) & (
                 torch.arange(cap, device=dev)[None, None] < plen[:, None, None]
             )
-            h = self._run(self.llm.embed_input(prompt), mask, pos, table, cache)
+            h = self._run(self.llm.embed_input(prompt), mask, pos, projected, cache)
             last = h[torch.arange(batch, device=dev), plen - 1]
         else:
             last = self.llm(prompt, plen)[torch.arange(batch, device=dev), plen - 1]
@@ -234,7 +235,7 @@ class UnitDecoder(nn.Module):
             if use_cache:
                 pos = (plen[rows] + count[rows] - 1)[:, None]  # (b, 1)
                 mask = torch.arange(cap, device=dev)[None, None] <= pos[..., None]
-                last = self._run(self.llm.embed_input(emb), mask, pos, table, cache)[:, 0]
+                last = self._run(self.llm.embed_input(emb), mask, pos, projected, cache)[:, 0]
             else:
                 last = self._rerun(prompt, plen, out, rows, count)
         result = []
@@ -243,9 +244,9 @@ class UnitDecoder(nn.Module):
             result.append(units[units != c.eos])
         return result
 
-    def _run(self, x, mask, pos, table, cache):
-        for layer, kv in zip(self.llm.encoders, cache):
-            x = layer(x, mask, pos, table, kv)
+    def _run(self, x, mask, pos, projected, cache):
+        for layer, p, kv in zip(self.llm.encoders, projected, cache):
+            x = layer(x, mask, pos, None, kv, projected=p)
         return self.llm.after_norm(x)
 
     def _rerun(self, prompt, plen, out, rows, count):

@@ -40,7 +40,7 @@ def test_relative_attention_matches_espnet_rel_shift():
     mask = causal_mask(torch.tensor([7, 5]), 7)
     positions = torch.arange(7).expand(2, -1)
     k, v = attn.project_kv(x)
-    ours = attn.attend(x, k, v, mask, positions, relative_sinusoids(7, 32, dtype=torch.float64))
+    ours = attn.attend(x, k, v, mask, positions, attn.project_positions(relative_sinusoids(7, 32, dtype=torch.float64)))
     torch.testing.assert_close(ours, espnet_rel_attention(attn, x, mask), atol=1e-12, rtol=1e-12)
 
 
