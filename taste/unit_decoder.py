@@ -211,11 +211,12 @@ class UnitDecoder(nn.Module):
             heads, d_k = c.heads, c.d_model // c.heads
             cache = [(prompt.new_zeros(batch, heads, cap, d_k), prompt.new_zeros(batch, heads, cap, d_k))
                      for _ in self.llm.encoders]  # fmt: skip
-            pos = torch.arange(prompt.shape[1], device=dev).expand(batch, -1)
-            mask = (torch.arange(cap, device=dev)[None, None] <= pos[..., None]) & (
-                torch.arange(cap, device=dev)[None, None] < plen[:, None, None]
+            keys = prompt.shape[1]  # host int: the cache slots any row has filled (the longest prompt, then a step)
+            pos = torch.arange(keys, device=dev).expand(batch, -1)
+            mask = (torch.arange(keys, device=dev)[None, None] <= pos[..., None]) & (
+                torch.arange(keys, device=dev)[None, None] < plen[:, None, None]
             )
-            h = self._run(self.llm.embed_input(prompt), mask, pos, projected, cache)
+            h = self._run(self.llm.embed_input(prompt), mask, pos, projected, cache, keys)
             last = h[torch.arange(batch, device=dev), plen - 1]
         else:
             last = self.llm(prompt, plen)[torch.arange(batch, device=dev), plen - 1]
@@ -233,9 +234,10 @@ class UnitDecoder(nn.Module):
                 break
             emb = self.speech_embedding(token)[:, None]  # (b, 1, d)
             if use_cache:
+                keys += 1  # (every active row has made one more unit: its position is at most keys - 1)
                 pos = (plen[rows] + count[rows] - 1)[:, None]  # (b, 1)
-                mask = torch.arange(cap, device=dev)[None, None] <= pos[..., None]
-                last = self._run(self.llm.embed_input(emb), mask, pos, projected, cache)[:, 0]
+                mask = torch.arange(keys, device=dev)[None, None] <= pos[..., None]
+                last = self._run(self.llm.embed_input(emb), mask, pos, projected, cache, keys)[:, 0]
             else:
                 last = self._rerun(prompt, plen, out, rows, count)
         result = []
@@ -244,9 +246,11 @@ class UnitDecoder(nn.Module):
             result.append(units[units != c.eos])
         return result
 
-    def _run(self, x, mask, pos, projected, cache):
-        for layer, p, kv in zip(self.llm.encoders, projected, cache):
-            x = layer(x, mask, pos, None, kv, projected=p)
+    def _run(self, x, mask, pos, projected, cache, keys: int):
+        """The LM on new rows ``x`` at ``pos`` with the caches; attention over the first ``keys`` slots only (views:
+        the new keys and values are written through them), not the whole preallocated length."""
+        for layer, p, (k, v) in zip(self.llm.encoders, projected, cache):
+            x = layer(x, mask, pos, None, (k[:, :, :keys], v[:, :, :keys]), projected=p[:, :keys])
         return self.llm.after_norm(x)
 
     def _rerun(self, prompt, plen, out, rows, count):
