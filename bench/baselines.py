@@ -308,3 +308,43 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
         text = model.embed_tokens(torch.tensor([token], device=dev))
         embeds = torch.cat([embeds, model.fuse(text, cur_audio[None])])
     return torch.tensor(out_tokens), torch.stack(out_codes)
+
+
+@torch.no_grad()
+def official_unit_generate(model, prompt, min_len: int, max_len: int):
+    """The official unit decoder's inference (spec 1.7 and 2.8) on the weights of ``model`` (a taste.UnitDecoder in
+    eval mode), greedy, batch 1: every layer's cache grown by concatenation at each step, the relative-position
+    table of the current length projected in every layer at every step (as ESPnet's attention does), a host read
+    per step. EOS is banned before ``min_len`` units (the official code re-samples it: greedy, banning picks the
+    same) and generation stops at ``max_len``. ``prompt``: ``(1, L, d)`` from ``model.prompt``. Returns the units
+    (EOS not included)."""
+    from taste.relpos import relative_sinusoids
+
+    dev, length = prompt.device, prompt.shape[1]
+    table = relative_sinusoids(length + max_len + 1, model.config.d_model, dev, prompt.dtype)
+    caches = [None] * len(model.llm.encoders)
+    x, positions, units = model.llm.embed_input(prompt), torch.arange(length, device=dev)[None], []
+    while True:
+        keys = int(positions[0, -1]) + 1
+        mask = torch.arange(keys, device=dev)[None, None] <= positions[..., None]
+        for i, layer in enumerate(model.llm.encoders):
+            h = layer.norm1(x)
+            k, v = layer.self_attn.project_kv(h)
+            if caches[i] is not None:
+                k, v = torch.cat([caches[i][0], k], 2), torch.cat([caches[i][1], v], 2)
+            caches[i] = (k, v)
+            p = layer.self_attn.project_positions(table[:keys])
+            x = x + layer.self_attn.attend(h, k, v, mask, positions, p)
+            x = x + layer.feed_forward(layer.norm2(x))
+        logits = model.llm_decoder(model.llm.after_norm(x[:, -1])).float()
+        if len(units) < min_len:
+            logits[:, model.config.eos] = float("-inf")
+        token = int(logits.argmax(-1))
+        if token == model.config.eos:
+            break
+        units.append(token)
+        if len(units) >= max_len:
+            break
+        x = model.llm.embed_input(model.speech_embedding(torch.tensor([[token]], device=dev)))
+        positions = torch.tensor([[length + len(units) - 1]], device=dev)
+    return torch.tensor(units, dtype=torch.long)
