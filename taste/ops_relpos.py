@@ -2,8 +2,9 @@
 spec 1.7), computed a block of queries at a time.
 
 The formula (``taste.reference.relpos_attention``) builds, per layer, half a dozen ``(B, H, Tq, Tk)`` tensors (two
-score terms, their sum, the mask, the probabilities) and autograd keeps most of them until the backward: at the
-official decoder's shapes they were about 80% of a training step's activations. Here the forward walks the queries
+score terms, their sum, the mask, the probabilities) and autograd keeps the probabilities until the backward: at
+the official decoder's shapes the attention made 773 of a training step's 1232 MB of activations and transients
+(``bench/RESULTS.md``). Here the forward walks the queries
 in blocks whose ``(B, H, rows, Tk)`` tensors hold about ``block_elements`` elements each and keeps only its inputs;
 the backward recomputes each block's probabilities (the same operations, so the same values) and accumulates the
 key, value and position gradients block after block, in a fixed order. Plain PyTorch on every device; registered
