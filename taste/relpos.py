@@ -45,8 +45,8 @@ class RelPositionAttention(nn.Module):
     tensor for the backward (which recomputes them). ``block_elements`` (attribute) sizes the blocks (None: the
     device's default); a problem that fits one block runs the whole-score formula, whose backward keeps each
     layer's probabilities, so ``2**62`` always does. Measured on 2 CPU cores at the official decoder's shapes (B=2,
-    T=853, ``bench/relpos.py --decoder``): a training step's peak 1817 -> 1036 MB with blocks, its time
-    4.17 -> 4.55 s. With attention dropout in training the formula runs either way."""
+    T=853, ``bench/relpos.py --decoder``): a training step's peak 1817 -> 1044 MB with blocks, its time
+    4.36 -> 4.80 s. With attention dropout in training the formula runs either way."""
 
     block_elements: int | None = None
 
