@@ -427,3 +427,4 @@ from taste.ops_rvq import (  # noqa: E402,F401  (Triton custom ops, see the modu
     rvq_encode,
     rvq_quantize,
 )
+from taste.ops_text_loss import linear_cross_entropy  # noqa: E402,F401  (TASLM's text loss, see the module)

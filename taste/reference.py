@@ -346,3 +346,15 @@ def relpos_attention(qu, qv, k, v, p, positions, mask, dropout=None):
     if dropout is not None:
         probs = dropout(probs)
     return probs.to(v.dtype) @ v
+
+
+def linear_cross_entropy(h, weight, targets, ref_h=None, kl_weight=0.0):
+    """``taste.ops.linear_cross_entropy`` on the whole ``(N, V)`` logits: ``(loss, accuracy)``. The KL's reference
+    distribution is a fixed target (no gradient through ``ref_h`` or through ``weight`` on its side)."""
+    logits = (h @ weight.T).to(_acc_dtype(h.dtype))
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    if kl_weight > 0:
+        ref = (ref_h @ weight.T).detach().to(logits.dtype).log_softmax(-1)
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="batchmean")
+        loss = kl_weight * kl + (1 - kl_weight) * loss
+    return loss, (logits.argmax(-1) == targets).to(logits.dtype).mean()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taste import ops
+from taste.aggregator import _plain_linear
 from taste.bridge import ClassifierHead, LatentHead, WeightedSumFusion, build_backbone
 from taste.checkpoint import meta_tensors, read_model, save_model
 from taste.rvq import ResidualVQ
@@ -264,20 +265,19 @@ class TasteSpokenLM(nn.Module):
         lengths = cu_seqlens.diff().long()
         seq = torch.repeat_interleave(torch.arange(b, device=tokens.device), lengths, output_size=n)
         text_rows = torch.arange(n, device=tokens.device) + seq * (delay + 1)  # the rows whose label is a token
-        logits = self.lm_head(h[text_rows]).float()  # (N, V)
-        ce = F.cross_entropy(logits, tokens)
-        text_loss = ce
-        if self.config.text_kl_weight > 0:
-            text_loss = (
-                self.config.text_kl_weight * self._text_kl(tokens, cu_seqlens, seq, logits)
-                + (1 - self.config.text_kl_weight) * ce
-            )
-        text_accuracy = (logits.argmax(-1) == tokens).float().mean()
+        kl = self.config.text_kl_weight
+        ref_h = self._reference_states(tokens, cu_seqlens, seq) if kl > 0 else None
+        head = self.lm_head
+        if _plain_linear(head) and head.bias is None:  # (N, V) logits a block of rows at a time, never all at once
+            text_loss, text_accuracy = ops.linear_cross_entropy(h[text_rows], head.weight, tokens, ref_h=ref_h,
+                                                                kl_weight=kl)  # fmt: skip
+        else:  # a head with a bias, a hook or a wrapper: its own forward, on every row at once
+            text_loss, text_accuracy = self._text_loss_unfused(head, h[text_rows], tokens, ref_h, kl)
 
-        zero = logits.new_zeros(())
+        zero = text_loss.new_zeros(())
         q = self.config.num_quantizers
         if codes is None:
-            taste_loss, code_acc, mse = zero, logits.new_zeros(q), zero
+            taste_loss, code_acc, mse = zero, text_loss.new_zeros(q), zero
         else:
             w = codes.shape[0]
             key = torch.where(layout.label_word >= 0, layout.label_word, layout.label_word.numel() + w)
@@ -300,8 +300,9 @@ class TasteSpokenLM(nn.Module):
             pred = self.vq.get_indices_from_code(self.latent(h)[0])
         return loss, pred
 
-    def _text_kl(self, tokens: Tensor, cu_seqlens: Tensor, seq: Tensor, logits: Tensor) -> Tensor:
-        """KL(p_ref || p) over the text rows; the reference reads the plain tokens with BOS, adapters disabled."""
+    def _reference_states(self, tokens: Tensor, cu_seqlens: Tensor, seq: Tensor) -> Tensor:
+        """``(N, hidden)``: the reference model's states at the row before each token (the KL's target, spec 2.6):
+        the same backbone with its adapters disabled, reading the plain tokens after a BOS, without gradient."""
         n, b = tokens.shape[0], cu_seqlens.shape[0] - 1
         dev = tokens.device
         starts = cu_seqlens.long()[:-1] + torch.arange(b, device=dev)  # BOS rows of the reference input
@@ -312,9 +313,18 @@ class TasteSpokenLM(nn.Module):
                                                                                cu_seqlens.diff().long() + 1,
                                                                                output_size=n + b)]  # fmt: skip
         with torch.no_grad(), self.language_model.disable_adapter():
-            h = self.run_backbone(self.embed_tokens(ids)[None], pos[None])[0]
-            ref = self.lm_head(h[tok_rows - 1]).float().log_softmax(-1)  # row before each token predicts it
-        return F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="batchmean")
+            return self.run_backbone(self.embed_tokens(ids)[None], pos[None])[0][tok_rows - 1]
+
+    @staticmethod
+    def _text_loss_unfused(head: nn.Module, h: Tensor, tokens: Tensor, ref_h: Tensor | None, kl: float):
+        """What :func:`taste.ops.linear_cross_entropy` computes, through ``head``'s own forward on all rows."""
+        logits = head(h).float()  # (N, V)
+        loss = F.cross_entropy(logits, tokens)
+        if kl > 0:
+            with torch.no_grad():
+                ref = head(ref_h).float().log_softmax(-1)
+            loss = kl * F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="batchmean") + (1 - kl) * loss
+        return loss, (logits.argmax(-1) == tokens).float().mean()
 
     def _check_batch(self, tokens, cu_seqlens, word_ids, codes, *, allow_empty: bool = False) -> None:
         """Clear errors for malformed packed batches; value checks only where they cost no device sync (CPU)."""

@@ -1,0 +1,141 @@
+"""``taste.ops.linear_cross_entropy``: TASLM's text loss (spec 2.6) from the last hidden states, through the output
+layer, a block of rows at a time, without the ``(N, V)`` logits of the whole batch.
+
+With Llama-3's 128,256-token vocabulary the logits dwarf everything else a TASLM training step holds: the unfused
+loss keeps the float32 logits, their log-softmax for the cross-entropy's backward and, with the KL term of the
+official recipe, the reference model's log-probabilities and the model's again (``bench/RESULTS.md``). Here each
+block of rows makes its logits, its share of the loss and accuracy and, when gradients are wanted, its gradients
+with respect to the hidden states and the output weight, all in the forward (the loss is a scalar: the backward only
+scales them), then frees the block. Plain PyTorch on every device; a ``torch.library.custom_op`` for
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from taste import reference
+from taste.ops_attention import _autocast
+
+BLOCK_ELEMENTS = 1 << 24  # elements of one block's (rows, V) float32 logits: 64 MB, 130 rows of Llama-3's vocabulary
+
+
+def _block(h, weight, targets, ref_h, kl_weight: float, lo: int, hi: int):
+    """Rows ``lo:hi``: their summed loss terms, correct count and the loss's gradient w.r.t. their logits (not yet
+    divided by N)."""
+    logits = (h[lo:hi] @ weight.T).to(reference._acc_dtype(h.dtype))  # (rows, V)
+    lse = logits.logsumexp(-1, keepdim=True)
+    target = targets[lo:hi, None]
+    total = (1.0 - kl_weight) * (lse - logits.gather(1, target)).sum()
+    correct = (logits.argmax(-1) == targets[lo:hi]).sum()
+    logp = logits.sub_(lse)  # (in place of the logits)
+    ref_p = None
+    if kl_weight > 0:  # KL(ref || p) = sum ref_p (ref_logp - logp)
+        ref_logp = (ref_h[lo:hi] @ weight.T).to(logits.dtype).log_softmax(-1)
+        ref_p = ref_logp.exp()
+        total = total + kl_weight * (ref_p * ref_logp.sub_(logp)).sum()
+    grad = logp.exp_()  # softmax, in place
+    if ref_p is not None:
+        grad.sub_(ref_p, alpha=kl_weight)
+    grad.scatter_add_(1, target, grad.new_full(target.shape, -(1.0 - kl_weight)))
+    return total, correct, grad
+
+
+def _forward(h: Tensor, weight: Tensor, targets: Tensor, ref_h: Tensor | None, kl_weight: float, block_rows: int,
+             grad_h: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    n = h.shape[0]
+    acc = reference._acc_dtype(h.dtype)
+    total = torch.zeros((), dtype=acc, device=h.device)
+    correct = torch.zeros((), dtype=torch.long, device=h.device)
+    dh = torch.empty_like(h) if grad_h else h.new_empty(0)
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grad_weight else weight.new_empty(0)
+    for lo in range(0, n, block_rows):
+        hi = min(lo + block_rows, n)
+        part, right, grad = _block(h, weight, targets, ref_h, kl_weight, lo, hi)
+        total += part.to(acc)
+        correct += right
+        if grad_h:
+            dh[lo:hi] = (grad.to(weight.dtype) @ weight / n).to(h.dtype)
+        if grad_weight:
+            dw += (grad.T.to(h.dtype) @ h[lo:hi]).to(acc) / n
+    return total / n, correct.to(acc) / n, dh, dw.to(weight.dtype)
+
+
+_op = torch.library.custom_op("taste::linear_cross_entropy", mutates_args=())(_forward)
+
+
+@_op.register_fake
+def _fake(h, weight, targets, ref_h, kl_weight, block_rows, grad_h, grad_weight):
+    acc = reference._acc_dtype(h.dtype)
+    scalar = h.new_empty((), dtype=acc)
+    dh = torch.empty_like(h) if grad_h else h.new_empty(0)
+    return scalar, scalar.clone(), dh, weight.new_empty(weight.shape if grad_weight else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2], output[3])
+    ctx.grad_h, ctx.grad_weight = inputs[6], inputs[7]
+
+
+def _backward(ctx, grad_loss, _grad_acc, _grad_dh, _grad_dw):
+    dh, dw = ctx.saved_tensors
+    grad_h = dh * grad_loss.to(dh.dtype) if ctx.grad_h else None
+    grad_weight = dw * grad_loss.to(dw.dtype) if ctx.grad_weight else None
+    return grad_h, grad_weight, None, None, None, None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(
+    h: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    ref_h: Tensor | None = None,
+    kl_weight: float = 0.0,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """``(1 - kl_weight) * CE(h W^T, targets) + kl_weight * KL(softmax(ref_h W^T) || softmax(h W^T))``, both averaged
+    over the rows, and the top-1 accuracy, without the ``(N, V)`` logits of all rows at once.
+
+    Args:
+        h: ``(N, d)`` hidden states whose logits predict ``targets``.
+        weight: ``(V, d)`` the output layer (bias-free, as Llama's ``lm_head``).
+        targets: ``(N,)`` int64 ids in ``[0, V)``.
+        ref_h: ``(N, d)`` the reference model's states at the same rows (the KL term), needed when ``kl_weight > 0``.
+        kl_weight: in ``[0, 1]``.
+        block_elements: about how many logits one block of rows holds (``rows x V``), float32.
+
+    Returns:
+        ``(loss, accuracy)`` scalars in float32 (float64 for float64 states). Differentiable in ``h`` and
+        ``weight``: their gradients are made in the forward, block by block, when grad mode is on and either needs
+        one (kept until the backward: ``(N, d)`` and, for a trainable weight, ``(V, d)``). Under ``torch.autocast``
+        the products run in its dtype, the softmax in float32.
+    """
+    cast = _autocast(h.device, h, weight, ref_h)
+    if cast is not None:
+        h, weight, ref_h = cast
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or not h.is_floating_point():
+        raise ValueError(f"h must be (N, d) and weight (V, d) floating point, got h {h.dtype} {tuple(h.shape)}, "
+                         f"weight {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
+    if targets.shape != h.shape[:1] or targets.dtype != torch.int64:
+        raise ValueError(f"targets must be ({h.shape[0]},) int64, got {targets.dtype} {tuple(targets.shape)}")
+    if not 0.0 <= kl_weight <= 1.0:
+        raise ValueError(f"kl_weight must be in [0, 1], got {kl_weight}")
+    if kl_weight > 0 and (ref_h is None or ref_h.shape != h.shape):
+        shape = None if ref_h is None else tuple(ref_h.shape)
+        raise ValueError(f"kl_weight > 0 needs ref_h of h's shape {tuple(h.shape)}, got {shape}")
+    if block_elements < 1:
+        raise ValueError(f"block_elements must be >= 1, got {block_elements}")
+    if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"targets must lie in [0, V={weight.shape[0]}), got ids in [{lo}, {hi}]")
+    want = torch.is_grad_enabled()
+    grad_h, grad_weight = want and h.requires_grad, want and weight.requires_grad
+    rows = max(1, block_elements // max(1, weight.shape[0]))
+    loss, accuracy, _, _ = _op(h.contiguous(), weight, targets, ref_h if kl_weight > 0 else None, float(kl_weight),
+                               rows, grad_h, grad_weight)  # fmt: skip
+    return loss, accuracy.detach()

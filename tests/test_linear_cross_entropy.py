@@ -1,0 +1,108 @@
+"""taste.ops.linear_cross_entropy (TASLM's text loss through the output layer, a block of rows at a time) against the
+whole-logits formula of taste.reference, and what the blocks are for: memory."""
+
+import common
+import pytest
+import torch
+
+from taste import ops, reference
+
+
+def problem(n=37, d=16, vocab=101, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (0.5 * torch.randn(vocab, d, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    ref_h = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[:5] = (h[:5].detach() @ weight.detach().T).argmax(-1)  # (some rows right, so accuracy is not 0)
+    return h, weight, targets, ref_h
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.9, 1.0])
+@pytest.mark.parametrize("block_elements", [1, 101 * 5, 10**6])  # one row a block, five rows, all rows at once
+def test_matches_the_whole_logits_formula(kl_weight, block_elements):
+    h, weight, targets, ref_h = problem()
+    want_loss, want_acc = reference.linear_cross_entropy(h, weight, targets, ref_h, kl_weight)
+    want = torch.autograd.grad(want_loss, (h, weight))
+    loss, acc = ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=kl_weight,
+                                         block_elements=block_elements)  # fmt: skip
+    got = torch.autograd.grad(loss, (h, weight))
+    assert loss.dtype == acc.dtype == torch.float64 and 0 < float(acc) < 1
+    torch.testing.assert_close(loss, want_loss, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(acc, want_acc)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-13)
+
+
+def test_gradients_only_where_wanted_and_scaled():
+    h, weight, targets, ref_h = problem()
+    weight.requires_grad_(False)  # (a frozen output layer, as under LoRA: no (V, d) gradient is made)
+    loss, _ = ops.linear_cross_entropy(h, weight, targets, block_elements=300)
+    (3.0 * loss).backward()
+    want_loss, _ = reference.linear_cross_entropy(h.detach().requires_grad_(), weight, targets)
+    h_ref = h.detach().requires_grad_()
+    (3.0 * reference.linear_cross_entropy(h_ref, weight, targets)[0]).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-13, rtol=1e-13)
+    assert weight.grad is None
+    with torch.no_grad():
+        loss_no_grad, _ = ops.linear_cross_entropy(h, weight, targets, block_elements=300)
+    torch.testing.assert_close(loss_no_grad, want_loss, atol=1e-13, rtol=1e-13)
+    assert not loss_no_grad.requires_grad
+
+
+def test_gradcheck_opcheck_and_compile():
+    h, weight, targets, ref_h = problem(n=6, d=3, vocab=7)
+    torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, targets, block_elements=14)[0], (h, weight))
+    # (with the KL term only in h: the reference distribution is a fixed target, though made with the same weight)
+    frozen = weight.detach()
+    torch.autograd.gradcheck(
+        lambda a: ops.linear_cross_entropy(a, frozen, targets, ref_h=ref_h, kl_weight=0.5, block_elements=14)[0], (h,)
+    )
+    torch.library.opcheck(torch.ops.taste.linear_cross_entropy.default, (h, weight, targets, ref_h, 0.5, 2, True, True))
+    compiled = torch.compile(lambda *a: ops.linear_cross_entropy(*a, ref_h=ref_h, kl_weight=0.5, block_elements=14),
+                             fullgraph=True, backend="aot_eager")  # fmt: skip
+    loss, _ = compiled(h, weight, targets)
+    torch.testing.assert_close(loss, reference.linear_cross_entropy(h, weight, targets, ref_h, 0.5)[0])
+    loss.backward()
+    assert h.grad is not None and weight.grad is not None
+
+
+def test_under_autocast_and_in_float32():
+    h, weight, targets, ref_h = problem(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = reference.linear_cross_entropy(h.bfloat16(), weight.bfloat16(), targets, ref_h.bfloat16(), 0.9)
+        got, _ = ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=0.9, block_elements=500)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1.6e-2)
+    got32, acc32 = ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=0.9, block_elements=500)
+    want32, _ = reference.linear_cross_entropy(h, weight, targets, ref_h, 0.9)
+    torch.testing.assert_close(got32, want32, atol=1e-5, rtol=1.3e-6)
+    assert acc32.dtype == torch.float32
+
+
+def test_blocks_hold_less_memory_than_the_whole_logits():
+    """Loss and backward at N=256, V=8192 (8 MB of float32 logits): the formula keeps logits-sized tensors for its
+    backward; the blocks keep the (N, d) and (V, d) gradients only."""
+    h, weight, targets, ref_h = problem(n=256, d=32, vocab=8192, dtype=torch.float32)
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn()[0], (h, weight))
+
+    whole = common.peak_mb(step(lambda: reference.linear_cross_entropy(h, weight, targets, ref_h, 0.9)), "cpu")
+    blocked = common.peak_mb(step(lambda: ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=0.9,
+                                                                   block_elements=1 << 16)), "cpu")  # fmt: skip
+    assert whole > 20 and blocked < 0.25 * whole, (whole, blocked)
+
+
+def test_bad_input():
+    h, weight, targets, ref_h = problem()
+    with pytest.raises(ValueError, match=r"h must be \(N, d\) and weight \(V, d\)"):
+        ops.linear_cross_entropy(h, weight[:, :3], targets)
+    with pytest.raises(ValueError, match=r"targets must be \(37,\) int64"):
+        ops.linear_cross_entropy(h, weight, targets.int())
+    with pytest.raises(ValueError, match=r"kl_weight must be in \[0, 1\], got 1.5"):
+        ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=1.5)
+    with pytest.raises(ValueError, match="kl_weight > 0 needs ref_h"):
+        ops.linear_cross_entropy(h, weight, targets, kl_weight=0.5)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, V=101\), got ids in \[0, 101\]"):
+        ops.linear_cross_entropy(h, weight, torch.cat([targets[:-1], torch.tensor([101])]))
