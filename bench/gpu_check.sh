@@ -6,7 +6,7 @@
 #   OUTDIR/tests.log        pytest (all tests; CUDA ones run here)
 #   OUTDIR/bench.log        every benchmark's table (+ the aggregator's and the RVQ's kernel profiles of ours)
 #   OUTDIR/bench.json       every benchmark's numbers by name (aggregator, rvq, generate, aggregator_train, packing,
-#                           aggregator_chunks, relpos, unit_decoder)
+#                           aggregator_chunks, relpos, unit_decoder, train_lm)
 # Environment: PYTEST_ARGS (pytest arguments, split on spaces; default: all but the C++-error tests), TESTS=cuda
 # (the default selection, CUDA-marked tests only), TEST_TIMEOUT, BENCHES, BENCH_TIMEOUT (seconds each),
 # GENERATE_ARGS (extra arguments of bench/generate.py), TESTS_LAST=1 (benchmarks first, then the tests),
@@ -83,7 +83,7 @@ run_bench() {  # name, then the benchmark's command line (without --device/--jso
 }
 # BENCHES (default: all) picks benchmarks by name, e.g. BENCHES="aggregator rvq" for a short second call; the
 # issues' open GPU targets come first.
-benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing aggregator_chunks relpos unit_decoder} "
+benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing aggregator_chunks relpos unit_decoder train_lm} "
 want() { [[ $benches == *" $1 "* ]]; }
 # --profile: where our providers' device time goes, kernel by kernel (the open targets' next question). Not on the
 # generation benchmark: its compiled step replays CUDA graphs, which the profiler does not see into reliably.
@@ -102,14 +102,15 @@ want aggregator_chunks && run_bench aggregator_chunks bench/aggregator.py --batc
 # size on a GPU (2^25 elements) is a guess until this runs.
 want relpos && run_bench relpos bench/relpos.py --decoder
 want unit_decoder && run_bench unit_decoder bench/unit_decoder.py
+want train_lm && run_bench train_lm bench/train_lm.py
 [ -n "${TESTS_LAST:-}" ] && run_tests
 # One JSON for all benchmarks: the device tool brings back at most 8 files.
-"$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks,relpos,unit_decoder}.json
+"$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks,relpos,unit_decoder,train_lm}.json
 import json, os, sys
 out = sys.argv[1]
 merged = {}
 for name in ("packing", "aggregator", "rvq", "aggregator_train", "generate", "aggregator_chunks", "relpos",
-             "unit_decoder"):
+             "unit_decoder", "train_lm"):
     path = os.path.join(out, name + ".json")
     if os.path.isfile(path):
         with open(path) as f:
