@@ -25,18 +25,18 @@ def _block(h, weight, targets, ref_h, kl_weight: float, lo: int, hi: int):
     """Rows ``lo:hi``: their summed loss terms, correct count and the loss's gradient w.r.t. their logits (not yet
     divided by N)."""
     logits = (h[lo:hi] @ weight.T).to(reference._acc_dtype(h.dtype))  # (rows, V)
-    lse = logits.logsumexp(-1, keepdim=True)
     target = targets[lo:hi, None]
-    total = (1.0 - kl_weight) * (lse - logits.gather(1, target)).sum()
     correct = (logits.argmax(-1) == targets[lo:hi]).sum()
-    logp = logits.sub_(lse)  # (in place of the logits)
-    ref_p = None
-    if kl_weight > 0:  # KL(ref || p) = sum ref_p (ref_logp - logp)
+    shifted = logits.sub_(logits.amax(-1, keepdim=True))  # (in place; the log-sum-exp by hand saves two passes)
+    target_shifted = shifted.gather(1, target)
+    grad = shifted.exp() if kl_weight > 0 else shifted.exp_()  # (the KL needs the shifted logits after this)
+    sums = grad.sum(-1, keepdim=True)
+    total = (1.0 - kl_weight) * (sums.log() - target_shifted).sum()
+    grad.div_(sums)  # softmax
+    if kl_weight > 0:  # KL(ref || p) = sum ref_p (ref_logp - logp), logp = shifted - log(sums)
         ref_logp = (ref_h[lo:hi] @ weight.T).to(logits.dtype).log_softmax(-1)
         ref_p = ref_logp.exp()
-        total = total + kl_weight * (ref_p * ref_logp.sub_(logp)).sum()
-    grad = logp.exp_()  # softmax, in place
-    if ref_p is not None:
+        total = total + kl_weight * (ref_p * ref_logp.sub_(shifted).add_(sums.log())).sum()
         grad.sub_(ref_p, alpha=kl_weight)
     grad.scatter_add_(1, target, grad.new_full(target.shape, -(1.0 - kl_weight)))
     return total, correct, grad
