@@ -147,7 +147,8 @@ def official_prefixed_ids(tokens_pad, prefix_ids):
 
 class CdistLoop(torch.nn.Module):
     """The plain way: project, then per stage torch.cdist + argmin over the full (N, K) matrix (ours: a
-    taste.ResidualVQ whose projections and codebooks are used)."""
+    taste.ResidualVQ whose projections and codebooks are used). In training, the EMA update of the codebooks the
+    plain way too (per stage bincount + index_add_, atomics on CUDA), into ours' buffers as ours' own step does."""
 
     def __init__(self, ours):
         super().__init__()
@@ -155,15 +156,30 @@ class CdistLoop(torch.nn.Module):
 
     def forward(self, x):
         z = self.ours.project_in(x)
-        residual, quantized, loss, indices = z, 0.0, 0.0, []
+        residual, quantized, loss, indices, stats = z, 0.0, 0.0, [], []
         for codebook in self.ours.embed:
             idx = torch.cdist(residual, codebook).argmin(-1)
             chosen = codebook[idx]
             quantized = quantized + residual + (chosen - residual).detach()
             loss = loss + (chosen.detach() - residual).square().mean()
+            if self.ours.training:
+                stage_input = residual.detach()
+                sums = stage_input.new_zeros(codebook.shape).index_add_(0, idx, stage_input)
+                stats.append((torch.bincount(idx, minlength=codebook.shape[0]).to(sums.dtype), sums))
             residual = residual - chosen.detach()
             indices.append(idx)
+        if stats:
+            self._ema_update(torch.stack([c for c, _ in stats]), torch.stack([s for _, s in stats]))
         return self.ours.project_out(quantized), torch.stack(indices, 1), loss
+
+    @torch.no_grad()
+    def _ema_update(self, counts, sums):
+        rvq = self.ours
+        rvq.cluster_size.lerp_(counts, 1.0 - rvq.decay)
+        rvq.embed_avg.lerp_(sums, 1.0 - rvq.decay)
+        total = rvq.cluster_size.sum(-1, keepdim=True)
+        smoothed = (rvq.cluster_size + rvq.eps) / (total + rvq.codebook_size * rvq.eps) * total
+        rvq.embed.copy_(rvq.embed_avg / smoothed[..., None])
 
     def search(self, z):
         """The stages' cdist + argmin on given codes z (no projections, no loss): indices (N, Q)."""

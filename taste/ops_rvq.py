@@ -204,16 +204,36 @@ def rvq_ema_statistics(x: Tensor, indices: Tensor, codebooks: Tensor) -> tuple[T
     """Per-stage EMA statistics before the moving average: ``counts (Q, K)`` (rows assigned to each code) and
     ``sums (Q, K, d)`` (the sum of the stage's input residuals assigned to each code), float32 (float64 where x is).
     Deterministic (segment_sum_by_key); all-reduce both across ranks before the update in distributed training."""
+    counts, sums, _ = ema_statistics_and_inputs(x, indices, codebooks)
+    return counts, sums
+
+
+def ema_statistics_and_inputs(x: Tensor, indices: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`rvq_ema_statistics` and the ``(Q, N, d)`` stage inputs they were summed from (each stage's input
+    residual: x less the earlier stages' chosen codewords, subtracted in stage order as the encoder does).
+
+    Every stage at once, for a fixed number of operators whatever Q (on a GPU each costs the host more than its
+    kernel takes at TASTE's sizes): the stage inputs come from one gather and one running sum over the stages, and
+    one sort-based segment sum takes every stage's rows, with stage s's codes as keys ``s * K + code``. A stable sort
+    keeps each key's rows in order, so the sums are those of one call per stage, bit for bit."""
     from taste.ops import segment_sum_by_key
 
+    q, k, d = codebooks.shape
+    if indices.dim() != 2 or indices.shape != (x.shape[0], q):
+        raise RuntimeError(f"taste: indices must be (N, Q) = ({x.shape[0]}, {q}), got {tuple(indices.shape)}")
     wide = _err_dtype(x)
-    residual = x.detach().to(wide)
-    cb = codebooks.to(wide)
-    counts, sums = [], []
-    for s in range(codebooks.shape[0]):
-        idx = indices[:, s]
-        stage_sums, stage_counts = segment_sum_by_key(residual, idx, codebooks.shape[1])
-        sums.append(stage_sums)
-        counts.append(stage_counts.to(wide))
-        residual = residual - cb[s][idx.clamp(min=0)] * (idx >= 0)[:, None]
-    return torch.stack(counts), torch.stack(sums)
+    stage_idx = indices.t()  # (Q, N)
+    used = stage_idx >= 0
+    keys = torch.where(used, stage_idx + torch.arange(0, q * k, k, device=indices.device)[:, None], -1)
+    inputs = torch.empty((q, x.shape[0], d), dtype=wide, device=x.device)
+    inputs[0] = x.detach()
+    if q > 1:
+        # Stages 1..Q-1 start as minus the codeword of the stage before (0 where it was skipped), then add the
+        # previous stage's input: x + (-c0) + (-c1) ..., bit for bit x - c0 - c1 ... in the rows' own precision
+        # (not cumsum, which on the CPU accumulates float32 in float64).
+        earlier = codebooks.reshape(q * k, d).to(wide)[keys[:-1].clamp(min=0)]  # (Q - 1, N, d)
+        inputs[1:] = earlier.mul_(torch.where(used[:-1], -1.0, 0.0).to(wide)[..., None])
+        for s in range(1, q):
+            inputs[s].add_(inputs[s - 1])
+    sums, counts = segment_sum_by_key(inputs.view(q * x.shape[0], d), keys.reshape(-1), q * k)
+    return counts.view(q, k).to(wide), sums.view(q, k, d), inputs

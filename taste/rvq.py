@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from taste.ops import rvq_decode, rvq_ema_statistics, rvq_encode, rvq_quantize, segment_sum_by_key
+from taste.ops import rvq_decode, rvq_encode, rvq_quantize, segment_sum_by_key
+from taste.ops_rvq import ema_statistics_and_inputs
 
 OFFICIAL_PREFIX = "audio_tower.vq.rvq."
 _BUFFERS = ("embed", "embed_avg", "cluster_size", "initted")
@@ -202,8 +203,8 @@ class ResidualVQ(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, z: Tensor, indices: Tensor) -> None:
-        counts, sums = rvq_ema_statistics(z, indices, self.embed)  # (Q, K), (Q, K, d)
-        picks = self._sample_stage_inputs(z, indices) if self.threshold_ema_dead_code > 0 else None
+        counts, sums, inputs = ema_statistics_and_inputs(z, indices, self.embed)  # (Q, K), (Q, K, d), (Q, N, d)
+        picks = self._sample_stage_inputs(inputs) if self.threshold_ema_dead_code > 0 else None
         if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -216,15 +217,11 @@ class ResidualVQ(nn.Module):
         if picks is not None:
             self._replace_dead_codes(picks)
 
-    def _sample_stage_inputs(self, z: Tensor, indices: Tensor) -> Tensor:
-        """(Q, K, d): K random rows of every stage's input residual (codebooks as they were in the forward)."""
-        rows = torch.randint(0, z.shape[0], (self.num_quantizers, self.codebook_size), device=z.device)
-        picks = []
-        for s in range(self.num_quantizers):
-            earlier = indices[rows[s]].clone()
-            earlier[:, s:] = -1  # only the stages before s
-            picks.append(z[rows[s]] - rvq_decode(earlier, self.embed))
-        return torch.stack(picks)
+    def _sample_stage_inputs(self, inputs: Tensor) -> Tensor:
+        """(Q, K, d): K random rows of every stage's input residual ``inputs (Q, N, d)`` (codebooks as they were in
+        the forward)."""
+        rows = torch.randint(0, inputs.shape[1], (self.num_quantizers, self.codebook_size), device=inputs.device)
+        return inputs[torch.arange(self.num_quantizers, device=inputs.device)[:, None], rows]
 
     def _replace_dead_codes(self, picks: Tensor) -> None:
         """Codes whose EMA count fell below the threshold get a random row of their stage's input residual (as

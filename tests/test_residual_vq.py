@@ -59,6 +59,41 @@ def test_one_training_step_matches_outputs_loss_gradients_and_ema():
         torch.testing.assert_close(ours.cluster_size[s], cb.cluster_size[0], atol=1e-6, rtol=1e-5)
 
 
+def test_benchmarks_plain_loop_trains_the_codebooks_as_ours():
+    """bench/rvq.py's cdist + argmin loop does the same training step as ours (EMA update included, the plain way),
+    so that its times compare equal work."""
+    from baselines import CdistLoop
+
+    _, ours = pair(2)
+    twin = copy.deepcopy(ours)
+    x = torch.randn(300, 64)
+    q, idx, loss = ours.train()(x)
+    q_loop, idx_loop, loss_loop = CdistLoop(twin).train()(x)
+    assert torch.equal(idx, idx_loop)
+    torch.testing.assert_close(q_loop, q)
+    torch.testing.assert_close(loss_loop, loss)
+    for name in ("embed", "embed_avg", "cluster_size"):
+        torch.testing.assert_close(getattr(twin, name), getattr(ours, name), atol=1e-6, rtol=1e-5)
+    assert not torch.equal(twin.embed, pair(2)[1].embed)  # (the step changed the codebooks)
+
+
+def test_dead_codes_take_rows_of_their_stages_input_residual():
+    torch.manual_seed(5)
+    rvq = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False, threshold_ema_dead_code=1e6)
+    before = rvq.embed.clone()
+    x = torch.randn(300, 64)
+    _, idx, _ = rvq.train()(x)  # every code's count is below the threshold: every codeword is replaced
+    with torch.no_grad():
+        residual = rvq.project_in(x)
+    for s in range(4):
+        found = (rvq.embed[s][:, None] == residual[None]).all(-1)  # (K, N): codeword k is row n
+        assert found.any(1).all(), s
+        assert not found.all(0).any()  # (not one row for all: rows are drawn)
+        residual = residual - before[s][idx[:, s]]  # the next stage's input, with the forward's codebooks
+    assert torch.equal(rvq.cluster_size, torch.full_like(rvq.cluster_size, 1e6))
+    torch.testing.assert_close(rvq.embed_avg, rvq.embed * 1e6)
+
+
 def test_helpers_of_the_spec():
     _, ours = pair(2)
     ours.eval()

@@ -125,6 +125,12 @@ def test_ema_statistics(device, gen):
         residual = residual - codebooks[s].double()[idx[:, s].clamp(min=0)] * (idx[:, s] >= 0)[:, None]
     assert counts[2].sum() == 0
     assert counts.dtype == sums.dtype == torch.float32
+    # All stages in one segment sum equal one segment sum per stage bit for bit (residuals subtracted in order).
+    residual = x
+    for s in range(3):
+        stage_sums, stage_counts = ops.segment_sum_by_key(residual, idx[:, s], 16)
+        assert torch.equal(sums[s], stage_sums) and torch.equal(counts[s], stage_counts.float())
+        residual = residual - codebooks[s][idx[:, s].clamp(min=0)] * (idx[:, s] >= 0)[:, None]
     wide = ops.rvq_ema_statistics(x.double(), idx, codebooks.double())  # float64 rows: float64 sums (were float32)
     assert wide[0].dtype == wide[1].dtype == torch.float64
     torch.testing.assert_close(wide[1], sums.double(), atol=1e-4, rtol=1e-5)
