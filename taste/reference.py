@@ -315,13 +315,16 @@ def rvq_encode(x, codebooks, num_stages, fast=False, row_chunk: int = 2048):
 
 def rvq_decode(indices, codebooks, weights=None):
     """Sum over stages of weights[:, q] * codebooks[q, indices[:, q]] (weights default 1); -1 contributes 0."""
-    out = codebooks.new_zeros((indices.shape[0], codebooks.shape[-1]))
+    if codebooks.shape[0] == 0:
+        return codebooks.new_zeros((indices.shape[0], codebooks.shape[-1]))
+    out = None
     for s in range(codebooks.shape[0]):
         idx = indices[:, s]
         scale = (idx >= 0).to(codebooks.dtype)
         if weights is not None:
             scale = scale * weights[:, s].to(codebooks.dtype)
-        out += codebooks[s][idx.clamp(min=0)] * scale[:, None]
+        rows = codebooks[s][idx.clamp(min=0)].mul_(scale[:, None])  # (the gather is a new tensor: scaled in place)
+        out = rows if out is None else out.add_(rows)  # (stage 0's rows start the sum: no zeros to add them to)
     return out
 
 
