@@ -304,7 +304,7 @@ def rvq_encode(x, codebooks, num_stages, fast=False, row_chunk: int = 2048):
     for r0 in range(0, n, row_chunk):
         residual = x[r0 : r0 + row_chunk].to(acc)
         for s in range(stages):
-            idx = (norms[s][None] - 2.0 * residual @ cb[s].T).argmin(-1)  # (rows,)
+            idx = torch.addmm(norms[s], residual, cb[s].T, alpha=-2.0).argmin(-1)  # (rows,) ||c||^2 - 2 r.c
             chosen = cb[s][idx]
             residual = residual - chosen
             quantized[r0 : r0 + row_chunk] += chosen
