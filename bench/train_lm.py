@@ -2,11 +2,13 @@
 code computes it (transformers' causal-LM loss), against ours (taste.ops.linear_cross_entropy: a block of rows at a
 time, never all logits at once), with and without the KL term of the official recipe (text_kl_weight 0.9).
 
-    python bench/train_lm.py [--device cpu|cuda] [--batch B] [--tokens T] [--json out.json]
+    python bench/train_lm.py [--device cpu|cuda] [--batch B] [--tokens T] [--train-head] [--json out.json]
 
 The model is TASLM with LoRA r 8 on a Llama with the Llama-3 vocabulary (128,256 ids): on the CPU a 95M one (d 512,
 8 layers, as bench/generate.py), on a GPU the Llama-3.2-1B shapes (random weights, bf16 autocast). B utterances of T
 tokens (two tokens a word) with their TASTE codes; the latent head. Both providers give the same loss (checked).
+``--train-head`` also trains the output layer (tied to the embeddings; frozen in the official recipe), so the loss
+makes its (V, d) gradient too.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ def build(device: str, kl: float) -> TasteSpokenLM:
         return TasteSpokenLM(config=config).train()
 
 
-def case(device: str, kl: float, b: int, t: int, reps: int) -> list:
+def case(device: str, kl: float, b: int, t: int, reps: int, train_head: bool = False) -> list:
     """One training step of both providers on the same model and batch, with their losses compared."""
     model = build(device, kl)
+    model.lm_head.weight.requires_grad_(train_head)
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 128000, (b * t,), generator=gen).to(device)
@@ -61,7 +64,7 @@ def case(device: str, kl: float, b: int, t: int, reps: int) -> list:
 
         return run
 
-    label = f"step B={b} T={t}" + (" + KL 0.9" if kl else "")
+    label = f"step B={b} T={t}" + (" + KL 0.9" if kl else "") + (" + trained head" if train_head else "")
     providers = {"whole logits (official)": step(True, "whole"), "ours (blocks)": step(False, "ours")}
     rows = measure(label, providers, device, reps)
     print(f"  {label}: loss {losses['whole']:.6f} (whole logits) vs {losses['ours']:.6f} (ours)")
@@ -72,11 +75,12 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=None, help="utterances (default: 8 on cpu, 16 on cuda)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per utterance (default: 60 on cpu, 256 on cuda)")
+    p.add_argument("--train-head", action="store_true", help="also train the output layer (its (V, d) gradient)")
     args = parse(p)
     dev = args.device
     b = args.batch or (8 if dev == "cpu" else 16)
     t = args.tokens or (60 if dev == "cpu" else 256)
-    rows = case(dev, 0.0, b, t, args.reps) + case(dev, 0.9, b, t, args.reps)
+    rows = case(dev, 0.0, b, t, args.reps, args.train_head) + case(dev, 0.9, b, t, args.reps, args.train_head)
     report(f"bench/train_lm.py on {dev}, TASLM training step (LoRA, Llama-3 vocabulary)", rows, dev, args.json)
 
 

@@ -20,18 +20,34 @@ def problem(n=37, d=16, vocab=101, dtype=torch.float64, seed=0):
 
 @pytest.mark.parametrize("kl_weight", [0.0, 0.9, 1.0])
 @pytest.mark.parametrize("block_elements", [1, 101 * 5, 10**6])  # one row a block, five rows, all rows at once
-def test_matches_the_whole_logits_formula(kl_weight, block_elements):
+@pytest.mark.parametrize("train_weight", [True, False])  # (a trainable weight takes blocks of at least d = 16 rows)
+def test_matches_the_whole_logits_formula(kl_weight, block_elements, train_weight):
     h, weight, targets, ref_h = problem()
+    weight.requires_grad_(train_weight)
+    wrt = (h, weight) if train_weight else (h,)
     want_loss, want_acc = reference.linear_cross_entropy(h, weight, targets, ref_h, kl_weight)
-    want = torch.autograd.grad(want_loss, (h, weight))
+    want = torch.autograd.grad(want_loss, wrt)
     loss, acc = ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=kl_weight,
                                          block_elements=block_elements)  # fmt: skip
-    got = torch.autograd.grad(loss, (h, weight))
+    got = torch.autograd.grad(loss, wrt)
     assert loss.dtype == acc.dtype == torch.float64 and 0 < float(acc) < 1
     torch.testing.assert_close(loss, want_loss, atol=1e-13, rtol=1e-13)
     torch.testing.assert_close(acc, want_acc)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-13)
+
+
+def test_a_trainable_weight_takes_blocks_of_at_least_d_rows(monkeypatch):
+    import taste.ops_text_loss as text_loss
+
+    seen = []
+    op = text_loss._op
+    monkeypatch.setattr(text_loss, "_op", lambda *args: seen.append(args[5]) or op(*args))
+    h, weight, targets, _ = problem()  # d = 16, V = 101
+    ops.linear_cross_entropy(h, weight, targets, block_elements=202)
+    ops.linear_cross_entropy(h, weight.detach(), targets, block_elements=202)
+    ops.linear_cross_entropy(h, weight, targets, block_elements=101 * 20)
+    assert seen == [16, 2, 20]
 
 
 def test_gradients_only_where_wanted_and_scaled():
@@ -74,6 +90,10 @@ def test_under_autocast_and_in_float32():
         got, _ = ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=0.9, block_elements=500)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1.6e-2)
+    # the gradients too, the weight's made from 16-bit products added into its float32 sum
+    for a, b in zip(torch.autograd.grad(got, (h, weight)), torch.autograd.grad(want, (h, weight))):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
     got32, acc32 = ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=0.9, block_elements=500)
     want32, _ = reference.linear_cross_entropy(h, weight, targets, ref_h, 0.9)
     torch.testing.assert_close(got32, want32, atol=1e-5, rtol=1.3e-6)
