@@ -180,22 +180,29 @@ def rvq_quantize(x: Tensor, codebooks: Tensor, num_stages: int | Tensor | None =
     return RVQQuantization(idx, quantized, stage_losses.sum(), stage_losses)
 
 
-def rvq_decode(indices: Tensor, codebooks: Tensor) -> Tensor:
-    """``(N, Q)`` indices -> ``(N, d)``: the sum of the indexed codewords of every stage; -1 contributes 0."""
+def _check_indices(indices: Tensor, codebooks: Tensor, rows: int | None = None) -> None:
+    """``indices`` as codes of ``codebooks``: int64/int32 ``(N, Q)`` (N = ``rows`` where given) on their device, and
+    on CPU tensors every value in ``[-1, K)`` (on CUDA that check would sync)."""
     if indices.dim() != 2 or indices.dtype not in (torch.int64, torch.int32):
         raise RuntimeError(
             f"taste: indices must be an int64/int32 (N, Q) tensor, got {indices.dtype} {tuple(indices.shape)}"
         )
-    _check_codebooks(torch.empty(0, codebooks.shape[-1], device=codebooks.device), codebooks)
-    if indices.shape[1] != codebooks.shape[0] or indices.device != codebooks.device:
+    n = indices.shape[0] if rows is None else rows
+    if indices.shape != (n, codebooks.shape[0]) or indices.device != codebooks.device:
         raise RuntimeError(
-            f"taste: indices must be (N, Q={codebooks.shape[0]}) on {codebooks.device}, got "
-            f"{tuple(indices.shape)} on {indices.device}"
+            f"taste: indices must be ({'N' if rows is None else rows}, Q={codebooks.shape[0]}) on {codebooks.device}, "
+            f"got {tuple(indices.shape)} on {indices.device}"
         )
     if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= codebooks.shape[1]:
             raise RuntimeError(f"taste: indices must lie in [-1, K={codebooks.shape[1]}), got [{lo}, {hi}]")
+
+
+def rvq_decode(indices: Tensor, codebooks: Tensor) -> Tensor:
+    """``(N, Q)`` indices -> ``(N, d)``: the sum of the indexed codewords of every stage; -1 contributes 0."""
+    _check_codebooks(torch.empty(0, codebooks.shape[-1], device=codebooks.device), codebooks)
+    _check_indices(indices, codebooks)
     args = (indices.long(), codebooks, None)
     return call(_rvq_decode, _rvq_decode_cuda, reference.rvq_decode, args, codebooks, args[0])
 
@@ -218,9 +225,9 @@ def ema_statistics_and_inputs(x: Tensor, indices: Tensor, codebooks: Tensor) -> 
     keeps each key's rows in order, so the sums are those of one call per stage, bit for bit."""
     from taste.ops import segment_sum_by_key
 
+    _check_codebooks(x, codebooks)
+    _check_indices(indices, codebooks, x.shape[0])  # (a code >= K would count for the next stage's key)
     q, k, d = codebooks.shape
-    if indices.dim() != 2 or indices.shape != (x.shape[0], q):
-        raise RuntimeError(f"taste: indices must be (N, Q) = ({x.shape[0]}, {q}), got {tuple(indices.shape)}")
     wide = _err_dtype(x)
     stage_idx = indices.t()  # (Q, N)
     used = stage_idx >= 0

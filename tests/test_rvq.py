@@ -169,6 +169,11 @@ BAD = [
     (lambda x, c: ops.rvq_decode(torch.tensor([[0, -2]]), c), r"indices must lie in"),
     (lambda x, c: ops.rvq_decode(torch.tensor([[0, 1, 2]]), c), r"indices must be \(N, Q=2\)"),
     (lambda x, c: ops.rvq_decode(torch.tensor([[0.0, 1.0]]), c), r"indices must be an int64"),
+    # (all stages share one segment sum there: a code of K would count for the next stage's code 0)
+    (lambda x, c: ops.rvq_ema_statistics(x, torch.tensor([[16, 0]] * 4), c), r"indices must lie in \[-1, K=16\)"),
+    (lambda x, c: ops.rvq_ema_statistics(x, torch.tensor([[-2, 0]] * 4), c), r"indices must lie in"),
+    (lambda x, c: ops.rvq_ema_statistics(x, torch.zeros(3, 2, dtype=torch.long), c), r"indices must be \(4, Q=2\)"),
+    (lambda x, c: ops.rvq_ema_statistics(x[:, :5], torch.zeros(4, 2, dtype=torch.long), c), r"x has d=5"),
 ]
 
 
