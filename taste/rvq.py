@@ -215,18 +215,36 @@ class ResidualVQ(nn.Module):
         smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
         self.embed.copy_(self.embed_avg / smoothed[..., None])
         if picks is not None:
-            self._replace_dead_codes(picks)
+            self._replace_dead_codes(*picks)
 
-    def _sample_stage_inputs(self, inputs: Tensor) -> Tensor:
-        """(Q, K, d): K random rows of every stage's input residual ``inputs (Q, N, d)`` (codebooks as they were in
-        the forward)."""
-        rows = torch.randint(0, inputs.shape[1], (self.num_quantizers, self.codebook_size), device=inputs.device)
-        return inputs[torch.arange(self.num_quantizers, device=inputs.device)[:, None], rows]
+    def _sample_stage_inputs(self, inputs: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """K random rows of every stage's input residual ``inputs (Q, N, d)`` (codebooks as they were in the
+        forward): ``(picks (Q, K, d), usable)``, where ``usable`` (a device bool, or None for always) says whether
+        any rows were there to draw from. None where there are none (N = 0, not distributed).
 
-    def _replace_dead_codes(self, picks: Tensor) -> None:
+        Under ``torch.distributed`` every rank takes the picks of the first rank that has rows (found and sent by
+        all-reduces on the device, no host read), so dead codes are replaced alike and the codebooks stay equal."""
+        q, k, n = self.num_quantizers, self.codebook_size, inputs.shape[1]
+        if n:
+            rows = torch.randint(0, n, (q, k), device=inputs.device)
+            picks = inputs[torch.arange(q, device=inputs.device)[:, None], rows]
+        else:
+            picks = inputs.new_zeros((q, k, inputs.shape[2]))
+        if not _distributed():
+            return (picks, None) if n else None
+        rank, world = dist.get_rank(), dist.get_world_size()
+        first = torch.full((), rank if n else world, device=inputs.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)  # every rank calls the same collectives, rows or not
+        picks = torch.where(first == rank, picks, 0.0)
+        dist.all_reduce(picks)  # the first rank's picks, zeros from every other
+        return picks, first < world
+
+    def _replace_dead_codes(self, picks: Tensor, usable: Tensor | None) -> None:
         """Codes whose EMA count fell below the threshold get a random row of their stage's input residual (as
         vector-quantize-pytorch's expire_codes_), without reading anything back to the host."""
         dead = self.cluster_size < self.threshold_ema_dead_code  # (Q, K)
+        if usable is not None:
+            dead = dead & usable
         self.embed.copy_(torch.where(dead[..., None], picks, self.embed))
         self.embed_avg.copy_(torch.where(dead[..., None], picks * self.threshold_ema_dead_code, self.embed_avg))
         self.cluster_size.copy_(torch.where(dead, self.threshold_ema_dead_code, self.cluster_size))

@@ -332,6 +332,51 @@ def _rvq_steps_on_rank(rank, out):
                 kmeans=fresh.embed.tolist())  # fmt: skip
 
 
+def _dead_codes_on_rank(rank, out):
+    """Every code dead at every step: two steps where both ranks have rows, then one where rank 0 has none."""
+    torch.manual_seed(13)
+    rows = torch.randn(2, 90, 64)
+    rvq = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False, threshold_ema_dead_code=1e6).train()
+    torch.manual_seed(200 + rank)  # each rank draws other rows
+    rvq(rows[rank])
+    first = rvq.embed.clone()
+    rvq(rows[rank])
+    rvq(rows[rank] if rank == 1 else rows[rank][:0])
+    return dict(first=first.tolist(), last=rvq.embed.tolist(), cluster=rvq.cluster_size.tolist())
+
+
+def test_two_ranks_replace_dead_codes_alike(tmp_path):
+    """Dead codes take rows of the first rank that has any, on every rank: the codebooks stay equal (each rank drew
+    its own before), also when rank 0 has no rows (where drawing raised)."""
+    ranks = on_two_ranks(_dead_codes_on_rank, tmp_path)
+    for key in ("first", "last", "cluster"):
+        assert ranks[0][key] == ranks[1][key], key
+    torch.manual_seed(13)
+    rows = torch.randn(2, 90, 64)
+    rvq = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False)  # (the ranks' weights)
+    with torch.no_grad():
+        stage0 = rvq.project_in(rows[0])
+    first = torch.tensor(ranks[0]["first"])
+    assert (first[0][:, None] == stage0[None]).all(-1).any(1).all()  # rank 0's rows after the first step
+    last = torch.tensor(ranks[0]["last"])
+    with torch.no_grad():
+        stage0 = rvq.project_in(rows[1])
+    assert (last[0][:, None] == stage0[None]).all(-1).any(1).all()  # rank 1's when rank 0 had none
+
+
+def test_no_rows_with_dead_code_replacement():
+    torch.manual_seed(14)
+    rvq = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=False, threshold_ema_dead_code=1e6).train()
+    rvq(torch.randn(50, 64))
+    twin = copy.deepcopy(rvq)
+    twin.threshold_ema_dead_code = 0.0
+    _, idx, _ = rvq(torch.randn(0, 64))  # (drawing rows from none raised): the EMA step alone, no replacement
+    twin(torch.randn(0, 64))
+    assert idx.shape == (0, 4)
+    for name in ("embed", "embed_avg", "cluster_size"):
+        assert torch.equal(getattr(rvq, name), getattr(twin, name)), name
+
+
 def test_two_ranks_all_reduce_the_statistics_and_share_the_dropout_depth(tmp_path):
     """Under torch.distributed (two gloo ranks on the CPU): one EMA step over the ranks' halves equals the step of
     one process over the whole batch (the statistics are all-reduced before the moving average); every rank skips
