@@ -191,7 +191,7 @@ class ResidualVQ(nn.Module):
         num_stages = self._draw_num_stages(z.device) if self.quantize_dropout else None
         # The backward needs the codebooks of this forward; the EMA update below changes the buffer in place.
         out = rvq_quantize(z, self.embed.clone(), num_stages, fast=self.fast)
-        self._ema_update(z.detach(), out.indices)
+        self._ema_update(z.detach(), out.indices, num_stages)
         return self._projected_out(out.quantized), out.indices, out.commit_loss * self.commitment_weight
 
     def _draw_num_stages(self, device) -> Tensor:
@@ -202,20 +202,28 @@ class ResidualVQ(nn.Module):
         return depth
 
     @torch.no_grad()
-    def _ema_update(self, z: Tensor, indices: Tensor) -> None:
+    def _ema_update(self, z: Tensor, indices: Tensor, num_stages: Tensor | None = None) -> None:
+        """The moving averages of the stages that ran (``num_stages``, a device tensor; None: all). A stage left out
+        by quantizer dropout keeps its statistics and codebook, as vector-quantize-pytorch, which does not run its
+        layer at all: decaying them toward its zero counts would shorten the average of the later stages."""
         counts, sums, inputs = ema_statistics_and_inputs(z, indices, self.embed)  # (Q, K), (Q, K, d), (Q, N, d)
         picks = self._sample_stage_inputs(inputs) if self.threshold_ema_dead_code > 0 else None
         if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         # (the statistics are float32 at least; the buffers have whatever dtype the module was cast to)
-        self.cluster_size.lerp_(counts.to(self.cluster_size.dtype), 1.0 - self.decay)
-        self.embed_avg.lerp_(sums.to(self.embed_avg.dtype), 1.0 - self.decay)
+        rate, ran = 1.0 - self.decay, None
+        if num_stages is not None:
+            ran = torch.arange(self.num_quantizers, device=z.device) < num_stages  # (Q,)
+            rate = (ran.to(self.cluster_size.dtype) * rate)[:, None]  # (Q, 1): 0 leaves a stage as it was
+        self.cluster_size.lerp_(counts.to(self.cluster_size.dtype), rate)
+        self.embed_avg.lerp_(sums.to(self.embed_avg.dtype), rate if ran is None else rate[..., None])
         total = self.cluster_size.sum(-1, keepdim=True)
         smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
-        self.embed.copy_(self.embed_avg / smoothed[..., None])
+        codebooks = self.embed_avg / smoothed[..., None]
+        self.embed.copy_(codebooks if ran is None else torch.where(ran[:, None, None], codebooks, self.embed))
         if picks is not None:
-            self._replace_dead_codes(*picks)
+            self._replace_dead_codes(*picks, ran)
 
     def _sample_stage_inputs(self, inputs: Tensor) -> tuple[Tensor, Tensor | None] | None:
         """K random rows of every stage's input residual ``inputs (Q, N, d)`` (codebooks as they were in the
@@ -239,12 +247,15 @@ class ResidualVQ(nn.Module):
         dist.all_reduce(picks)  # the first rank's picks, zeros from every other
         return picks, first < world
 
-    def _replace_dead_codes(self, picks: Tensor, usable: Tensor | None) -> None:
+    def _replace_dead_codes(self, picks: Tensor, usable: Tensor | None, ran: Tensor | None) -> None:
         """Codes whose EMA count fell below the threshold get a random row of their stage's input residual (as
-        vector-quantize-pytorch's expire_codes_), without reading anything back to the host."""
+        vector-quantize-pytorch's expire_codes_), in the stages that ran, without reading anything back to the
+        host."""
         dead = self.cluster_size < self.threshold_ema_dead_code  # (Q, K)
         if usable is not None:
             dead = dead & usable
+        if ran is not None:
+            dead = dead & ran[:, None]
         self.embed.copy_(torch.where(dead[..., None], picks, self.embed))
         self.embed_avg.copy_(torch.where(dead[..., None], picks * self.threshold_ema_dead_code, self.embed_avg))
         self.cluster_size.copy_(torch.where(dead, self.threshold_ema_dead_code, self.cluster_size))

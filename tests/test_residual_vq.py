@@ -94,6 +94,34 @@ def test_dead_codes_take_rows_of_their_stages_input_residual():
     torch.testing.assert_close(rvq.embed_avg, rvq.embed * 1e6)
 
 
+def test_training_steps_with_quantizer_dropout_match():
+    """Steps with stages dropped: vector-quantize-pytorch does not run a dropped layer at all, so its EMA
+    statistics and codebook stay as they were; ours must leave them too (a decay toward zero counts would shorten
+    the moving average of the later stages, which run in fewer steps)."""
+    import random
+
+    torch.manual_seed(6)
+    ref = vqp.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=True, rotation_trick=False).train()
+    ours = taste.ResidualVQ(**KW, kmeans_init=False, quantize_dropout=True)
+    ours.load_state_dict(ref.state_dict())
+    ours.train()
+    depths = []
+    for step, seed in enumerate((3, 11, 5, 8, 1)):
+        depth = random.Random(seed).randrange(0, 4) + 1  # the stages vector-quantize-pytorch runs for this seed
+        depths.append(depth)
+        ours._draw_num_stages = lambda device, depth=depth: torch.tensor(depth, device=device)
+        x = torch.randn(200, 64)
+        _, idx_ref, _ = ref(x[None], rand_quantize_dropout_fixed_seed=seed)
+        _, idx, _ = ours(x)
+        assert torch.equal(idx, idx_ref[0]), step
+        for s in range(4):
+            cb = ref.layers[s]._codebook
+            torch.testing.assert_close(ours.embed[s], cb.embed[0], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(ours.embed_avg[s], cb.embed_avg[0], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(ours.cluster_size[s], cb.cluster_size[0], atol=1e-6, rtol=1e-5)
+    assert min(depths) < 4 and max(depths) == 4, depths  # (stages dropped in some steps, none in one)
+
+
 def test_helpers_of_the_spec():
     _, ours = pair(2)
     ours.eval()
