@@ -75,8 +75,9 @@ def _float32_at_least(t: Tensor) -> Tensor:
 def _eager_only(fn):
     """torch.compile runs ``fn`` outside the graph (a graph break; with ``fullgraph=True`` an error naming why)."""
     why = (
-        "ResidualVQ's k-means initialisation reads the codebooks' state on the host, once, on the first training "
-        "batch: run one training step before compiling with fullgraph=True, or load initialised codebooks"
+        "ResidualVQ's k-means initialisation reads the codebooks' state on the host, in the first training steps "
+        "(until every stage has run once): train until `initted.all()` before compiling with fullgraph=True, or "
+        "load initialised codebooks"
     )
     if "reason" in inspect.signature(torch.compiler.disable).parameters:  # (older torch has no reason)
         return torch.compiler.disable(fn, reason=why)
@@ -180,15 +181,15 @@ class ResidualVQ(nn.Module):
         Returns:
             ``quantized (N, dim)`` (straight-through in training), ``indices (N, Q)`` int64 (-1 for stages left out
             by quantizer dropout) and ``commit_loss`` () float32 (0 in eval mode, as vector-quantize-pytorch).
-            Training also updates the codebooks by EMA (k-means-initialised on the first training batch).
+            Training also updates the codebooks by EMA (each stage k-means-initialised on the first batch it runs in).
         """
         z = _float32_at_least(self._projected_in(x))  # distances in float32 at least (spec 7.3)
-        if self.training and not self._initted_seen:  # a host bool: nothing read back, nothing for torch.compile
-            self._kmeans_init(z.detach())
         if not self.training:  # as vector-quantize-pytorch: no commitment loss outside training
             indices, quantized = rvq_encode(z, self.embed, fast=self.fast)
             return self._projected_out(quantized), indices, z.new_zeros(())
         num_stages = self._draw_num_stages(z.device) if self.quantize_dropout else None
+        if not self._initted_seen:  # a host bool: nothing read back, nothing for torch.compile
+            self._kmeans_init(z.detach(), num_stages)
         # The backward needs the codebooks of this forward; the EMA update below changes the buffer in place.
         out = rvq_quantize(z, self.embed.clone(), num_stages, fast=self.fast)
         self._ema_update(z.detach(), out.indices, num_stages)
@@ -262,15 +263,18 @@ class ResidualVQ(nn.Module):
 
     @torch.no_grad()
     @_eager_only
-    def _kmeans_init(self, z: Tensor) -> None:
-        """Each uninitialised stage runs Lloyd's k-means on its input residual of this batch (initial centroids:
-        a random sample of rows; an empty cluster keeps its centroid), as vector-quantize-pytorch does. The
-        assignment step is the fused encoder with one stage; the update is a deterministic segment sum."""
+    def _kmeans_init(self, z: Tensor, num_stages: Tensor | None = None) -> None:
+        """Each uninitialised stage among the ``num_stages`` that run in this step (None: all) runs Lloyd's k-means
+        on its input residual of this batch (initial centroids: a random sample of rows; an empty cluster keeps its
+        centroid), as vector-quantize-pytorch does: there a layer left out by quantizer dropout is not run, so it is
+        initialised on the first batch it runs in. Until every stage has been, each training step reads the
+        dropout depth and the stages' state on the host. The assignment step is the fused encoder with one stage;
+        the update is a deterministic segment sum."""
         if bool(self.initted.all()):  # (a load that could not tell, e.g. onto meta tensors, left it unknown)
             self._initted_seen = True
             return
         residual = z
-        for s in range(self.num_quantizers):
+        for s in range(self.num_quantizers if num_stages is None else int(num_stages)):
             if not bool(self.initted[s]):
                 means, bins = kmeans(residual, self.codebook_size, self.kmeans_iters, fast=self.fast)
                 self.embed[s] = means
@@ -279,7 +283,7 @@ class ResidualVQ(nn.Module):
                 self.initted[s] = 1.0
             _, chosen = rvq_encode(residual, self.embed[s : s + 1], fast=self.fast)
             residual = residual - chosen
-        self._initted_seen = True
+        self._initted_seen = bool(self.initted.all())
 
     # ---- checkpoints ----
     def _from_official_layout(self, state_dict, prefix, *args, **kwargs):

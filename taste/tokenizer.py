@@ -267,8 +267,9 @@ class TasteTokenizer(nn.Module):
         cls, local_dir: str, *, value_layer: int = 6, quantizer: QuantizerConfig | None = None, dtype=None, **overrides
     ) -> TasteTokenizer:
         """The seed model from a local Whisper checkpoint (transformers layout): its encoder and decoder weights,
-        the cross-attention ``v_proj`` set to the identity (spec 1.4), a fresh RVQ (k-means-initialised on the
-        first training batch). float32 unless ``dtype``; ``overrides`` replace :class:`TasteConfig` fields."""
+        the cross-attention ``v_proj`` set to the identity (spec 1.4), a fresh RVQ (each stage k-means-initialised
+        on the first training batch it runs in). float32 unless ``dtype``; ``overrides`` replace
+        :class:`TasteConfig` fields."""
         from transformers import WhisperModel
 
         if not os.path.isdir(local_dir):

@@ -161,6 +161,28 @@ def test_kmeans_init_quantizer_dropout_and_dead_codes():
     assert kmeans_err < 0.8 * z.square().mean()
 
 
+def test_kmeans_initialises_each_stage_on_the_first_batch_it_runs_in():
+    """Under quantizer dropout vector-quantize-pytorch does not run a dropped layer, so a stage is k-means-initialised
+    on the first batch in which it runs: the same stages are initialised after each step here."""
+    import random
+
+    torch.manual_seed(8)
+    ref = vqp.ResidualVQ(**KW, kmeans_init=True, kmeans_iters=3, quantize_dropout=True, rotation_trick=False).train()
+    ours = taste.ResidualVQ(**KW, kmeans_iters=3, quantize_dropout=True).train()
+    x = torch.randn(3, 120, 64)
+    for step, seed in enumerate((2, 1, 0)):  # depths 1, 2 and 4
+        depth = random.Random(seed).randrange(0, 4) + 1
+        ours._draw_num_stages = lambda device, depth=depth: torch.tensor(depth, device=device)
+        before = ours.embed.clone()
+        ref(x[step][None], rand_quantize_dropout_fixed_seed=seed)
+        ours(x[step])
+        want = [float(layer._codebook.initted) for layer in ref.layers]
+        assert ours.initted.tolist() == want == [1.0] * depth + [0.0] * (4 - depth), step
+        assert torch.equal(ours.embed[depth:], before[depth:])  # (stages that did not run: untouched)
+        assert ours._initted_seen == (depth == 4)
+    assert ours.embed.abs().sum((1, 2)).min() > 0
+
+
 def test_kmeans_assigns_centroids_to_cluster_means():
     torch.manual_seed(4)
     centers = torch.tensor([[5.0] * 8, [-5.0] * 8, [5.0] * 4 + [-5.0] * 4, [-5.0] * 4 + [5.0] * 4])
@@ -270,7 +292,7 @@ def test_kmeans_init_runs_outside_a_compiled_graph():
     torch._dynamo.reset()
     _assert_same_steps(eager, torch.compile(twin, backend="aot_eager"), twin)
     assert twin.initted.all()
-    pending = taste.ResidualVQ(**KW, kmeans_iters=5)
+    pending = taste.ResidualVQ(**KW, kmeans_iters=5, quantize_dropout=False)  # (every stage runs: all initialised)
     pending.load_state_dict(taste.ResidualVQ(**KW).state_dict())  # an uninitialised state: k-means still to run
     pending.train()(torch.randn(90, 64))
     assert pending.initted.all() and pending.embed.abs().sum() > 0
@@ -309,7 +331,7 @@ def test_rows_and_modules_of_any_float_dtype():
         twin(x)
         tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float64 else dict(atol=0.05, rtol=0.05)
         torch.testing.assert_close(cast.embed.float(), twin.embed, **tol)  # the same EMA step
-        fresh = taste.ResidualVQ(**KW, kmeans_iters=3).to(dtype).train()
+        fresh = taste.ResidualVQ(**KW, kmeans_iters=3, quantize_dropout=False).to(dtype).train()
         fresh(x.to(dtype))  # k-means initialisation in that dtype
         assert fresh.initted.all() and fresh.embed.dtype == dtype and fresh.embed.isfinite().all()
 
@@ -324,7 +346,8 @@ def test_gpu_steps_make_no_host_sync(fast):
     torch.manual_seed(9)
     rvq = taste.ResidualVQ(**KW, kmeans_iters=3, fast=fast).cuda()
     x = torch.randn(300, 64, device="cuda")
-    rvq.train()(x)  # k-means (reads the codebooks' state once) and every kernel compiled
+    while not bool(rvq.initted.all()):  # k-means (reads the codebooks' state until every stage has run once)
+        rvq.train()(x)  # (and every kernel compiled)
 
     def step():
         rows = x.clone().requires_grad_()
