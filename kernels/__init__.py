@@ -4,6 +4,29 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+
+
+def _give_way_to_installed_kernels() -> None:
+    """Python started in a checkout's root (``python -m``, ``python -c``, a notebook) finds this folder as the
+    top-level package ``kernels``, which hides the installed package of that name (Hugging Face's, a dependency
+    of transformers >= 5.25, which imports it: "cannot import name 'CUDAProperties' from 'kernels'"). Imported
+    under that name, this module puts the installed package in its place, where one is installed."""
+    import importlib.machinery
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec(__name__, elsewhere)
+    if spec is None or spec.loader is None:
+        return  # nothing else is called `kernels`: this folder may stand in (its name is all a probe reads)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[__name__] = module  # (an import returns what sys.modules holds once the module has run)
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _give_way_to_installed_kernels()
 
 # Compile options that every launch passes. ``enable_fp_fusion``: multiplies and adds fused into FMAs, Triton's
 # default through 3.9, which warns that 3.10 turns it off. The kernels were built, measured and checked with it on

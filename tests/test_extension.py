@@ -275,3 +275,23 @@ def test_references_serve_cuda_tensors_without_cuda_kernels():
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(taste.__file__)), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_checkout_root_does_not_hide_an_installed_kernels_package(tmp_path):
+    """Python started in the repository's root finds ``kernels/`` as the top-level package ``kernels``; Hugging
+    Face's package of that name (a transformers >= 5.25 dependency, imported by it) must still be what
+    ``import kernels`` gives. Here a stand-in package on the path plays it; without one the folder stays."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "kernels", "__init__.py")):
+        pytest.skip("not a source checkout")
+    installed = tmp_path / "site" / "kernels"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("CUDAProperties = 'the installed one'\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    script = "import kernels; print(kernels.CUDAProperties)"
+    # -S: no site-packages (the real package may be installed there); the root comes first on the path (cwd).
+    done = subprocess.run([sys.executable, "-S", "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "the installed one", done.stderr
+    alone = subprocess.run([sys.executable, "-S", "-c", "import kernels; print(kernels.__file__)"], cwd=root,
+                           env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True)  # fmt: skip
+    assert alone.returncode == 0 and alone.stdout.strip() == os.path.join(root, "kernels", "__init__.py"), alone.stderr
