@@ -219,8 +219,8 @@ def ema_statistics_and_inputs(x: Tensor, indices: Tensor, codebooks: Tensor) -> 
     """:func:`rvq_ema_statistics` and the ``(Q, N, d)`` stage inputs they were summed from (each stage's input
     residual: x less the earlier stages' chosen codewords, subtracted in stage order as the encoder does).
 
-    Every stage at once, for a fixed number of operators whatever Q (on a GPU each costs the host more than its
-    kernel takes at TASTE's sizes): the stage inputs come from one gather and one running sum over the stages, and
+    Every stage at once, in few operators (on a GPU each costs the host more than its kernel takes at TASTE's
+    sizes): the stage inputs come from one gather of the earlier stages' codewords and one in-place add a stage, and
     one sort-based segment sum takes every stage's rows, with stage s's codes as keys ``s * K + code``. A stable sort
     keeps each key's rows in order, so the sums are those of one call per stage, bit for bit."""
     from taste.ops import segment_sum_by_key
