@@ -8,7 +8,8 @@
 #   OUTDIR/bench.json       every benchmark's numbers by name (aggregator, rvq, generate, aggregator_train, packing,
 #                           aggregator_chunks, relpos, unit_decoder, train_lm)
 # Environment: PYTEST_ARGS (pytest arguments, split on spaces; default: all but the C++-error tests), TESTS=cuda
-# (the default selection, CUDA-marked tests only), TEST_TIMEOUT, BENCHES, BENCH_TIMEOUT (seconds each),
+# (the default selection, CUDA-marked tests only), TEST_TIMEOUT, TEST_WORKERS (pytest-xdist workers, default 8),
+# BENCHES, BENCH_TIMEOUT (seconds each),
 # GENERATE_ARGS (extra arguments of bench/generate.py), TESTS_LAST=1 (benchmarks first, then the tests),
 # DEADLINE (seconds from the start: the tests get at most what is left of it, so that one device call ends in time).
 # With a short device budget: TESTS=cuda BENCHES="aggregator rvq" bench/gpu_check.sh OUTDIR, then the rest.
@@ -26,7 +27,8 @@ started=$SECONDS
 { nvidia-smi; "$py" -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; nvcc --version | tail -2; } > "$out/env.txt" 2>&1
 
 step "build"
-if ! "$py" -m pip install --no-build-isolation --no-deps --prefix "$prefix" . > "$out/build.log" 2>&1; then
+# --ignore-installed: a taste-kernels already in this environment stays (pip would uninstall it for the prefix's copy).
+if ! "$py" -m pip install --no-build-isolation --no-deps --ignore-installed --prefix "$prefix" . > "$out/build.log" 2>&1; then
   tail -40 "$out/build.log"
   step "build FAILED"
   exit 1
@@ -56,6 +58,15 @@ run_tests() {
                --ignore=tests/test_compile_kernels.py)
     # TESTS=cuda: only the tests that need the GPU (the rest pass in CI), for a short device budget.
     [ "${TESTS:-all}" = cuda ] && test_args+=(-m cuda); fi
+  # TEST_WORKERS (default 8; 0 or 1: one process): pytest-xdist workers where the image has it (the H200 image does).
+  # Most of a CUDA test's time is the host compiling Triton kernels and running CPU references, so workers beside
+  # each other finish far more of the selection within the limit (one process ran 138 CUDA tests, about 70% of the
+  # selection then, in 240 s).
+  local workers=${TEST_WORKERS:-8} test_env=()
+  if [ "$workers" -gt 1 ] && "$py" -c "import xdist" > /dev/null 2>&1; then
+    test_args+=(-n "$workers")  # (workers take the -P process's sys.path: still the build in the prefix)
+    test_env=("OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))")  # CPU threads per worker
+  fi
   local limit=${TEST_TIMEOUT:-240}
   if [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - (SECONDS - started))) -lt "$limit" ]; then
     limit=$((DEADLINE - (SECONDS - started)))
@@ -64,8 +75,8 @@ run_tests() {
   step "tests (at most ${limit} s)"
   # -v: the log names every test that ran, so a run stopped at its limit says which remain; SIGINT at the limit lets
   # pytest print its summary and the slowest tests (--durations) before it ends.
-  timeout -s INT -k 20 "$limit" "$py" -P -m pytest -v -p no:cacheprovider -rs --durations=25 tests "${test_args[@]}" \
-    > "$out/tests.log" 2>&1
+  env "${test_env[@]}" timeout -s INT -k 20 "$limit" "$py" -P -m pytest -v -p no:cacheprovider -rs --durations=25 tests \
+    "${test_args[@]}" > "$out/tests.log" 2>&1
   tests_rc=$?
   tail -3 "$out/tests.log"
 }
@@ -120,5 +131,5 @@ with open(os.path.join(out, "bench.json"), "w") as f:
 PY
 [ "$tests_rc" -ne 0 ] && status=$tests_rc
 step "done (tests rc=$tests_rc, status=$status)"
-grep -v '^wrote' "$out/bench.log" | tail -60
+[ -f "$out/bench.log" ] && grep -v '^wrote' "$out/bench.log" | tail -60
 exit $status

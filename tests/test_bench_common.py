@@ -6,12 +6,20 @@ import torch
 
 
 def test_kernel_profile_names_where_the_time_goes():
-    a, b = torch.randn(384, 384), torch.randn(384, 384)
+    # The product makes 1536 multiply-adds per element of the (384, 384) result that the add and the sum then read,
+    # on one thread: with the machine busy (another process's matmuls), OpenMP threads waiting for each other made a
+    # 147k-element add take 8 ms, and a (384, 384) product came first in only 22 of 40 profiles; this setup, 40 of 40.
+    a, b = torch.randn(384, 1536), torch.randn(1536, 384)
 
     def fn():
         return (a @ b).add_(1.0).sum()
 
-    prof = common.kernel_profile(fn, "cpu", calls=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prof = common.kernel_profile(fn, "cpu", calls=3)
+    finally:
+        torch.set_num_threads(threads)
     assert prof["unit"] == "cpu" and prof["us_per_call"] > 0
     names = [e["name"] for e in prof["entries"]]
     assert names[0] == "aten::mm", names  # the matmul dominates an add and a sum over the same 147k elements
