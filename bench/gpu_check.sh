@@ -62,11 +62,10 @@ run_tests() {
   # Most of a CUDA test's time is the host compiling Triton kernels and running CPU references, so workers beside
   # each other finish far more of the selection within the limit (one process ran 138 CUDA tests, about 70% of the
   # selection then, in 240 s).
-  local workers=${TEST_WORKERS:-8} test_env=()
-  if [ "$workers" -gt 1 ] && "$py" -c "import xdist" > /dev/null 2>&1; then
-    test_args+=(-n "$workers")  # (workers take the -P process's sys.path: still the build in the prefix)
-    test_env=("OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))")  # CPU threads per worker
-  fi
+  # (Workers take the -P process's sys.path, so they too import the build in the prefix; tests/conftest.py gives
+  # each its share of the CPU threads.)
+  local workers=${TEST_WORKERS:-8}
+  if [ "$workers" -gt 1 ] && "$py" -c "import xdist" > /dev/null 2>&1; then test_args+=(-n "$workers"); fi
   local limit=${TEST_TIMEOUT:-240}
   if [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - (SECONDS - started))) -lt "$limit" ]; then
     limit=$((DEADLINE - (SECONDS - started)))
@@ -74,8 +73,10 @@ run_tests() {
   if [ "$limit" -lt 10 ]; then step "tests skipped (DEADLINE)"; tests_rc=124; return; fi
   step "tests (at most ${limit} s)"
   # -v: the log names every test that ran, so a run stopped at its limit says which remain; SIGINT at the limit lets
-  # pytest print its summary and the slowest tests (--durations) before it ends.
-  env "${test_env[@]}" timeout -s INT -k 20 "$limit" "$py" -P -m pytest -v -p no:cacheprovider -rs --durations=25 tests \
+  # pytest print its summary and the slowest tests (--durations) before it ends. --foreground: the signal goes to
+  # pytest alone, which stops its xdist workers itself (sent to the whole group, it reached the workers too, and the
+  # summary was lost in one of three runs).
+  timeout --foreground -s INT -k 20 "$limit" "$py" -P -m pytest -v -p no:cacheprovider -rs --durations=25 tests \
     "${test_args[@]}" > "$out/tests.log" 2>&1
   tests_rc=$?
   tail -3 "$out/tests.log"

@@ -8,7 +8,19 @@ import os
 import sys
 
 import pytest
-import torch
+
+# pytest-xdist workers (`pytest -n auto`, the README's test command) share the machine's cores: each takes its share
+# of CPU threads, and so do the processes the tests start (DDP ranks, the command line), or every worker's OpenMP
+# threads wait on each other (on 2 cores, 2 workers of 2 threads each ran the suite slower than one process).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // _WORKERS))
+
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # bench/ holds the official-style baselines that some tests cross-check against. Only that folder goes on the
 # path: the repository root would shadow the installed `taste` package with the source tree.
