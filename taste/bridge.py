@@ -5,6 +5,7 @@ their losses."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -104,4 +105,6 @@ def build_backbone(config) -> nn.Module:
 
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=_linear_names(model))  # fmt: skip
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft reads an attribute that transformers 5 deprecates: nothing a caller can do
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora)

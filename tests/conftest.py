@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import sys
+import warnings
 
 import pytest
 
@@ -51,7 +52,9 @@ def _fix_triton_36_interpreter_for_numpy_24() -> None:
         return
     version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
     try:
-        int(np.ones(1))
+        with warnings.catch_warnings():  # NumPy 1.25 to 2.3 warn that this is deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(np.ones(1))
         return  # NumPy < 2.4: nothing to fix
     except TypeError:
         pass
