@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -56,6 +56,20 @@ def parse_json(text: str, where: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON: {e}") from None
+
+
+def iter_json_objects(path: str, what: str) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` for each non-blank line of a JSONL file, ``where`` being ``path:line`` for messages; a line
+    that is not valid JSON, or not a JSON object (a ``what``), raises ValueError naming it."""
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            row = parse_json(line, where)
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: a {what} must be a JSON object, got {type(row).__name__}")
+            yield where, row
 
 
 def read_jsonl_records(path: str) -> list[dict]:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from taste.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, mel_filters, resample
-from taste.checkpoint import parse_json
+from taste.checkpoint import iter_json_objects
 
 UNIT_RATE = 50  # units per second, the rate of CosyVoice's S3 tokens (spec 1.1 item 6)
 
@@ -279,18 +279,12 @@ def read_manifest(path: str) -> list[dict]:
     """Rows of a JSONL manifest, with ``path`` made absolute (relative paths are relative to the manifest)."""
     rows = []
     base = os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = parse_json(line, f"{path}:{n}")
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: a manifest row must be a JSON object, got {type(row).__name__}")
-            for key in ("id", "path", "text"):
-                if key not in row:
-                    raise ValueError(f"{path}:{n}: manifest row has no {key!r} field")
-            row["audio_path"] = os.path.join(base, row["path"])
-            rows.append(row)
+    for where, row in iter_json_objects(path, "manifest row"):
+        for key in ("id", "path", "text"):
+            if key not in row:
+                raise ValueError(f"{where}: manifest row has no {key!r} field")
+        row["audio_path"] = os.path.join(base, row["path"])
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} has no rows")
     return rows

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from taste.checkpoint import parse_json
+from taste.checkpoint import iter_json_objects
 from taste.spoken_lm import SpokenLMConfig, TasteSpokenLM
 from taste.text import WordTokenizer
 from taste.trainer import LoopConfig, fit, setup_distributed
@@ -46,24 +46,17 @@ class CodeCorpus:
     def __init__(self, path: str, llm_tokenizer: str = "llama3", num_quantizers: int | None = None):
         tok = WordTokenizer(llm_tokenizer)
         self.tokens, self.word_ids, self.codes, self.words = [], [], [], []
-        with open(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = parse_json(line, f"{path}:{line_no}")
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{line_no}: a codes row must be a JSON object, got {type(row).__name__}")
-                words, codes = row.get("words"), torch.tensor(row.get("codes", []), dtype=torch.long)
-                if not words or codes.dim() != 2 or codes.shape[0] != len(words):
-                    raise ValueError(f"{path}:{line_no}: needs 'words' and one 'codes' row per word")
-                if num_quantizers is not None and codes.shape[1] != num_quantizers:
-                    msg = f"{path}:{line_no}: codes have {codes.shape[1]} layers, the model has {num_quantizers}"
-                    raise ValueError(msg)
-                packed = tok.pack([words])
-                self.tokens.append(packed.tokens)
-                self.word_ids.append(packed.word_ids)
-                self.codes.append(codes)
-                self.words.append(words)
+        for where, row in iter_json_objects(path, "codes row"):
+            words, codes = row.get("words"), torch.tensor(row.get("codes", []), dtype=torch.long)
+            if not words or codes.dim() != 2 or codes.shape[0] != len(words):
+                raise ValueError(f"{where}: needs 'words' and one 'codes' row per word")
+            if num_quantizers is not None and codes.shape[1] != num_quantizers:
+                raise ValueError(f"{where}: codes have {codes.shape[1]} layers, the model has {num_quantizers}")
+            packed = tok.pack([words])
+            self.tokens.append(packed.tokens)
+            self.word_ids.append(packed.word_ids)
+            self.codes.append(codes)
+            self.words.append(words)
         if not self.tokens:
             raise ValueError(f"{path} holds no utterances")
 
