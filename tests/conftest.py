@@ -103,6 +103,17 @@ TOL = {
 LENGTH_CASES = [[1], [7], [0], [3, 0, 1, 5], [13, 1, 0, 0, 29, 2], [100, 97, 3, 64, 1, 0, 55, 111]]
 
 
+# The tensors the released TASTE checkpoint saves, as [name, shape, dtype]: a copy of the spec's
+# official_state_dict.json (built from the official code on the meta device, no weights), so that the tests that
+# check our models' names and shapes against the release run in any checkout (test_official.py checks the copy).
+OFFICIAL_STATE_DICT = os.path.join(os.path.dirname(__file__), "data", "official_state_dict.json")
+
+
+def official_keys() -> list:
+    with open(OFFICIAL_STATE_DICT) as f:
+        return json.load(f)["keys"]
+
+
 def make_cu(lengths, device="cpu") -> torch.Tensor:
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)

@@ -3,16 +3,17 @@ models. Tiny models are written in that layout by an independent renaming here (
 read back; at the released shapes, the spec's key list must load strictly (on the meta device)."""
 
 import dataclasses
+import filecmp
 import json
 import os
 
 import pytest
 import torch
+from conftest import OFFICIAL_STATE_DICT, official_keys
 
 import taste
 from taste import official
 
-SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "official_state_dict.json")
 AUDIO = "audio_tower.audio_joint_encoder_segmenter."
 
 
@@ -203,10 +204,7 @@ def test_released_key_list_loads_strictly_at_the_released_shapes():
     """Every tensor the released model saves (the spec's list, built from the official code) has a place in the
     three models at their official presets, with its shape, and every weight of theirs is supplied (strict loads
     on the meta device: no memory, no download)."""
-    if not os.path.isfile(SPEC):
-        pytest.skip("the spec's official_state_dict.json is not next to this checkout")
-    with open(SPEC) as f:
-        keys = json.load(f)["keys"]
+    keys = official_keys()
     state = {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, shape, dtype in keys}
     tokenizer = official.load_tokenizer(None, state={k: v for k, v in state.items() if k.startswith("audio_tower.")})
     assert tokenizer.encoder.conv1.weight.shape == (1280, 128, 3) and len(tokenizer.encoder.layers) == 32
@@ -219,3 +217,12 @@ def test_released_key_list_loads_strictly_at_the_released_shapes():
     with torch.device("meta"):
         lm = official.load_spoken_lm(None, state=state)
     assert sum(p.numel() for n, p in lm.named_parameters() if "lora_" in n) == 45_088_768
+
+
+def test_the_key_list_is_the_specs():
+    """tests/data/official_state_dict.json is a copy of the spec's; where the spec is beside this checkout (the
+    project's own machines), the two must not have drifted apart."""
+    spec = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "official_state_dict.json")
+    if not os.path.isfile(spec):
+        pytest.skip("no shared/spec beside this checkout")
+    assert filecmp.cmp(spec, OFFICIAL_STATE_DICT, shallow=False), "copy the spec's file to tests/data again"

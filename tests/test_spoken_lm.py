@@ -1,19 +1,14 @@
 """TASLM model (spec 2.1-2.6): official names and LoRA count, packed == per utterance, the losses against an
 independent per-utterance build of the spec's layout table, gradients, checkpoints, merge, compile, bad input."""
 
-import json
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_extension, require_taslm_dependencies
+from conftest import needs_extension, official_keys, require_taslm_dependencies
 
 require_taslm_dependencies()
 
 from taste.spoken_lm import SpokenLMConfig, TasteSpokenLM  # noqa: E402
-
-SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "official_state_dict.json")
 
 
 def make(head="latent", seed=0, **kw):
@@ -68,10 +63,7 @@ def test_llama_3_2_1b_names_shapes_and_lora_count():
     assert (
         "fuse_for_bridge_in_llm.linear.weight" in trainable and "extract_for_bridge_out_llm.fc_mu.weight" in trainable
     )
-    if not os.path.isfile(SPEC):
-        pytest.skip("the spec's official_state_dict.json is not next to this checkout")
-    with open(SPEC) as f:
-        keys = json.load(f)["keys"]
+    keys = official_keys()
     official = {k[len("spoken_lm.") :]: shape for k, shape, _ in keys if k.startswith("spoken_lm.")}
     ours = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("vq.")}
     assert ours == official

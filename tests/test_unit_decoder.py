@@ -1,14 +1,11 @@
-import json
 import math
-import os
 
 import pytest
 import torch
+from conftest import official_keys
 
 from taste.relpos import RelPositionAttention, causal_mask, relative_sinusoids
 from taste.unit_decoder import OFFICIAL_PREFIX, UnitDecoder, UnitDecoderConfig
-
-SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "official_state_dict.json")
 
 
 def espnet_rel_attention(attn: RelPositionAttention, x, mask):
@@ -192,10 +189,7 @@ def test_empty_batch():
 
 
 def test_official_parameter_names_and_shapes():
-    if not os.path.isfile(SPEC):
-        pytest.skip("the spec's official_state_dict.json is not beside this checkout")
-    with open(SPEC) as f:
-        official = {k: tuple(shape) for k, shape, _ in json.load(f)["keys"] if k.startswith(OFFICIAL_PREFIX)}
+    official = {k: tuple(shape) for k, shape, _ in official_keys() if k.startswith(OFFICIAL_PREFIX)}
     with torch.device("meta"):
         ours = UnitDecoder(config=UnitDecoderConfig.official())
     mine = {OFFICIAL_PREFIX + k: tuple(v.shape) for k, v in ours.state_dict().items()}
