@@ -15,7 +15,10 @@ Providers, side by side on the same weights and inputs:
       replay the whole forward with no host work per kernel), compiled once per batch size before timing. On a
       GPU its peak memory is not reported (nan): the graphs' memory pool is taken while recording, not per call.
 Two cases per batch size: the whole aggregator (2 layers incl. K/V projections of 1500 frames), and the
-attention + pooling part alone (one cross-attention over precomputed K/V, then word pooling).
+attention + pooling part alone (one cross-attention over precomputed K/V, then word pooling). In that part (1)-(3)
+get K/V in the head-major (B, H, E, D) layout they attend in, made before timing, and (4) the packed (N, H, D) rows
+that a projection writes: PyTorch's CPU flash kernel, which ours calls on the CPU, reads those strided and takes
+about 1.3x as long (bench/RESULTS.md); in the whole aggregator every provider attends to the projections' layout.
 """
 
 from __future__ import annotations
