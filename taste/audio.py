@@ -11,6 +11,7 @@ length (the official batched path used the first sample's length for all).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,8 +39,7 @@ def resample(wave: Tensor, orig_rate: int, new_rate: int = SAMPLE_RATE, *, zero_
     The low-pass sits at 0.99 of the lower Nyquist frequency; ``zero_crossings`` sets the filter length. The
     output has ``ceil(T * new_rate / orig_rate)`` samples.
     """
-    if orig_rate <= 0 or new_rate <= 0:
-        raise ValueError(f"sample rates must be positive, got orig_rate={orig_rate}, new_rate={new_rate}")
+    orig_rate, new_rate = _sample_rate(orig_rate, "orig_rate"), _sample_rate(new_rate, "new_rate")
     if orig_rate == new_rate:
         return wave
     g = math.gcd(orig_rate, new_rate)
@@ -62,6 +62,17 @@ def resample(wave: Tensor, orig_rate: int, new_rate: int = SAMPLE_RATE, *, zero_
     return y[:, :n_out].reshape(*shape[:-1], n_out)
 
 
+def _sample_rate(value, name: str) -> int:
+    """A sample rate as a positive int: ints of any kind (Python, NumPy, a 0-d tensor) and integral floats."""
+    if isinstance(value, Tensor):
+        value = value.item() if value.dim() == 0 else value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive integer (samples per second), got {type(value).__name__}")
+    if not float(value).is_integer() or value <= 0:
+        raise ValueError(f"{name} must be a positive integer (samples per second), got {value!r}")
+    return int(value)
+
+
 def batch_waveforms(
     waveforms: Sequence[Tensor],
     sample_rate: int | Sequence[int] = SAMPLE_RATE,
@@ -73,7 +84,8 @@ def batch_waveforms(
 
     Args:
         waveforms: B tensors of shape ``(T,)`` (or ``(1, T)``), any float dtype.
-        sample_rate: their rate (one for all, or one per waveform).
+        sample_rate: their rate in Hz (one for all, or one per waveform): an integer of any kind (Python, NumPy,
+            a 0-d tensor) or an integral float.
         window_seconds: the feature window; longer audio is refused unless ``truncate``.
         truncate: cut audio longer than the window (the official front-end does, silently).
 
@@ -84,7 +96,10 @@ def batch_waveforms(
         raise TypeError("waveforms must be a list of 1-D tensors (one per utterance), got a single tensor")
     if len(waveforms) == 0:
         raise ValueError("waveforms is empty: need at least one utterance")
-    rates = [sample_rate] * len(waveforms) if isinstance(sample_rate, int) else list(sample_rate)
+    if (sample_rate.dim() if isinstance(sample_rate, Tensor) else np.ndim(sample_rate)) == 0:  # one rate for all
+        rates = [_sample_rate(sample_rate, "sample_rate")] * len(waveforms)
+    else:
+        rates = [_sample_rate(r, f"sample_rate[{i}]") for i, r in enumerate(sample_rate)]
     if len(rates) != len(waveforms):
         raise ValueError(f"sample_rate has {len(rates)} entries for {len(waveforms)} waveforms")
     limit = round(window_seconds * SAMPLE_RATE)

@@ -88,6 +88,27 @@ def test_resampled_batch_and_truncate():
     assert lengths.tolist() == [160000]
 
 
+def test_sample_rates_as_readers_give_them():
+    """A rate may come as a NumPy or 0-d tensor integer or an integral float (readers and configs give those), one
+    for all or one per waveform; anything else is refused with the argument's name."""
+    w = torch.sin(torch.arange(8000) * 0.01)
+    want, _ = batch_waveforms([w], sample_rate=8000, window_seconds=1)
+    for rate in (np.int64(8000), np.int32(8000), 8000.0, np.float32(8000), torch.tensor(8000)):
+        torch.testing.assert_close(batch_waveforms([w], sample_rate=rate, window_seconds=1)[0], want)
+    for rates in ([8000.0], (np.int64(8000),), np.array([8000]), torch.tensor([8000])):
+        torch.testing.assert_close(batch_waveforms([w], sample_rate=rates, window_seconds=1)[0], want)
+    with pytest.raises(ValueError, match=r"sample_rate must be a positive integer \(samples per second\), got 8000.5"):
+        batch_waveforms([w], sample_rate=8000.5)
+    with pytest.raises(ValueError, match=r"sample_rate\[1\] must be a positive integer .*got -16000"):
+        batch_waveforms([w, w], sample_rate=[8000, -16000])
+    with pytest.raises(TypeError, match="sample_rate must be a positive integer .*got str"):
+        batch_waveforms([w], sample_rate="16000")
+    with pytest.raises(TypeError, match=r"sample_rate\[0\] must be a positive integer .*got NoneType"):
+        batch_waveforms([w], sample_rate=[None])
+    with pytest.raises(TypeError, match="sample_rate must be a positive integer .*got bool"):
+        batch_waveforms([w], sample_rate=True)
+
+
 def test_bad_audio():
     with pytest.raises(ValueError, match=r"waveforms\[1\] is empty"):
         batch_waveforms([torch.zeros(10), torch.zeros(0)])
@@ -103,7 +124,7 @@ def test_bad_audio():
         batch_waveforms([])
     with pytest.raises(TypeError, match="list of 1-D tensors"):
         batch_waveforms(torch.zeros(2, 100))
-    with pytest.raises(ValueError, match="sample rates must be positive"):
+    with pytest.raises(ValueError, match=r"orig_rate must be a positive integer \(samples per second\), got 0"):
         resample(torch.zeros(10), 0)
     with pytest.raises(ValueError, match="more than the window"):
         LogMel(n_mels=80, window_seconds=1.0)(torch.zeros(1, 16001))
