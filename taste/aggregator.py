@@ -289,6 +289,12 @@ class TextQueryAggregator(nn.Module):
         for name, t in (("h_key", h_key), ("h_val", h_val), ("tokens", tokens), ("cu_seqlens", cu_seqlens)):
             if t.device != weight.device:
                 raise ValueError(f"{name} must be on the module's device ({weight.device}), got {t.device}")
+        if weight.dtype != h_key.dtype or weight.dtype != h_val.dtype:
+            if not torch.is_autocast_enabled(h_key.device.type):
+                raise TypeError(
+                    f"h_key and h_val must have the module's dtype ({weight.dtype}) outside torch.autocast, got "
+                    f"{h_key.dtype} and {h_val.dtype}: cast them, or the module (.to(dtype)), or run under autocast"
+                )
         batch = h_key.shape[0]
         if cu_seqlens.shape[0] != batch + 1:
             raise ValueError(

@@ -121,6 +121,13 @@ class ResidualVQ(nn.Module):
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         if min(dim, codebook_dim, num_quantizers, codebook_size) < 1:
             raise ValueError("dim, codebook_dim, num_quantizers and codebook_size must be positive")
+        if not eps > 0:  # (the smoothed count of a code no row chose would be 0, its codeword 0 / 0)
+            raise ValueError(f"eps must be > 0 (Laplace smoothing of the EMA counts), got {eps}")
+        if kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+        if threshold_ema_dead_code < 0:
+            raise ValueError(f"threshold_ema_dead_code must be >= 0 (0: no dead-code replacement), got "
+                             f"{threshold_ema_dead_code}")  # fmt: skip
         self.num_quantizers, self.codebook_size, self.codebook_dim = num_quantizers, codebook_size, codebook_dim
         self.decay, self.eps, self.kmeans_iters = decay, eps, kmeans_iters
         self.quantize_dropout, self.threshold_ema_dead_code = quantize_dropout, threshold_ema_dead_code

@@ -367,6 +367,14 @@ def test_bad_input():
         agg(tokens, cu, 9, h_key, h_val[:, :10])
     with pytest.raises(ValueError, match=r"cu_seqlens must have B \+ 1 = 2 entries"):
         agg(tokens, cu, 9, h_key[:1], h_val[:1])
+    # before: "expected m1 and m2 to have the same dtype" from inside a projection
+    with pytest.raises(TypeError, match=r"h_key and h_val must have the module's dtype \(torch.float32\) outside "
+                       r"torch.autocast, got torch.bfloat16 and torch.bfloat16"):  # fmt: skip
+        agg(tokens, cu, 9, h_key.bfloat16(), h_val.bfloat16())
+    with pytest.raises(TypeError, match=r"got torch.float32 and torch.float64"):
+        agg(tokens, cu, 9, h_key, h_val.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts them itself
+        assert agg(tokens, cu, 9, h_key.bfloat16(), h_val.bfloat16()).shape == (tokens.shape[0], 64)
     with pytest.raises(ValueError, match=r"skip_prefix must equal"):
         TextQueryAggregator(config=AggregatorConfig.tiny(skip_prefix=2))
 

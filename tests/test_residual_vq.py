@@ -209,6 +209,12 @@ def test_bad_arguments():
         taste.ResidualVQ(**{**KW, "decay": 1.5})
     with pytest.raises(ValueError, match="must be positive"):
         taste.ResidualVQ(**{**KW, "codebook_size": 0})
+    with pytest.raises(ValueError, match=r"eps must be > 0 \(Laplace smoothing of the EMA counts\), got 0.0"):
+        taste.ResidualVQ(**{**KW, "eps": 0.0})  # before: NaN codewords for every code no row chose
+    with pytest.raises(ValueError, match="kmeans_iters must be >= 0, got -1"):
+        taste.ResidualVQ(**{**KW, "kmeans_iters": -1})
+    with pytest.raises(ValueError, match="threshold_ema_dead_code must be >= 0"):
+        taste.ResidualVQ(**{**KW, "threshold_ema_dead_code": -1.0})
 
 
 @pytest.mark.parametrize("train", [False, True])
