@@ -180,6 +180,8 @@ def test_bad_generation_input(model):
         model.generate(t, cu - 1, w, c, config=GREEDY)
     with pytest.raises(ValueError, match="tokens must be"):
         model.generate(t.int(), cu, w, c, config=GREEDY)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=\d+\), got ids in \[-1, "):
+        model.generate(torch.where(t == t[0], -1, t), cu, w, c, config=GREEDY)
     with pytest.raises(ValueError, match="extra_words"):
         GenerationConfig(extra_words=0)
     with pytest.raises(ValueError, match="text_temperature"):

@@ -263,6 +263,9 @@ def test_bad_input(classifier):
         classifier(t, c, w, k[:5])
     with pytest.raises(ValueError, match="at least one token"):
         classifier(t, torch.tensor([0, 5, 5, 9], dtype=torch.int32), w, k)
+    vocab = classifier.causal_lm.config.vocab_size  # before: the embedding's "index out of range in self"
+    with pytest.raises(ValueError, match=rf"tokens must lie in \[0, vocab_size={vocab}\), got ids in \[\d+, {vocab}\]"):
+        classifier(torch.where(t == t[2], vocab, t), c, w, k)
     with pytest.raises(ValueError, match="codes must be"):
         classifier(t, c, w, k[:, :2])
     with pytest.raises(ValueError, match="head must be one of"):
