@@ -86,6 +86,13 @@ def _join(prompt: Tensor, plen: Tensor, units: Tensor) -> Tensor:
     return torch.where((i < plen[:, None])[..., None], from_prompt, from_units)
 
 
+def _check_ids(ids: Tensor, size: int, name: str, size_name: str) -> None:
+    if ids.is_floating_point() or ids.is_complex() or ids.dim() != 1:
+        raise ValueError(f"{name} must be a (N,) integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        raise ValueError(f"{name} must lie in [0, {size_name}={size}), got ids in [{int(ids.min())}, {int(ids.max())}]")
+
+
 def _encoder(c: UnitDecoderConfig, in_dim: int, layers: int, *, llm: bool) -> RelPosEncoder:
     return RelPosEncoder(
         in_dim, c.d_model, layers, c.heads, c.ffn_dim, activation="relu" if llm else "swish", conformer=not llm,
@@ -122,6 +129,7 @@ class UnitDecoder(nn.Module):
             word_offsets: ``(W_total + 1,)`` int32 words over the packed tokens (needed with ``taste``).
             speaker: ``(B, spk_dim)`` speaker embeddings (L2-normalised here), or None for none.
         """
+        self._check_prompt(text_tokens, text_cu_seqlens, taste, word_offsets, speaker)
         lengths = text_cu_seqlens.diff()
         batch, n = lengths.shape[0], text_tokens.shape[0]
         text = ops.unpack(self.text_embedding(text_tokens), text_cu_seqlens, max_text)  # (B, S, text_dim)
@@ -144,11 +152,36 @@ class UnitDecoder(nn.Module):
         is_task = torch.arange(seq.shape[1], device=seq.device)[None] == (lengths + 2)[:, None]  # (B, S + 3)
         return torch.where(is_task[..., None], task, seq), lengths + 3
 
+    def _check_prompt(self, text_tokens, text_cu_seqlens, taste, word_offsets, speaker) -> None:
+        """Errors in the caller's terms for what would otherwise fail deep inside (an embedding's "index out of
+        range", a product's shapes, NaN from an utterance with no text); the values only on CPU tensors."""
+        c = self.config
+        if text_cu_seqlens.dim() != 1 or text_cu_seqlens.numel() < 1:
+            raise ValueError(f"text_cu_seqlens must be a (B + 1,) tensor, got shape {tuple(text_cu_seqlens.shape)}")
+        batch = text_cu_seqlens.numel() - 1
+        if taste is not None and (taste.dim() != 2 or taste.shape[1] != c.taste_dim):
+            raise ValueError(f"taste must be (W_total, taste_dim={c.taste_dim}), got {tuple(taste.shape)}")
+        if taste is not None and word_offsets is not None and word_offsets.shape != (taste.shape[0] + 1,):
+            raise ValueError(f"word_offsets must be (W_total + 1,) = ({taste.shape[0] + 1},) for taste's "
+                             f"{taste.shape[0]} words, got {tuple(word_offsets.shape)}")  # fmt: skip
+        if speaker is not None and speaker.shape != (batch, c.spk_dim):
+            raise ValueError(f"speaker must be (B={batch}, spk_dim={c.spk_dim}), got {tuple(speaker.shape)}")
+        if text_tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_ids(text_tokens, c.text_vocab, "text_tokens", "text_vocab")
+            if batch and text_cu_seqlens.dtype == torch.int32 and bool((text_cu_seqlens.diff() < 1).any()):
+                raise ValueError(f"every utterance needs at least one text token, got text_cu_seqlens "
+                                 f"{text_cu_seqlens.tolist()}")  # fmt: skip
+
     # ---- teacher forcing ----
     def forward(self, text_tokens, text_cu_seqlens, max_text, units, unit_cu_seqlens, max_units, *, taste=None,
                 word_offsets=None, speaker=None) -> UnitDecoderOutput:  # fmt: skip
         """Teacher-forced next-unit loss. ``units (M,)`` int64 packed targets, ``unit_cu_seqlens (B + 1,)`` int32,
         ``max_units`` host int; the rest as :meth:`prompt`."""
+        if unit_cu_seqlens.shape != text_cu_seqlens.shape:
+            raise ValueError(f"unit_cu_seqlens must have text_cu_seqlens' shape {tuple(text_cu_seqlens.shape)} (one "
+                             f"entry per utterance + 1), got {tuple(unit_cu_seqlens.shape)}")  # fmt: skip
+        if units.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_ids(units, self.config.num_units, "units", "num_units")
         prompt, plen = self.prompt(text_tokens, text_cu_seqlens, max_text, taste, word_offsets, speaker)
         ulen = unit_cu_seqlens.diff()
         batch, m = ulen.shape[0], units.shape[0]

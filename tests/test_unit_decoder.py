@@ -208,6 +208,25 @@ def test_bad_input():
     for bad in (0, -3):
         with pytest.raises(ValueError, match=f"max_new_tokens must be >= 1 or None, got {bad}"):
             m.generate(**cond(b), max_new_tokens=bad)
+    # each of these failed deep inside before: an embedding's "index out of range in self", a product's shapes,
+    # a segment op's "y must have one row per segment", NaN probabilities from an utterance with no text
+    text, units = b["text_tokens"], b["units"]
+    with pytest.raises(ValueError, match=r"text_tokens must lie in \[0, text_vocab=100\), got ids in \[\d+, 100\]"):
+        m(**{**b, "text_tokens": torch.where(text == text[0], 100, text)})
+    with pytest.raises(ValueError, match=r"units must lie in \[0, num_units=20\), got ids in \[-1, "):
+        m(**{**b, "units": torch.where(units == units[0], -1, units)})
+    with pytest.raises(ValueError, match=r"unit_cu_seqlens must have text_cu_seqlens' shape \(4,\)"):
+        m(**{**b, "unit_cu_seqlens": b["unit_cu_seqlens"][:3]})
+    with pytest.raises(ValueError, match=r"taste must be \(W_total, taste_dim=24\), got \(5, 23\)"):
+        m(**{**b, "taste": b["taste"][:, :23]})
+    with pytest.raises(ValueError, match=r"word_offsets must be \(W_total \+ 1,\) = \(5,\) for taste's 4 words"):
+        m(**{**b, "taste": b["taste"][:4]})
+    with pytest.raises(ValueError, match=r"speaker must be \(B=3, spk_dim=6\), got \(2, 6\)"):
+        m.generate(**{**cond(b), "speaker": b["speaker"][:2]})
+    empty = {**cond(b), "text_cu_seqlens": torch.tensor([0, 5, 5, 12], dtype=torch.int32), "taste": None, "max_text": 7}
+    with pytest.raises(ValueError, match=r"every utterance needs at least one text token, got text_cu_seqlens "
+                       r"\[0, 5, 5, 12\]"):  # fmt: skip
+        m.generate(**empty)
 
 
 def test_compiles_fullgraph():
