@@ -85,10 +85,14 @@ class SpeechEncoder(nn.Module):
         with torch.no_grad():
             self.embed_positions.weight.copy_(sinusoids(config.frames, d))
 
-    def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
+    def check_mel(self, mel: Tensor) -> None:
+        """Raises unless ``mel`` is the ``(B, n_mels, 2 * frames)`` batch this encoder takes."""
         expected = 2 * self.config.frames
         if mel.dim() != 3 or mel.shape[1] != self.config.n_mels or mel.shape[2] != expected:
             raise ValueError(f"mel must be (B, {self.config.n_mels}, {expected}), got {tuple(mel.shape)}")
+
+    def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_mel(mel)
         x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, frames, d)
         x = x + self.embed_positions.weight

@@ -157,6 +157,7 @@ class TasteTokenizer(nn.Module):
                 Passing both keeps the forward free of host syncs.
             quantize: False skips the VQ (training stage 1-2): codes are all -1, embeddings the pooled vectors.
         """
+        self.encoder.check_mel(mel)  # (first: the batch size below comes from it)
         if mel.shape[0] + 1 != asr_cu_seqlens.shape[0]:
             raise ValueError(
                 f"asr_cu_seqlens must have B + 1 = {mel.shape[0] + 1} entries (B from mel), "

@@ -168,6 +168,8 @@ def test_bad_input(model):
     a = text.asr
     with pytest.raises(ValueError, match="asr_cu_seqlens must have B \\+ 1 = 2 entries"):
         model(mel[:1], a.tokens, a.cu_seqlens, a.word_ids)
+    with pytest.raises(ValueError, match=r"mel must be \(B, 80, \d+\), got \(80, \d+\)"):  # before: "B + 1 = 81"
+        model(mel[0], a.tokens, a.cu_seqlens, a.word_ids)
     with pytest.raises(ValueError, match="asr_word_ids .* must match asr_tokens"):
         model(mel, a.tokens, a.cu_seqlens, a.word_ids[:-1])
     with pytest.raises(ValueError, match=r"codes must be \(W, 4\)"):
