@@ -351,13 +351,16 @@ def relpos_attention(qu, qv, k, v, p, positions, mask, dropout=None):
     return probs.to(v.dtype) @ v
 
 
-def linear_cross_entropy(h, weight, targets, ref_h=None, kl_weight=0.0):
+def linear_cross_entropy(h, weight, targets, ref_h=None, kl_weight=0.0, ignore_index=-100):
     """``taste.ops.linear_cross_entropy`` on the whole ``(N, V)`` logits: ``(loss, accuracy)``. The KL's reference
-    distribution is a fixed target (no gradient through ``ref_h`` or through ``weight`` on its side)."""
+    distribution is a fixed target (no gradient through ``ref_h`` or through ``weight`` on its side). Rows whose
+    target is ``ignore_index`` count nowhere."""
     logits = (h @ weight.T).to(_acc_dtype(h.dtype))
-    loss = torch.nn.functional.cross_entropy(logits, targets)
+    keep = targets != ignore_index
+    count = keep.sum().to(logits.dtype)
+    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
     if kl_weight > 0:
         ref = (ref_h @ weight.T).detach().to(logits.dtype).log_softmax(-1)
-        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="batchmean")
-        loss = kl_weight * kl + (1 - kl_weight) * loss
-    return loss, (logits.argmax(-1) == targets).to(logits.dtype).mean()
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="none").sum(-1)
+        loss = kl_weight * (kl * keep).sum() / count + (1 - kl_weight) * loss
+    return loss, ((logits.argmax(-1) == targets) & keep).sum().to(logits.dtype) / count

@@ -37,12 +37,42 @@ def test_matches_the_whole_logits_formula(kl_weight, block_elements, train_weigh
         torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-13)
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 7])  # (an id inside the vocabulary may be the one left out too)
+@pytest.mark.parametrize("kl_weight", [0.0, 0.9])
+def test_ignored_rows_count_nowhere(ignore_index, kl_weight):
+    """Rows whose target is ignore_index: loss, accuracy and both gradients as F.cross_entropy(ignore_index=...) with
+    the KL term averaged over the rows counted, equal to dropping those rows; with no row counted, a NaN loss and
+    zero gradients, as PyTorch's."""
+    h, weight, targets, ref_h = problem()
+    targets[[0, 3, 10, 11, 12, 36]] = ignore_index
+    keep = targets != ignore_index
+    wrt = (h, weight)
+    want_loss, want_acc = reference.linear_cross_entropy(h, weight, targets, ref_h, kl_weight, ignore_index)
+    dropped_loss, dropped_acc = reference.linear_cross_entropy(h[keep], weight, targets[keep], ref_h[keep], kl_weight)
+    torch.testing.assert_close(want_loss, dropped_loss, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(want_acc, dropped_acc)
+    want = torch.autograd.grad(want_loss, wrt)
+    for block_elements in (101 * 5, 10**6):
+        loss, acc = ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=kl_weight,
+                                             ignore_index=ignore_index, block_elements=block_elements)  # fmt: skip
+        torch.testing.assert_close(loss, want_loss, atol=1e-13, rtol=1e-13)
+        torch.testing.assert_close(acc, want_acc)
+        got = torch.autograd.grad(loss, wrt)
+        assert not got[0][~keep].any()  # (ignored rows get no gradient)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-13)
+    none = torch.full_like(targets, ignore_index)
+    loss, acc = ops.linear_cross_entropy(h, weight, none, ref_h=ref_h, kl_weight=kl_weight, ignore_index=ignore_index)
+    assert loss.isnan() and acc.isnan()
+    assert all(not g.any() for g in torch.autograd.grad(loss, wrt))
+
+
 def test_a_trainable_weight_takes_blocks_of_at_least_d_rows(monkeypatch):
     import taste.ops_text_loss as text_loss
 
     seen = []
     op = text_loss._op
-    monkeypatch.setattr(text_loss, "_op", lambda *args: seen.append(args[5]) or op(*args))
+    monkeypatch.setattr(text_loss, "_op", lambda *args: seen.append(args[6]) or op(*args))
     h, weight, targets, _ = problem()  # d = 16, V = 101
     ops.linear_cross_entropy(h, weight, targets, block_elements=202)
     ops.linear_cross_entropy(h, weight.detach(), targets, block_elements=202)
@@ -74,7 +104,9 @@ def test_gradcheck_opcheck_and_compile():
     torch.autograd.gradcheck(
         lambda a: ops.linear_cross_entropy(a, frozen, targets, ref_h=ref_h, kl_weight=0.5, block_elements=14)[0], (h,)
     )
-    torch.library.opcheck(torch.ops.taste.linear_cross_entropy.default, (h, weight, targets, ref_h, 0.5, 2, True, True))
+    some_ignored = torch.where(torch.arange(6) == 2, -100, targets)
+    torch.library.opcheck(torch.ops.taste.linear_cross_entropy.default,
+                          (h, weight, some_ignored, ref_h, 0.5, -100, 2, True, True))  # fmt: skip
     compiled = torch.compile(lambda *a: ops.linear_cross_entropy(*a, ref_h=ref_h, kl_weight=0.5, block_elements=14),
                              fullgraph=True, backend="aot_eager")  # fmt: skip
     loss, _ = compiled(h, weight, targets)
@@ -124,5 +156,8 @@ def test_bad_input():
         ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h, kl_weight=1.5)
     with pytest.raises(ValueError, match="kl_weight > 0 needs ref_h"):
         ops.linear_cross_entropy(h, weight, targets, kl_weight=0.5)
-    with pytest.raises(ValueError, match=r"targets must lie in \[0, V=101\), got ids in \[0, 101\]"):
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, V=101\) or equal ignore_index=-100, got ids "
+                       r"in \[0, 101\] besides"):  # fmt: skip
         ops.linear_cross_entropy(h, weight, torch.cat([targets[:-1], torch.tensor([101])]))
+    with pytest.raises(ValueError, match=r"ignore_index=-1, got ids in \[-100, "):
+        ops.linear_cross_entropy(h, weight, torch.cat([targets[:-1], torch.tensor([-100])]), ignore_index=-1)
