@@ -137,6 +137,10 @@ def linear_cross_entropy(
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or not h.is_floating_point():
         raise ValueError(f"h must be (N, d) and weight (V, d) floating point, got h {h.dtype} {tuple(h.shape)}, "
                          f"weight {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
+    if weight.dtype != h.dtype or (ref_h is not None and ref_h.dtype != h.dtype):
+        other = "" if ref_h is None else f", ref_h {ref_h.dtype}"
+        raise ValueError(f"h, weight and ref_h must have one dtype outside torch.autocast, got h {h.dtype}, weight "
+                         f"{weight.dtype}{other}")  # fmt: skip
     if targets.shape != h.shape[:1] or targets.dtype != torch.int64:
         raise ValueError(f"targets must be ({h.shape[0]},) int64, got {targets.dtype} {tuple(targets.shape)}")
     if not 0.0 <= kl_weight <= 1.0:

@@ -150,6 +150,10 @@ def test_bad_input():
     h, weight, targets, ref_h = problem()
     with pytest.raises(ValueError, match=r"h must be \(N, d\) and weight \(V, d\)"):
         ops.linear_cross_entropy(h, weight[:, :3], targets)
+    with pytest.raises(ValueError, match=r"one dtype outside torch.autocast, got h torch.float64, weight \S+$"):
+        ops.linear_cross_entropy(h, weight.float(), targets)  # before: the product's "expected m1 and m2 to have ..."
+    with pytest.raises(ValueError, match=r"weight torch.float64, ref_h torch.float32"):
+        ops.linear_cross_entropy(h, weight, targets, ref_h=ref_h.float(), kl_weight=0.5)
     with pytest.raises(ValueError, match=r"targets must be \(37,\) int64"):
         ops.linear_cross_entropy(h, weight, targets.int())
     with pytest.raises(ValueError, match=r"kl_weight must be in \[0, 1\], got 1.5"):
