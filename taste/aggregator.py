@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taste._checks import check_id_range
 from taste.ops import (
     cross_attention_folds,
     prefix_layout,
@@ -313,11 +314,7 @@ class TextQueryAggregator(nn.Module):
     def _check_values(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
         """What the ops would report in their own terms (or, for the ids, as an IndexError), in the caller's: the
         ids within the vocabulary, no sequence longer than ``max_seqlen`` (offsets checked by prefix_layout)."""
-        if tokens.numel() and not tokens.is_floating_point():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                vocab = self.config.vocab_size
-                raise ValueError(f"tokens must lie in [0, vocab_size={vocab}), got ids in [{lo}, {hi}]")
+        check_id_range(tokens, self.config.vocab_size, "tokens")
         if cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1:
             steps = cu_seqlens.diff()
             longest = int(steps.max())

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taste import ops
+from taste._checks import check_id_range
 from taste.aggregator import _plain_linear
 from taste.bridge import ClassifierHead, LatentHead, WeightedSumFusion, build_backbone
 from taste.checkpoint import meta_tensors, read_model, save_model
@@ -346,10 +347,7 @@ class TasteSpokenLM(nn.Module):
             raise ValueError(f"cu_seqlens must rise from 0 to N={tokens.numel()}, got {cu_seqlens.tolist()}")
         if not allow_empty and bool((lengths < 1).any()):
             raise ValueError("every utterance needs at least one token (cu_seqlens must be strictly increasing)")
-        vocab = self.causal_lm.config.vocab_size
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):  # (else: the embedding's
-            raise ValueError(f"tokens must lie in [0, vocab_size={vocab}), got ids in "  # "index out of range")
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")  # fmt: skip
+        check_id_range(tokens, self.causal_lm.config.vocab_size, "tokens")
         if codes is not None:
             last = word_ids[(cu_seqlens[1:].long() - 1).clamp(min=0)].long() + 1 if tokens.numel() else lengths
             words = int(torch.where(lengths > 0, last, 0).sum())

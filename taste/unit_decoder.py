@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taste import ops
+from taste._checks import check_id_range
 from taste.checkpoint import read_model, save_model
 from taste.relpos import RelPosEncoder, relative_sinusoids
 
@@ -84,13 +85,6 @@ def _join(prompt: Tensor, plen: Tensor, units: Tensor) -> Tensor:
     j = (i - plen[:, None]).clamp(0, max(units.shape[1] - 1, 0))
     from_units = units.gather(1, j[..., None].expand(-1, -1, d))
     return torch.where((i < plen[:, None])[..., None], from_prompt, from_units)
-
-
-def _check_ids(ids: Tensor, size: int, name: str, size_name: str) -> None:
-    if ids.is_floating_point() or ids.is_complex() or ids.dim() != 1:
-        raise ValueError(f"{name} must be a (N,) integer tensor, got {ids.dtype} {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
-        raise ValueError(f"{name} must lie in [0, {size_name}={size}), got ids in [{int(ids.min())}, {int(ids.max())}]")
 
 
 def _encoder(c: UnitDecoderConfig, in_dim: int, layers: int, *, llm: bool) -> RelPosEncoder:
@@ -167,7 +161,7 @@ class UnitDecoder(nn.Module):
         if speaker is not None and speaker.shape != (batch, c.spk_dim):
             raise ValueError(f"speaker must be (B={batch}, spk_dim={c.spk_dim}), got {tuple(speaker.shape)}")
         if text_tokens.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_ids(text_tokens, c.text_vocab, "text_tokens", "text_vocab")
+            check_id_range(text_tokens, c.text_vocab, "text_tokens", "text_vocab")
             if batch and text_cu_seqlens.dtype == torch.int32 and bool((text_cu_seqlens.diff() < 1).any()):
                 raise ValueError(f"every utterance needs at least one text token, got text_cu_seqlens "
                                  f"{text_cu_seqlens.tolist()}")  # fmt: skip
@@ -181,7 +175,7 @@ class UnitDecoder(nn.Module):
             raise ValueError(f"unit_cu_seqlens must have text_cu_seqlens' shape {tuple(text_cu_seqlens.shape)} (one "
                              f"entry per utterance + 1), got {tuple(unit_cu_seqlens.shape)}")  # fmt: skip
         if units.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_ids(units, self.config.num_units, "units", "num_units")
+            check_id_range(units, self.config.num_units, "units", "num_units")
         prompt, plen = self.prompt(text_tokens, text_cu_seqlens, max_text, taste, word_offsets, speaker)
         ulen = unit_cu_seqlens.diff()
         batch, m = ulen.shape[0], units.shape[0]
