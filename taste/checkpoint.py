@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -32,16 +32,35 @@ def save_model(directory: str, config: dict, module: nn.Module, keep: set[str] |
     save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "model": type(module).__name__})
 
 
+def read_tensors(path: str, select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (a ``torch.save`` one for ``.bin``, ``.pt`` and ``.pth``) whose names
+    ``select`` accepts (all by default), on the CPU. A file that exists but cannot be read (cut short by an
+    interrupted download or copy, another format) raises a ValueError that names it."""
+    import pickle
+
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist or is not a file")
+    try:
+        if path.endswith((".bin", ".pt", ".pth")):
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return {k: v for k, v in loaded.items() if select is None or select(k)}
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if select is None or select(k)}
+    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read its tensors, is the file whole? ({e})") from e
+
+
 def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config dict, state dict)`` of a :func:`save_model` directory; ``kind`` names the model in errors."""
-    from safetensors.torch import load_file
-
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(directory, name)):
             raise FileNotFoundError(f"{directory!r} has no {name}: not a {kind}.save_pretrained directory")
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         config = parse_json(f.read(), os.path.join(directory, CONFIG_NAME))
-    return config, load_file(os.path.join(directory, WEIGHTS_NAME))
+    return config, read_tensors(os.path.join(directory, WEIGHTS_NAME))
 
 
 def meta_tensors(module: nn.Module) -> list[str]:

@@ -142,14 +142,22 @@ def cmd_eval_tokenizer(args) -> None:
     _report(metrics, args.json)
 
 
-def cmd_resynthesize(args) -> None:
-    from safetensors.torch import load_file
+def _read_centroids(path: str):
+    """The ``centroids`` tensor of a ``taste units`` output file."""
+    from taste.checkpoint import read_tensors
 
+    tensors = read_tensors(path)
+    if "centroids" not in tensors:
+        raise ValueError(f"{path} holds no 'centroids' tensor (got {sorted(tensors)[:5]}): not a `taste units` file")
+    return tensors["centroids"]
+
+
+def cmd_resynthesize(args) -> None:
     from taste.corpus import read_wav, write_wav
     from taste.evaluate import resynthesize
 
     audio, rate = read_wav(args.wav)
-    centroids = load_file(args.centroids)["centroids"]
+    centroids = _read_centroids(args.centroids)
     codes, wave = resynthesize(args.model, audio, args.text, centroids, seed=args.seed, sample_rate=rate)
     write_wav(args.output, wave)
     print(f"{codes.shape[0]} words, codes {codes.tolist()} -> {args.output} ({wave.numel() / 16000:.2f} s)")
@@ -216,8 +224,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_continue(args) -> None:
-    from safetensors.torch import load_file
-
     from taste.continuation import continue_speech
     from taste.corpus import read_wav, write_wav
     from taste.train import Stage1Model
@@ -225,7 +231,7 @@ def cmd_continue(args) -> None:
     lm = _load_lm(args.lm, "cpu")
     stage1 = Stage1Model.from_pretrained(args.tokenizer_model).eval()
     audio, rate = read_wav(args.wav)
-    centroids = load_file(args.centroids)["centroids"]
+    centroids = _read_centroids(args.centroids)
     result = continue_speech(lm, stage1, audio, args.text, centroids, sample_rate=rate, config=_generation_config(args),
                              seed=args.seed, only_new=args.only_new)  # fmt: skip
     write_wav(args.output, result["wave"])

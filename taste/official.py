@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from taste.checkpoint import read_tensors
+
 ENCODER_PREFIX = "audio_tower.audio_joint_encoder_segmenter.audio_encoder.encoder."
 # The tokenizer's parts: official prefix -> this package's (the RVQ and aggregator prefixes are their modules').
 TOKENIZER_PREFIXES = {
@@ -84,16 +86,7 @@ def read_official_tensors(directory: str, prefixes) -> dict[str, Tensor]:
     for path, keys in checkpoint_files(directory).items():
         if keys is not None and not any(k.startswith(prefixes) for k in keys):
             continue
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    if key.startswith(prefixes):
-                        state[key] = f.get_tensor(key)
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            state.update({k: v for k, v in loaded.items() if k.startswith(prefixes)})
+        state.update(read_tensors(path, lambda key: key.startswith(prefixes)))
     if not state:
         raise ValueError(f"{directory!r} has no tensors under {list(prefixes)}: not a TASTE / TASLM checkpoint")
     return state

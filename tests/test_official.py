@@ -198,6 +198,17 @@ def test_bad_checkpoint_directories(tmp_path):
         official.read_official_tensors(str(tmp_path), ("speech_decoder.",))
     with pytest.raises(ValueError, match="parts must be among"):
         official.load_official(str(tmp_path), ("vocoder",))
+    # files cut short (an interrupted download or copy) are named; before: safetensors' "header too small" alone
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot read its tensors, is the file whole\?"):
+        official.read_official_tensors(str(tmp_path), ("speech_decoder.",))
+    os.remove(tmp_path / "model.safetensors")
+    torch.save({"speech_decoder.w": torch.zeros(100)}, tmp_path / "pytorch_model.bin")
+    whole = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: cannot read its tensors, is the file whole\?"):
+        official.read_official_tensors(str(tmp_path), ("speech_decoder.",))
 
 
 def test_released_key_list_loads_strictly_at_the_released_shapes():

@@ -96,6 +96,10 @@ def test_save_and_load_round_trip(model, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.encode(speech(), TEXTS), model.encode(speech(), TEXTS)))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         taste.TasteTokenizer.from_pretrained(tmp_path / "missing")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # (a copy cut short: before, safetensors' message alone)
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot read its tensors, is the file whole\? \("):
+        taste.TasteTokenizer.from_pretrained(tmp_path)
 
 
 def test_compiled_aggregator_pooling_and_vq(model):
