@@ -201,6 +201,25 @@ def test_ddp_accumulation_reduces_once_a_step_and_matches_one_rank(tmp_path):
         torch.testing.assert_close(torch.tensor(mine), single.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [({"steps": "100"}, "steps must be int, got '100' \\(str\\)"), ({"lr": "1e-3"}, "lr must be float, got '1e-3'"),
+     ({"batch_size": 2.5}, "batch_size must be int, got 2.5"), ({"bf16": "no"}, "bf16 must be bool, got 'no'"),
+     ({"steps": True}, "steps must be int, got True \\(bool\\)"), ({"out_dir": 5}, "out_dir must be str, got 5"),
+     ({"clip": 0.0}, "clip must be > 0"), ({"lr": -1e-3}, "lr must be > 0"), ({"warmup": -5}, "warmup must be >= 0"),
+     ({"weight_decay": -0.1}, "weight_decay must be >= 0"), ({"eval_size": -1}, "eval_size must be >= 0")],
+)  # fmt: skip
+def test_config_values_of_the_wrong_type_or_range_name_the_option_and_file(tmp_path, option, message):
+    """Before: "'<' not supported between instances of 'str' and 'int'" for a quoted number, nothing at all for the
+    others until the run failed (an IndexError for eval_size -1) or trained nothing (clip 0 zeroes every gradient)."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"out_dir": "o", **option}))
+    with pytest.raises((TypeError, ValueError), match=rf"run.json: {message}"):
+        LoopConfig.from_json(str(path))
+    assert LoopConfig.from_json(str(path), **{k: getattr(LoopConfig(out_dir="o"), k) for k in option})
+    assert LoopConfig(out_dir="o", lr=1).lr == 1  # (an int does for a float: JSON writes 1.0 as 1 too)
+
+
 def test_config_files_that_are_not_json_objects_name_the_file(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"out_dir": "o"\n"steps": 3}')
