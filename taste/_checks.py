@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+
 from torch import Tensor
 
 
@@ -15,3 +18,36 @@ def check_id_range(ids: Tensor, size: int, name: str, size_name: str = "vocab_si
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= size:
             raise ValueError(f"{name} must lie in [0, {size_name}={size}), got ids in [{lo}, {hi}]")
+
+
+# annotation (its name before any "[") -> the Python types a value of it may have (a bool is never an int or float)
+_ANNOTATED = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,), "dict": (dict,),
+              "tuple": (tuple, list)}  # fmt: skip
+
+
+def check_field_types(config) -> None:
+    """Raises a TypeError naming the field unless each field of a config dataclass holds its annotated type.
+
+    Configs come from JSON files as often as from code, and ``"steps": "100"`` is as easy to write as ``100``. Any
+    integer does for an int and any real number for a float; a bool does for neither. Annotations other than
+    ``int``, ``float``, ``bool``, ``str``, ``dict``, ``tuple[...]`` (a list does too) and their ``| None`` are not
+    checked.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        kinds = [k.strip().split("[")[0] for k in annotation.split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if any(k not in _ANNOTATED and k != "None" for k in kinds):
+            continue  # (a type this check does not know, e.g. a nested config)
+        allowed = tuple(t for k in kinds if k != "None" for t in _ANNOTATED[k])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise TypeError(f"{field.name} must be {field.type}, got {value!r} ({type(value).__name__})")
+
+
+def check_at_least(config, minimum, *names: str) -> None:
+    """Raises a ValueError naming the first of ``names`` whose value is below ``minimum``."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(config, name)}")

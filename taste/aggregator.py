@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taste._checks import check_id_range
+from taste._checks import check_at_least, check_field_types, check_id_range
 from taste.ops import (
     cross_attention_folds,
     prefix_layout,
@@ -42,6 +42,18 @@ class AggregatorConfig:
     skip_prefix: int = 4  # the official skip_prefix_idx: leading outputs that are not text tokens
     identity_v_proj: bool = True  # make_v_proj_identity: cross-attention values start as the raw value states
     layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        check_field_types(self)
+        check_at_least(self, 1, "vocab_size", "d_model", "num_heads", "ffn_dim")
+        check_at_least(self, 0, "num_layers")
+        if self.max_positions <= len(self.prefix_ids):
+            raise ValueError(f"max_positions ({self.max_positions}) must exceed the {len(self.prefix_ids)} prefix "
+                             "tokens: it bounds the prefix and the text together")  # fmt: skip
+        if any(not 0 <= i < self.vocab_size for i in self.prefix_ids):
+            raise ValueError(f"prefix_ids must lie in [0, vocab_size={self.vocab_size}), got {self.prefix_ids}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
     @classmethod
     def distil_large_v3(cls, **overrides) -> AggregatorConfig:
@@ -331,7 +343,7 @@ class TextQueryAggregator(nn.Module):
         to the identity as the official seed model does). The module takes the decoder's dtype and device.
         """
         c = decoder.config
-        config = AggregatorConfig(
+        shapes = dict(
             vocab_size=c.vocab_size,
             d_model=c.d_model,
             num_heads=c.decoder_attention_heads,
@@ -339,7 +351,7 @@ class TextQueryAggregator(nn.Module):
             ffn_dim=c.decoder_ffn_dim,
             max_positions=c.max_target_positions,
         )
-        config = replace(config, **overrides)
+        config = AggregatorConfig(**{**shapes, **overrides})  # (in one: the shapes alone may not fit the prefix)
         weight = decoder.embed_tokens.weight
         with torch.device("meta"):
             module = cls(config=replace(config, identity_v_proj=False))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taste._checks import check_at_least, check_field_types
 from taste.aggregator import WhisperLayer, whisper_init
 
 
@@ -29,6 +30,14 @@ class EncoderConfig:
     ffn_dim: int = 5120
     value_layer: int = 6  # values = the residual stream after this many layers (HF hidden_states[value_layer])
     layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        check_field_types(self)
+        check_at_least(self, 1, "d_model", "num_layers", "num_heads", "ffn_dim")
+        if self.n_mels not in (80, 128):
+            raise ValueError(f"n_mels must be 80 or 128 (the filter banks openai-whisper ships), got {self.n_mels}")
+        if not self.window_seconds > 0:
+            raise ValueError(f"window_seconds must be > 0, got {self.window_seconds}")
 
     @classmethod
     def large_v3(cls, **overrides) -> EncoderConfig:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from taste import ops
+from taste._checks import check_field_types
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class GenerationConfig:
     stop_id: int | None = None
 
     def __post_init__(self):
+        check_field_types(self)
         if self.extra_words < 1:
             raise ValueError(f"extra_words must be >= 1, got {self.extra_words}")
         if self.text_temperature <= 0:

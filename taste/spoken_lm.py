@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taste import ops
-from taste._checks import check_id_range
+from taste._checks import check_at_least, check_field_types, check_id_range
 from taste.aggregator import _plain_linear
 from taste.bridge import ClassifierHead, LatentHead, WeightedSumFusion, build_backbone
 from taste.checkpoint import meta_tensors, read_model, save_model
@@ -76,6 +76,11 @@ class SpokenLMConfig:
     llm_tokenizer: str = "llama3"
 
     def __post_init__(self):
+        check_field_types(self)
+        check_at_least(self, 1, "taste_dim", "codebook_dim", "num_quantizers", "codebook_size")
+        check_at_least(self, 0, "text_weight", "taste_weight")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.delay < 1:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from taste import ops
+from taste._checks import check_field_types
 from taste.aggregator import WHISPER_PREFIX_IDS, AggregatorConfig, TextQueryAggregator
 from taste.audio import LogMel, batch_waveforms
 from taste.checkpoint import read_model, save_model
@@ -40,6 +41,9 @@ class QuantizerConfig:
     quantize_dropout: bool = True
     threshold_ema_dead_code: float = 0.0
 
+    def __post_init__(self):
+        check_field_types(self)  # (the values: taste.ResidualVQ's constructor)
+
 
 @dataclass(frozen=True)
 class TasteConfig:
@@ -49,6 +53,9 @@ class TasteConfig:
     freeze_encoder: bool = True  # the official recipe never trains the Whisper encoder
     asr_tokenizer: str = "whisper"  # see taste.text: "whisper", "llama3" or a tokenizer directory
     llm_tokenizer: str = "llama3"
+
+    def __post_init__(self):
+        check_field_types(self)
 
     @classmethod
     def official(cls, **overrides) -> TasteConfig:

@@ -38,21 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from taste._checks import check_at_least, check_field_types
 from taste.checkpoint import parse_json, read_jsonl_records, write_jsonl_atomically
-
-_JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
-
-
-def _check_field_types(config) -> None:
-    """Each field of a config dataclass holds its annotated type (a JSON config says ``"steps": "100"`` as easily
-    as ``100``); an int does for a float, a bool does not for an int. Annotations it does not know are skipped."""
-    for field in dataclasses.fields(config):
-        value, kinds = getattr(config, field.name), [k.strip() for k in str(field.type).split("|")]
-        if value is None and "None" in kinds:
-            continue
-        allowed = tuple(t for k in kinds for t in _JSON_TYPES.get(k, ()))
-        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
-            raise TypeError(f"{field.name} must be {field.type}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(kw_only=True)
@@ -79,16 +66,12 @@ class LoopConfig:
         keep = self.keep_checkpoints
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ValueError(f"keep_checkpoints must be an integer >= 1 or None (keep all), got {keep!r}")
-        _check_field_types(self)
-        for name in ("steps", "batch_size", "accum", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_field_types(self)
+        check_at_least(self, 1, "steps", "batch_size", "accum", "save_every", "log_every")
         for name, what in (("lr", "> 0"), ("clip", "> 0 (the largest gradient norm)")):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
-        for name in ("warmup", "weight_decay", "eval_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 0, "warmup", "weight_decay", "eval_size")
         if not self.out_dir:
             raise ValueError("out_dir must name a directory")
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taste import ops
-from taste._checks import check_id_range
+from taste._checks import check_at_least, check_field_types, check_id_range
 from taste.checkpoint import read_model, save_model
 from taste.relpos import RelPosEncoder, relative_sinusoids
 
@@ -47,6 +47,18 @@ class UnitDecoderConfig:
     top_k: int = 25
     min_len_ratio: float = 2.0  # generation: EOS is banned before min_len_ratio * (S + 3) units
     max_len_ratio: float = 20.0  # and forced after max_len_ratio * (S + 3)
+
+    def __post_init__(self):
+        check_field_types(self)
+        check_at_least(self, 1, "text_vocab", "text_dim", "taste_dim", "audio_dim", "d_model", "heads", "ffn_dim",
+                       "num_units", "spk_dim", "top_k")  # fmt: skip
+        check_at_least(self, 0, "text_layers", "audio_layers", "lm_layers")
+        for name in ("dropout", "pos_dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.min_len_ratio <= self.max_len_ratio or self.max_len_ratio <= 0:
+            raise ValueError(f"need 0 <= min_len_ratio <= max_len_ratio and max_len_ratio > 0, got "
+                             f"{self.min_len_ratio} and {self.max_len_ratio}")  # fmt: skip
 
     @classmethod
     def official(cls, **overrides) -> UnitDecoderConfig:

@@ -84,3 +84,51 @@ def test_cuda_validates_where_it_syncs():
         ops.pack(torch.zeros(1, 3, device="cuda"), torch.tensor([5], device="cuda"))
     with pytest.raises(RuntimeError, match=r"offsets must start at 0"):
         ops.segment_broadcast(torch.ones(1, 2, device="cuda"), torch.tensor([1, 2], dtype=I32, device="cuda"))
+
+
+def _configs():
+    import numpy as np
+
+    import taste
+    from taste.encoder import EncoderConfig
+    from taste.generate import GenerationConfig
+    from taste.tokenizer import QuantizerConfig
+
+    return [  # (what, make, error, message): each failed deep inside before, or passed and failed later, or never
+        ("heads 0", lambda: taste.AggregatorConfig.tiny(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+        ("prefix outside the vocabulary", lambda: taste.AggregatorConfig.tiny(prefix_ids=(1000, 1, 2, 3)), ValueError,
+         r"prefix_ids must lie in \[0, vocab_size=1000\), got \(1000, 1, 2, 3\)"),
+        ("no room after the prefix", lambda: taste.AggregatorConfig.tiny(max_positions=4), ValueError,
+         r"max_positions \(4\) must exceed the 4 prefix tokens"),
+        ("a string width", lambda: taste.AggregatorConfig.tiny(d_model="64"), TypeError,
+         r"d_model must be int, got '64' \(str\)"),
+        ("64 mel bins", lambda: EncoderConfig(n_mels=64), ValueError, "n_mels must be 80 or 128"),
+        ("no window", lambda: EncoderConfig(window_seconds=0.0), ValueError, "window_seconds must be > 0"),
+        ("decoder heads 0", lambda: taste.UnitDecoderConfig.tiny(heads=0), ValueError, "heads must be >= 1, got 0"),
+        ("dropout 1", lambda: taste.UnitDecoderConfig.tiny(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+        ("EOS ratios crossed", lambda: taste.UnitDecoderConfig.tiny(min_len_ratio=30.0), ValueError,
+         "need 0 <= min_len_ratio <= max_len_ratio and max_len_ratio > 0, got 30.0 and 20.0"),
+        ("decoder top_k 0", lambda: taste.UnitDecoderConfig.tiny(top_k=0), ValueError, "top_k must be >= 1, got 0"),
+        ("a bool codebook size", lambda: QuantizerConfig(codebook_size=True), TypeError,
+         r"codebook_size must be int, got True \(bool\)"),
+        ("a string tokenizer flag", lambda: taste.TasteConfig.tiny(freeze_encoder="yes"), TypeError,
+         "freeze_encoder must be bool"),
+        ("negative loss weight", lambda: taste.SpokenLMConfig.tiny(text_weight=-1.0), ValueError,
+         "text_weight must be >= 0, got -1.0"),
+        ("LoRA dropout 1", lambda: taste.SpokenLMConfig.tiny(lora_dropout=1.0), ValueError,
+         r"lora_dropout must be in \[0, 1\)"),
+        ("a string token budget", lambda: GenerationConfig(max_new_tokens="5"), TypeError,
+         r"max_new_tokens must be int \| None, got '5' \(str\)"),
+        ("NumPy integers do", lambda: GenerationConfig(max_new_tokens=np.int64(5)), None, None),
+        ("lists do for tuples", lambda: taste.AggregatorConfig.tiny(prefix_ids=[996, 997, 998, 999]), None, None),
+        ("ints do for floats", lambda: taste.UnitDecoderConfig.tiny(max_len_ratio=20), None, None),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("what, make, error, message", _configs(), ids=[c[0] for c in _configs()])
+def test_configs_check_their_fields(what, make, error, message):
+    if error is None:
+        make()
+    else:
+        with pytest.raises(error, match=message):
+            make()
