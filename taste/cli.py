@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -78,7 +79,10 @@ def cmd_encode(args) -> None:
             batch = order[start : start + args.batch_size]
             audio = [read_wav(rows[i]["audio_path"]) for i in batch]
             seconds += sum(a.numel() / rate for a, rate in audio)
-            codes = model.encode([a for a, _ in audio], [rows[i]["text"] for i in batch], [r for _, r in audio])
+            try:
+                codes = model.encode([a for a, _ in audio], [rows[i]["text"] for i in batch], [r for _, r in audio])
+            except (TypeError, ValueError) as e:  # (bad values of the manifest's rows, whichever kind)
+                raise ValueError(_name_rows(str(e), [rows[i]["id"] for i in batch], args.manifest)) from e
             for i, c in zip(batch, codes):
                 results[i] = c.tolist()
                 log.write(json.dumps({"index": i, "id": rows[i]["id"], "codes": results[i]}) + "\n")
@@ -97,6 +101,12 @@ def cmd_encode(args) -> None:
     )
 
 
+def _name_rows(message: str, ids: list[str], manifest: str) -> str:
+    """An encode error about ``texts[k]`` or ``waveforms[k]`` (the k-th of a batch sorted by length) about the
+    manifest row instead."""
+    return re.sub(r"\b(texts|waveforms)\[(\d+)\]", lambda m: f"row {ids[int(m[2])]!r} of {manifest} ({m[1]})", message)
+
+
 def _open_encode_journal(path: str, args, rows: list[dict]) -> dict[int, list]:
     """The codes an interrupted ``taste encode`` of the same manifest and model kept in ``path`` (index -> codes),
     after rewriting the journal without a line the interruption left half-written; a fresh journal if none."""
@@ -105,7 +115,7 @@ def _open_encode_journal(path: str, args, rows: list[dict]) -> dict[int, list]:
     header = {"taste_encode": 1, "manifest": os.path.abspath(args.manifest), "model": os.path.abspath(args.model),
               "dtype": args.dtype, "rows": len(rows)}  # fmt: skip
     records = read_jsonl_records(path) if os.path.exists(path) else []  # a header cut short leaves no records
-    if records and records[0] != header:
+    if len(records) > 1 and records[0] != header:  # (a journal of nothing encoded yet is simply started again)
         changed = sorted(k for k in header if records[0].get(k) != header[k])
         raise RuntimeError(f"{path} is the journal of another encode (it differs in {', '.join(changed)}); "
                            "delete it to start over, or rerun the command that wrote it")  # fmt: skip
@@ -115,7 +125,7 @@ def _open_encode_journal(path: str, args, rows: list[dict]) -> dict[int, list]:
         if not 0 <= i < len(rows) or rows[i]["id"] != record["id"]:
             raise RuntimeError(f"{path}: row {i} is {record['id']!r} there but not in {args.manifest}; delete it")
         results[i] = record["codes"]
-    write_jsonl_atomically(path, [header, *records[1:]])
+    write_jsonl_atomically(path, [header, *records[1:]])  # (the header of this encode, whatever was there)
     return results
 
 

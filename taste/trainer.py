@@ -86,8 +86,8 @@ class LoopConfig:
             raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
         try:
             return cls(**{**raw, **overrides})
-        except (TypeError, ValueError) as e:  # (a value of the wrong type or range: name the file it came from)
-            raise type(e)(f"{path}: {e}") from e
+        except (TypeError, ValueError) as e:  # (a value of the wrong type or range: a bad value of the file, named)
+            raise ValueError(f"{path}: {e}") from e
 
 
 def batch_order(lengths: list[int], indices: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

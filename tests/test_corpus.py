@@ -108,10 +108,30 @@ def test_an_interrupted_encode_resumes_from_its_journal(manifest, tmp_path, monk
     assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not journal.exists()
 
     # a journal of another encode is refused, not mixed in
-    journal.write_text(json.dumps({"taste_encode": 1, "manifest": str(manifest), "model": "/elsewhere",
-                                   "dtype": "float32", "rows": 12}) + "\n")  # fmt: skip
+    other = json.dumps({"taste_encode": 1, "manifest": str(manifest), "model": "/elsewhere", "dtype": "float32",
+                        "rows": 12}) + "\n"  # fmt: skip
+    journal.write_text(other + json.dumps({"index": 0, "id": "utt000000", "codes": [[1, 2, 3, 4]]}) + "\n")
     assert encode(out) == 1
     assert "is the journal of another encode (it differs in model); delete it" in capsys.readouterr().err
+    # unless it holds nothing encoded yet (an encode that failed in its first batch): then it is started again
+    journal.write_text(other)
+    out.unlink()
+    assert encode(out) == 0 and out.read_text() == (tmp_path / "whole.jsonl").read_text()
+
+
+@needs_espeak
+def test_encode_errors_name_the_manifest_row(manifest, tmp_path, capsys):
+    """Before: "texts[0] has no words", the 0 counting within a batch sorted by duration."""
+    rows = [json.loads(line) for line in open(manifest)]
+    rows[4]["text"] = "  "
+    bad = manifest.parent / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir = tmp_path / "model"
+    assert cli.main(["init-tokenizer", str(model_dir), "--preset", "tiny"]) == 0
+    out = str(tmp_path / "c.jsonl")
+    assert cli.main(["encode", str(bad), "--model", str(model_dir), "-o", out, "--batch-size", "4", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: row {rows[4]['id']!r} of {bad} (texts) has no words (empty or whitespace only)" in err, err
 
 
 def test_corpus_refuses_without_espeak(monkeypatch, tmp_path, capsys):
