@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -58,7 +57,7 @@ def cmd_encode(args) -> None:
     from tqdm import tqdm
 
     from taste.checkpoint import write_jsonl_atomically
-    from taste.corpus import read_manifest, read_wav
+    from taste.corpus import name_manifest_rows, read_manifest, read_wav
     from taste.tokenizer import TasteTokenizer
 
     if args.batch_size < 1:
@@ -82,7 +81,7 @@ def cmd_encode(args) -> None:
             try:
                 codes = model.encode([a for a, _ in audio], [rows[i]["text"] for i in batch], [r for _, r in audio])
             except (TypeError, ValueError) as e:  # (bad values of the manifest's rows, whichever kind)
-                raise ValueError(_name_rows(str(e), [rows[i]["id"] for i in batch], args.manifest)) from e
+                raise ValueError(name_manifest_rows(str(e), [rows[i]["id"] for i in batch], args.manifest)) from e
             for i, c in zip(batch, codes):
                 results[i] = c.tolist()
                 log.write(json.dumps({"index": i, "id": rows[i]["id"], "codes": results[i]}) + "\n")
@@ -99,12 +98,6 @@ def cmd_encode(args) -> None:
         + (f"; {len(rows) - len(order)} resumed from the journal" if len(order) < len(rows) else "")
         + f" -> {args.output}"
     )
-
-
-def _name_rows(message: str, ids: list[str], manifest: str) -> str:
-    """An encode error about ``texts[k]`` or ``waveforms[k]`` (the k-th of a batch sorted by length) about the
-    manifest row instead."""
-    return re.sub(r"\b(texts|waveforms)\[(\d+)\]", lambda m: f"row {ids[int(m[2])]!r} of {manifest} ({m[1]})", message)
 
 
 def _open_encode_journal(path: str, args, rows: list[dict]) -> dict[int, list]:

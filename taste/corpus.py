@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -288,6 +289,12 @@ def read_manifest(path: str) -> list[dict]:
     if not rows:
         raise ValueError(f"{path} has no rows")
     return rows
+
+
+def name_manifest_rows(message: str, ids: list[str], manifest: str) -> str:
+    """An error about ``texts[k]`` or ``waveforms[k]`` of a batch made of the manifest rows ``ids`` (in batch order,
+    which is not the manifest's), about the manifest row instead."""
+    return re.sub(r"\b(texts|waveforms)\[(\d+)\]", lambda m: f"row {ids[int(m[2])]!r} of {manifest} ({m[1]})", message)
 
 
 def write_manifest(path: str, rows: list[dict]) -> None:

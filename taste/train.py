@@ -31,7 +31,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from taste.corpus import read_manifest, read_wav, unit_features
+from taste.audio import SAMPLE_RATE, resample
+from taste.corpus import name_manifest_rows, read_manifest, read_wav, unit_features
 from taste.tokenizer import TasteConfig, TasteTokenizer
 from taste.trainer import LoopConfig, fit, setup_distributed
 from taste.unit_decoder import UnitDecoder, UnitDecoderConfig
@@ -179,8 +180,6 @@ class UnitCorpus:
     stand-in for the CAM++ embedding of the official recipe."""
 
     def __init__(self, manifest: str):
-        from taste.audio import SAMPLE_RATE, resample
-
         self.rows = read_manifest(manifest)
         if "units" not in self.rows[0]:
             raise ValueError(f"{manifest} has no 'units' field: run `taste units` on it first")
@@ -190,9 +189,26 @@ class UnitCorpus:
             wave = resample(wave, rate, SAMPLE_RATE)
             self.audio.append((wave.clamp(-1, 1) * 32767).round().to(torch.int16))
             self.units.append(torch.tensor(row["units"], dtype=torch.long))
+            if self.units[-1].numel() == 0:
+                raise ValueError(f"row {row['id']!r} of {manifest} has no units")
             self.speaker.append(unit_features(wave).mean(0))
         self.texts = [row["text"] for row in self.rows]
         self.num_units = int(self.rows[0].get("num_units", 0)) or 1 + max(int(u.max()) for u in self.units)
+
+    def check(self, model: Stage1Model, manifest: str, need_audio: bool) -> None:
+        """Every row as the batches will take it, before the first step (a bad row met at step 5000 would end the run
+        there): a transcript with words and within the aggregator's positions, audio within the window."""
+        ids = [row["id"] for row in self.rows]
+        for i in range(0, len(self.texts), 256):
+            try:
+                model.tokenizer.text_tokenizer(self.texts[i : i + 256])
+            except (TypeError, ValueError) as e:
+                raise ValueError(name_manifest_rows(str(e), ids[i : i + 256], manifest)) from e
+        window = model.tokenizer.config.encoder.window_seconds
+        for row_id, audio in zip(ids, self.audio):
+            if need_audio and audio.numel() > round(window * SAMPLE_RATE):
+                raise ValueError(f"row {row_id!r} of {manifest} lasts {audio.numel() / SAMPLE_RATE:.2f} s, longer than "
+                                 f"the model's {window:g} s window")  # fmt: skip
 
     def batch(self, indices: list[int], model: Stage1Model, device, need_audio: bool) -> dict:
         waves = [self.audio[i].float() / 32767 for i in indices]
@@ -227,6 +243,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
     else:
         model = Stage1Model.from_preset(cfg.preset, corpus.num_units, cfg.freeze_encoder)
     model.to(device).train()
+    corpus.check(model, cfg.manifest, need_audio=cfg.stage != "text")
 
     ctc_vocab = None
     if cfg.stage == "asr" and cfg.asr_ctc_weight > 0:

@@ -182,3 +182,24 @@ def test_bad_config(data, tmp_path):
     corpus.write_wav(str(tmp_path / "a.wav"), torch.zeros(1600))
     with pytest.raises(ValueError, match="has no 'units' field"):
         train(config(data, tmp_path / "y", manifest=str(tmp_path / "plain.jsonl")), progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, stage, message",
+    [({"text": " "}, "vq", "row 'u9' of {m} \\(texts\\) has no words"),
+     ({"units": []}, "vq", "row 'u9' of {m} has no units"),
+     ({"path": "long.wav"}, "vq", "row 'u9' of {m} lasts 2.50 s, longer than the model's 2 s window"),
+     ({"text": " ".join(["word"] * 450)}, "text", "row 'u9' of {m} \\(texts\\) has 450 ASR tokens, more than")],
+)  # fmt: skip
+def test_bad_manifest_rows_are_named_before_the_first_step(data, tmp_path, change, stage, message):
+    """Before: the run failed when the row's batch came up ("texts[2] has no words", the 2 counting within that
+    batch), after however many steps, or a row without units made an empty target."""
+    rows = [json.loads(line) for line in open(data / "units.jsonl")]
+    rows[9].update(change)
+    corpus.write_wav(str(data / "long.wav"), torch.zeros(40000))
+    manifest = data / f"bad_{tmp_path.name}.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(data, tmp_path / "run", manifest=str(manifest), stage=stage)
+    with pytest.raises(ValueError, match=message.format(m=manifest)):
+        train(cfg, progress=False)
+    assert not os.path.exists(tmp_path / "run") or not checkpoint_steps(str(tmp_path / "run"))
