@@ -203,7 +203,7 @@ def cmd_generate(args) -> None:
     if args.codes:  # speech prompts: words + TASTE codes of `taste encode` rows
         from taste.train_lm import CodeCorpus
 
-        corpus = CodeCorpus(args.codes, lm.config.llm_tokenizer, lm.config.num_quantizers)
+        corpus = CodeCorpus(args.codes, lm.config.llm_tokenizer, lm.config.num_quantizers, lm.config.codebook_size)
         idx = list(range(min(args.num, len(corpus))))
         b = corpus.batch(idx, device)
         words = [corpus.words[i] for i in idx]
@@ -246,7 +246,7 @@ def cmd_eval_lm(args) -> None:
     from taste.train_lm import CodeCorpus, evaluate_lm
 
     lm = _load_lm(args.model, _device(args.device))
-    corpus = CodeCorpus(args.codes, lm.config.llm_tokenizer, lm.config.num_quantizers)
+    corpus = CodeCorpus(args.codes, lm.config.llm_tokenizer, lm.config.num_quantizers, lm.config.codebook_size)
     n = len(corpus)
     if not 0 < args.eval_size < n:
         raise ValueError(f"--eval-size must be in [1, {n - 1}] for {n} rows, got {args.eval_size}")

@@ -43,7 +43,8 @@ class LMTrainConfig(LoopConfig):
 class CodeCorpus:
     """Utterances of a ``taste encode`` JSONL as Llama tokens, word ids and per-word codes, and packed batches."""
 
-    def __init__(self, path: str, llm_tokenizer: str = "llama3", num_quantizers: int | None = None):
+    def __init__(self, path: str, llm_tokenizer: str = "llama3", num_quantizers: int | None = None,
+                 codebook_size: int | None = None):  # fmt: skip
         tok = WordTokenizer(llm_tokenizer)
         self.tokens, self.word_ids, self.codes, self.words = [], [], [], []
         for where, row in iter_json_objects(path, "codes row"):
@@ -52,6 +53,10 @@ class CodeCorpus:
                 raise ValueError(f"{where}: needs 'words' and one 'codes' row per word")
             if num_quantizers is not None and codes.shape[1] != num_quantizers:
                 raise ValueError(f"{where}: codes have {codes.shape[1]} layers, the model has {num_quantizers}")
+            lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+            if codebook_size is not None and (lo < -1 or hi >= codebook_size):  # (else: rvq_decode's error, unnamed)
+                raise ValueError(f"{where}: codes must lie in [-1, {codebook_size}) (the model's codebook size; -1: "
+                                 f"none), got [{lo}, {hi}]")  # fmt: skip
             packed = tok.pack([words])
             self.tokens.append(packed.tokens)
             self.word_ids.append(packed.word_ids)
@@ -126,7 +131,7 @@ def train_lm(cfg: LMTrainConfig, *, stop_after: int | None = None, progress: boo
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg)
-    corpus = CodeCorpus(cfg.codes, model.config.llm_tokenizer, model.config.num_quantizers)
+    corpus = CodeCorpus(cfg.codes, model.config.llm_tokenizer, model.config.num_quantizers, model.config.codebook_size)
     if len(corpus) <= cfg.eval_size:
         raise ValueError(f"{cfg.codes} has {len(corpus)} rows, not more than eval_size={cfg.eval_size}")
     model.to(device).train()

@@ -105,6 +105,17 @@ def test_cli_train_generate_and_bad_config(data, tmp_path):
         config(data, tmp_path / "c", preset="huge")
 
 
+def test_codes_outside_the_codebook_name_their_row(data, tmp_path):
+    """Before: rvq_decode's "indices must lie in [-1, K=64)" when the row's batch came up, with no row named."""
+    rows = [json.loads(line) for line in open(data / "codes.jsonl")]
+    rows[7]["codes"][1][2] = 64
+    bad = tmp_path / "codes.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"codes.jsonl:8: codes must lie in \[-1, 64\) \(the model's codebook size"):
+        CodeCorpus(str(bad), num_quantizers=4, codebook_size=64)
+    assert len(CodeCorpus(str(data / "codes.jsonl"), num_quantizers=4, codebook_size=64)) == 20
+
+
 def test_continue_end_to_end(data, tmp_path):
     from safetensors.torch import save_file
 
