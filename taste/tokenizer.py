@@ -188,8 +188,12 @@ class TasteTokenizer(nn.Module):
         quantized, codes, commit = self.quantizer(words)  # in its own precision: float32 (spec 7.3) unless cast
         return TokenizerOutput(codes, word_cu, quantized.to(words.dtype), commit)
 
-    def embeddings_from_codes(self, codes: Tensor) -> Tensor:
-        """``(W, Q)`` int64 codes (-1 = stage not used) -> ``(W, d_model)`` TASTE embeddings."""
+    def embeddings_from_codes(self, codes: Tensor | list[list[int]]) -> Tensor:
+        """``(W, Q)`` int64 codes (-1 = stage not used; a tensor, or the nested lists ``taste encode`` writes) ->
+        ``(W, d_model)`` TASTE embeddings on the model's device."""
+        if not isinstance(codes, Tensor):
+            codes = torch.as_tensor(codes, dtype=torch.long)
+        codes = codes.to(self.quantizer.embed.device)
         if codes.dim() != 2 or codes.shape[1] != self.quantizer.num_quantizers:
             raise ValueError(f"codes must be (W, {self.quantizer.num_quantizers}), got {tuple(codes.shape)}")
         return self.quantizer.get_output_from_indices(codes)

@@ -61,6 +61,8 @@ def test_forward_is_the_composition_of_the_parts(model):
     assert torch.equal(out.word_codes, codes)
     torch.testing.assert_close(out.word_embeddings, quantized)
     torch.testing.assert_close(model.embeddings_from_codes(out.word_codes), out.word_embeddings)
+    # the lists a `taste encode` JSONL holds do too (before: "'list' object has no attribute 'dim'")
+    torch.testing.assert_close(model.embeddings_from_codes(out.word_codes.tolist()), out.word_embeddings)
     assert len(set(out.word_codes[:, 0].tolist())) >= 3  # initialised codebooks: the codes say something
     # the same with host-side values left to forward (it reads them back itself)
     again = model(mel, a.tokens, a.cu_seqlens, a.word_ids)
