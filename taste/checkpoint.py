@@ -57,10 +57,33 @@ def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]
     """``(config dict, state dict)`` of a :func:`save_model` directory; ``kind`` names the model in errors."""
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(directory, name)):
-            raise FileNotFoundError(f"{directory!r} has no {name}: not a {kind}.save_pretrained directory")
+            inside = [os.path.join(directory, *sub) for sub in _RUN_LAYOUT]  # a training run's directory, say
+            found = [d for d in inside if _saved_model_kind(os.path.join(d, WEIGHTS_NAME)) == kind]
+            hint = f" (one is in {found[0]!r})" if found else ""
+            raise FileNotFoundError(f"{directory!r} has no {name}: not a {kind}.save_pretrained directory{hint}")
+    saved = _saved_model_kind(os.path.join(directory, WEIGHTS_NAME))
+    if saved in MODEL_KINDS and saved != kind:  # (else its config would fail as a KeyError or an unknown field)
+        raise ValueError(f"{directory!r} holds a {saved}, not a {kind}")
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         config = parse_json(f.read(), os.path.join(directory, CONFIG_NAME))
     return config, read_tensors(os.path.join(directory, WEIGHTS_NAME))
+
+
+MODEL_KINDS = ("TasteTokenizer", "UnitDecoder", "TasteSpokenLM")  # what save_model writes (a subclass: its own name)
+# where training runs keep their models: final/, and a stage-1 run's tokenizer/ and decoder/ in it or a checkpoint
+_RUN_LAYOUT = (("final",), ("final", "tokenizer"), ("final", "decoder"), ("tokenizer",), ("decoder",))
+
+
+def _saved_model_kind(path: str) -> str | None:
+    """The model class :func:`save_model` recorded in a weights file's metadata (None: none, or unreadable, which
+    :func:`read_tensors` then reports)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("model")
+    except (SafetensorError, OSError):
+        return None
 
 
 def meta_tensors(module: nn.Module) -> list[str]:

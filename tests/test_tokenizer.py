@@ -98,6 +98,14 @@ def test_save_and_load_round_trip(model, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.encode(speech(), TEXTS), model.encode(speech(), TEXTS)))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         taste.TasteTokenizer.from_pretrained(tmp_path / "missing")
+    # another kind of model's directory, or a training run's: said so (before: KeyError 'aggregator', or
+    # "UnitDecoderConfig.__init__() got an unexpected keyword argument")
+    with pytest.raises(ValueError, match=r"holds a TasteTokenizer, not a UnitDecoder"):
+        taste.UnitDecoder.from_pretrained(tmp_path)
+    run = tmp_path / "run"
+    model.save_pretrained(run / "final" / "tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"save_pretrained directory \(one is in '.*run/final/tokenizer'\)"):
+        taste.TasteTokenizer.from_pretrained(run)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # (a copy cut short: before, safetensors' message alone)
     with pytest.raises(ValueError, match=r"model.safetensors: cannot read its tensors, is the file whole\? \("):
