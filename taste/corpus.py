@@ -183,14 +183,55 @@ def espeak_binary() -> str:
     return path
 
 
+# WAVE format tags: integer PCM, IEEE float, and the extensible header that carries one of them in its sub-format
+_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+
+
 def read_wav(path: str) -> tuple[Tensor, int]:
-    """A 16-bit PCM wav -> ``((T,) float32 in [-1, 1], sample_rate)``; several channels are averaged."""
-    with wave.open(path, "rb") as w:
-        if w.getsampwidth() != 2:
-            raise ValueError(f"{path}: only 16-bit PCM wavs are read, got {8 * w.getsampwidth()}-bit samples")
-        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
-        channels, rate = w.getnchannels(), w.getframerate()
-    return torch.from_numpy(data.reshape(-1, channels).mean(axis=1)), rate
+    """A wav file -> ``((T,) float32 in [-1, 1], sample_rate)``; several channels are averaged.
+
+    Integer PCM of 8 (unsigned), 16, 24 or 32 bits and IEEE float of 32 or 64 bits, in the plain or the extensible
+    header (what sox, ffmpeg, soundfile and recorders write; Python's ``wave`` module reads 16-bit-style integer PCM
+    only). Other encodings (A-law, ADPCM, ...) are refused naming their format tag.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+        raise ValueError(f"{path}: not a RIFF WAVE file")
+    if data[:4] == b"RIFX":
+        raise ValueError(f"{path}: big-endian (RIFX) wavs are not read")
+    fmt, samples, pos = None, None, 12
+    while pos + 8 <= len(data) and (fmt is None or samples is None):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        body = data[pos + 8 : pos + 8 + size]
+        if chunk == b"fmt ":
+            fmt = body
+        elif chunk == b"data":
+            samples = body  # (a data chunk cut short, as by an interrupted copy: what is there)
+        pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    if fmt is None or len(fmt) < 16 or samples is None:
+        raise ValueError(f"{path}: no {'fmt ' if fmt is None or len(fmt) < 16 else 'data'} chunk: not a complete wav")
+    tag, channels, rate = (int.from_bytes(fmt[a:b], "little") for a, b in ((0, 2), (2, 4), (4, 8)))
+    bits = int.from_bytes(fmt[14:16], "little")
+    if tag == _EXTENSIBLE and len(fmt) >= 26:
+        tag = int.from_bytes(fmt[24:26], "little")  # the sub-format GUID starts with the plain format tag
+    width = bits // 8
+    if channels < 1 or bits % 8 or (tag, width) not in {(_PCM, 1), (_PCM, 2), (_PCM, 3), (_PCM, 4), (_FLOAT, 4),
+                                                         (_FLOAT, 8)}:  # fmt: skip
+        raise ValueError(f"{path}: reads integer PCM of 8, 16, 24 or 32 bits and float of 32 or 64 bits; got format "
+                         f"tag {tag} with {bits}-bit samples and {channels} channels")  # fmt: skip
+    frames = len(samples) // (width * channels)
+    raw = np.frombuffer(samples, dtype=np.uint8, count=frames * width * channels)
+    if tag == _FLOAT:
+        x = raw.view("<f4" if width == 4 else "<f8").astype(np.float32)
+    elif width == 1:
+        x = (raw.astype(np.float32) - 128.0) / 128.0  # 8-bit wavs are unsigned
+    elif width == 3:  # three little-endian bytes, sign-extended through the top byte of an int32
+        b = raw.reshape(-1, 3).astype(np.int32)
+        x = ((b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24) >> 8).astype(np.float32) / 2.0**23
+    else:
+        x = raw.view("<i2" if width == 2 else "<i4").astype(np.float32) / 2.0 ** (bits - 1)
+    return torch.from_numpy(x.reshape(frames, channels).mean(axis=1)), rate
 
 
 def write_wav(path: str, audio: Tensor, sample_rate: int = SAMPLE_RATE) -> None:

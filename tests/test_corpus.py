@@ -157,6 +157,61 @@ def test_wav_round_trip(tmp_path):
     assert rate == 8000 and (x - y).abs().max() < 1e-4
 
 
+def riff(tag: int, channels: int, rate: int, bits: int, samples: bytes, *, extensible=False, extra=b"") -> bytes:
+    """A wav file's bytes, written here by hand (Python's wave module writes integer PCM only)."""
+    import struct
+
+    block = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * block, block, bits)
+    if extensible:  # cbSize, valid bits, channel mask, then the sub-format GUID, whose first two bytes are the tag
+        fmt += struct.pack("<HHI", 22, bits, 0) + struct.pack("<H", tag) + bytes(14)
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + extra + b"data" + struct.pack("<I", len(samples)) + samples
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+@pytest.mark.parametrize("extensible", [False, True])
+def test_wavs_of_every_common_encoding(tmp_path, extensible):
+    """8-bit unsigned, 16-, 24- and 32-bit integer and 32- and 64-bit float wavs, stereo, in the plain and the
+    extensible header and after an odd-sized chunk before the data: the same signal (before: 16-bit only)."""
+    import numpy as np
+
+    t = np.linspace(-0.9, 0.9, 501)
+    stereo = np.stack([t, -0.5 * t], 1)  # (T, 2): the read averages them, 0.25 t
+    encodings = {
+        (1, 8): (np.round(stereo * 127) + 128).astype(np.uint8).tobytes(),
+        (1, 16): np.round(stereo * 32767).astype("<i2").tobytes(),
+        (1, 24): b"".join(int(v).to_bytes(3, "little", signed=True) for v in np.round(stereo * 8388607).ravel()),
+        (1, 32): np.round(stereo * 2147483647).astype("<i4").tobytes(),
+        (3, 32): stereo.astype("<f4").tobytes(),
+        (3, 64): stereo.astype("<f8").tobytes(),
+    }
+    for (tag, bits), samples in encodings.items():
+        path = tmp_path / f"{tag}_{bits}.wav"
+        path.write_bytes(
+            riff(tag, 2, 22050, bits, samples, extensible=extensible, extra=b"LIST\x03\x00\x00\x00abc\x00")
+        )
+        audio, rate = corpus.read_wav(str(path))
+        assert rate == 22050 and audio.dtype == torch.float32 and audio.shape == (501,)
+        tolerance = max(1.5 / 2 ** (bits - 1) if tag == 1 else 0.0, 1e-7)  # (float32 holds 24 bits)
+        torch.testing.assert_close(audio, torch.from_numpy(0.25 * t).float(), atol=tolerance, rtol=0, msg=str(path))
+
+
+def test_wavs_that_cannot_be_read_say_why(tmp_path):
+    path = tmp_path / "x.wav"
+    path.write_bytes(riff(6, 1, 8000, 8, bytes(100)))  # A-law
+    with pytest.raises(ValueError, match="got format tag 6 with 8-bit samples and 1 channels"):
+        corpus.read_wav(str(path))
+    path.write_bytes(riff(1, 1, 8000, 12, bytes(100)))
+    with pytest.raises(ValueError, match="got format tag 1 with 12-bit samples"):
+        corpus.read_wav(str(path))
+    path.write_bytes(b"ID3\x03" + bytes(40))  # an mp3 named .wav
+    with pytest.raises(ValueError, match="x.wav: not a RIFF WAVE file"):
+        corpus.read_wav(str(path))
+    path.write_bytes(riff(1, 1, 8000, 16, bytes(100))[:36])  # cut before its data chunk
+    with pytest.raises(ValueError, match="no data chunk: not a complete wav"):
+        corpus.read_wav(str(path))
+
+
 def test_prosody_ssml():
     p = {"rate": [60, 150, 100], "pitch": [-30, 40, 0], "pause_ms": [300, 0, 0]}
     assert corpus.prosody_ssml("Fish & chips!", p) == (
