@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
+import torch
 from torch import Tensor
 
 
 def check_id_range(ids: Tensor, size: int, name: str, size_name: str = "vocab_size") -> None:
     """Raises unless every id lies in ``[0, size)`` (what an embedding reports as "index out of range in self").
 
-    Reads the values back: call it on CPU tensors and outside ``torch.compile`` only. Floating-point ids are left to
-    the dtype checks of whatever takes them.
+    Reads the values back, so only on CPU tensors and outside ``torch.compile`` (elsewhere it checks nothing: on a GPU
+    the read would sync). Floating-point ids are left to the dtype checks of whatever takes them.
     """
+    if ids.device.type != "cpu" or torch.compiler.is_compiling():
+        return
     if ids.numel() and not ids.is_floating_point() and not ids.is_complex():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= size:

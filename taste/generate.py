@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from taste import ops
-from taste._checks import check_field_types
+from taste._checks import check_at_least, check_field_types
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,7 @@ class GenerationConfig:
 
     def __post_init__(self):
         check_field_types(self)
-        if self.extra_words < 1:
-            raise ValueError(f"extra_words must be >= 1, got {self.extra_words}")
+        check_at_least(self, 1, "extra_words")
         if self.text_temperature <= 0:
             raise ValueError(f"text_temperature must be > 0, got {self.text_temperature}")
         if self.repetition_penalty <= 0:

@@ -186,8 +186,7 @@ class UnitDecoder(nn.Module):
         if unit_cu_seqlens.shape != text_cu_seqlens.shape:
             raise ValueError(f"unit_cu_seqlens must have text_cu_seqlens' shape {tuple(text_cu_seqlens.shape)} (one "
                              f"entry per utterance + 1), got {tuple(unit_cu_seqlens.shape)}")  # fmt: skip
-        if units.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_id_range(units, self.config.num_units, "units", "num_units")
+        check_id_range(units, self.config.num_units, "units", "num_units")
         prompt, plen = self.prompt(text_tokens, text_cu_seqlens, max_text, taste, word_offsets, speaker)
         ulen = unit_cu_seqlens.diff()
         batch, m = ulen.shape[0], units.shape[0]
