@@ -11,6 +11,7 @@ dimension of 1) are stacked into these on load, and its unused ``mlps.*`` keys a
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -99,6 +100,7 @@ class ResidualVQ(nn.Module):
     """
 
     _initted_seen = False  # (instances set their own; a module pickled before it existed reads the buffer once)
+    _told_uninitialised = False  # whether the warning of _check_initialised was given (once per module)
 
     def __init__(
         self,
@@ -158,6 +160,7 @@ class ResidualVQ(nn.Module):
 
     def get_indices_from_code(self, code: Tensor) -> Tensor:
         """``(N, codebook_dim)`` -> ``(N, Q)``: the greedy residual search on a code vector (no project_in)."""
+        self._check_initialised()
         return rvq_encode(_float32_at_least(code), self.embed, fast=self.fast)[0]
 
     def encode(self, x: Tensor) -> Tensor:
@@ -192,6 +195,7 @@ class ResidualVQ(nn.Module):
         """
         z = _float32_at_least(self._projected_in(x))  # distances in float32 at least (spec 7.3)
         if not self.training:  # as vector-quantize-pytorch: no commitment loss outside training
+            self._check_initialised()
             indices, quantized = rvq_encode(z, self.embed, fast=self.fast)
             return self._projected_out(quantized), indices, z.new_zeros(())
         num_stages = self._draw_num_stages(z.device) if self.quantize_dropout else None
@@ -201,6 +205,31 @@ class ResidualVQ(nn.Module):
         out = rvq_quantize(z, self.embed.clone(), num_stages, fast=self.fast)
         self._ema_update(z.detach(), out.indices, num_stages)
         return self._projected_out(out.quantized), out.indices, out.commit_loss * self.commitment_weight
+
+    def uninitialised_stages(self) -> list[int]:
+        """The stages whose codebook k-means has not initialised yet (``kmeans_init=True`` and no training step
+        that ran them): their codewords are zeros, so every code they give is 0. Reads ``initted`` on the host."""
+        return [s for s, done in enumerate(self.initted.tolist()) if not done]
+
+    def _check_initialised(self) -> None:
+        """Warns once per module where a search (eval forward, codes-only encode) runs on stages that k-means never
+        initialised: vector-quantize-pytorch gives code 0 for every row there without a word. At most one host read
+        per module (none once every stage is known to be initialised, none under torch.compile)."""
+        if self._initted_seen or self._told_uninitialised or self.initted.is_meta:
+            return
+        if torch.compiler.is_compiling():
+            return
+        stages = self.uninitialised_stages()
+        if not stages:
+            self._initted_seen = True
+            return
+        self._told_uninitialised = True
+        message = (
+            f"taste: ResidualVQ stages {stages} of {self.num_quantizers} were never initialised (kmeans_init and no "
+            "training step has run them): their codebooks are zeros and every code they give is 0. Train the model "
+            "(stage 1-3) or load a trained checkpoint before encoding."
+        )
+        warnings.warn(message, stacklevel=2)
 
     def _draw_num_stages(self, device) -> Tensor:
         """Quantizer dropout: j ~ U{0..Q-1} drawn on the device, stages > j skipped; rank 0's draw on every rank."""

@@ -183,6 +183,43 @@ def test_kmeans_initialises_each_stage_on_the_first_batch_it_runs_in():
     assert ours.embed.abs().sum((1, 2)).min() > 0
 
 
+def test_searching_stages_that_kmeans_never_initialised_warns_once():
+    """vector-quantize-pytorch's eval forward on codebooks that k-means has not initialised gives code 0 for every
+    row without a word (a seed model's `taste encode`, or stages that quantizer dropout kept out of a short run).
+    Ours warns once per module, naming the stages; initialised codebooks, built or loaded, never warn."""
+    import warnings
+
+    x = torch.randn(40, 64)
+    fresh = taste.ResidualVQ(**KW).eval()
+    assert fresh.uninitialised_stages() == [0, 1, 2, 3]
+    with pytest.warns(UserWarning, match=r"ResidualVQ stages \[0, 1, 2, 3\] of 4 were never initialised"):
+        _, idx, _ = fresh(x)
+    assert not idx.any()  # (what the warning is about)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh(x), fresh.encode(x)  # once per module
+    partial = taste.ResidualVQ(**KW, kmeans_iters=2).train()
+    partial._draw_num_stages = lambda device: torch.tensor(2, device=device)
+    partial(x)
+    with pytest.warns(UserWarning, match=r"stages \[2, 3\] of 4 were never initialised"):
+        codes = partial.encode(x)  # (the codes-only search, in either mode)
+    assert codes[:, :2].any() and not codes[:, 2:].any()
+    trained = taste.ResidualVQ(**KW, kmeans_iters=2, quantize_dropout=False).train()
+    trained(x)
+    loaded = taste.ResidualVQ(**KW)
+    loaded.load_state_dict(trained.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for module in (trained.eval(), loaded.eval(), taste.ResidualVQ(**KW, kmeans_init=False).eval()):
+            module(x), module.encode(x)
+            assert module.uninitialised_stages() == [] and module._initted_seen
+    torch._dynamo.reset()  # under torch.compile: no warning, no read of the buffer, one graph
+    compiled = torch.compile(taste.ResidualVQ(**KW).eval(), fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not compiled(x)[1].any()
+
+
 def test_kmeans_assigns_centroids_to_cluster_means():
     torch.manual_seed(4)
     centers = torch.tensor([[5.0] * 8, [-5.0] * 8, [5.0] * 4 + [-5.0] * 4, [-5.0] * 4 + [5.0] * 4])
