@@ -10,6 +10,7 @@ Whisper decoder is the identity, and from the official TASTE checkpoint it is th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -28,6 +29,23 @@ from taste.ops_attention import uniform_offsets
 
 OFFICIAL_PREFIX = "audio_tower.audio_joint_encoder_segmenter.audio_segmenter.decoder."
 WHISPER_PREFIX_IDS = (50258, 50259, 50360, 50364)  # <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
+_WHISPER_BPE_IDS = 50257  # the byte-level BPE ranks; <|endoftext|>, <|startoftranscript|> and the languages follow
+
+
+def whisper_prefix_ids(vocab_size: int) -> tuple[int, ...]:
+    """The official prefix ``<|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>`` in a multilingual
+    Whisper vocabulary of ``vocab_size`` ids: 51866 for large-v3 and its distillations (100 languages), 51865 for
+    the earlier multilingual models (99). The ids after the language tokens move with their count, so large-v3's
+    ids in a 99-language model would be ``<|startoflm|>`` and the first timestamp."""
+    languages = vocab_size - (_WHISPER_BPE_IDS + 2 + 5 + 1 + 1501)  # ... translate, transcribe, startoflm,
+    if languages not in (99, 100):  # startofprev, nospeech; notimestamps; 1501 timestamps
+        kind = " (an English-only Whisper: GPT-2's BPE, not the multilingual one)" if vocab_size == 51864 else ""
+        raise ValueError(
+            f"no Whisper prefix ids for a vocabulary of {vocab_size} ids{kind}: the multilingual Whisper "
+            "vocabularies have 51865 or 51866; pass prefix_ids (and a matching asr_tokenizer)"
+        )
+    first_task = _WHISPER_BPE_IDS + 2 + languages  # <|translate|>
+    return (_WHISPER_BPE_IDS + 1, _WHISPER_BPE_IDS + 2, first_task + 1, first_task + 5)
 
 
 @dataclass(frozen=True)
@@ -273,6 +291,34 @@ class TextQueryAggregator(nn.Module):
             layer.encoder_attn.v_proj.weight.copy_(torch.eye(self.config.d_model))
             layer.encoder_attn.v_proj.bias.zero_()
 
+    @torch.no_grad()
+    def remap_vocabulary(self, pieces: Sequence[Sequence[int]]) -> None:
+        """Gives the queries another vocabulary, e.g. the LLM's (the official repository's PR #4): a new token
+        embedding in which row t is the mean of the current rows ``pieces[t]``, the ids of the current vocabulary
+        that spell new token t (:func:`taste.text.token_pieces`), or, where ``pieces[t]`` is empty (special
+        tokens), the mean of every row that spells some token. The prefix rows follow the new vocabulary unchanged,
+        ``prefix_ids`` move there, and ``config.vocab_size`` becomes ``len(pieces) + len(prefix_ids)``; the rest
+        of the model is untouched."""
+        old = self.embed_tokens.weight
+        sizes = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+        flat = torch.tensor([i for p in pieces for i in p], dtype=torch.long)
+        if not len(pieces) or not flat.numel():
+            raise ValueError("pieces must spell at least one token of the new vocabulary with ids of the current one")
+        if int(flat.min()) < 0 or int(flat.max()) >= old.shape[0]:
+            raise ValueError(f"pieces must hold ids in [0, {old.shape[0]}) (the current vocabulary), got ids from "
+                             f"{int(flat.min())} to {int(flat.max())}")  # fmt: skip
+        offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]).to(old.device)
+        table = old.float()
+        rows = F.embedding_bag(flat.to(old.device), table, offsets, mode="mean", include_last_offset=True)
+        fallback = table[flat.unique().to(old.device)].mean(0)
+        rows[(sizes == 0).to(old.device)] = fallback
+        prefix = table[self.prefix_ids.to(old.device)]
+        vocab = len(pieces) + prefix.shape[0]
+        weight = torch.cat([rows, prefix]).to(old.dtype)
+        self.embed_tokens = nn.Embedding.from_pretrained(weight, freeze=not old.requires_grad)
+        self.config = replace(self.config, vocab_size=vocab, prefix_ids=tuple(range(len(pieces), vocab)))
+        self.prefix_ids = torch.arange(len(pieces), vocab, device=self.prefix_ids.device)
+
     def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, h_key: Tensor, h_val: Tensor) -> Tensor:
         """Aggregates each text token's view of its utterance.
 
@@ -340,7 +386,9 @@ class TextQueryAggregator(nn.Module):
 
         The key mapping is the identity (same parameter names). ``overrides`` replace config fields, e.g.
         ``identity_v_proj=False`` to keep the decoder's cross-attention v_proj (the default re-initialises it
-        to the identity as the official seed model does). The module takes the decoder's dtype and device.
+        to the identity as the official seed model does). The prefix ids are those of the decoder's vocabulary
+        (:func:`whisper_prefix_ids`: large-v3's 51866 ids or the earlier models' 51865) unless ``prefix_ids`` is
+        given. The module takes the decoder's dtype and device.
         """
         c = decoder.config
         shapes = dict(
@@ -351,6 +399,13 @@ class TextQueryAggregator(nn.Module):
             ffn_dim=c.decoder_ffn_dim,
             max_positions=c.max_target_positions,
         )
+        if overrides.get("vocab_size", c.vocab_size) != c.vocab_size:
+            raise ValueError(
+                f"vocab_size={overrides['vocab_size']} differs from the decoder's {c.vocab_size}: the token "
+                "embedding is copied as it is (remap_vocabulary gives it another vocabulary)"
+            )
+        if "prefix_ids" not in overrides:
+            shapes["prefix_ids"] = whisper_prefix_ids(c.vocab_size)
         config = AggregatorConfig(**{**shapes, **overrides})  # (in one: the shapes alone may not fit the prefix)
         weight = decoder.embed_tokens.weight
         with torch.device("meta"):

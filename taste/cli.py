@@ -44,9 +44,11 @@ def cmd_init_tokenizer(args) -> None:
 
     torch.manual_seed(args.seed)
     if args.whisper:
-        model = TasteTokenizer.from_whisper(args.whisper, value_layer=args.value_layer)
+        model = TasteTokenizer.from_whisper(
+            args.whisper, value_layer=args.value_layer, asr_tokenizer=args.asr_tokenizer
+        )
     else:
-        model = TasteTokenizer(config=getattr(TasteConfig, args.preset)())
+        model = TasteTokenizer(config=getattr(TasteConfig, args.preset)().with_asr_tokenizer(args.asr_tokenizer))
     model.save_pretrained(args.out_dir)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"wrote a {params:.1f} M-parameter TasteTokenizer to {args.out_dir}")
@@ -393,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preset", choices=("tiny", "official"), default="tiny", help="random weights of this shape")
     i.add_argument("--whisper", default=None, help="local Whisper checkpoint directory to seed from instead")
     i.add_argument("--value-layer", type=int, default=6)
+    queries = (
+        "the text queries' tokenizer: whisper (default), llama3 or a local tokenizer directory; another than whisper "
+        "gets the aggregator's embedding in its vocabulary (from --whisper: each token starts as the mean of the "
+        "Whisper rows that spell it)"
+    )
+    i.add_argument("--asr-tokenizer", default="whisper", help=queries)
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_init_tokenizer)
 

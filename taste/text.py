@@ -58,12 +58,27 @@ def _read_ranks(path: str) -> dict[bytes, int]:
         return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
 
 
+_RANK_FILES = {
+    "whisper": ("whisper", "assets/multilingual.tiktoken", "openai-whisper"),
+    "llama3": ("llama_models", "llama3/tokenizer.model", "llama-models"),
+}
+
+
+@functools.cache
+def bpe_ranks(name: str) -> dict[bytes, int]:
+    """The byte-level BPE ranks (token bytes -> id) of the built-in tokenizer ``name`` (``"whisper"`` or
+    ``"llama3"``), read from the file its pip package ships."""
+    if name not in _RANK_FILES:
+        raise ValueError(f"name must be one of {sorted(_RANK_FILES)}, got {name!r}")
+    return _read_ranks(_package_file(*_RANK_FILES[name]))
+
+
 @functools.cache
 def whisper_encoding(num_languages: int = 100):
     """tiktoken ``Encoding`` of Whisper's multilingual tokenizer (large-v3: 100 languages, 51866 ids)."""
     import tiktoken
 
-    ranks = _read_ranks(_package_file("whisper", "assets/multilingual.tiktoken", "openai-whisper"))
+    ranks = bpe_ranks("whisper")
     names = ["<|endoftext|>", "<|startoftranscript|>"]
     names += [f"<|{lang}|>" for lang in _WHISPER_LANGUAGES[:num_languages]]
     names += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>"]
@@ -83,7 +98,7 @@ def llama3_encoding():
     """tiktoken ``Encoding`` of the Llama 3 tokenizer (128000 BPE ranks + 256 special tokens)."""
     import tiktoken
 
-    ranks = _read_ranks(_package_file("llama_models", "llama3/tokenizer.model", "llama-models"))
+    ranks = bpe_ranks("llama3")
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
     names += ["<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>"]
     names += ["<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
@@ -96,23 +111,90 @@ def llama3_encoding():
     )
 
 
+def _bpe(data: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """Byte-level BPE of ``data`` with ``ranks``: the adjacent pair whose merge has the lowest rank merges first
+    (the leftmost of equals), as tiktoken does within one pre-tokenised piece."""
+    parts = [data[i : i + 1] for i in range(len(data))]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(parts[i] + parts[i + 1], len(ranks)), i) for i in range(len(parts) - 1))
+        if rank == len(ranks):
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return [ranks[p] for p in parts]
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """The printable characters that byte-level BPE vocabularies in Hugging Face's format (GPT-2, Llama 3, Qwen)
+    write bytes as, back to the bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(name: str) -> list[bytes | None]:
+    """What every id of tokenizer ``name`` stands for, as bytes; None for special tokens.
+
+    Exact for ``"whisper"``, ``"llama3"`` and byte-level BPE directories (GPT-2, Llama 3, Qwen); for SentencePiece
+    vocabularies ``▁`` is read as a space and ``<0xNN>`` as that byte."""
+    if name in _RANK_FILES:
+        enc = whisper_encoding() if name == "whisper" else llama3_encoding()
+        out: list[bytes | None] = [None] * enc.n_vocab
+        for data, i in bpe_ranks(name).items():
+            out[i] = data
+        return out
+    if not os.path.isdir(name):
+        raise ValueError(f"tokenizer must be 'whisper', 'llama3' or a local Hugging Face tokenizer directory, got "
+                         f"{name!r}")  # fmt: skip
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    special, pieces = set(tok.all_special_ids), tok.convert_ids_to_tokens(list(range(len(tok))))
+    table = _byte_decoder()
+    byte_level = all(c in table for i, p in enumerate(pieces) if i not in special for c in p)
+    out = []
+    for i, piece in enumerate(pieces):
+        if i in special or piece is None:
+            out.append(None)
+        elif byte_level:
+            out.append(bytes(table[c] for c in piece))
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(piece.replace("\u2581", " ").encode())
+    return out
+
+
+def token_pieces(target: str, source: str = "whisper") -> list[tuple[int, ...]]:
+    """For every id of tokenizer ``target``, the ids of the built-in byte-level tokenizer ``source`` that spell the
+    same bytes (byte-level BPE of them with ``source``'s ranks); ``()`` for ``target``'s special tokens. What
+    :meth:`taste.TextQueryAggregator.remap_vocabulary` builds a new token embedding from."""
+    ranks = bpe_ranks(source)
+    return [() if data is None or not data else tuple(_bpe(data, ranks)) for data in token_bytes(target)]
+
+
 class WordTokenizer:
     """Tokenises one word string at a time (no special tokens), with a cache: transcripts repeat words a lot."""
 
     def __init__(self, name: str):
         self.name = name
-        if name == "whisper":
-            enc = whisper_encoding()
+        if name in _RANK_FILES:
+            enc = whisper_encoding() if name == "whisper" else llama3_encoding()
             self._encode, self._decode, self.vocab_size = enc.encode_ordinary, enc.decode, enc.n_vocab
-        elif name == "llama3":
-            enc = llama3_encoding()
-            self._encode, self._decode, self.vocab_size = enc.encode_ordinary, enc.decode, enc.n_vocab
+            self.word_id_bound = len(bpe_ranks(name))  # words never tokenise into the special tokens after these
         elif os.path.isdir(name):
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(name)
             self._encode = functools.partial(tok.encode, add_special_tokens=False)
             self._decode, self.vocab_size = tok.decode, len(tok)
+            self.word_id_bound = self.vocab_size
         else:
             raise ValueError(
                 f"tokenizer must be 'whisper', 'llama3' or a local Hugging Face tokenizer directory, got {name!r}"

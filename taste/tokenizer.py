@@ -24,7 +24,7 @@ from taste.audio import LogMel, batch_waveforms
 from taste.checkpoint import read_model, save_model
 from taste.encoder import EncoderConfig, SpeechEncoder
 from taste.rvq import ResidualVQ
-from taste.text import DualTokenizer, TextBatch
+from taste.text import DualTokenizer, TextBatch, WordTokenizer, token_pieces
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,17 @@ class TasteConfig:
             freeze_encoder=False,
         )
         return replace(base, **overrides)
+
+    def with_asr_tokenizer(self, name: str) -> TasteConfig:
+        """This config with its queries tokenised by ``name``. For a tokenizer other than ``"whisper"`` the
+        aggregator embeds that tokenizer's whole vocabulary with the prefix tokens after it, the layout that
+        :meth:`TextQueryAggregator.remap_vocabulary` gives a Whisper-seeded model: for a model learnt from its
+        random initialisation (``TasteTokenizer.from_whisper(..., asr_tokenizer=name)`` seeds one)."""
+        if name == "whisper":
+            return replace(self, asr_tokenizer=name)
+        size, prefix = WordTokenizer(name).vocab_size, len(self.aggregator.prefix_ids)
+        aggregator = replace(self.aggregator, vocab_size=size + prefix, prefix_ids=tuple(range(size, size + prefix)))
+        return replace(self, aggregator=aggregator, asr_tokenizer=name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,9 +214,16 @@ class TasteTokenizer(nn.Module):
     def text_tokenizer(self) -> DualTokenizer:
         if self._text is None:
             agg = self.config.aggregator
-            self._text = DualTokenizer(
-                self.config.asr_tokenizer, None, max_asr_tokens=agg.max_positions - len(agg.prefix_ids)
-            )
+            longest = agg.max_positions - len(agg.prefix_ids)
+            text = DualTokenizer(self.config.asr_tokenizer, None, max_asr_tokens=longest)
+            if text.asr.word_id_bound > agg.vocab_size:  # (ids past the embedding would fail at a batch)
+                raise ValueError(
+                    f"asr_tokenizer {self.config.asr_tokenizer!r} tokenises words into ids up to "
+                    f"{text.asr.word_id_bound - 1} but the aggregator embeds {agg.vocab_size} (aggregator.vocab_size): "
+                    "seed the model for that tokenizer "
+                    "(TasteTokenizer.from_whisper(..., asr_tokenizer=...)) or set the vocabulary size"
+                )
+            self._text = text
         return self._text
 
     def prepare(
@@ -281,7 +299,11 @@ class TasteTokenizer(nn.Module):
         """The seed model from a local Whisper checkpoint (transformers layout): its encoder and decoder weights,
         the cross-attention ``v_proj`` set to the identity (spec 1.4), a fresh RVQ (each stage k-means-initialised
         on the first training batch it runs in). float32 unless ``dtype``; ``overrides`` replace
-        :class:`TasteConfig` fields."""
+        :class:`TasteConfig` fields.
+
+        With ``asr_tokenizer`` other than ``"whisper"`` (e.g. ``"llama3"``: queries in the LLM's tokens) the
+        aggregator's token embedding is remapped to that vocabulary, each new token starting as the mean of the
+        Whisper embeddings that spell it (:meth:`TextQueryAggregator.remap_vocabulary`)."""
         from transformers import WhisperModel
 
         if not os.path.isdir(local_dir):
@@ -289,6 +311,9 @@ class TasteTokenizer(nn.Module):
         whisper = WhisperModel.from_pretrained(local_dir).float()
         encoder = SpeechEncoder.from_whisper_encoder(whisper.encoder, value_layer=value_layer)
         aggregator = TextQueryAggregator.from_whisper_decoder(whisper.decoder)
+        asr_tokenizer = overrides.get("asr_tokenizer", TasteConfig.asr_tokenizer)
+        if asr_tokenizer != "whisper":
+            aggregator.remap_vocabulary(token_pieces(asr_tokenizer, "whisper"))
         config = TasteConfig(
             encoder=encoder.config, aggregator=aggregator.config, quantizer=quantizer or QuantizerConfig(), **overrides
         )

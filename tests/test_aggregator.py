@@ -120,6 +120,32 @@ def test_identity_v_proj_and_config_from_decoder():
     assert official.max_positions == 448 and official.prefix_ids == (50258, 50259, 50360, 50364)
 
 
+def test_remap_vocabulary_averages_the_rows_that_spell_each_new_token():
+    agg = TextQueryAggregator.from_whisper_decoder(whisper_decoder(), prefix_ids=PREFIX)
+    old = agg.embed_tokens.weight.detach().clone()
+    tokens, cu = torch.tensor([0, 1, 2, 1]), torch.tensor([0, 2, 4], dtype=torch.int32)
+    h = torch.randn(2, 30, 64, dtype=torch.float64)
+    agg.remap_vocabulary([(5,), (7, 8, 9), (), (5,)])  # new ids 0-3, then the 4 prefix rows
+    table = agg.embed_tokens.weight
+    assert agg.config.vocab_size == table.shape[0] == 8 and agg.config.prefix_ids == (4, 5, 6, 7)
+    assert agg.prefix_ids.tolist() == [4, 5, 6, 7] and table.dtype == torch.float64 and table.requires_grad
+    assert torch.equal(table[0], old[5]) and torch.equal(table[3], old[5]) and torch.equal(table[4:], old[996:])
+    torch.testing.assert_close(table[1], old[7:10].mean(0))
+    torch.testing.assert_close(table[2], old[[5, 7, 8, 9]].mean(0))  # a special token: every row that spells one
+    # The module with the old vocabulary gives the same outputs for the ids the new ones stand for one to one.
+    plain = TextQueryAggregator.from_whisper_decoder(whisper_decoder(), prefix_ids=PREFIX)
+    one = torch.tensor([0, 3], dtype=torch.int32)
+    torch.testing.assert_close(agg(torch.tensor([0, 3, 0]), one, 3, h[:1], h[:1]),
+                               plain(torch.tensor([5, 5, 5]), one, 3, h[:1], h[:1]))  # fmt: skip
+    assert agg(tokens, cu, 2, h, h).shape == (4, 64)
+    with pytest.raises(ValueError, match=r"ids in \[0, 8\) \(the current vocabulary\), got ids from 0 to 8"):
+        agg.remap_vocabulary([(0,), (8,)])
+    with pytest.raises(ValueError, match="pieces must spell at least one token"):
+        agg.remap_vocabulary([(), ()])
+    with pytest.raises(ValueError, match="vocab_size=2000 differs from the decoder's 1000"):  # (before: a size
+        TextQueryAggregator.from_whisper_decoder(whisper_decoder(), prefix_ids=PREFIX, vocab_size=2000)  # mismatch)
+
+
 def test_official_checkpoint_keys_load():
     agg = TextQueryAggregator(config=AggregatorConfig.tiny())
     state = {OFFICIAL_PREFIX + k: torch.randn_like(v) for k, v in agg.state_dict().items()}

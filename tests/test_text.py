@@ -1,7 +1,17 @@
 import pytest
 import torch
 
-from taste.text import DualTokenizer, WordTokenizer, llama3_encoding, split_words, whisper_encoding
+from taste.text import (
+    DualTokenizer,
+    WordTokenizer,
+    _bpe,
+    bpe_ranks,
+    llama3_encoding,
+    split_words,
+    token_bytes,
+    token_pieces,
+    whisper_encoding,
+)
 
 SENTENCE = "Hello world, this is TASTE's   text-aligned tokenizer: 42 words & more!"
 
@@ -77,6 +87,65 @@ def test_hugging_face_tokenizer_directory(tmp_path):
     batch = tok(["hello wide world", "world unknownword"])
     assert batch.asr.tokens.tolist() == [1, 3, 2, 2, 0]
     assert batch.llm.word_ids.tolist() == [0, 1, 2, 0, 1]
+
+
+def test_token_pieces_spell_every_llama3_token_in_whisper_ids():
+    """What a Whisper-seeded aggregator's embedding for Llama-3 queries is built from (remap_vocabulary)."""
+    pieces, data = token_pieces("llama3", "whisper"), token_bytes("llama3")
+    whisper = whisper_encoding()
+    spelled = {i: b for b, i in bpe_ranks("whisper").items()}
+    assert len(pieces) == len(data) == 128256 and all(p == () for p in pieces[128000:])  # the special tokens
+    assert all(b"".join(spelled[i] for i in p) == data[t] for t, p in enumerate(pieces[:128000]))
+    assert pieces[1917] == tuple(whisper.encode_ordinary(" world")) == (1002,)
+    # Where a token is text, the pieces are Whisper's own tokens of it, but for the few that Whisper's
+    # pre-tokeniser splits where BPE alone does not (tokens of several runs of spaces or digits, ...).
+    same = total = 0
+    for t in range(0, 128000, 5):
+        try:
+            text = data[t].decode()
+        except UnicodeDecodeError:  # (a token holding part of a character: BPE of its bytes all the same)
+            continue
+        total += 1
+        same += list(pieces[t]) == whisper.encode_ordinary(text)
+    assert total > 20000 and same >= total - 10, (same, total)
+    word = " Antidisestablishmentarianism"
+    assert _bpe(word.encode(), bpe_ranks("whisper")) == whisper.encode_ordinary(word)
+
+
+def test_token_bytes_of_hugging_face_vocabularies(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    # byte-level BPE (GPT-2, Llama 3, Qwen): tokens are written with printable stand-ins for their bytes
+    texts = [SENTENCE, "naïve café 東京 tokyo", "hello\nworld"]
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts * 4, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>")
+    fast.save_pretrained(tmp_path / "byte_level")
+    data = token_bytes(str(tmp_path / "byte_level"))
+    assert len(data) == len(fast) and data[fast.convert_tokens_to_ids("<s>")] is None
+    for text in texts:  # (東京's tokens hold parts of characters)
+        ids = fast.encode(" " + text, add_special_tokens=False)
+        assert b"".join(data[i] for i in ids) == (" " + text).encode()
+    # SentencePiece: "\u2581" stands for a space, <0xNN> for a byte
+    vocab = {"<unk>": 0, "\u2581hello": 1, "\u2581wor": 2, "ld": 3, "<0x0A>": 4, "<0xE6>": 5}
+    piece = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>",
+    )
+    piece.save_pretrained(tmp_path / "sentencepiece")
+    assert token_bytes(str(tmp_path / "sentencepiece")) == [None, b" hello", b" wor", b"ld", b"\n", b"\xe6"]
+    pieces = token_pieces(str(tmp_path / "sentencepiece"))
+    whisper = whisper_encoding()
+    assert pieces[:3] == [(), tuple(whisper.encode_ordinary(" hello")), tuple(whisper.encode_ordinary(" wor"))]
+    with pytest.raises(ValueError, match="local Hugging Face tokenizer directory"):
+        token_bytes(str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="name must be one of"):
+        bpe_ranks("gpt2")
 
 
 def test_bad_input():

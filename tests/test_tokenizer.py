@@ -177,6 +177,103 @@ def test_from_whisper_checkpoint(tmp_path):
         taste.TasteTokenizer.from_whisper(str(tmp_path / "nope"))
 
 
+def _whisper_dir(path, vocab_size=51866, seed=2):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.WhisperConfig(
+        vocab_size=vocab_size, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=96,
+        max_source_positions=150, max_target_positions=64,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    whisper = transformers.WhisperModel(config).eval()
+    whisper.save_pretrained(path)
+    return whisper
+
+
+def test_prefix_ids_follow_the_whisper_vocabulary(tmp_path):
+    """large-v3 (51866 ids) and the earlier multilingual models (51865) number their task tokens differently: the
+    seed model took large-v3's ids whatever the checkpoint, <|startoflm|> and the first timestamp in a 51865 one."""
+    whisper_tokenizer = pytest.importorskip("whisper.tokenizer")
+    for languages in (99, 100):
+        ref = whisper_tokenizer.get_tokenizer(multilingual=True, num_languages=languages)
+        want = (ref.sot, ref.encoding.encode_single_token("<|en|>"), ref.transcribe, ref.no_timestamps)
+        assert taste.aggregator.whisper_prefix_ids(ref.encoding.n_vocab) == want
+    assert taste.aggregator.whisper_prefix_ids(51866) == taste.aggregator.WHISPER_PREFIX_IDS
+    _whisper_dir(tmp_path / "v2", vocab_size=51865)
+    model = taste.TasteTokenizer.from_whisper(str(tmp_path / "v2"), value_layer=1)
+    assert model.config.aggregator.prefix_ids == (50258, 50259, 50359, 50363)
+    assert model.aggregator.prefix_ids.tolist() == [50258, 50259, 50359, 50363]
+    _whisper_dir(tmp_path / "en", vocab_size=51864)
+    with pytest.raises(ValueError, match=r"English-only Whisper.* pass prefix_ids"):
+        taste.TasteTokenizer.from_whisper(str(tmp_path / "en"), value_layer=1)
+
+
+def test_a_whisper_seed_with_llama3_queries(tmp_path):
+    """The official repository's PR #4: queries in the LLM's tokens. Each Llama-3 token's row starts as the mean of
+    the Whisper rows that spell it, the prefix rows follow the vocabulary, and the model tokenizes, saves and
+    loads like any other."""
+    whisper = _whisper_dir(tmp_path / "whisper")
+    seed = taste.TasteTokenizer.from_whisper(str(tmp_path / "whisper"), value_layer=1).eval()
+    model = taste.TasteTokenizer.from_whisper(str(tmp_path / "whisper"), value_layer=1, asr_tokenizer="llama3").eval()
+    table, old = model.aggregator.embed_tokens.weight, whisper.decoder.embed_tokens.weight
+    assert model.config.aggregator.vocab_size == table.shape[0] == 128256 + 4
+    assert model.config.aggregator.prefix_ids == (128256, 128257, 128258, 128259)
+    torch.testing.assert_close(table[128256:], old[list(taste.aggregator.WHISPER_PREFIX_IDS)], rtol=0, atol=0)
+    whisper_ids = whisper_encoding().encode_ordinary(" Antidisestablishmentarianism")
+    llama_ids = taste.text.llama3_encoding().encode_ordinary(" Antidisestablishmentarianism")
+    assert len(whisper_ids) > 1 and len(llama_ids) > 1
+    torch.testing.assert_close(table[1917], old[whisper_encoding().encode_ordinary(" world")[0]], rtol=0, atol=0)
+    torch.testing.assert_close(table[15339], old[whisper_encoding().encode_ordinary("hello")].mean(0))
+    assert torch.equal(table[128000], table[128255])  # special tokens: one shared row, the mean of spelled rows
+    assert table.requires_grad and seed.aggregator.embed_tokens.weight.requires_grad  # (trained in stage 1)
+    text = model.text_tokenizer(TEXTS[:2])
+    want = [i for w in TEXTS[1].split() for i in taste.text.llama3_encoding().encode_ordinary(" " + w)]
+    assert text.asr.tokens[text.asr.cu_seqlens[1] :].tolist() == want
+    # Everything but the token embedding is the seed's: one word that both tokenizers make one token of (" world"
+    # above) gets the same word embedding from both models.
+    mel, _ = model.prepare(speech(1), ["world"])
+    with torch.no_grad():
+        a = model.tokenize(mel, model.text_tokenizer(["world"]), quantize=False).word_embeddings
+        b = seed.tokenize(mel, seed.text_tokenizer(["world"]), quantize=False).word_embeddings
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    model.quantizer.quantize_dropout = False  # (k-means initialises every stage's codebook in one step)
+    with torch.no_grad():
+        model.train().tokenize(*model.prepare(speech(3), TEXTS[:3]))
+    model.eval().save_pretrained(str(tmp_path / "saved"))
+    loaded = taste.TasteTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert loaded.config == model.config
+    codes = zip(loaded.encode(speech(2), TEXTS[:2]), model.encode(speech(2), TEXTS[:2]))
+    assert all(torch.equal(x, y) for x, y in codes)
+
+
+@pytest.mark.filterwarnings("ignore:taste. ResidualVQ stages")  # (random codebooks: codes of shape only)
+def test_queries_of_another_tokenizer_need_its_vocabulary():
+    """Llama-3 ids past a Whisper-sized embedding failed at the first batch holding one (an IndexError on the CPU,
+    a device assert on CUDA); ids below it looked up unrelated Whisper rows without a word."""
+    mismatched = taste.TasteTokenizer(config=small_config(asr_tokenizer="llama3"))
+    with pytest.raises(ValueError, match=r"'llama3' tokenises words into ids up to 127999 but the aggregator embeds "
+                                         r"51866 \(aggregator.vocab_size\)"):  # fmt: skip
+        mismatched.encode(speech(1), ["hello"])
+    config = small_config().with_asr_tokenizer("llama3")
+    assert config.aggregator.vocab_size == 128260 and config.aggregator.prefix_ids == (128256, 128257, 128258, 128259)
+    assert small_config().with_asr_tokenizer("whisper") == small_config()
+    model = taste.TasteTokenizer(config=config)
+    assert [c.shape for c in model.encode(speech(2), TEXTS[:2])] == [(9, 4), (2, 4)]
+
+
+def test_init_tokenizer_with_llama3_queries(tmp_path, capsys):
+    from taste import cli
+
+    assert cli.main(["init-tokenizer", str(tmp_path / "seed"), "--preset", "tiny", "--asr-tokenizer", "llama3"]) == 0
+    config = taste.TasteTokenizer.from_pretrained(str(tmp_path / "seed")).config
+    assert config == taste.TasteConfig.tiny().with_asr_tokenizer("llama3") and config.asr_tokenizer == "llama3"
+    _whisper_dir(tmp_path / "whisper")
+    argv = ["init-tokenizer", str(tmp_path / "seeded"), "--whisper", str(tmp_path / "whisper"), "--value-layer", "1"]
+    assert cli.main(argv + ["--asr-tokenizer", "llama3"]) == 0
+    config = taste.TasteTokenizer.from_pretrained(str(tmp_path / "seeded")).config
+    assert config.aggregator.vocab_size == 128260 and config.asr_tokenizer == "llama3"
+
+
 def test_bad_input(model):
     mel, text = model.prepare(speech(2), TEXTS[:2])
     a = text.asr
