@@ -74,6 +74,12 @@ MODEL_KINDS = ("TasteTokenizer", "UnitDecoder", "TasteSpokenLM")  # what save_mo
 _RUN_LAYOUT = (("final",), ("final", "tokenizer"), ("final", "decoder"), ("tokenizer",), ("decoder",))
 
 
+def saved_model_kind(directory: str) -> str | None:
+    """The model class that :func:`save_model` wrote into ``directory`` (None: no such directory or weights, or
+    weights without that record)."""
+    return _saved_model_kind(os.path.join(directory, WEIGHTS_NAME))
+
+
 def _saved_model_kind(path: str) -> str | None:
     """The model class :func:`save_model` recorded in a weights file's metadata (None: none, or unreadable, which
     :func:`read_tensors` then reports)."""

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from taste.audio import SAMPLE_RATE, resample
+from taste.checkpoint import saved_model_kind
 from taste.corpus import name_manifest_rows, read_manifest, read_wav, unit_features
 from taste.tokenizer import TasteConfig, TasteTokenizer
 from taste.trainer import LoopConfig, fit, setup_distributed
@@ -46,7 +47,10 @@ class TrainConfig(LoopConfig):
 
     manifest: str  # a `taste units` manifest (rows with "units")
     stage: str = "vq"
-    init_from: str | None = None  # a previous run's out_dir (its final/ model) or a model directory
+    # a previous run's out_dir (its final/ model), a stage-1 model directory (tokenizer/ + decoder/), or a
+    # TasteTokenizer directory (`taste init-tokenizer`, e.g. seeded from Whisper as the official recipe is), which
+    # then trains with a fresh unit decoder of the preset's shapes
+    init_from: str | None = None
     preset: str = "tiny"  # model shapes when not init_from: "tiny" or "official"
     freeze_encoder: bool | None = None  # None: the preset's choice
     asr_token_dropout: float = 0.0  # stage asr: share of input tokens hidden (so the audio must be read)
@@ -83,15 +87,24 @@ class Stage1Model(nn.Module):
         )
 
     @classmethod
-    def from_preset(cls, preset: str, num_units: int, freeze_encoder: bool | None) -> Stage1Model:
-        tcfg = getattr(TasteConfig, preset)()
+    def from_preset(
+        cls, preset: str, num_units: int, freeze_encoder: bool | None, tokenizer: TasteTokenizer | None = None
+    ) -> Stage1Model:
+        """A random model of ``preset``'s shapes; with ``tokenizer`` (a seed), that tokenizer and a random unit
+        decoder of the preset's shapes sized to it (its width and text vocabulary)."""
+        tcfg = getattr(TasteConfig, preset)() if tokenizer is None else tokenizer.config
         if freeze_encoder is not None:
             tcfg = dataclasses.replace(tcfg, freeze_encoder=freeze_encoder)
         dcfg = getattr(UnitDecoderConfig, preset)(
             num_units=num_units, taste_dim=tcfg.aggregator.d_model, spk_dim=80,
             text_vocab=tcfg.aggregator.vocab_size,
         )  # fmt: skip
-        return cls(TasteTokenizer(config=tcfg), UnitDecoder(config=dcfg))
+        if tokenizer is None:
+            tokenizer = TasteTokenizer(config=tcfg)
+        else:
+            tokenizer.config = tcfg
+            tokenizer.encoder.requires_grad_(not tcfg.freeze_encoder)
+        return cls(tokenizer, UnitDecoder(config=dcfg))
 
     def forward(self, batch: dict, stage: str):
         """``(loss, decoder output, tokenizer output or None)`` of one packed batch (see :class:`UnitCorpus`)."""
@@ -238,7 +251,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
     corpus = UnitCorpus(cfg.manifest)
     if len(corpus.rows) <= cfg.eval_size:
         raise ValueError(f"the manifest has {len(corpus.rows)} rows, not more than eval_size={cfg.eval_size}")
-    if cfg.init_from:
+    if cfg.init_from and saved_model_kind(cfg.init_from) == "TasteTokenizer":  # a seed: a fresh decoder with it
+        seed = TasteTokenizer.from_pretrained(cfg.init_from)
+        model = Stage1Model.from_preset(cfg.preset, corpus.num_units, cfg.freeze_encoder, tokenizer=seed)
+    elif cfg.init_from:
         model = Stage1Model.from_pretrained(cfg.init_from)
     else:
         model = Stage1Model.from_preset(cfg.preset, corpus.num_units, cfg.freeze_encoder)

@@ -80,6 +80,30 @@ def test_stages_train_their_own_parts(data, tmp_path):
         assert json.load(f)["stage"] == "no_vq"
 
 
+def test_a_seed_tokenizer_trains_with_a_fresh_decoder(data, tmp_path):
+    """The official recipe starts stage 1 from a tokenizer seeded from Whisper (`taste init-tokenizer --whisper`),
+    a directory holding the tokenizer alone: before, init_from refused it ("has no config.json" in tokenizer/)."""
+    seed = Stage1Model.from_pretrained(str(data / "seed")).tokenizer
+    seed.save_pretrained(str(tmp_path / "seed_tokenizer"))
+    text = train(config(data, tmp_path / "text", stage="text", steps=2, init_from=str(tmp_path / "seed_tokenizer")),
+                 progress=False)  # fmt: skip
+    assert state_digest(text.tokenizer) == state_digest(seed)  # 1-1 leaves the tokenizer alone
+    decoder = text.decoder.config
+    want = UnitDecoderConfig.tiny(num_units=NUM_UNITS, taste_dim=seed.config.aggregator.d_model, spk_dim=80,
+                                  text_vocab=seed.config.aggregator.vocab_size)  # fmt: skip
+    assert decoder == want
+    no_vq = train(config(data, tmp_path / "no_vq", stage="no_vq", steps=2, init_from=str(tmp_path / "seed_tokenizer"),
+                         freeze_encoder=True), progress=False)  # fmt: skip
+    assert no_vq.tokenizer.config.freeze_encoder and not any(
+        p.requires_grad for p in no_vq.tokenizer.encoder.parameters()
+    )
+    assert torch.equal(no_vq.tokenizer.encoder.conv1.weight, seed.encoder.conv1.weight)
+    assert not torch.equal(no_vq.tokenizer.aggregator.layers[0].fc1.weight, seed.aggregator.layers[0].fc1.weight)
+    resumed = train(config(data, tmp_path / "no_vq", stage="no_vq", steps=3, init_from=str(tmp_path / "seed_tokenizer"),
+                           freeze_encoder=True), progress=False)  # fmt: skip
+    assert resumed.tokenizer.config.freeze_encoder
+
+
 @pytest.mark.filterwarnings("ignore:taste. ResidualVQ stages")  # (2 steps: dropout left stages unrun)
 def test_evaluation_and_resynthesis(data, tmp_path):
     out = tmp_path / "run"
