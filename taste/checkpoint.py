@@ -58,10 +58,10 @@ def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(directory, name)):
             inside = [os.path.join(directory, *sub) for sub in _RUN_LAYOUT]  # a training run's directory, say
-            found = [d for d in inside if _saved_model_kind(os.path.join(d, WEIGHTS_NAME)) == kind]
+            found = [d for d in inside if saved_model_kind(d) == kind]
             hint = f" (one is in {found[0]!r})" if found else ""
             raise FileNotFoundError(f"{directory!r} has no {name}: not a {kind}.save_pretrained directory{hint}")
-    saved = _saved_model_kind(os.path.join(directory, WEIGHTS_NAME))
+    saved = saved_model_kind(directory)
     if saved in MODEL_KINDS and saved != kind:  # (else its config would fail as a KeyError or an unknown field)
         raise ValueError(f"{directory!r} holds a {saved}, not a {kind}")
     with open(os.path.join(directory, CONFIG_NAME)) as f:
@@ -75,18 +75,12 @@ _RUN_LAYOUT = (("final",), ("final", "tokenizer"), ("final", "decoder"), ("token
 
 
 def saved_model_kind(directory: str) -> str | None:
-    """The model class that :func:`save_model` wrote into ``directory`` (None: no such directory or weights, or
-    weights without that record)."""
-    return _saved_model_kind(os.path.join(directory, WEIGHTS_NAME))
-
-
-def _saved_model_kind(path: str) -> str | None:
-    """The model class :func:`save_model` recorded in a weights file's metadata (None: none, or unreadable, which
-    :func:`read_tensors` then reports)."""
+    """The model class that :func:`save_model` recorded in ``directory``'s weights file (None: no such file, one
+    without that record, or unreadable, which :func:`read_tensors` then reports)."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(os.path.join(directory, WEIGHTS_NAME), framework="pt") as f:
             return (f.metadata() or {}).get("model")
     except (SafetensorError, OSError):
         return None
