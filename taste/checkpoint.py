@@ -55,6 +55,9 @@ def read_tensors(path: str, select: Callable[[str], bool] | None = None) -> dict
 
 def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config dict, state dict)`` of a :func:`save_model` directory; ``kind`` names the model in errors."""
+    directory = os.fspath(directory)  # (a Path: named as the string it is)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} is not a directory (expected a {kind}.save_pretrained directory)")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(directory, name)):
             inside = [os.path.join(directory, *sub) for sub in _RUN_LAYOUT]  # a training run's directory, say

@@ -79,6 +79,10 @@ class Stage1Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, device=None) -> Stage1Model:
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory!r} is not a directory (expected a stage-1 run, its final/, or a "
+                                    "directory holding tokenizer/ and decoder/)")  # fmt: skip
         if os.path.isdir(os.path.join(directory, "final")):
             directory = os.path.join(directory, "final")
         return cls(

@@ -151,7 +151,7 @@ def test_cli_bad_input(tmp_path, capsys):
     assert cli.main(["units", str(tmp_path / "m.jsonl")]) == 1
     assert "no 'path' field" in capsys.readouterr().err
     assert cli.main(["encode", str(tmp_path / "m.jsonl"), "--model", str(tmp_path / "none"), "-o", "x"]) == 1
-    assert "no config.json" in capsys.readouterr().err
+    assert "none' is not a directory (expected a TasteTokenizer.save_pretrained directory)" in capsys.readouterr().err
 
 
 def test_wav_round_trip(tmp_path):

@@ -96,8 +96,11 @@ def test_save_and_load_round_trip(model, tmp_path):
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     assert all(torch.equal(a, b) for a, b in zip(loaded.encode(speech(), TEXTS), model.encode(speech(), TEXTS)))
+    with pytest.raises(FileNotFoundError, match=r"'.*missing' is not a directory \(expected a TasteTokenizer"):
+        taste.TasteTokenizer.from_pretrained(tmp_path / "missing")  # (before: "has no config.json")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        taste.TasteTokenizer.from_pretrained(tmp_path / "missing")
+        taste.TasteTokenizer.from_pretrained(tmp_path / "empty")
     # another kind of model's directory, or a training run's: said so (before: KeyError 'aggregator', or
     # "UnitDecoderConfig.__init__() got an unexpected keyword argument")
     with pytest.raises(ValueError, match=r"holds a TasteTokenizer, not a UnitDecoder"):

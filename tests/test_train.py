@@ -56,6 +56,9 @@ def test_interrupted_run_resumes_to_the_same_weights(data, tmp_path):
     train(cfg, stop_after=3, progress=False)  # "killed" after step 3; its last checkpoint is step 2
     assert latest_checkpoint(cfg.out_dir).endswith("checkpoint-2")
     assert not os.path.isdir(tmp_path / "b" / "final")
+    with pytest.raises(FileNotFoundError, match=r"'.*nothere' is not a directory \(expected a stage-1 run"):
+        train(config(data, tmp_path / "x", init_from=str(tmp_path / "nothere")), progress=False)  # (before: named
+        # 'nothere/tokenizer' as lacking a config.json)
     resumed = train(cfg, progress=False)
     assert state_digest(resumed) == state_digest(whole)
     assert checkpoint_steps(str(tmp_path / "a")) == [2, 4, 6] and checkpoint_steps(cfg.out_dir) == [6]
