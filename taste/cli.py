@@ -69,7 +69,8 @@ def cmd_encode(args) -> None:
     model = TasteTokenizer.from_pretrained(args.model, device=device, dtype=dtype).eval()
     rows = read_manifest(args.manifest)
     journal = args.output + ".partial"
-    results = _open_encode_journal(journal, args, rows)
+    codebooks = model.quantizer.codebook_digest()  # (beside each row's codes: see CodeCorpus)
+    results = _open_encode_journal(journal, args, rows, codebooks)
     if results and not args.quiet:
         print(f"resuming from {journal}: {len(results)} of {len(rows)} utterances already encoded")
     # Length-bucketed batches: sorting by duration keeps every batch's utterances alike.
@@ -90,8 +91,8 @@ def cmd_encode(args) -> None:
             log.flush()  # a batch encoded is a batch kept, whatever stops the command later
             bar.update(len(batch))
             bar.set_postfix(rtf=f"{(time.perf_counter() - t) / max(seconds, 1e-9):.4f}")
-    write_jsonl_atomically(args.output, ({"id": r["id"], "words": r["text"].split(), "codes": results[i]}
-                                         for i, r in enumerate(rows)))  # fmt: skip
+    write_jsonl_atomically(args.output, ({"id": r["id"], "words": r["text"].split(), "codes": results[i],
+                                          "codebooks": codebooks} for i, r in enumerate(rows)))  # fmt: skip
     os.remove(journal)
     elapsed = time.perf_counter() - t
     print(
@@ -102,13 +103,14 @@ def cmd_encode(args) -> None:
     )
 
 
-def _open_encode_journal(path: str, args, rows: list[dict]) -> dict[int, list]:
-    """The codes an interrupted ``taste encode`` of the same manifest and model kept in ``path`` (index -> codes),
-    after rewriting the journal without a line the interruption left half-written; a fresh journal if none."""
+def _open_encode_journal(path: str, args, rows: list[dict], codebooks: str) -> dict[int, list]:
+    """The codes an interrupted ``taste encode`` of the same manifest and model (path and codebooks) kept in
+    ``path`` (index -> codes), after rewriting the journal without a line the interruption left half-written; a
+    fresh journal if none."""
     from taste.checkpoint import read_jsonl_records, write_jsonl_atomically
 
     header = {"taste_encode": 1, "manifest": os.path.abspath(args.manifest), "model": os.path.abspath(args.model),
-              "dtype": args.dtype, "rows": len(rows)}  # fmt: skip
+              "dtype": args.dtype, "rows": len(rows), "codebooks": codebooks}  # fmt: skip
     records = read_jsonl_records(path) if os.path.exists(path) else []  # a header cut short leaves no records
     if len(records) > 1 and records[0] != header:  # (a journal of nothing encoded yet is simply started again)
         changed = sorted(k for k in header if records[0].get(k) != header[k])
@@ -205,7 +207,7 @@ def cmd_generate(args) -> None:
     if args.codes:  # speech prompts: words + TASTE codes of `taste encode` rows
         from taste.train_lm import CodeCorpus
 
-        corpus = CodeCorpus(args.codes, lm.config.llm_tokenizer, lm.config.num_quantizers, lm.config.codebook_size)
+        corpus = CodeCorpus.for_model(args.codes, lm)
         idx = list(range(min(args.num, len(corpus))))
         b = corpus.batch(idx, device)
         words = [corpus.words[i] for i in idx]
@@ -248,7 +250,7 @@ def cmd_eval_lm(args) -> None:
     from taste.train_lm import CodeCorpus, evaluate_lm
 
     lm = _load_lm(args.model, _device(args.device))
-    corpus = CodeCorpus(args.codes, lm.config.llm_tokenizer, lm.config.num_quantizers, lm.config.codebook_size)
+    corpus = CodeCorpus.for_model(args.codes, lm)
     n = len(corpus)
     if not 0 < args.eval_size < n:
         raise ValueError(f"--eval-size must be in [1, {n - 1}] for {n} rows, got {args.eval_size}")

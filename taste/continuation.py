@@ -64,6 +64,10 @@ def continue_speech(
     words = text.split()
     if not words:
         raise ValueError("text must hold the prompt's transcript (at least one word)")
+    ours, theirs = tok.quantizer.codebook_digest(), lm.vq.codebook_digest()
+    if ours != theirs:  # (codes of one decoded by the other: no error, only wrong speech)
+        raise ValueError(f"the tokenizer's codebooks ({ours}) are not the spoken LM's ({theirs}): give the stage-1 "
+                         "model whose tokenizer the LM was built on")  # fmt: skip
     prompt_codes = tok.encode([audio], [text], sample_rate)[0]  # (W_p, Q)
     tokens, cu, word_ids = prompt_batch([words], lm.config.llm_tokenizer)
     generator = torch.Generator(device=lm.pad_text_unit_embed.device).manual_seed(seed)

@@ -10,6 +10,7 @@ dimension of 1) are stacked into these on load, and its unused ``mlps.*`` keys a
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import warnings
 
@@ -152,7 +153,15 @@ class ResidualVQ(nn.Module):
     # ---- inference helpers of spec 1.6 ----
     def get_code_from_indices(self, indices: Tensor) -> Tensor:
         """``(N, Q)`` -> ``(N, codebook_dim)``: the sum of the codewords (-1 contributes 0)."""
+        self._check_initialised()
         return rvq_decode(indices, self.embed)
+
+    def codebook_digest(self) -> str:
+        """A fingerprint of the codebooks: 16 hex digits of the SHA-256 of their values rounded to bfloat16 (so a
+        copy cast to another dtype keeps it). ``taste encode`` writes it beside each row's codes, and whatever
+        reads codes with a model checks it, so that codes are never decoded with other codebooks than theirs."""
+        values = self.embed.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+        return hashlib.sha256(values.numpy().tobytes()).hexdigest()[:16]
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """``(N, Q)`` -> ``(N, dim)``: project_out of :meth:`get_code_from_indices`."""
@@ -212,9 +221,10 @@ class ResidualVQ(nn.Module):
         return [s for s, done in enumerate(self.initted.tolist()) if not done]
 
     def _check_initialised(self) -> None:
-        """Warns once per module where a search (eval forward, codes-only encode) runs on stages that k-means never
-        initialised: vector-quantize-pytorch gives code 0 for every row there without a word. At most one host read
-        per module (none once every stage is known to be initialised, none under torch.compile)."""
+        """Warns once per module where a search (eval forward, codes-only encode) or a decode runs on stages that
+        k-means never initialised: vector-quantize-pytorch gives code 0 for every row there, and 0 for every code,
+        without a word. At most one host read per module (none once every stage is known to be initialised, none
+        under torch.compile)."""
         if self._initted_seen or self._told_uninitialised or self.initted.is_meta:
             return
         if torch.compiler.is_compiling():
@@ -226,8 +236,8 @@ class ResidualVQ(nn.Module):
         self._told_uninitialised = True
         message = (
             f"taste: ResidualVQ stages {stages} of {self.num_quantizers} were never initialised (kmeans_init and no "
-            "training step has run them): their codebooks are zeros and every code they give is 0. Train the model "
-            "(stage 1-3) or load a trained checkpoint before encoding."
+            "training step has run them): their codebooks are zeros, every code they give is 0 and every code decodes "
+            "to 0 there. Train the model (stage 1-3) or load a trained checkpoint."
         )
         warnings.warn(message, stacklevel=2)
 

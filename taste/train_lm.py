@@ -44,13 +44,17 @@ class CodeCorpus:
     """Utterances of a ``taste encode`` JSONL as Llama tokens, word ids and per-word codes, and packed batches."""
 
     def __init__(self, path: str, llm_tokenizer: str = "llama3", num_quantizers: int | None = None,
-                 codebook_size: int | None = None):  # fmt: skip
+                 codebook_size: int | None = None, codebooks: str | None = None):  # fmt: skip
         tok = WordTokenizer(llm_tokenizer)
         self.tokens, self.word_ids, self.codes, self.words = [], [], [], []
         for where, row in iter_json_objects(path, "codes row"):
             words, codes = row.get("words"), torch.tensor(row.get("codes", []), dtype=torch.long)
             if not words or codes.dim() != 2 or codes.shape[0] != len(words):
                 raise ValueError(f"{where}: needs 'words' and one 'codes' row per word")
+            if codebooks is not None and row.get("codebooks", codebooks) != codebooks:  # (rows without: unchecked)
+                raise ValueError(f"{where}: codes of codebooks {row['codebooks']}, but the model's are {codebooks} "
+                                 "(another tokenizer's codes, or another training's: encode them with the tokenizer "
+                                 "that the model took its RVQ from)")  # fmt: skip
             if num_quantizers is not None and codes.shape[1] != num_quantizers:
                 raise ValueError(f"{where}: codes have {codes.shape[1]} layers, the model has {num_quantizers}")
             lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
@@ -64,6 +68,12 @@ class CodeCorpus:
             self.words.append(words)
         if not self.tokens:
             raise ValueError(f"{path} holds no utterances")
+
+    @classmethod
+    def for_model(cls, path: str, model: TasteSpokenLM) -> CodeCorpus:
+        """The codes of ``path`` checked against ``model``: its LLM tokenizer, codebook shape and codebooks."""
+        c = model.config
+        return cls(path, c.llm_tokenizer, c.num_quantizers, c.codebook_size, codebooks=model.vq.codebook_digest())
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -131,7 +141,7 @@ def train_lm(cfg: LMTrainConfig, *, stop_after: int | None = None, progress: boo
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg)
-    corpus = CodeCorpus(cfg.codes, model.config.llm_tokenizer, model.config.num_quantizers, model.config.codebook_size)
+    corpus = CodeCorpus.for_model(cfg.codes, model)
     if len(corpus) <= cfg.eval_size:
         raise ValueError(f"{cfg.codes} has {len(corpus)} rows, not more than eval_size={cfg.eval_size}")
     model.to(device).train()

@@ -110,12 +110,18 @@ def test_an_interrupted_encode_resumes_from_its_journal(manifest, tmp_path, monk
     assert "encoded 7 utterances" in printed and "5 resumed from the journal" in printed
     assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not journal.exists()
 
-    # a journal of another encode is refused, not mixed in
-    other = json.dumps({"taste_encode": 1, "manifest": str(manifest), "model": "/elsewhere", "dtype": "float32",
-                        "rows": 12}) + "\n"  # fmt: skip
-    journal.write_text(other + json.dumps({"index": 0, "id": "utt000000", "codes": [[1, 2, 3, 4]]}) + "\n")
-    assert encode(out) == 1
-    assert "is the journal of another encode (it differs in model); delete it" in capsys.readouterr().err
+    # a journal of another encode is refused, not mixed in: another model, or the same directory holding codebooks
+    # of another training since
+    digest = TasteTokenizer.from_pretrained(str(model_dir)).quantizer.codebook_digest()
+    assert {json.loads(line)["codebooks"] for line in out.read_text().splitlines()} == {digest}
+    header = {"taste_encode": 1, "manifest": str(manifest), "model": "/elsewhere", "dtype": "float32", "rows": 12,
+              "codebooks": digest}  # fmt: skip
+    encoded = json.dumps({"index": 0, "id": "utt000000", "codes": [[1, 2, 3, 4]]}) + "\n"
+    for changed, value in (("model", "/elsewhere"), ("codebooks", "0123456789abcdef")):
+        other = json.dumps({**header, "model": str(model_dir), changed: value}) + "\n"
+        journal.write_text(other + encoded)
+        assert encode(out) == 1
+        assert f"is the journal of another encode (it differs in {changed}); delete it" in capsys.readouterr().err
     # unless it holds nothing encoded yet (an encode that failed in its first batch): then it is started again
     journal.write_text(other)
     out.unlink()

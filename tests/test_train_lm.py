@@ -116,7 +116,33 @@ def test_codes_outside_the_codebook_name_their_row(data, tmp_path):
     assert len(CodeCorpus(str(data / "codes.jsonl"), num_quantizers=4, codebook_size=64)) == 20
 
 
-def test_continue_end_to_end(data, tmp_path):
+def test_codes_of_other_codebooks_are_refused(data, tmp_path):
+    """`taste encode` writes its codebooks' digest beside each row's codes; train-lm, generate --codes and eval-lm
+    refuse rows of other codebooks. Before, codes of another tokenizer (or of another training of it, or a
+    no_vq tokenizer whose codebooks were never initialised) decoded into wrong TASTE rows without a word."""
+    lm = TasteSpokenLM.from_tokenizer(TasteTokenizer.from_pretrained(str(data / "tokenizer")), SpokenLMConfig.tiny())
+    digest = lm.vq.codebook_digest()
+    assert digest == TasteTokenizer.from_pretrained(str(data / "tokenizer")).quantizer.codebook_digest()
+    assert len(digest) == 16 and lm.vq.to(torch.bfloat16).codebook_digest() == digest  # (a cast keeps it)
+    lm.vq.float()
+    rows = [json.loads(line) for line in open(data / "codes.jsonl")]
+    for r in rows:
+        r["codebooks"] = digest
+    rows[5]["codebooks"] = "0123456789abcdef"
+    path = tmp_path / "codes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf"codes.jsonl:6: codes of codebooks 0123456789abcdef, but the model's are "
+                                         rf"{digest} \(another tokenizer's codes"):  # fmt: skip
+        CodeCorpus.for_model(str(path), lm)
+    del rows[5]["codebooks"]  # (rows without a digest, e.g. written by hand: not checked)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(CodeCorpus.for_model(str(path), lm)) == 20
+    with torch.no_grad():
+        lm.vq.embed[0, 0, 0] += 1e-2
+    assert lm.vq.codebook_digest() != digest
+
+
+def test_continue_end_to_end(data, tmp_path, capsys):
     from safetensors.torch import save_file
 
     from taste.train import Stage1Model
@@ -138,6 +164,11 @@ def test_continue_end_to_end(data, tmp_path):
             "--greedy", "--extra-words", "1", "--max-new-tokens", "6", "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert out.stat().st_size > 1000
+    other = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None)  # (another tokenizer's codebooks)
+    other.save_pretrained(str(tmp_path / "other"))
+    argv[argv.index("--tokenizer-model") + 1] = str(tmp_path / "other")
+    assert main(argv) == 1
+    assert "the tokenizer's codebooks (" in capsys.readouterr().err
 
 
 def test_ddp_on_two_cpu_ranks_keeps_identical_weights(data, tmp_path):
