@@ -307,17 +307,20 @@ class TextQueryAggregator(nn.Module):
         if int(flat.min()) < 0 or int(flat.max()) >= old.shape[0]:
             raise ValueError(f"pieces must hold ids in [0, {old.shape[0]}) (the current vocabulary), got ids from "
                              f"{int(flat.min())} to {int(flat.max())}")  # fmt: skip
-        offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]).to(old.device)
-        table = old.float()
-        rows = F.embedding_bag(flat.to(old.device), table, offsets, mode="mean", include_last_offset=True)
-        fallback = table[flat.unique().to(old.device)].mean(0)
-        rows[(sizes == 0).to(old.device)] = fallback
-        prefix = table[self.prefix_ids.to(old.device)]
-        vocab = len(pieces) + prefix.shape[0]
-        weight = torch.cat([rows, prefix]).to(old.dtype)
+        offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        table, n = old.float(), len(pieces)
+        vocab = n + len(self.prefix_ids)
+        weight = old.new_empty(vocab, old.shape[1])
+        for start in range(0, n, 1 << 14):  # (blocks of new tokens: no float32 copy of the whole new table)
+            end = min(start + (1 << 14), n)
+            bag = flat[offsets[start] : offsets[end]].to(old.device)
+            weight[start:end] = F.embedding_bag(bag, table, (offsets[start : end + 1] - offsets[start]).to(old.device),
+                                                mode="mean", include_last_offset=True)  # fmt: skip
+        weight[:n][(sizes == 0).to(old.device)] = table[flat.unique().to(old.device)].mean(0).to(old.dtype)
+        weight[n:] = old[self.prefix_ids.to(old.device)]
         self.embed_tokens = nn.Embedding.from_pretrained(weight, freeze=not old.requires_grad)
-        self.config = replace(self.config, vocab_size=vocab, prefix_ids=tuple(range(len(pieces), vocab)))
-        self.prefix_ids = torch.arange(len(pieces), vocab, device=self.prefix_ids.device)
+        self.config = replace(self.config, vocab_size=vocab, prefix_ids=tuple(range(n, vocab)))
+        self.prefix_ids = torch.arange(n, vocab, device=self.prefix_ids.device)
 
     def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, h_key: Tensor, h_val: Tensor) -> Tensor:
         """Aggregates each text token's view of its utterance.
