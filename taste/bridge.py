@@ -83,6 +83,36 @@ def _linear_names(model: nn.Module) -> list[str]:
     return sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output})
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_PROBE = "Hello world, this is TASLM's probe: 42 words & naïve café."
+
+
+def check_llm_tokenizer(config, vocab_size: int) -> None:
+    """Refuses a ``config.llm_tokenizer`` whose ids cannot be the backbone's: word ids past its ``vocab_size``
+    embedding rows, BOS / EOS ids outside them, or, for a backbone directory that ships a tokenizer, other ids for
+    the same words than that tokenizer's (``"llama3"`` over a Qwen checkpoint, whose embedding is larger, gave no
+    error, only wrong tokens)."""
+    from taste.text import WordTokenizer
+
+    tok = WordTokenizer(config.llm_tokenizer)
+    if tok.word_id_bound > vocab_size:
+        raise ValueError(f"llm_tokenizer {config.llm_tokenizer!r} tokenises words into ids up to "
+                         f"{tok.word_id_bound - 1}, but the backbone embeds {vocab_size}")  # fmt: skip
+    for name in ("bos_id", "eos_id"):
+        if not 0 <= getattr(config, name) < vocab_size:
+            raise ValueError(f"{name}={getattr(config, name)} is outside the backbone's {vocab_size} token ids")
+    path = config.backbone_path
+    ships_one = path and any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+    if not ships_one or path == config.llm_tokenizer:
+        return
+    words = _PROBE.split()
+    ours, own = [tok.word(w) for w in words], [WordTokenizer(path).word(w) for w in words]
+    if ours != own:
+        raise ValueError(f"llm_tokenizer {config.llm_tokenizer!r} does not tokenise like the backbone's own tokenizer "
+                         f"in {path!r} (the words {words[:2]} give {ours[:2]} against {own[:2]}): set llm_tokenizer to "
+                         f"{path!r}, and bos_id / eos_id to its ids")  # fmt: skip
+
+
 def build_backbone(config) -> nn.Module:
     """The transformers causal LM of a :class:`taste.SpokenLMConfig`, wrapped by peft LoRA when ``lora_r > 0``."""
     try:  # packed batches rely on transformers masking each sequence from restarting position ids
@@ -99,6 +129,7 @@ def build_backbone(config) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(config.backbone_path, attn_implementation="sdpa")
     else:
         model = LlamaForCausalLM(LlamaConfig(**config.backbone, attn_implementation="sdpa"))
+    check_llm_tokenizer(config, model.config.vocab_size)
     if config.lora_r == 0:
         return model
     from peft import LoraConfig, get_peft_model

@@ -317,3 +317,36 @@ def test_another_transformers_family_from_a_directory(tmp_path):
     a = model.generate(*packed(tokens, word_ids, codes, cu), config=cfg)
     b = model.generate(*packed(tokens, word_ids, codes, cu), config=cfg, use_cache=False)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.codes, b.codes)
+
+
+def test_the_llm_tokenizer_must_be_the_backbones(tmp_path):
+    """Llama-3 ids over a backbone directory that ships another tokenizer (a Qwen checkpoint, whose embedding is
+    larger) gave no error, only wrong tokens; over a smaller embedding, an index error at the first batch."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from taste.spoken_lm import _llama
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet)
+    bpe.train_from_iterator(["Hello world, this is a probe of a tokenizer."] * 4, trainer)
+    backbone = tmp_path / "qwen"
+    torch.manual_seed(0)
+    qwen = Qwen2Config(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    Qwen2ForCausalLM(qwen).save_pretrained(str(backbone))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>").save_pretrained(str(backbone))
+    with pytest.raises(ValueError, match=r"llm_tokenizer 'llama3' does not tokenise like the backbone's own tokenizer "
+                                         r"in '.*qwen' \(the words \['Hello', 'world,'\] give"):  # fmt: skip
+        TasteSpokenLM(config=SpokenLMConfig.tiny(backbone_path=str(backbone)))
+    own = SpokenLMConfig.tiny(backbone_path=str(backbone), llm_tokenizer=str(backbone), bos_id=0, eos_id=1)
+    assert TasteSpokenLM(config=own).config.llm_tokenizer == str(backbone)
+    small = _llama(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2, rope_scaling=None)  # fmt: skip
+    with pytest.raises(ValueError, match="llm_tokenizer 'llama3' tokenises words into ids up to 127999, but the "
+                                         "backbone embeds 1000"):  # fmt: skip
+        TasteSpokenLM(config=SpokenLMConfig.tiny(backbone=small))
+    with pytest.raises(ValueError, match="eos_id=128300 is outside the backbone's 128256 token ids"):
+        TasteSpokenLM(config=SpokenLMConfig.tiny(eos_id=128300))
