@@ -58,8 +58,9 @@ def continue_speech(
     """
     from taste.audio import resample
     from taste.corpus import unit_features
-    from taste.evaluate import units_to_wave
+    from taste.evaluate import check_centroids, units_to_wave
 
+    check_centroids(centroids, stage1.decoder.config.num_units)
     tok = stage1.tokenizer.eval()
     words = text.split()
     if not words:

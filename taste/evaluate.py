@@ -141,8 +141,25 @@ def griffin_lim(magnitude: torch.Tensor, iters: int = 64, seed: int = 0) -> torc
     return torch.istft(magnitude * angles, N_FFT, HOP_LENGTH, window=window, length=length)
 
 
+def check_centroids(centroids: torch.Tensor, num_units: int | None = None) -> None:
+    """Refuses unit centroids that cannot be the mel frames of ``num_units`` units: a ``(num_units, n_mels)`` float
+    tensor, ``n_mels`` 80 or 128 (checked before a decoder spends its time generating)."""
+    if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 or not centroids.is_floating_point():
+        got = tuple(centroids.shape) if isinstance(centroids, torch.Tensor) else type(centroids).__name__
+        raise ValueError(f"centroids must be a (num_units, n_mels) float tensor, got {got}")
+    if num_units is not None and centroids.shape[0] != num_units:
+        raise ValueError(f"centroids has {centroids.shape[0]} rows but the unit decoder has {num_units} units: "
+                         "the centroids of another `taste units` run than the one it was trained on")  # fmt: skip
+    if centroids.shape[1] not in (80, 128):
+        raise ValueError(f"centroids must have 80 or 128 mel bins per row, got {centroids.shape[1]}")
+
+
 def units_to_wave(units: torch.Tensor, centroids: torch.Tensor, iters: int = 64) -> torch.Tensor:
     """``(T,)`` 50 Hz units + ``(K, 80)`` centroids (normalised Whisper log-mel) -> 16 kHz waveform in [-1, 1]."""
+    check_centroids(centroids)
+    if units.numel() and not 0 <= int(units.min()) <= int(units.max()) < centroids.shape[0]:
+        raise ValueError(f"units must lie in [0, {centroids.shape[0]}) (the centroids' rows), got "
+                         f"[{int(units.min())}, {int(units.max())}]")  # fmt: skip
     frames = centroids[units].T.repeat_interleave(2, dim=1)  # (80, 2T) at 100 Hz
     power_mel = torch.pow(10.0, frames.double() * 4.0 - 4.0)
     filters = mel_filters(centroids.shape[1]).double()  # (80, 201)
@@ -159,6 +176,7 @@ def resynthesize(model_dir: str, audio: torch.Tensor, text: str, centroids: torc
     from taste.corpus import unit_features
 
     model = Stage1Model.from_pretrained(model_dir).eval()
+    check_centroids(centroids, model.decoder.config.num_units)
     stage = _stage(model_dir)
     tok = model.tokenizer
     mel, batch = tok.prepare([audio], [text], sample_rate)

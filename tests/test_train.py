@@ -8,7 +8,7 @@ from conftest import torchrun_rank_digests
 
 import taste
 from taste import corpus
-from taste.evaluate import evaluate, griffin_lim, resynthesize
+from taste.evaluate import evaluate, griffin_lim, resynthesize, units_to_wave
 from taste.train import Stage1Model, TrainConfig, corpus_vocabulary, train
 from taste.trainer import checkpoint_steps, latest_checkpoint, state_digest
 from taste.unit_decoder import UnitDecoderConfig
@@ -132,6 +132,15 @@ def test_evaluation_and_resynthesis(data, tmp_path):
     codes, wave = resynthesize(str(out), audio, rows[0]["text"], centroids)
     assert codes.shape == (len(rows[0]["text"].split()), 4)
     assert wave.dim() == 1 and wave.numel() % 320 == 0 and wave.numel() > 0 and wave.abs().max() <= 0.9 + 1e-6
+    # centroids of another `taste units` run (before: an IndexError in Griffin-Lim's frames, after the generation)
+    with pytest.raises(ValueError, match=f"centroids has 8 rows but the unit decoder has {NUM_UNITS} units"):
+        resynthesize(str(out), audio, rows[0]["text"], centroids[:8])
+    with pytest.raises(ValueError, match="centroids must have 80 or 128 mel bins per row, got 40"):
+        resynthesize(str(out), audio, rows[0]["text"], centroids[:, :40])
+    with pytest.raises(ValueError, match=r"units must lie in \[0, 8\) \(the centroids' rows\), got \[0, 9\]"):
+        units_to_wave(torch.tensor([0, 9]), centroids[:8])
+    with pytest.raises(ValueError, match=r"centroids must be a \(num_units, n_mels\) float tensor, got \(16,\)"):
+        units_to_wave(torch.tensor([0]), centroids[:, 0])
 
 
 def test_ctc_loss_reads_the_tied_embedding_with_the_start_token_as_blank(data):
