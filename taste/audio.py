@@ -23,11 +23,12 @@ from taste.text import _package_file
 SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
+MEL_BINS = (80, 128)  # the filter banks openai-whisper ships
 
 
 def mel_filters(n_mels: int, device=None) -> Tensor:
     """``(n_mels, 201)`` float32: openai-whisper's mel filter bank (``n_mels`` 80 or 128)."""
-    if n_mels not in (80, 128):
+    if n_mels not in MEL_BINS:
         raise ValueError(f"n_mels must be 80 or 128 (the filter banks openai-whisper ships), got {n_mels}")
     with np.load(_package_file("whisper", "assets/mel_filters.npz", "openai-whisper")) as f:
         return torch.from_numpy(f[f"mel_{n_mels}"]).to(device=device, dtype=torch.float32)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from taste._checks import check_at_least, check_field_types
 from taste.aggregator import WhisperLayer, whisper_init
+from taste.audio import MEL_BINS
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class EncoderConfig:
     def __post_init__(self):
         check_field_types(self)
         check_at_least(self, 1, "d_model", "num_layers", "num_heads", "ffn_dim")
-        if self.n_mels not in (80, 128):
+        if self.n_mels not in MEL_BINS:
             raise ValueError(f"n_mels must be 80 or 128 (the filter banks openai-whisper ships), got {self.n_mels}")
         if not self.window_seconds > 0:
             raise ValueError(f"window_seconds must be > 0, got {self.window_seconds}")

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from taste.audio import HOP_LENGTH, N_FFT, mel_filters
+from taste.audio import HOP_LENGTH, MEL_BINS, N_FFT, mel_filters
 from taste.train import Stage1Model, UnitCorpus
 
 
@@ -150,7 +150,7 @@ def check_centroids(centroids: torch.Tensor, num_units: int | None = None) -> No
     if num_units is not None and centroids.shape[0] != num_units:
         raise ValueError(f"centroids has {centroids.shape[0]} rows but the unit decoder has {num_units} units: "
                          "the centroids of another `taste units` run than the one it was trained on")  # fmt: skip
-    if centroids.shape[1] not in (80, 128):
+    if centroids.shape[1] not in MEL_BINS:
         raise ValueError(f"centroids must have 80 or 128 mel bins per row, got {centroids.shape[1]}")
 
 
