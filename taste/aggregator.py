@@ -26,17 +26,19 @@ from taste.ops import (
     text_query_cross_attention_folded,
 )
 from taste.ops_attention import uniform_offsets
+from taste.text import WHISPER_LANGUAGES
 
 OFFICIAL_PREFIX = "audio_tower.audio_joint_encoder_segmenter.audio_segmenter.decoder."
 WHISPER_PREFIX_IDS = (50258, 50259, 50360, 50364)  # <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
 _WHISPER_BPE_IDS = 50257  # the byte-level BPE ranks; <|endoftext|>, <|startoftranscript|> and the languages follow
 
 
-def whisper_prefix_ids(vocab_size: int) -> tuple[int, ...]:
+def whisper_prefix_ids(vocab_size: int, language: str = "en") -> tuple[int, ...]:
     """The official prefix ``<|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>`` in a multilingual
     Whisper vocabulary of ``vocab_size`` ids: 51866 for large-v3 and its distillations (100 languages), 51865 for
     the earlier multilingual models (99). The ids after the language tokens move with their count, so large-v3's
-    ids in a 99-language model would be ``<|startoflm|>`` and the first timestamp."""
+    ids in a 99-language model would be ``<|startoflm|>`` and the first timestamp. ``language``: another of
+    Whisper's language codes in place of ``en`` (the official model is English; words are split on whitespace)."""
     languages = vocab_size - (_WHISPER_BPE_IDS + 2 + 5 + 1 + 1501)  # ... translate, transcribe, startoflm,
     if languages not in (99, 100):  # startofprev, nospeech; notimestamps; 1501 timestamps
         kind = " (an English-only Whisper: GPT-2's BPE, not the multilingual one)" if vocab_size == 51864 else ""
@@ -44,8 +46,12 @@ def whisper_prefix_ids(vocab_size: int) -> tuple[int, ...]:
             f"no Whisper prefix ids for a vocabulary of {vocab_size} ids{kind}: the multilingual Whisper "
             "vocabularies have 51865 or 51866; pass prefix_ids (and a matching asr_tokenizer)"
         )
+    if language not in WHISPER_LANGUAGES[:languages]:
+        raise ValueError(f"language must be one of this Whisper's {languages} language codes "
+                         f"({', '.join(WHISPER_LANGUAGES[:5])}, ...), got {language!r}")  # fmt: skip
     first_task = _WHISPER_BPE_IDS + 2 + languages  # <|translate|>
-    return (_WHISPER_BPE_IDS + 1, _WHISPER_BPE_IDS + 2, first_task + 1, first_task + 5)
+    lang = _WHISPER_BPE_IDS + 2 + WHISPER_LANGUAGES.index(language)
+    return (_WHISPER_BPE_IDS + 1, lang, first_task + 1, first_task + 5)
 
 
 @dataclass(frozen=True)
@@ -384,14 +390,14 @@ class TextQueryAggregator(nn.Module):
                                  f"({longest} tokens)")  # fmt: skip
 
     @classmethod
-    def from_whisper_decoder(cls, decoder: nn.Module, **overrides) -> TextQueryAggregator:
+    def from_whisper_decoder(cls, decoder: nn.Module, *, language: str = "en", **overrides) -> TextQueryAggregator:
         """Builds the aggregator from a transformers ``WhisperDecoder`` (pretrained or random), copying its weights.
 
         The key mapping is the identity (same parameter names). ``overrides`` replace config fields, e.g.
         ``identity_v_proj=False`` to keep the decoder's cross-attention v_proj (the default re-initialises it
         to the identity as the official seed model does). The prefix ids are those of the decoder's vocabulary
-        (:func:`whisper_prefix_ids`: large-v3's 51866 ids or the earlier models' 51865) unless ``prefix_ids`` is
-        given. The module takes the decoder's dtype and device.
+        (:func:`whisper_prefix_ids`: large-v3's 51866 ids or the earlier models' 51865; ``language`` in place of
+        English) unless ``prefix_ids`` is given. The module takes the decoder's dtype and device.
         """
         c = decoder.config
         shapes = dict(
@@ -408,7 +414,7 @@ class TextQueryAggregator(nn.Module):
                 "embedding is copied as it is (remap_vocabulary gives it another vocabulary)"
             )
         if "prefix_ids" not in overrides:
-            shapes["prefix_ids"] = whisper_prefix_ids(c.vocab_size)
+            shapes["prefix_ids"] = whisper_prefix_ids(c.vocab_size, language)
         config = AggregatorConfig(**{**shapes, **overrides})  # (in one: the shapes alone may not fit the prefix)
         weight = decoder.embed_tokens.weight
         with torch.device("meta"):

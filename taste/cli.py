@@ -45,7 +45,7 @@ def cmd_init_tokenizer(args) -> None:
     torch.manual_seed(args.seed)
     if args.whisper:
         model = TasteTokenizer.from_whisper(
-            args.whisper, value_layer=args.value_layer, asr_tokenizer=args.asr_tokenizer
+            args.whisper, value_layer=args.value_layer, asr_tokenizer=args.asr_tokenizer, language=args.language
         )
     else:
         model = TasteTokenizer(config=getattr(TasteConfig, args.preset)().with_asr_tokenizer(args.asr_tokenizer))
@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Whisper rows that spell it)"
     )
     i.add_argument("--asr-tokenizer", default="whisper", help=queries)
+    i.add_argument(
+        "--language", default="en", help="with --whisper: the language token of the prefix (en, de, fr, ...)"
+    )
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_init_tokenizer)
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 # Whisper's special tokens follow its 50257 byte-level BPE ranks in this order (openai-whisper's tokenizer).
-_WHISPER_LANGUAGES = (
+WHISPER_LANGUAGES = (
     "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la mi "
     "ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc ka be tg sd "
     "gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue"
@@ -80,7 +80,7 @@ def whisper_encoding(num_languages: int = 100):
 
     ranks = bpe_ranks("whisper")
     names = ["<|endoftext|>", "<|startoftranscript|>"]
-    names += [f"<|{lang}|>" for lang in _WHISPER_LANGUAGES[:num_languages]]
+    names += [f"<|{lang}|>" for lang in WHISPER_LANGUAGES[:num_languages]]
     names += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>"]
     names += ["<|notimestamps|>"] + [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
     specials = {name: len(ranks) + i for i, name in enumerate(names)}

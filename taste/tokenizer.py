@@ -294,12 +294,20 @@ class TasteTokenizer(nn.Module):
 
     @classmethod
     def from_whisper(
-        cls, local_dir: str, *, value_layer: int = 6, quantizer: QuantizerConfig | None = None, dtype=None, **overrides
+        cls,
+        local_dir: str,
+        *,
+        value_layer: int = 6,
+        quantizer: QuantizerConfig | None = None,
+        dtype=None,
+        language: str = "en",
+        **overrides,
     ) -> TasteTokenizer:
         """The seed model from a local Whisper checkpoint (transformers layout): its encoder and decoder weights,
         the cross-attention ``v_proj`` set to the identity (spec 1.4), a fresh RVQ (each stage k-means-initialised
         on the first training batch it runs in). float32 unless ``dtype``; ``overrides`` replace
-        :class:`TasteConfig` fields.
+        :class:`TasteConfig` fields. ``language``: the Whisper language token of the prefix (English, as the
+        official model, unless given).
 
         With ``asr_tokenizer`` other than ``"whisper"`` (e.g. ``"llama3"``: queries in the LLM's tokens) the
         aggregator's token embedding is remapped to that vocabulary, each new token starting as the mean of the
@@ -310,7 +318,7 @@ class TasteTokenizer(nn.Module):
             raise FileNotFoundError(f"local_dir {local_dir!r} is not a directory (a local Whisper checkpoint)")
         whisper = WhisperModel.from_pretrained(local_dir).float()
         encoder = SpeechEncoder.from_whisper_encoder(whisper.encoder, value_layer=value_layer)
-        aggregator = TextQueryAggregator.from_whisper_decoder(whisper.decoder)
+        aggregator = TextQueryAggregator.from_whisper_decoder(whisper.decoder, language=language)
         asr_tokenizer = overrides.get("asr_tokenizer", TasteConfig.asr_tokenizer)
         if asr_tokenizer != "whisper":
             aggregator.remap_vocabulary(token_pieces(asr_tokenizer, "whisper"))

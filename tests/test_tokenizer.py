@@ -201,11 +201,18 @@ def test_prefix_ids_follow_the_whisper_vocabulary(tmp_path):
         ref = whisper_tokenizer.get_tokenizer(multilingual=True, num_languages=languages)
         want = (ref.sot, ref.encoding.encode_single_token("<|en|>"), ref.transcribe, ref.no_timestamps)
         assert taste.aggregator.whisper_prefix_ids(ref.encoding.n_vocab) == want
+        for language in ("de", "haw", "la"):  # another language token in place of <|en|>
+            want = (ref.sot, ref.encoding.encode_single_token(f"<|{language}|>"), ref.transcribe, ref.no_timestamps)
+            assert taste.aggregator.whisper_prefix_ids(ref.encoding.n_vocab, language) == want
     assert taste.aggregator.whisper_prefix_ids(51866) == taste.aggregator.WHISPER_PREFIX_IDS
+    with pytest.raises(ValueError, match=r"language must be one of this Whisper's 99 language codes .* got 'yue'"):
+        taste.aggregator.whisper_prefix_ids(51865, "yue")  # (large-v3's hundredth)
     _whisper_dir(tmp_path / "v2", vocab_size=51865)
     model = taste.TasteTokenizer.from_whisper(str(tmp_path / "v2"), value_layer=1)
     assert model.config.aggregator.prefix_ids == (50258, 50259, 50359, 50363)
     assert model.aggregator.prefix_ids.tolist() == [50258, 50259, 50359, 50363]
+    german = taste.TasteTokenizer.from_whisper(str(tmp_path / "v2"), value_layer=1, language="de")
+    assert german.config.aggregator.prefix_ids == (50258, 50261, 50359, 50363)
     _whisper_dir(tmp_path / "en", vocab_size=51864)
     with pytest.raises(ValueError, match=r"English-only Whisper.* pass prefix_ids"):
         taste.TasteTokenizer.from_whisper(str(tmp_path / "en"), value_layer=1)
