@@ -129,7 +129,7 @@ def _open_encode_journal(path: str, args, rows: list[dict], codebooks: str) -> d
 def cmd_train_tokenizer(args) -> None:
     from taste.train import TrainConfig, train
 
-    cfg = TrainConfig.from_json(args.config, **({"out_dir": args.out_dir} if args.out_dir else {}))
+    cfg = TrainConfig.from_json(args.config, **_overrides(args))
     train(cfg, stop_after=args.stop_after, progress=not args.quiet)
     print(f"stage {cfg.stage}: {cfg.out_dir}")
 
@@ -173,7 +173,7 @@ def cmd_resynthesize(args) -> None:
 def cmd_train_lm(args) -> None:
     from taste.train_lm import LMTrainConfig, train_lm
 
-    cfg = LMTrainConfig.from_json(args.config, **({"out_dir": args.out_dir} if args.out_dir else {}))
+    cfg = LMTrainConfig.from_json(args.config, **_overrides(args))
     train_lm(cfg, stop_after=args.stop_after, progress=not args.quiet)
     print(f"spoken LM: {cfg.out_dir}")
 
@@ -343,10 +343,27 @@ def cmd_merge_lora(args) -> None:
     print(f"merged the LoRA adapters into the backbone: {n:.1f}M parameters -> {args.output}")
 
 
+def _overrides(args) -> dict:
+    """The config options that ``--out-dir`` and each ``--set KEY=VALUE`` replace (VALUE as JSON where it parses:
+    ``steps=500``, ``bf16=false``; else the string itself: ``manifest=data/m.jsonl``)."""
+    out = {"out_dir": args.out_dir} if args.out_dir else {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _add_training(sub, name: str, help: str, config_class: str, func) -> None:
     t = sub.add_parser(name, help=help)
     t.add_argument("config", help=f"JSON with the fields of {config_class}")
     t.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    one = "override one option of the config (VALUE as JSON where it parses: steps=500); repeatable"
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=one)
     t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=func)

@@ -81,9 +81,11 @@ class LoopConfig:
             raw = parse_json(f.read(), path)
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: must hold a JSON object of training options, got {type(raw).__name__}")
-        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(raw) - known:
+            raise ValueError(f"{path}: unknown training options {sorted(set(raw) - known)}")
+        if set(overrides) - known:
+            raise ValueError(f"unknown training options {sorted(set(overrides) - known)} among the overrides")
         try:
             return cls(**{**raw, **overrides})
         except (TypeError, ValueError) as e:  # (a value of the wrong type or range: a bad value of the file, named)
