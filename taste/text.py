@@ -141,8 +141,9 @@ def _byte_decoder() -> dict[str, int]:
 def token_bytes(name: str) -> list[bytes | None]:
     """What every id of tokenizer ``name`` stands for, as bytes; None for special tokens.
 
-    Exact for ``"whisper"``, ``"llama3"`` and byte-level BPE directories (GPT-2, Llama 3, Qwen); for SentencePiece
-    vocabularies ``▁`` is read as a space and ``<0xNN>`` as that byte."""
+    Exact for ``"whisper"``, ``"llama3"`` and byte-level BPE directories (GPT-2, Llama 3, Qwen; tokens added to them
+    as plain text are read as UTF-8); for SentencePiece vocabularies ``▁`` is read as a space and ``<0xNN>`` as that
+    byte."""
     if name in _RANK_FILES:
         enc = whisper_encoding() if name == "whisper" else llama3_encoding()
         out: list[bytes | None] = [None] * enc.n_vocab
@@ -157,13 +158,16 @@ def token_bytes(name: str) -> list[bytes | None]:
     tok = AutoTokenizer.from_pretrained(name)
     special, pieces = set(tok.all_special_ids), tok.convert_ids_to_tokens(list(range(len(tok))))
     table = _byte_decoder()
-    byte_level = all(c in table for i, p in enumerate(pieces) if i not in special for c in p)
+    written = [i not in special and p is not None and all(c in table for c in p) for i, p in enumerate(pieces)]
+    byte_level = sum(written) >= 0.99 * sum(i not in special for i in range(len(pieces)))  # (added tokens aside)
     out = []
     for i, piece in enumerate(pieces):
         if i in special or piece is None:
             out.append(None)
-        elif byte_level:
+        elif byte_level and written[i]:
             out.append(bytes(table[c] for c in piece))
+        elif byte_level:  # a token added to a byte-level vocabulary as plain text
+            out.append(piece.encode())
         elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             out.append(bytes([int(piece[3:5], 16)]))
         else:

@@ -125,9 +125,11 @@ def test_token_bytes_of_hugging_face_vocabularies(tmp_path):
     )
     bpe.train_from_iterator(texts * 4, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>")
+    fast.add_tokens(["東京駅"])  # (a token added as plain text, not in the byte alphabet)
     fast.save_pretrained(tmp_path / "byte_level")
     data = token_bytes(str(tmp_path / "byte_level"))
     assert len(data) == len(fast) and data[fast.convert_tokens_to_ids("<s>")] is None
+    assert data[fast.convert_tokens_to_ids("東京駅")] == "東京駅".encode()
     for text in texts:  # (東京's tokens hold parts of characters)
         ids = fast.encode(" " + text, add_special_tokens=False)
         assert b"".join(data[i] for i in ids) == (" " + text).encode()
