@@ -121,17 +121,29 @@ class TokenizerOutput:
 
 
 class TasteTokenizer(nn.Module):
-    """Speech + transcript -> TASTE codes and embeddings, packed batches, no per-sample loops."""
+    """Speech + transcript -> TASTE codes and embeddings, packed batches, no per-sample loops.
 
-    def __init__(self, *, config: TasteConfig):
+    ``encoder`` / ``aggregator``: modules of ``config.encoder`` / ``config.aggregator`` to hold (e.g. made from a
+    Whisper checkpoint) instead of new random ones."""
+
+    def __init__(
+        self,
+        *,
+        config: TasteConfig,
+        encoder: SpeechEncoder | None = None,
+        aggregator: TextQueryAggregator | None = None,
+    ):
         super().__init__()
         enc, agg, q = config.encoder, config.aggregator, config.quantizer
         if enc.d_model != agg.d_model:
             raise ValueError(f"encoder.d_model ({enc.d_model}) must equal aggregator.d_model ({agg.d_model})")
+        for name, module, want in (("encoder", encoder, enc), ("aggregator", aggregator, agg)):
+            if module is not None and module.config != want:
+                raise ValueError(f"{name}'s config differs from config.{name}: {module.config} against {want}")
         self.config = config
         self.frontend = LogMel(n_mels=enc.n_mels, window_seconds=enc.window_seconds)
-        self.encoder = SpeechEncoder(config=enc)
-        self.aggregator = TextQueryAggregator(config=agg)
+        self.encoder = SpeechEncoder(config=enc) if encoder is None else encoder
+        self.aggregator = TextQueryAggregator(config=agg) if aggregator is None else aggregator
         self.quantizer = ResidualVQ(dim=agg.d_model, **dataclasses.asdict(q))
         if config.freeze_encoder:
             self.encoder.requires_grad_(False)
@@ -325,8 +337,5 @@ class TasteTokenizer(nn.Module):
         config = TasteConfig(
             encoder=encoder.config, aggregator=aggregator.config, quantizer=quantizer or QuantizerConfig(), **overrides
         )
-        model = cls(config=config)
-        model.encoder, model.aggregator = encoder, aggregator
-        if config.freeze_encoder:
-            model.encoder.requires_grad_(False)
-        return model.to_precision(dtype=dtype)
+        model = cls(config=config, encoder=encoder, aggregator=aggregator)  # (no random ones made first: 20 s and
+        return model.to_precision(dtype=dtype)  # 3.6 GB at distil-large-v3's shapes)

@@ -303,6 +303,9 @@ def test_bad_input(model):
         model.encode([torch.zeros(16000 * 4)], ["too long"])
     with pytest.raises(ValueError, match="encoder.d_model .* must equal aggregator.d_model"):
         taste.TasteTokenizer(config=small_config(aggregator=taste.AggregatorConfig(d_model=64, num_heads=2)))
+    other = taste.TextQueryAggregator(config=dataclasses.replace(small_config().aggregator, num_layers=1))
+    with pytest.raises(ValueError, match="aggregator's config differs from config.aggregator"):
+        taste.TasteTokenizer(config=small_config(), aggregator=other)
 
 
 def test_a_tokenizer_cast_as_a_whole_still_tokenizes(model):
