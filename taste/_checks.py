@@ -54,3 +54,10 @@ def check_at_least(config, minimum, *names: str) -> None:
     for name in names:
         if getattr(config, name) < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {getattr(config, name)}")
+
+
+def check_positive_int(value, name: str, what: str = "") -> None:
+    """Raises a ValueError naming ``name`` unless ``value`` is an int >= 1 (a bool is not); ``what`` says what it
+    counts."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int{what}, got {value!r}")

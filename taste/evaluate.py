@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
+from taste._checks import check_positive_int
 from taste.audio import HOP_LENGTH, MEL_BINS, N_FFT, mel_filters
 from taste.train import Stage1Model, UnitCorpus
 
@@ -45,6 +46,8 @@ def evaluate(model_dir: str, manifest: str, *, eval_size: int = 64, batch_size: 
     ``word_rows``: for ablations, a callable ``(manifest row indices) -> (W, taste_dim)`` float tensor of one row
     per word of those utterances, given to the decoder instead of the tokenizer's TASTE embeddings (for example
     oracle features of the words' prosody); the tokenizer is then not run."""
+    check_positive_int(eval_size, "eval_size", " (the manifest's last rows)")
+    check_positive_int(batch_size, "batch_size")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stage = stage or _stage(model_dir)
     if word_rows is not None:

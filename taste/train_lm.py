@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from taste._checks import check_positive_int
 from taste.checkpoint import iter_json_objects
 from taste.spoken_lm import SpokenLMConfig, TasteSpokenLM
 from taste.text import WordTokenizer
@@ -107,6 +108,7 @@ def evaluate_lm(model: TasteSpokenLM, corpus: CodeCorpus, indices: list[int], ba
     ``train_indices``, the floors a model that learnt nothing about speech reaches: the accuracy of always
     answering each layer's most frequent training code (``code_accuracy_majority_{q}``) and the MSE of always
     answering the mean training code sum (``taste_mse_mean_floor``)."""
+    check_positive_int(batch_size, "batch_size")
     was = model.training
     model.eval()
     device = model.pad_text_unit_embed.device

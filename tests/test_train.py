@@ -112,6 +112,10 @@ def test_evaluation_and_resynthesis(data, tmp_path):
     out = tmp_path / "run"
     train(config(data, out, steps=2), progress=False)
     m = evaluate(str(out), str(data / "units.jsonl"), eval_size=4, batch_size=3)
+    with pytest.raises(ValueError, match=r"eval_size must be a positive int \(the manifest's last rows\), got 0"):
+        evaluate(str(out), str(data / "units.jsonl"), eval_size=0)  # (before: ZeroDivisionError)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        evaluate(str(out), str(data / "units.jsonl"), batch_size=0)
     assert m["stage"] == "vq" and m["utterances"] == 4
     assert 0 <= m["unit_top1"] <= m["unit_top5"] <= 1 and m["unit_ce"] > 0 and m["unit_ce_taste_shuffled"] > 0
     assert m["duration_abs_rel_error"] >= 0 and m["code_bitrate_bps"] > 0

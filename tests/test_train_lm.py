@@ -77,7 +77,7 @@ def test_resume_reaches_the_same_weights(data, tmp_path):
     assert state_digest(again) == state_digest(straight)
 
 
-def test_cli_train_generate_and_bad_config(data, tmp_path):
+def test_cli_train_generate_and_bad_config(data, tmp_path, capsys):
     cfg = tmp_path / "lm.json"
     cfg.write_text(json.dumps({**json.loads(json.dumps(config(data, tmp_path / "run").__dict__)), "steps": 2}))
     assert main(["train-lm", str(cfg), "--quiet"]) == 0
@@ -96,6 +96,10 @@ def test_cli_train_generate_and_bad_config(data, tmp_path):
                  str(tmp_path / "m.json")]) == 0  # fmt: skip
     assert "code_accuracy_majority_0" in json.load(open(tmp_path / "m.json"))
     assert main(["eval-lm", str(tmp_path / "run"), str(data / "codes.jsonl"), "--eval-size", "20"]) == 1
+    capsys.readouterr()
+    evaluation = ["eval-lm", str(tmp_path / "run"), str(data / "codes.jsonl"), "--eval-size", "4"]
+    assert main([*evaluation, "--batch-size", "0"]) == 1
+    assert "batch_size must be a positive int, got 0" in capsys.readouterr().err  # (before: "range() arg 3 ...")
     assert main(["merge-lora", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
     merged = TasteSpokenLM.from_pretrained(str(tmp_path / "merged"))
     assert merged.config.lora_r == 0 and not any("lora_" in n for n, _ in merged.named_parameters())
