@@ -58,12 +58,12 @@ def cmd_encode(args) -> None:
     import torch
     from tqdm import tqdm
 
+    from taste._checks import check_positive_int
     from taste.checkpoint import write_jsonl_atomically
     from taste.corpus import name_manifest_rows, read_manifest, read_wav
     from taste.tokenizer import TasteTokenizer
 
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_positive_int(args.batch_size, "--batch-size")
     device = _device(args.device)
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = TasteTokenizer.from_pretrained(args.model, device=device, dtype=dtype).eval()

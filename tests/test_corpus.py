@@ -158,6 +158,8 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "no 'path' field" in capsys.readouterr().err
     assert cli.main(["encode", str(tmp_path / "m.jsonl"), "--model", str(tmp_path / "none"), "-o", "x"]) == 1
     assert "none' is not a directory (expected a TasteTokenizer.save_pretrained directory)" in capsys.readouterr().err
+    assert cli.main(["encode", str(tmp_path / "m.jsonl"), "--model", "x", "-o", "x", "--batch-size", "0"]) == 1
+    assert "--batch-size must be a positive int, got 0" in capsys.readouterr().err
 
 
 def test_wav_round_trip(tmp_path):
