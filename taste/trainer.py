@@ -325,10 +325,13 @@ def fit(
                     dist.barrier()
                 raise TrainingInterrupted(signum, step, os.path.join(cfg.out_dir, f"checkpoint-{step}"))
         if rank == 0 and step == cfg.steps:
-            final = os.path.join(cfg.out_dir, "final")
-            model.save_pretrained(final)
-            with open(os.path.join(final, "train_config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+            def write_final(directory):
+                model.save_pretrained(directory)
+                with open(os.path.join(directory, "train_config.json"), "w") as f:
+                    json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+            _write_whole(os.path.join(cfg.out_dir, "final"), write_final)  # (a run stopped here redoes it on resume)
         if cfg.write_rank_digests:
             with open(os.path.join(cfg.out_dir, f"rank{rank}.sha256"), "w") as f:
                 f.write(state_digest(model))
@@ -362,6 +365,22 @@ def _warn_on_changes(resume: str, state: dict, cfg: LoopConfig, world: int) -> N
                       + "; ".join(notes), stacklevel=3)  # fmt: skip
 
 
+def _write_whole(directory: str, write) -> None:
+    """``write(path)`` fills a sibling ``directory.tmp`` that then replaces ``directory``: the directory appears whole
+    or not at all. A write that fails removes what it wrote (the previous directory stays); one that was killed
+    leaves its ``.tmp``, which the next write of the directory clears first."""
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(directory):
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
 def _save(cfg, model, opt, sched, step, position, rank, world):
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # fmt: skip
@@ -373,20 +392,14 @@ def _save(cfg, model, opt, sched, step, position, rank, world):
         rng_all = [rng]
     if rank != 0:
         return
-    directory = os.path.join(cfg.out_dir, f"checkpoint-{step}")
-    tmp = directory + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-    try:
-        model.save_pretrained(tmp)
+
+    def write_checkpoint(directory):
+        model.save_pretrained(directory)
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                     "position": position, "rng": rng_all, "config": dataclasses.asdict(cfg)},
-                   os.path.join(tmp, "trainer.pt"))  # fmt: skip
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # free what the partial checkpoint took; the previous one stays
-        raise
-    if os.path.isdir(directory):
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)  # a checkpoint appears whole or not at all
+                   os.path.join(directory, "trainer.pt"))  # fmt: skip
+
+    _write_whole(os.path.join(cfg.out_dir, f"checkpoint-{step}"), write_checkpoint)
     if cfg.keep_checkpoints is not None:
         for old in checkpoint_steps(cfg.out_dir)[: -cfg.keep_checkpoints]:
             shutil.rmtree(os.path.join(cfg.out_dir, f"checkpoint-{old}"))

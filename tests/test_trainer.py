@@ -100,6 +100,22 @@ def test_a_save_that_fails_leaves_no_partial_checkpoint_and_the_run_resumes(tmp_
     assert checkpoint_steps(str(tmp_path / "b")) == [2, 4, 6, 7]
     assert sorted(os.listdir(tmp_path / "b" / "checkpoint-6")) == ["trainer.pt", "weights.pt"]
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "b"))
+    # final/ too: a run whose final write failed has none (before: a final/ without its train_config.json), and
+    # run again it writes it from its last checkpoint
+    real_json_dump = trainer.json.dump
+
+    def fails_in_final(obj, f, *args, **kwargs):
+        if os.path.basename(os.path.dirname(f.name)) == "final.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_json_dump(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.json, "dump", fails_in_final)
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path / "c")
+    monkeypatch.undo()
+    assert "final" not in os.listdir(tmp_path / "c") and "final.tmp" not in os.listdir(tmp_path / "c")
+    assert state_digest(run(tmp_path / "c")) == state_digest(whole)
+    assert sorted(os.listdir(tmp_path / "c" / "final")) == ["train_config.json", "weights.pt"]
 
 
 @pytest.mark.parametrize("keep", [0, -1, 1.5, True, "2"])
