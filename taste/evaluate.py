@@ -146,7 +146,7 @@ def griffin_lim(magnitude: torch.Tensor, iters: int = 64, seed: int = 0) -> torc
 
 def check_centroids(centroids: torch.Tensor, num_units: int | None = None) -> None:
     """Refuses unit centroids that cannot be the mel frames of ``num_units`` units: a ``(num_units, n_mels)`` float
-    tensor, ``n_mels`` 80 or 128 (checked before a decoder spends its time generating)."""
+    tensor, ``n_mels`` one of :data:`taste.audio.MEL_BINS` (checked before a decoder spends its time generating)."""
     if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 or not centroids.is_floating_point():
         got = tuple(centroids.shape) if isinstance(centroids, torch.Tensor) else type(centroids).__name__
         raise ValueError(f"centroids must be a (num_units, n_mels) float tensor, got {got}")
@@ -154,7 +154,8 @@ def check_centroids(centroids: torch.Tensor, num_units: int | None = None) -> No
         raise ValueError(f"centroids has {centroids.shape[0]} rows but the unit decoder has {num_units} units: "
                          "the centroids of another `taste units` run than the one it was trained on")  # fmt: skip
     if centroids.shape[1] not in MEL_BINS:
-        raise ValueError(f"centroids must have 80 or 128 mel bins per row, got {centroids.shape[1]}")
+        raise ValueError(f"centroids must have {' or '.join(map(str, MEL_BINS))} mel bins per row, got "
+                         f"{centroids.shape[1]}")  # fmt: skip
 
 
 def units_to_wave(units: torch.Tensor, centroids: torch.Tensor, iters: int = 64) -> torch.Tensor:
