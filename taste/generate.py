@@ -43,21 +43,17 @@ _ALLOWED = re.compile(r"[.,'a-zA-Z0-9]")
 @functools.lru_cache(maxsize=8)
 def sampler_tables(tokenizer: str = "llama3", vocab_size: int | None = None, eos_id: int = 128001) -> SamplerTables:
     """Built once per tokenizer (cached): word start = special id or text starting with a space; banned = no
-    character of ``[.,'a-zA-Z0-9]`` (except exactly ".") or a newline, and ``eos_id``; sentence end = contains
-    ".". Ids beyond the tokenizer (a backbone vocabulary padded larger) are banned."""
-    from taste.text import WordTokenizer, llama3_encoding
+    character of ``[.,'a-zA-Z0-9]`` (except exactly ".") or a newline, a special id, and ``eos_id``; sentence end =
+    contains ".". Ids beyond the tokenizer (a backbone vocabulary padded larger) are banned. Each id's text is what
+    it spells (:func:`taste.text.token_bytes`), also for a tokenizer directory: decoding one SentencePiece token
+    drops its leading space, which made no token of such a tokenizer a word start, and its special tokens were
+    neither banned nor word starts."""
+    from taste.text import token_bytes
 
-    if tokenizer == "llama3":
-        enc = llama3_encoding()
-        n = enc.n_vocab
-        special = set(enc.special_tokens_set)
-        texts = [enc.decode_single_token_bytes(i).decode("utf-8", errors="replace") for i in range(n)]
-        is_special = [t in special for t in texts]
-    else:
-        tok = WordTokenizer(tokenizer)
-        n = tok.vocab_size
-        texts = [tok.decode([i]) for i in range(n)]
-        is_special = [False] * n
+    spelled = token_bytes(tokenizer)
+    n = len(spelled)
+    texts = ["" if b is None else b.decode("utf-8", errors="replace") for b in spelled]
+    is_special = [b is None for b in spelled]
     v = max(n, vocab_size or 0)
     word_start = torch.zeros(v, dtype=torch.bool)
     ban = torch.ones(v, dtype=torch.bool)

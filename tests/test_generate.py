@@ -42,6 +42,23 @@ def test_sampler_tables_follow_the_spec():
     assert bigger.ban[128256:].all()
 
 
+def test_sampler_tables_of_a_sentencepiece_tokenizer_directory(tmp_path):
+    """Decoding one SentencePiece token drops its leading space: no token of such a tokenizer was a word start (the
+    state machine then never saw a word begin), and its special tokens were neither banned nor word starts."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581Hello": 3, "\u2581wor": 4, "ld": 5, ".": 6, "<0x0A>": 7, "!": 8}
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+    )  # fmt: skip
+    tok.save_pretrained(tmp_path)
+    t = sampler_tables(str(tmp_path), eos_id=2)
+    assert t.word_start.tolist() == [True, True, True, True, True, False, False, False, False]
+    assert t.ban.tolist() == [True, True, True, False, False, False, False, True, True]
+    assert t.sentence_end.tolist() == [False] * 6 + [True, False, False]
+
+
 def test_top_p_filter_keeps_the_smallest_head():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]]))
     out = top_p_filter(logits, 0.7)
