@@ -101,6 +101,11 @@ def check_llm_tokenizer(config, vocab_size: int) -> None:
     for name in ("bos_id", "eos_id"):
         if not 0 <= getattr(config, name) < vocab_size:
             raise ValueError(f"{name}={getattr(config, name)} is outside the backbone's {vocab_size} token ids")
+        own = getattr(tok, name)
+        if own is not None and own != getattr(config, name):
+            warnings.warn(f"taste: {name}={getattr(config, name)} is not the {name[:3]} token of llm_tokenizer "
+                          f"{config.llm_tokenizer!r} ({own}): TASLM uses {getattr(config, name)} (set {name} to "
+                          "the tokenizer's unless that is meant)", stacklevel=3)  # fmt: skip
     path = config.backbone_path
     ships_one = path and any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
     if not ships_one or path == config.llm_tokenizer:

@@ -192,6 +192,7 @@ class WordTokenizer:
             enc = whisper_encoding() if name == "whisper" else llama3_encoding()
             self._encode, self._decode, self.vocab_size = enc.encode_ordinary, enc.decode, enc.n_vocab
             self.word_id_bound = len(bpe_ranks(name))  # words never tokenise into the special tokens after these
+            self.bos_id = self.eos_id = None  # (not offered: Llama 3's end of text and end of turn are both in use)
         elif os.path.isdir(name):
             from transformers import AutoTokenizer
 
@@ -199,6 +200,7 @@ class WordTokenizer:
             self._encode = functools.partial(tok.encode, add_special_tokens=False)
             self._decode, self.vocab_size = tok.decode, len(tok)
             self.word_id_bound = self.vocab_size
+            self.bos_id, self.eos_id = tok.bos_token_id, tok.eos_token_id  # (None where it has none)
         else:
             raise ValueError(
                 f"tokenizer must be 'whisper', 'llama3' or a local Hugging Face tokenizer directory, got {name!r}"

@@ -343,6 +343,8 @@ def test_the_llm_tokenizer_must_be_the_backbones(tmp_path):
         TasteSpokenLM(config=SpokenLMConfig.tiny(backbone_path=str(backbone)))
     own = SpokenLMConfig.tiny(backbone_path=str(backbone), llm_tokenizer=str(backbone), bos_id=0, eos_id=1)
     assert TasteSpokenLM(config=own).config.llm_tokenizer == str(backbone)
+    with pytest.warns(UserWarning, match=r"eos_id=128001 is not the eos token of llm_tokenizer '.*qwen' \(1\)"):
+        TasteSpokenLM(config=SpokenLMConfig.tiny(backbone_path=str(backbone), llm_tokenizer=str(backbone), bos_id=0))
     small = _llama(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                    num_key_value_heads=2, rope_scaling=None)  # fmt: skip
     with pytest.raises(ValueError, match="llm_tokenizer 'llama3' tokenises words into ids up to 127999, but the "
