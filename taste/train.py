@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from taste.audio import SAMPLE_RATE, resample
 from taste.checkpoint import saved_model_kind
-from taste.corpus import name_manifest_rows, read_manifest, read_wav, unit_features
+from taste.corpus import UNIT_RATE, name_manifest_rows, read_manifest, read_wav, unit_features
 from taste.tokenizer import TasteConfig, TasteTokenizer
 from taste.trainer import LoopConfig, fit, setup_distributed
 from taste.unit_decoder import UnitDecoder, UnitDecoderConfig
@@ -226,6 +227,12 @@ class UnitCorpus:
             if need_audio and audio.numel() > round(window * SAMPLE_RATE):
                 raise ValueError(f"row {row_id!r} of {manifest} lasts {audio.numel() / SAMPLE_RATE:.2f} s, longer than "
                                  f"the model's {window:g} s window")  # fmt: skip
+        seconds = sum(a.numel() for a in self.audio) / SAMPLE_RATE
+        rate = sum(u.numel() for u in self.units) / max(seconds, 1e-9)
+        if not 0.8 * UNIT_RATE <= rate <= 1.2 * UNIT_RATE:  # (e.g. 25 Hz tokens: the decoder learns them all the same)
+            warnings.warn(f"taste: {manifest} has {rate:.1f} units per second of audio; this package's units are "
+                          f"{UNIT_RATE} Hz, and the duration metrics and resynthesis of `taste eval-tokenizer` and "
+                          "`taste resynthesize` read them so", stacklevel=2)  # fmt: skip
 
     def batch(self, indices: list[int], model: Stage1Model, device, need_audio: bool) -> dict:
         waves = [self.audio[i].float() / 32767 for i in indices]

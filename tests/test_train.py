@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,23 @@ def test_stages_train_their_own_parts(data, tmp_path):
     assert not bool(no_vq.tokenizer.quantizer.initted.any())
     with open(tmp_path / "no_vq" / "final" / "train_config.json") as f:
         assert json.load(f)["stage"] == "no_vq"
+
+
+def test_units_of_another_rate_are_named(data, tmp_path):
+    """25 Hz tokens (CosyVoice 2's, say) train all the same, but the duration metrics and resynthesis read units as
+    50 Hz: said before the first step."""
+    from taste.train import UnitCorpus
+
+    rows = [json.loads(line) for line in open(data / "units.jsonl")]
+    for r in rows:
+        r["units"], r["path"] = r["units"][::2], str(data / r["path"])
+    (tmp_path / "half.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = Stage1Model.from_pretrained(str(data / "seed"))
+    with pytest.warns(UserWarning, match=r"half.jsonl has 25.\d units per second of audio; this package's units"):
+        UnitCorpus(str(tmp_path / "half.jsonl")).check(model, str(tmp_path / "half.jsonl"), need_audio=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UnitCorpus(str(data / "units.jsonl")).check(model, str(data / "units.jsonl"), need_audio=True)
 
 
 def test_a_seed_tokenizer_trains_with_a_fresh_decoder(data, tmp_path):
