@@ -232,3 +232,18 @@ def on_two_ranks(body, out) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     torch.multiprocessing.spawn(_gloo_rank, args=(2, str(out / "init"), str(out), body), nprocs=2)
     return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+
+
+def tiny_whisper_dir(path, *, vocab_size=51866, seed=2, encoder_layers=2, decoder_layers=1, frames=150):
+    """A random transformers Whisper (width 64, 80 mels, ``frames`` encoder positions: a ``frames / 50`` s window)
+    saved to ``path``, as a local checkpoint is; returns the model."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.WhisperConfig(
+        vocab_size=vocab_size, num_mel_bins=80, d_model=64, encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=96,
+        decoder_ffn_dim=96, max_source_positions=frames, max_target_positions=64,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    whisper = transformers.WhisperModel(config).eval()
+    whisper.save_pretrained(str(path))
+    return whisper

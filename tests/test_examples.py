@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import tiny_whisper_dir
 
 import taste
 from taste import cli, corpus
@@ -47,14 +48,7 @@ def test_every_example_script_parses_and_names_configs_that_exist(path):
 def test_the_official_recipe_runs_from_a_whisper_seed(tmp_path, monkeypatch, capsys):
     """examples/stage1_whisper's commands and configs, with `--set` scaling them down: a local Whisper (random, tiny)
     -> `taste init-tokenizer --whisper` -> stages text, no_vq and vq from that seed -> eval-tokenizer."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.WhisperConfig(
-        vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=96, max_source_positions=100,
-        max_target_positions=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.WhisperModel(config).save_pretrained(str(tmp_path / "whisper"))
+    tiny_whisper_dir(tmp_path / "whisper", vocab_size=51865, seed=0, frames=100)
     g = torch.Generator().manual_seed(0)
     rows = []
     os.makedirs(tmp_path / "data" / "wavs")

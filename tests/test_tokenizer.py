@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 from baselines import official_tokenizer_codes
+from conftest import tiny_whisper_dir
 
 import taste
 from taste import ops
@@ -153,15 +154,7 @@ def test_training_step_and_no_vq_stage():
 
 
 def test_from_whisper_checkpoint(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.WhisperConfig(
-        vocab_size=51866, num_mel_bins=80, d_model=64, encoder_layers=3, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=96, max_source_positions=150,
-        max_target_positions=64,
-    )  # fmt: skip
-    torch.manual_seed(2)
-    whisper = transformers.WhisperModel(config).eval()
-    whisper.save_pretrained(tmp_path)
+    whisper = tiny_whisper_dir(tmp_path, encoder_layers=3, decoder_layers=2)
     model = taste.TasteTokenizer.from_whisper(str(tmp_path), value_layer=2).eval()
     assert model.config.encoder == EncoderConfig(
         n_mels=80, window_seconds=3.0, d_model=64, num_layers=3, num_heads=2, ffn_dim=96, value_layer=2
@@ -180,19 +173,6 @@ def test_from_whisper_checkpoint(tmp_path):
         taste.TasteTokenizer.from_whisper(str(tmp_path / "nope"))
 
 
-def _whisper_dir(path, vocab_size=51866, seed=2):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.WhisperConfig(
-        vocab_size=vocab_size, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=96,
-        max_source_positions=150, max_target_positions=64,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    whisper = transformers.WhisperModel(config).eval()
-    whisper.save_pretrained(path)
-    return whisper
-
-
 def test_prefix_ids_follow_the_whisper_vocabulary(tmp_path):
     """large-v3 (51866 ids) and the earlier multilingual models (51865) number their task tokens differently: the
     seed model took large-v3's ids whatever the checkpoint, <|startoflm|> and the first timestamp in a 51865 one."""
@@ -207,13 +187,13 @@ def test_prefix_ids_follow_the_whisper_vocabulary(tmp_path):
     assert taste.aggregator.whisper_prefix_ids(51866) == taste.aggregator.WHISPER_PREFIX_IDS
     with pytest.raises(ValueError, match=r"language must be one of this Whisper's 99 language codes .* got 'yue'"):
         taste.aggregator.whisper_prefix_ids(51865, "yue")  # (large-v3's hundredth)
-    _whisper_dir(tmp_path / "v2", vocab_size=51865)
+    tiny_whisper_dir(tmp_path / "v2", vocab_size=51865)
     model = taste.TasteTokenizer.from_whisper(str(tmp_path / "v2"), value_layer=1)
     assert model.config.aggregator.prefix_ids == (50258, 50259, 50359, 50363)
     assert model.aggregator.prefix_ids.tolist() == [50258, 50259, 50359, 50363]
     german = taste.TasteTokenizer.from_whisper(str(tmp_path / "v2"), value_layer=1, language="de")
     assert german.config.aggregator.prefix_ids == (50258, 50261, 50359, 50363)
-    _whisper_dir(tmp_path / "en", vocab_size=51864)
+    tiny_whisper_dir(tmp_path / "en", vocab_size=51864)
     with pytest.raises(ValueError, match=r"English-only Whisper.* pass prefix_ids"):
         taste.TasteTokenizer.from_whisper(str(tmp_path / "en"), value_layer=1)
 
@@ -222,7 +202,7 @@ def test_a_whisper_seed_with_llama3_queries(tmp_path):
     """The official repository's PR #4: queries in the LLM's tokens. Each Llama-3 token's row starts as the mean of
     the Whisper rows that spell it, the prefix rows follow the vocabulary, and the model tokenizes, saves and
     loads like any other."""
-    whisper = _whisper_dir(tmp_path / "whisper")
+    whisper = tiny_whisper_dir(tmp_path / "whisper")
     seed = taste.TasteTokenizer.from_whisper(str(tmp_path / "whisper"), value_layer=1).eval()
     model = taste.TasteTokenizer.from_whisper(str(tmp_path / "whisper"), value_layer=1, asr_tokenizer="llama3").eval()
     table, old = model.aggregator.embed_tokens.weight, whisper.decoder.embed_tokens.weight
@@ -277,7 +257,7 @@ def test_init_tokenizer_with_llama3_queries(tmp_path, capsys):
     assert cli.main(["init-tokenizer", str(tmp_path / "seed"), "--preset", "tiny", "--asr-tokenizer", "llama3"]) == 0
     config = taste.TasteTokenizer.from_pretrained(str(tmp_path / "seed")).config
     assert config == taste.TasteConfig.tiny().with_asr_tokenizer("llama3") and config.asr_tokenizer == "llama3"
-    _whisper_dir(tmp_path / "whisper")
+    tiny_whisper_dir(tmp_path / "whisper")
     argv = ["init-tokenizer", str(tmp_path / "seeded"), "--whisper", str(tmp_path / "whisper"), "--value-layer", "1"]
     assert cli.main(argv + ["--asr-tokenizer", "llama3"]) == 0
     config = taste.TasteTokenizer.from_pretrained(str(tmp_path / "seeded")).config

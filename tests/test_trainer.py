@@ -79,16 +79,20 @@ def test_keep_checkpoints_leaves_the_newest_and_resume_still_matches(tmp_path):
                    for line, r in zip(open(tmp_path / "all" / "log.jsonl"), log)]  # fmt: skip
 
 
+def _full_disk_in(write, directory: str, path_of):
+    """``write(obj, target, ...)`` that fails as a full disk would where ``path_of(target)`` lies in ``directory``."""
+
+    def full_disk(obj, target, *args, **kwargs):
+        if os.path.basename(os.path.dirname(path_of(target))) == directory:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(obj, target, *args, **kwargs)
+
+    return full_disk
+
+
 def test_a_save_that_fails_leaves_no_partial_checkpoint_and_the_run_resumes(tmp_path, monkeypatch):
     whole = run(tmp_path / "a")
-    real_save = torch.save
-
-    def full_disk(obj, path, *args, **kwargs):
-        if os.path.basename(os.path.dirname(str(path))) == "checkpoint-4.tmp":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(trainer.torch, "save", full_disk)
+    monkeypatch.setattr(trainer.torch, "save", _full_disk_in(torch.save, "checkpoint-4.tmp", lambda path: str(path)))
     with pytest.raises(OSError, match="No space left"):
         run(tmp_path / "b")
     monkeypatch.undo()
@@ -102,14 +106,7 @@ def test_a_save_that_fails_leaves_no_partial_checkpoint_and_the_run_resumes(tmp_
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "b"))
     # final/ too: a run whose final write failed has none (before: a final/ without its train_config.json), and
     # run again it writes it from its last checkpoint
-    real_json_dump = trainer.json.dump
-
-    def fails_in_final(obj, f, *args, **kwargs):
-        if os.path.basename(os.path.dirname(f.name)) == "final.tmp":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_json_dump(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(trainer.json, "dump", fails_in_final)
+    monkeypatch.setattr(trainer.json, "dump", _full_disk_in(trainer.json.dump, "final.tmp", lambda f: f.name))
     with pytest.raises(OSError, match="No space left"):
         run(tmp_path / "c")
     monkeypatch.undo()
