@@ -415,6 +415,8 @@ class TextQueryAggregator(nn.Module):
             )
         if "prefix_ids" not in overrides:
             shapes["prefix_ids"] = whisper_prefix_ids(c.vocab_size, language)
+        elif language != "en":
+            raise ValueError("give prefix_ids or language, not both (language picks the prefix's language token)")
         config = AggregatorConfig(**{**shapes, **overrides})  # (in one: the shapes alone may not fit the prefix)
         weight = decoder.embed_tokens.weight
         with torch.device("meta"):

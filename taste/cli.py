@@ -112,8 +112,10 @@ def _open_encode_journal(path: str, args, rows: list[dict], codebooks: str) -> d
     header = {"taste_encode": 1, "manifest": os.path.abspath(args.manifest), "model": os.path.abspath(args.model),
               "dtype": args.dtype, "rows": len(rows), "codebooks": codebooks}  # fmt: skip
     records = read_jsonl_records(path) if os.path.exists(path) else []  # a header cut short leaves no records
-    if len(records) > 1 and records[0] != header:  # (a journal of nothing encoded yet is simply started again)
-        changed = sorted(k for k in header if records[0].get(k) != header[k])
+    # (a journal written before headers held the codebooks: its model path decides, and its codes are kept)
+    written = {"codebooks": codebooks, **records[0]} if records else {}
+    if len(records) > 1 and written != header:  # (a journal of nothing encoded yet is simply started again)
+        changed = sorted(k for k in header if written.get(k) != header[k])
         raise RuntimeError(f"{path} is the journal of another encode (it differs in {', '.join(changed)}); "
                            "delete it to start over, or rerun the command that wrote it")  # fmt: skip
     results: dict[int, list] = {}

@@ -142,6 +142,8 @@ def test_remap_vocabulary_averages_the_rows_that_spell_each_new_token():
         agg.remap_vocabulary([(0,), (8,)])
     with pytest.raises(ValueError, match="pieces must spell at least one token"):
         agg.remap_vocabulary([(), ()])
+    with pytest.raises(ValueError, match="give prefix_ids or language, not both"):
+        TextQueryAggregator.from_whisper_decoder(whisper_decoder(), prefix_ids=PREFIX, language="de")
     with pytest.raises(ValueError, match="vocab_size=2000 differs from the decoder's 1000"):  # (before: a size
         TextQueryAggregator.from_whisper_decoder(whisper_decoder(), prefix_ids=PREFIX, vocab_size=2000)  # mismatch)
 

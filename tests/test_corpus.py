@@ -122,6 +122,12 @@ def test_an_interrupted_encode_resumes_from_its_journal(manifest, tmp_path, monk
         journal.write_text(other + encoded)
         assert encode(out) == 1
         assert f"is the journal of another encode (it differs in {changed}); delete it" in capsys.readouterr().err
+    # a journal that the previous version wrote (no codebooks in its header) resumes: nothing encoded is lost
+    older = {k: v for k, v in header.items() if k != "codebooks"}
+    journal.write_text(json.dumps({**older, "model": str(model_dir)}) + "\n" + encoded)
+    out.unlink()
+    assert encode(out) == 0 and "1 resumed from the journal" in capsys.readouterr().out
+    assert json.loads(out.read_text().splitlines()[0])["codes"] == [[1, 2, 3, 4]]
     # unless it holds nothing encoded yet (an encode that failed in its first batch): then it is started again
     journal.write_text(other)
     out.unlink()

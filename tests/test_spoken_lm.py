@@ -352,3 +352,6 @@ def test_the_llm_tokenizer_must_be_the_backbones(tmp_path):
         TasteSpokenLM(config=SpokenLMConfig.tiny(backbone=small))
     with pytest.raises(ValueError, match="eos_id=128300 is outside the backbone's 128256 token ids"):
         TasteSpokenLM(config=SpokenLMConfig.tiny(eos_id=128300))
+    # a tokenizer directory moved since the model was saved: the model still loads, unchecked, with a warning
+    with pytest.warns(UserWarning, match=r"llm_tokenizer '.*moved' could not be loaded .* not checked"):
+        TasteSpokenLM(config=SpokenLMConfig.tiny(llm_tokenizer=str(tmp_path / "moved")))
