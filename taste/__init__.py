@@ -33,6 +33,7 @@ from taste.rvq import ResidualVQ  # noqa: E402
 from taste.spoken_lm import SpokenLMConfig, SpokenLMOutput, TasteSpokenLM  # noqa: E402
 from taste.tokenizer import QuantizerConfig, TasteConfig, TasteTokenizer, TokenizerOutput  # noqa: E402
 from taste.unit_decoder import UnitDecoder, UnitDecoderConfig, UnitDecoderOutput  # noqa: E402
+from taste.voice import VoiceGenerator, VoiceGeneratorConfig  # noqa: E402
 
 __all__ = [
     "ops",
@@ -49,6 +50,8 @@ __all__ = [
     "UnitDecoder",
     "UnitDecoderConfig",
     "UnitDecoderOutput",
+    "VoiceGenerator",
+    "VoiceGeneratorConfig",
     "TasteSpokenLM",
     "SpokenLMConfig",
     "SpokenLMOutput",

@@ -72,7 +72,8 @@ def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]
     return config, read_tensors(os.path.join(directory, WEIGHTS_NAME))
 
 
-MODEL_KINDS = ("TasteTokenizer", "UnitDecoder", "TasteSpokenLM")  # what save_model writes (a subclass: its own name)
+# what save_model writes (a subclass: its own name)
+MODEL_KINDS = ("TasteTokenizer", "UnitDecoder", "TasteSpokenLM", "VoiceGenerator")
 # where training runs keep their models: final/, and a stage-1 run's tokenizer/ and decoder/ in it or a checkpoint
 _RUN_LAYOUT = (("final",), ("final", "tokenizer"), ("final", "decoder"), ("tokenizer",), ("decoder",))
 

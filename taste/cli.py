@@ -248,6 +248,73 @@ def cmd_continue(args) -> None:
           f"{result['units'].numel()} units -> {args.output} ({result['wave'].numel() / 16000:.2f} s)")  # fmt: skip
 
 
+def _read_vector(path: str):
+    """A 1-D float vector from a .json list, .npy, or a .pt / .safetensors file holding one tensor."""
+    import numpy as np
+    import torch
+
+    from taste.checkpoint import parse_json, read_tensors
+
+    if path.endswith(".json"):
+        with open(path) as f:
+            value = torch.tensor(parse_json(f.read(), path), dtype=torch.float32)
+    elif path.endswith(".npy"):
+        value = torch.from_numpy(np.load(path)).float()
+    else:
+        tensors = read_tensors(path)
+        if len(tensors) != 1:
+            raise ValueError(f"{path} must hold one tensor (the speaker vector), got {sorted(tensors)[:5]}")
+        value = next(iter(tensors.values())).float()
+    return value.reshape(-1)
+
+
+def cmd_vocode(args) -> None:
+    import torch
+
+    from taste._checks import check_positive_int
+    from taste.checkpoint import iter_json_objects, saved_model_kind
+    from taste.corpus import write_wav
+    from taste.voice import VoiceGenerator
+
+    check_positive_int(args.batch_size, "--batch-size")
+    device = _device(args.device)
+    t = time.perf_counter()
+    if saved_model_kind(args.voice) == "VoiceGenerator":
+        gen = VoiceGenerator.from_pretrained(args.voice, device=device)
+    else:
+        gen = VoiceGenerator.from_official(args.voice, device=device)
+    loaded = time.perf_counter() - t
+    default = _read_vector(args.speaker) if args.speaker else torch.zeros(gen.config.spk_dim)
+    rows = []
+    for where, row in iter_json_objects(args.units, "units rows"):
+        units = row.get("units")
+        if not isinstance(units, list) or not units or not all(isinstance(u, int) for u in units):
+            raise ValueError(f"{where}: 'units' must be a non-empty list of integer ids")
+        speaker = torch.tensor(row["speaker"], dtype=torch.float32) if "speaker" in row else default
+        if speaker.shape != (gen.config.spk_dim,):
+            raise ValueError(f"{where}: the speaker vector must have {gen.config.spk_dim} values, got "
+                             f"{tuple(speaker.shape)}")  # fmt: skip
+        name = str(row.get("id", len(rows)))
+        if not name or os.sep in name or name in (".", ".."):
+            raise ValueError(f"{where}: the id {name!r} cannot name a file")
+        rows.append((name, torch.tensor(units), speaker))
+    names = [name for name, _, _ in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{args.units}: two rows have the same id: each becomes <id>.wav")
+    os.makedirs(args.output, exist_ok=True)
+    generator, t, seconds = torch.Generator().manual_seed(args.seed), time.perf_counter(), 0.0
+    for lo in range(0, len(rows), args.batch_size):
+        part = rows[lo : lo + args.batch_size]
+        speaker = torch.stack([s for _, _, s in part])
+        waves = gen.generate([u for _, u, _ in part], speaker, generator=generator)
+        for (name, _, _), wave in zip(part, waves):
+            write_wav(os.path.join(args.output, f"{name}.wav"), wave.float().cpu(), gen.sample_rate)
+            seconds += wave.numel() / gen.sample_rate
+    elapsed = time.perf_counter() - t
+    print(f"{len(rows)} wavs, {seconds:.1f} s of speech in {elapsed:.1f} s on {device} (loaded in {loaded:.1f} s) "
+          f"-> {args.output}")  # fmt: skip
+
+
 def cmd_eval_lm(args) -> None:
     from taste.train_lm import CodeCorpus, evaluate_lm
 
@@ -496,6 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     inf = sub.add_parser("info", help="versions, the compiled extension, GPUs and optional pieces (for bug reports)")
     inf.add_argument("--json", action="store_true", help="print JSON")
     inf.set_defaults(func=cmd_info)
+
+    vo = sub.add_parser("vocode", help="S3 units -> 22.05 kHz wavs with the flow-matching decoder + HiFT vocoder")
+    vo.add_argument("units", help="JSONL, a row per utterance: 'units' (S3 ids), optional 'id' and 'speaker' "
+                    "(its CAM++ vector)")  # fmt: skip
+    vo.add_argument("--voice", required=True, help="the release (cosyvoice/voice_generator.pth), that file, a "
+                    "CosyVoice model directory (flow.pt + hift.pt) or a VoiceGenerator.save_pretrained directory")  # fmt: skip
+    vo.add_argument("-o", "--output", required=True, help="directory: one <id>.wav per row")
+    vo.add_argument("--speaker", default=None, help="a .json list, .npy, .pt or .safetensors vector for rows "
+                    "without one (default: zeros)")  # fmt: skip
+    vo.add_argument("--batch-size", type=int, default=8)
+    vo.add_argument("--seed", type=int, default=0)
+    vo.add_argument("--device", default=None)
+    vo.set_defaults(func=cmd_vocode)
 
     io = sub.add_parser("import-official", help="the released TASTE / TASLM checkpoint -> save_pretrained directories")
     io.add_argument("checkpoint", help="a local copy of MediaTek-Research/Llama-1B-TASTE-V0")

@@ -1,5 +1,6 @@
-"""ESPnet / WeNet-style causal transformer encoders with relative-position self-attention (spec section 1.7), the
-building blocks of the unit decoder. Parameter names follow the official checkpoint (``embed.out.{0,1}``,
+"""ESPnet / WeNet-style transformer encoders with relative-position self-attention (spec sections 1.7 and 1.8), the
+building blocks of the unit decoder and of the flow-matching decoder's token encoder. Parameter names follow the
+official checkpoint (``embed.out.{0,1}``,
 ``encoders.{i}.self_attn.{linear_q,linear_k,linear_v,linear_out,linear_pos,pos_bias_u,pos_bias_v}``,
 ``feed_forward.{w_1,w_2}``, ``norm_mha``/``norm_ff`` in the Conformer-style encoders, ``norm1``/``norm2`` in the
 transformer "LLM", ``after_norm``).
@@ -7,8 +8,8 @@ transformer "LLM", ``after_norm``).
 Relative attention, per head: ``score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_pos p(i - j)) / sqrt(d_k)`` where
 ``p(k)`` is the sinusoid of relative offset ``k`` (sin at even channels, cos at odd ones, as ESPnet's table) and
 ``W_pos`` is bias-free. ESPnet computes the second term over offsets ``+(T-1)..-(T-1)`` and aligns it with the
-Transformer-XL ``rel_shift``; every attention here is causal (``j <= i``), so only offsets ``0..T-1`` are used
-and they are gathered directly, which gives the same scores.
+Transformer-XL ``rel_shift``; here the offset of each (query, key) pair is gathered directly from the table, which
+gives the same scores (a causal encoder reads only offsets ``0..T-1``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from torch import Tensor, nn
 from taste import ops, reference
 
 
-def relative_sinusoids(length: int, d_model: int, device=None, dtype=torch.float32) -> Tensor:
-    """``(length, d_model)``: ESPnet's positional table for offsets ``0..length-1`` (sin even, cos odd)."""
-    pos = torch.arange(length, dtype=torch.float64, device=device)[:, None]
+def relative_sinusoids(length: int, d_model: int, device=None, dtype=torch.float32, first: int = 0) -> Tensor:
+    """``(length, d_model)``: ESPnet's positional table for offsets ``first..first+length-1`` (sin even, cos odd;
+    a negative offset ``k`` has ``sin(k w)``, as ESPnet's ``pe_negative``)."""
+    pos = torch.arange(first, first + length, dtype=torch.float64, device=device)[:, None]
     div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64, device=device) * -(math.log(10000.0) / d_model))
     table = torch.zeros(length, d_model, dtype=torch.float64, device=device)
     table[:, 0::2] = torch.sin(pos * div)
@@ -139,11 +141,14 @@ class Block(nn.Module):
 
 class RelPosEncoder(nn.Module):
     """Input layer (Linear + LayerNorm + dropout, ReLU for the transformer "LLM"), x sqrt(d_model), positional
-    dropout, ``num_layers`` causal blocks, final LayerNorm. Works on padded ``(B, T, in_dim)`` batches."""
+    dropout, ``num_layers`` blocks, final LayerNorm. Works on padded ``(B, T, in_dim)`` batches. ``causal``: the
+    unit decoder's encoders (``static_chunk_size = 1``); not causal: every query sees every key of its sequence
+    (relative offsets ``-(T-1)..T-1``, as the flow-matching decoder's encoder, ``static_chunk_size = 0``)."""
 
     def __init__(self, in_dim, d_model, num_layers, heads, ffn_dim, *, activation, conformer, input_relu, dropout,
-                 pos_dropout, attn_dropout):  # fmt: skip
+                 pos_dropout, attn_dropout, causal: bool = True):  # fmt: skip
         super().__init__()
+        self.causal = causal
         layers = [nn.Linear(in_dim, d_model), nn.LayerNorm(d_model, eps=1e-5), nn.Dropout(dropout)]
         self.embed = nn.Module()
         self.embed.out = nn.Sequential(*layers, *([nn.ReLU()] if input_relu else []))
@@ -160,10 +165,15 @@ class RelPosEncoder(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """``x (B, T, in_dim)``, ``lengths (B,)`` -> ``(B, T, d_model)`` (rows past a length are don't-care)."""
-        t = x.shape[1]
-        mask = causal_mask(lengths, t)
+        t, d = x.shape[1], self.after_norm.normalized_shape[0]
         positions = torch.arange(t, device=x.device).expand(x.shape[0], -1)
-        table = relative_sinusoids(t, self.after_norm.normalized_shape[0], x.device, x.dtype)
+        if self.causal:
+            mask = causal_mask(lengths, t)
+            table = relative_sinusoids(t, d, x.device, x.dtype)
+        else:  # offsets -(T-1)..T-1 sit at rows 0..2T-2: query i over key j reads row i - j + T - 1
+            mask = (torch.arange(t, device=x.device) < lengths[:, None])[:, None, :].expand(-1, t, -1)
+            table = relative_sinusoids(2 * t - 1, d, x.device, x.dtype, first=1 - t)
+            positions = positions + (t - 1)
         x = self.embed_input(x)
         for layer in self.encoders:
             x = layer(x, mask, positions, table)
