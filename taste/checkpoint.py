@@ -72,6 +72,16 @@ def read_model(directory: str, kind: str) -> tuple[dict, dict[str, torch.Tensor]
     return config, read_tensors(os.path.join(directory, WEIGHTS_NAME))
 
 
+def load_saved_model(directory: str, kind: str, build: Callable[[dict], nn.Module]) -> nn.Module:
+    """A :func:`save_model` directory's model: ``build(config dict)`` on the meta device (no weights initialised),
+    then the file's tensors assigned, strictly."""
+    raw, state = read_model(directory, kind)
+    with torch.device("meta"):
+        model = build(raw)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
 # what save_model writes (a subclass: its own name)
 MODEL_KINDS = ("TasteTokenizer", "UnitDecoder", "TasteSpokenLM", "VoiceGenerator")
 # where training runs keep their models: final/, and a stage-1 run's tokenizer/ and decoder/ in it or a checkpoint

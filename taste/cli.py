@@ -568,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     vo.add_argument("units", help="JSONL, a row per utterance: 'units' (S3 ids), optional 'id' and 'speaker' "
                     "(its CAM++ vector)")  # fmt: skip
     vo.add_argument("--voice", required=True, help="the release (cosyvoice/voice_generator.pth), that file, a "
-                    "CosyVoice model directory (flow.pt + hift.pt) or a VoiceGenerator.save_pretrained directory")  # fmt: skip
+                    "CosyVoice model directory (flow.pt + hift.pt) or a VoiceGenerator.save_pretrained "
+                    "directory")  # fmt: skip
     vo.add_argument("-o", "--output", required=True, help="directory: one <id>.wav per row")
     vo.add_argument("--speaker", default=None, help="a .json list, .npy, .pt or .safetensors vector for rows "
                     "without one (default: zeros)")  # fmt: skip

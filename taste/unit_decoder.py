@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from taste import ops
 from taste._checks import check_at_least, check_field_types, check_id_range
-from taste.checkpoint import read_model, save_model
+from taste.checkpoint import load_saved_model, save_model
 from taste.relpos import RelPosEncoder, relative_sinusoids
 
 OFFICIAL_PREFIX = "speech_decoder."
@@ -306,11 +306,7 @@ class UnitDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, *, device=None) -> UnitDecoder:
-        raw, state = read_model(directory, "UnitDecoder")
-        with torch.device("meta"):
-            model = cls(config=UnitDecoderConfig(**raw))
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device)
+        return load_saved_model(directory, "UnitDecoder", lambda raw: cls(config=UnitDecoderConfig(**raw))).to(device)
 
     def load_official_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
         """Loads the unit decoder of an official TASTE checkpoint (keys under :data:`OFFICIAL_PREFIX`)."""

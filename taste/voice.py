@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taste._checks import check_at_least, check_field_types, check_id_range
-from taste.checkpoint import read_model, read_tensors, save_model
+from taste.checkpoint import load_saved_model, read_tensors, save_model
 from taste.relpos import RelPosEncoder
 
 OFFICIAL_FILE = os.path.join("cosyvoice", "voice_generator.pth")  # inside the release's directory
@@ -623,10 +623,7 @@ class VoiceGenerator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, *, device=None) -> VoiceGenerator:
-        raw, state = read_model(directory, "VoiceGenerator")
-        with torch.device("meta"):
-            model = cls(config=VoiceGeneratorConfig(**raw))
-        model.load_state_dict(state, strict=True, assign=True)
+        model = load_saved_model(directory, "VoiceGenerator", lambda raw: cls(config=VoiceGeneratorConfig(**raw)))
         model.hift.window = hann_window(model.config.n_fft)  # (not saved: rebuilt off the meta device)
         return model.to(device).eval()
 
