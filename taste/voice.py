@@ -581,11 +581,16 @@ class VoiceGenerator(nn.Module):
     def mel(self, units: Tensor, lengths: Tensor, speaker: Tensor, generator=None, noise=None) -> tuple[Tensor, Tensor]:
         """``(B, mel, F)`` mel and its frame counts ``(B,)``; ``noise`` a :meth:`draw_noise` triple (else drawn)."""
         self._check(units, lengths, speaker)
-        flow, _, _ = noise if noise is not None else self.draw_noise(units, lengths, generator)
-        frames = self.config.mel_frames(lengths.cpu())
-        z = torch.stack([F.pad(n, (0, int(frames.max()) - n.shape[1])) for n in flow])
-        mel, mask = self.flow(units.long(), lengths.to(units.device).long(), speaker.to(z), z.to(speaker))
-        return mel, frames
+        mel, _ = self._mel(
+            units, lengths, speaker, noise if noise is not None else self.draw_noise(units, lengths, generator)
+        )
+        return mel, self.config.mel_frames(lengths.cpu())
+
+    def _mel(self, units: Tensor, lengths: Tensor, speaker: Tensor, noise) -> tuple[Tensor, Tensor]:
+        dtype = self.flow.encoder_proj.weight.dtype
+        width = max(n.shape[1] for n in noise[0])
+        z = torch.stack([F.pad(n, (0, width - n.shape[1])) for n in noise[0]]).to(dtype)
+        return self.flow(units.long(), lengths.to(units.device).long(), speaker.to(dtype), z)
 
     @torch.inference_mode()
     def forward(self, units: Tensor, lengths: Tensor, speaker: Tensor, generator=None, noise=None) -> Tensor:
@@ -593,9 +598,8 @@ class VoiceGenerator(nn.Module):
         ``sample_rate`` (utterance b fills its first ``mel_frames(lengths[b]) * mel_hop`` samples, zeros after)."""
         self._check(units, lengths, speaker)
         noise = noise if noise is not None else self.draw_noise(units, lengths, generator)
-        mel, frames = self.mel(units, lengths, speaker, noise=noise)
-        mask = torch.arange(mel.shape[-1], device=mel.device)[None] < frames.to(mel.device)[:, None]
-        return self.hift(mel, mask[:, None].to(mel.dtype), noise[1], noise[2])
+        mel, mask = self._mel(units, lengths, speaker, noise)
+        return self.hift(mel, mask, noise[1], noise[2])
 
     def generate(self, units: list[Tensor], speaker: Tensor | None = None, *, generator=None) -> list[Tensor]:
         """A list of 1-D unit tensors -> a list of 1-D waveforms (each its own length). ``speaker``: ``(B,
