@@ -6,7 +6,7 @@
 #   OUTDIR/tests.log        pytest (all tests; CUDA ones run here)
 #   OUTDIR/bench.log        every benchmark's table (+ the aggregator's and the RVQ's kernel profiles of ours)
 #   OUTDIR/bench.json       every benchmark's numbers by name (aggregator, rvq, generate, aggregator_train, packing,
-#                           aggregator_chunks, relpos, unit_decoder, train_lm)
+#                           aggregator_chunks, relpos, unit_decoder, train_lm, voice)
 # Environment: PYTEST_ARGS (pytest arguments, split on spaces; default: all but the C++-error tests), TESTS=cuda
 # (the default selection, CUDA-marked tests only), TEST_TIMEOUT, TEST_WORKERS (pytest-xdist workers, default 8),
 # BENCHES, BENCH_TIMEOUT (seconds each),
@@ -95,7 +95,7 @@ run_bench() {  # name, then the benchmark's command line (without --device/--jso
 }
 # BENCHES (default: all) picks benchmarks by name, e.g. BENCHES="aggregator rvq" for a short second call; the
 # issues' open GPU targets come first.
-benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing aggregator_chunks relpos unit_decoder train_lm} "
+benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing aggregator_chunks relpos unit_decoder train_lm voice} "
 want() { [[ $benches == *" $1 "* ]]; }
 # --profile: where our providers' device time goes, kernel by kernel (the open targets' next question). Not on the
 # generation benchmark: its compiled step replays CUDA graphs, which the profiler does not see into reliably.
@@ -115,14 +115,16 @@ want aggregator_chunks && run_bench aggregator_chunks bench/aggregator.py --batc
 want relpos && run_bench relpos bench/relpos.py --decoder
 want unit_decoder && run_bench unit_decoder bench/unit_decoder.py
 want train_lm && run_bench train_lm bench/train_lm.py
+# S3 units -> speech at CosyVoice-300M's shapes: 16 utterances batched against one at a time (not yet timed on a GPU).
+want voice && run_bench voice bench/voice.py
 [ -n "${TESTS_LAST:-}" ] && run_tests
 # One JSON for all benchmarks: the device tool brings back at most 8 files.
-"$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks,relpos,unit_decoder,train_lm}.json
+"$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks,relpos,unit_decoder,train_lm,voice}.json
 import json, os, sys
 out = sys.argv[1]
 merged = {}
 for name in ("packing", "aggregator", "rvq", "aggregator_train", "generate", "aggregator_chunks", "relpos",
-             "unit_decoder", "train_lm"):
+             "unit_decoder", "train_lm", "voice"):
     path = os.path.join(out, name + ".json")
     if os.path.isfile(path):
         with open(path) as f:

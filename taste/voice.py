@@ -325,7 +325,11 @@ class LengthRegulator(nn.Module):
 
 
 class FlowDecoder(nn.Module):
-    """Units -> 80-bin mel at 22.05 kHz / hop 256 (CosyVoice's ``MaskedDiffWithXvec.inference``, no prompt)."""
+    """Units -> 80-bin mel at 22.05 kHz / hop 256 (CosyVoice's ``MaskedDiffWithXvec.inference``, no prompt).
+    ``batch_guidance`` (attribute): the guided and unguided velocities in one estimator call (default) or in two,
+    as the official code (the same numbers; ``bench/voice.py`` times both)."""
+
+    batch_guidance = True
 
     def __init__(self, c: VoiceGeneratorConfig):
         super().__init__()
@@ -360,12 +364,17 @@ class FlowDecoder(nn.Module):
         x, t, dt = noise * mask, t_span[0], t_span[1] - t_span[0]
         cond = torch.zeros_like(mu)
         estimator = self.decoder.estimator
-        if c.cfg_rate > 0:  # (conditioned and unconditioned rows in one call)
+        together = c.cfg_rate > 0 and self.batch_guidance
+        if together:  # (conditioned and unconditioned rows in one call)
             mu2, mask2 = torch.cat([mu, torch.zeros_like(mu)]), torch.cat([mask, mask])
             spk2, cond2 = torch.cat([spk, torch.zeros_like(spk)]), torch.cat([cond, cond])
         for step in range(1, len(t_span)):
-            if c.cfg_rate > 0:
+            if together:
                 v, v_free = estimator(torch.cat([x, x]), mask2, mu2, t, spk2, cond2).chunk(2)
+                v = (1.0 + c.cfg_rate) * v - c.cfg_rate * v_free
+            elif c.cfg_rate > 0:
+                v = estimator(x, mask, mu, t, spk, cond)
+                v_free = estimator(x, mask, torch.zeros_like(mu), t, torch.zeros_like(spk), cond)
                 v = (1.0 + c.cfg_rate) * v - c.cfg_rate * v_free
             else:
                 v = estimator(x, mask, mu, t, spk, cond)

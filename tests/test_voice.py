@@ -94,6 +94,18 @@ def test_batch_gives_each_utterance_what_it_gives_alone():
         assert not mel[i, :, frames[i] :].any()
 
 
+def test_guidance_in_one_call_or_two():
+    model = tiny()
+    units = [torch.arange(30) % 256, torch.arange(9)]
+    one = model.generate(units, generator=torch.Generator().manual_seed(2))
+    model.flow.batch_guidance = False  # (the official code's two estimator calls per step)
+    two = model.generate(units, generator=torch.Generator().manual_seed(2))
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    model.config = model.flow.config = model.hift.config = VoiceGeneratorConfig.tiny(cfg_rate=0.0)
+    assert not torch.allclose(model.generate(units[:1], generator=torch.Generator().manual_seed(2))[0], one[0])
+
+
 def test_seeded_runs_repeat_and_seeds_differ():
     model = tiny()
     units = [torch.arange(20) % 256]
