@@ -237,15 +237,30 @@ def cmd_continue(args) -> None:
     from taste.corpus import read_wav, write_wav
     from taste.train import Stage1Model
 
+    if (args.centroids is None) == (args.voice is None):
+        raise ValueError("give --centroids (k-means units of `taste units`) or --voice (S3 units: the release)")
     lm = _load_lm(args.lm, "cpu")
     stage1 = Stage1Model.from_pretrained(args.tokenizer_model).eval()
     audio, rate = read_wav(args.wav)
-    centroids = _read_centroids(args.centroids)
+    centroids = _read_centroids(args.centroids) if args.centroids else None
+    voice = _load_voice(args.voice, "cpu") if args.voice else None
+    speaker = _read_vector(args.speaker) if args.speaker else None
     result = continue_speech(lm, stage1, audio, args.text, centroids, sample_rate=rate, config=_generation_config(args),
-                             seed=args.seed, only_new=args.only_new)  # fmt: skip
-    write_wav(args.output, result["wave"])
+                             seed=args.seed, only_new=args.only_new, voice=voice, speaker=speaker)  # fmt: skip
+    write_wav(args.output, result["wave"], result["sample_rate"])
     print(f"prompt: {' '.join(result['prompt_words'])}\ncontinuation: {' '.join(result['new_words'])}\n"
-          f"{result['units'].numel()} units -> {args.output} ({result['wave'].numel() / 16000:.2f} s)")  # fmt: skip
+          f"{result['units'].numel()} units -> {args.output} "
+          f"({result['wave'].numel() / result['sample_rate']:.2f} s)")  # fmt: skip
+
+
+def _load_voice(path: str, device: str):
+    """A VoiceGenerator from its save_pretrained directory or from the official / CosyVoice files."""
+    from taste.checkpoint import saved_model_kind
+    from taste.voice import VoiceGenerator
+
+    if saved_model_kind(path) == "VoiceGenerator":
+        return VoiceGenerator.from_pretrained(path, device=device)
+    return VoiceGenerator.from_official(path, device=device)
 
 
 def _read_vector(path: str):
@@ -272,17 +287,13 @@ def cmd_vocode(args) -> None:
     import torch
 
     from taste._checks import check_positive_int
-    from taste.checkpoint import iter_json_objects, saved_model_kind
+    from taste.checkpoint import iter_json_objects
     from taste.corpus import write_wav
-    from taste.voice import VoiceGenerator
 
     check_positive_int(args.batch_size, "--batch-size")
     device = _device(args.device)
     t = time.perf_counter()
-    if saved_model_kind(args.voice) == "VoiceGenerator":
-        gen = VoiceGenerator.from_pretrained(args.voice, device=device)
-    else:
-        gen = VoiceGenerator.from_official(args.voice, device=device)
+    gen = _load_voice(args.voice, device)
     loaded = time.perf_counter() - t
     default = _read_vector(args.speaker) if args.speaker else torch.zeros(gen.config.spk_dim)
     rows = []
@@ -538,12 +549,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
 
-    k = sub.add_parser("continue", help="speech continuation: wav + transcript -> TASLM -> unit decoder -> wav")
+    k = sub.add_parser("continue", help="speech continuation: wav + transcript -> TASLM -> unit decoder -> wav "
+                       "(Griffin-Lim from k-means units, or the voice generator from S3 units)")  # fmt: skip
     k.add_argument("wav")
     k.add_argument("--text", required=True, help="the prompt's transcript")
     k.add_argument("--lm", required=True, help="a train-lm out_dir")
     k.add_argument("--tokenizer-model", required=True, help="the stage 1-3 train-tokenizer out_dir")
-    k.add_argument("--centroids", required=True, help="the unit_centroids.safetensors of `taste units`")
+    k.add_argument("--centroids", default=None, help="k-means units: the unit_centroids.safetensors of `taste units` "
+                   "(Griffin-Lim, 16 kHz)")  # fmt: skip
+    k.add_argument("--voice", default=None, help="S3 units (the release, `taste import-official`): its "
+                   "voice generator, as `taste vocode --voice` (22.05 kHz)")  # fmt: skip
+    k.add_argument("--speaker", default=None, help="speaker vector file (.json, .npy, .pt, .safetensors) for the unit "
+                   "decoder and voice generator; the official ones take CAM++ vectors (192); default: the "
+                   "prompt's mean unit features")  # fmt: skip
     k.add_argument("--only-new", action="store_true", help="synthesise only the generated words")
     k.add_argument("-o", "--output", required=True)
     _add_sampling(k)

@@ -36,12 +36,14 @@ def continue_speech(
     stage1,
     audio: Tensor,
     text: str,
-    centroids: Tensor,
+    centroids: Tensor | None = None,
     *,
     sample_rate: int = 16000,
     config: GenerationConfig | None = None,
     seed: int = 0,
     only_new: bool = False,
+    voice=None,
+    speaker: Tensor | None = None,
 ) -> dict:
     """Continues one spoken prompt.
 
@@ -49,18 +51,32 @@ def continue_speech(
         lm: a trained :class:`taste.TasteSpokenLM` (its RVQ = the tokenizer's).
         stage1: a :class:`taste.train.Stage1Model` (TASTE tokenizer + unit decoder) trained with stage 1-3.
         audio: ``(T,)`` float waveform of the prompt; ``text`` its transcript.
-        centroids: ``(num_units, n_mels)`` unit centroids of ``taste units`` (the Griffin-Lim vocoder's mel frames).
+        centroids: ``(num_units, n_mels)`` unit centroids of ``taste units`` (the Griffin-Lim vocoder's mel frames,
+            for k-means units), or
+        voice: a :class:`taste.VoiceGenerator` (for S3 units: the released unit decoder's; ``taste.load_official``
+            and ``taste import-official`` give such a stage-1 model).
+        speaker: ``(spk_dim,)`` speaker vector (the official models take CAM++ vectors of 192) for the unit decoder
+            and the voice generator; None: the prompt's mean unit features (what ``taste units`` models train with).
         only_new: synthesise only the generated words (default: prompt + continuation, as the official demo).
 
     Returns:
-        dict with ``prompt_words``, ``new_words``, ``prompt_codes`` (W_p, Q), ``new_codes`` (W_n, Q), ``units`` and
-        ``wave`` (16 kHz float waveform).
+        dict with ``prompt_words``, ``new_words``, ``prompt_codes`` (W_p, Q), ``new_codes`` (W_n, Q), ``units``,
+        ``wave`` (float waveform) and its ``sample_rate`` (16 kHz with centroids, the voice generator's with voice).
     """
     from taste.audio import resample
     from taste.corpus import unit_features
     from taste.evaluate import check_centroids, units_to_wave
 
-    check_centroids(centroids, stage1.decoder.config.num_units)
+    dc = stage1.decoder.config
+    if (centroids is None) == (voice is None):
+        raise ValueError("give either centroids (k-means units, Griffin-Lim) or voice (S3 units, a VoiceGenerator)")
+    if centroids is not None:
+        check_centroids(centroids, dc.num_units)
+    elif voice.config.num_units != dc.num_units:
+        raise ValueError(f"the voice generator reads {voice.config.num_units} units, the unit decoder writes "
+                         f"{dc.num_units}")  # fmt: skip
+    if speaker is not None and speaker.shape != (dc.spk_dim,):
+        raise ValueError(f"speaker must be a ({dc.spk_dim},) vector for this unit decoder, got {tuple(speaker.shape)}")
     tok = stage1.tokenizer.eval()
     words = text.split()
     if not words:
@@ -81,10 +97,20 @@ def continue_speech(
     batch = tok.text_tokenizer([" ".join(all_words)])
     a = batch.asr
     taste = tok.embeddings_from_codes(all_codes.to(tok.quantizer.embed.device))
-    speaker = unit_features(resample(audio.float(), sample_rate, 16000)).mean(0, keepdim=True)
+    if speaker is None:
+        speaker = unit_features(resample(audio.float(), sample_rate, 16000)).mean(0)
+        if speaker.shape != (dc.spk_dim,):
+            raise ValueError(f"this unit decoder takes ({dc.spk_dim},) speaker vectors (the official one: CAM++), "
+                             f"not the prompt's {speaker.shape[0]} mean unit features: give speaker")  # fmt: skip
     units = stage1.decoder.eval().generate(
-        a.tokens, a.cu_seqlens, a.max_seqlen, taste=taste, word_offsets=a.word_offsets, speaker=speaker,
+        a.tokens, a.cu_seqlens, a.max_seqlen, taste=taste, word_offsets=a.word_offsets, speaker=speaker[None],
         generator=torch.Generator().manual_seed(seed),
     )[0]  # fmt: skip
+    if voice is None:
+        wave, rate = units_to_wave(units, centroids), 16000
+    else:
+        spk = speaker if speaker.shape == (voice.config.spk_dim,) else None  # (else zeros)
+        wave = voice.generate([units], spk, generator=torch.Generator().manual_seed(seed))[0]
+        rate = voice.sample_rate
     return {"prompt_words": words, "new_words": new_words, "prompt_codes": prompt_codes, "new_codes": new_codes,
-            "units": units, "wave": units_to_wave(units, centroids)}  # fmt: skip
+            "units": units, "wave": wave, "sample_rate": rate}  # fmt: skip

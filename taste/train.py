@@ -83,12 +83,15 @@ class Stage1Model(nn.Module):
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory!r} is not a directory (expected a stage-1 run, its final/, or a "
-                                    "directory holding tokenizer/ and decoder/)")  # fmt: skip
+                                    "directory holding tokenizer/ and decoder/ or unit_decoder/)")  # fmt: skip
         if os.path.isdir(os.path.join(directory, "final")):
             directory = os.path.join(directory, "final")
+        decoder = os.path.join(directory, "decoder")
+        if not os.path.isdir(decoder) and os.path.isdir(os.path.join(directory, "unit_decoder")):
+            decoder = os.path.join(directory, "unit_decoder")  # (`taste import-official`'s layout)
         return cls(
             TasteTokenizer.from_pretrained(os.path.join(directory, "tokenizer"), device=device),
-            UnitDecoder.from_pretrained(os.path.join(directory, "decoder"), device=device),
+            UnitDecoder.from_pretrained(decoder, device=device),
         )
 
     @classmethod

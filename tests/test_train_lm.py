@@ -175,6 +175,41 @@ def test_continue_end_to_end(data, tmp_path, capsys):
     assert "the tokenizer's codebooks (" in capsys.readouterr().err
 
 
+def test_continue_with_the_voice_generator(tmp_path, capsys):
+    """S3 units (the release's unit decoder) go through the voice generator: a stage-1 model in `taste
+    import-official`'s layout (tokenizer/ + unit_decoder/), a speaker vector for both, 22.05 kHz out."""
+    from taste.corpus import read_wav
+    from taste.train import Stage1Model
+    from taste.voice import VoiceGenerator, VoiceGeneratorConfig
+
+    torch.manual_seed(0)
+    stage1 = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None)
+    with torch.no_grad():
+        stage1.tokenizer.quantizer.embed.normal_()
+        stage1.tokenizer.quantizer.initted.fill_(1)
+    stage1.tokenizer.save_pretrained(str(tmp_path / "official" / "tokenizer"))
+    stage1.decoder.save_pretrained(str(tmp_path / "official" / "unit_decoder"))
+    TasteSpokenLM.from_tokenizer(stage1.tokenizer, SpokenLMConfig.tiny()).save_pretrained(str(tmp_path / "lm"))
+    spk_dim = stage1.decoder.config.spk_dim
+    VoiceGenerator(config=VoiceGeneratorConfig.tiny(num_units=16, spk_dim=spk_dim)).save_pretrained(str(tmp_path / "v"))
+    (tmp_path / "spk.json").write_text(json.dumps([0.1] * spk_dim))
+    t = torch.arange(16000) / 16000
+    write_wav(str(tmp_path / "prompt.wav"), 0.3 * torch.sin(2 * torch.pi * 220 * t))
+    out = tmp_path / "cont.wav"
+    argv = ["continue", str(tmp_path / "prompt.wav"), "--text", "hello there", "--lm", str(tmp_path / "lm"),
+            "--tokenizer-model", str(tmp_path / "official"), "--voice", str(tmp_path / "v"), "--speaker",
+            str(tmp_path / "spk.json"), "--greedy", "--extra-words", "1", "--max-new-tokens", "6",
+            "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    wave, rate = read_wav(str(out))
+    assert rate == 22050 and wave.numel() > 0 and wave.numel() % 256 == 0
+    assert main(argv + ["--centroids", str(out)]) == 1  # (both)
+    assert "give --centroids" in capsys.readouterr().err
+    (tmp_path / "spk.json").write_text(json.dumps([0.1] * (spk_dim + 1)))
+    assert main(argv) == 1
+    assert f"speaker must be a ({spk_dim},) vector" in capsys.readouterr().err
+
+
 def test_ddp_on_two_cpu_ranks_keeps_identical_weights(data, tmp_path):
     cfg = config(data, tmp_path / "ddp", steps=2, batch_size=2, write_rank_digests=True)
     digests = torchrun_rank_digests("train-lm", dataclasses.asdict(cfg), tmp_path / "ddp")
