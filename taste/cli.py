@@ -599,8 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     io = sub.add_parser("import-official", help="the released TASTE / TASLM checkpoint -> save_pretrained directories")
     io.add_argument("checkpoint", help="a local copy of MediaTek-Research/Llama-1B-TASTE-V0")
     io.add_argument("-o", "--output", required=True, help="writes OUTPUT/<part> for each part")
-    io.add_argument("--parts", nargs="+", choices=("tokenizer", "unit_decoder", "spoken_lm"),
-                    default=["tokenizer", "unit_decoder", "spoken_lm"])  # fmt: skip
+    io.add_argument("--parts", nargs="+", choices=("tokenizer", "unit_decoder", "spoken_lm", "voice"),
+                    default=["tokenizer", "unit_decoder", "spoken_lm"],
+                    help="voice: cosyvoice/voice_generator.pth (S3 units -> speech), when the directory "
+                    "has it")  # fmt: skip
     io.set_defaults(func=cmd_import_official)
     return p
 

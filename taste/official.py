@@ -40,7 +40,8 @@ TOKENIZER_PREFIXES = {
 }
 UNIT_DECODER_PREFIXES = ("speech_decoder.",)
 SPOKEN_LM_PREFIXES = ("spoken_lm.", "audio_tower.vq.rvq.")
-PARTS = ("tokenizer", "unit_decoder", "spoken_lm")
+PARTS = ("tokenizer", "unit_decoder", "spoken_lm")  # the default: the model file's three
+OPTIONAL_PARTS = ("voice",)  # cosyvoice/voice_generator.pth beside it (taste.VoiceGenerator), when asked for
 
 
 class OfficialModels(NamedTuple):
@@ -49,6 +50,7 @@ class OfficialModels(NamedTuple):
     tokenizer: object | None
     unit_decoder: object | None
     spoken_lm: object | None
+    voice: object | None = None
 
 
 def checkpoint_files(directory: str) -> dict[str, list[str] | None]:
@@ -166,16 +168,22 @@ def _check_materialised(model, state: dict) -> None:
 
 
 def load_official(directory: str, parts=PARTS, *, device=None, dtype=None) -> OfficialModels:
-    """The ``parts`` (names from :data:`PARTS`) of a released checkpoint directory, with the released shapes, on
-    ``device``. ``dtype`` casts the tokenizer's encoder and aggregator (see :func:`load_tokenizer`); the unit decoder
-    and the spoken LM hold float32 weights (run them under autocast for bfloat16)."""
-    unknown = set(parts) - set(PARTS)
+    """The ``parts`` (names from :data:`PARTS` and :data:`OPTIONAL_PARTS`) of a released checkpoint directory, with
+    the released shapes, on ``device``. ``dtype`` casts the tokenizer's encoder and aggregator (see
+    :func:`load_tokenizer`); the unit decoder, the spoken LM and the voice generator hold float32 weights (run them
+    under autocast for bfloat16)."""
+    unknown = set(parts) - set(PARTS + OPTIONAL_PARTS)
     if unknown:
-        raise ValueError(f"parts must be among {PARTS}, got {sorted(unknown)}")
+        raise ValueError(f"parts must be among {PARTS + OPTIONAL_PARTS}, got {sorted(unknown)}")
+    if "voice" in parts:
+        from taste.voice import VoiceGenerator
+
+        voice = VoiceGenerator.from_official(directory, device=device)
     return OfficialModels(
         load_tokenizer(directory, device=device, dtype=dtype) if "tokenizer" in parts else None,
         load_unit_decoder(directory, device=device) if "unit_decoder" in parts else None,
         load_spoken_lm(directory, device=device) if "spoken_lm" in parts else None,
+        voice if "voice" in parts else None,
     )
 
 

@@ -658,7 +658,7 @@ class VoiceGenerator(nn.Module):
             state.update({f"hift.{k}": v for k, v in read_tensors(hift).items()})
         else:
             state = read_tensors(path)
-        model = cls(config=config)
+        model = cls(config=config or VoiceGeneratorConfig.cosyvoice_300m())
         model.load_official_state_dict(state)
         return model.to(device).eval()
 

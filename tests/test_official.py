@@ -155,12 +155,18 @@ def test_import_official_command_writes_loadable_directories(tmp_path, monkeypat
     write_sharded(src, state)
     monkeypatch.setattr(taste.TasteConfig, "official", classmethod(lambda cls: tokenizer.config))
     monkeypatch.setattr(taste.UnitDecoderConfig, "official", classmethod(lambda cls: decoder.config))
+    voice = taste.VoiceGenerator(config=taste.VoiceGeneratorConfig.tiny())
+    (src / "cosyvoice").mkdir()
+    torch.save(voice.state_dict(), src / "cosyvoice" / "voice_generator.pth")
+    monkeypatch.setattr(taste.VoiceGeneratorConfig, "cosyvoice_300m", classmethod(lambda cls: voice.config))
     from taste.cli import main
 
     out = tmp_path / "converted"
-    assert main(["import-official", str(src), "-o", str(out), "--parts", "tokenizer", "unit_decoder"]) == 0
+    assert main(["import-official", str(src), "-o", str(out), "--parts", "tokenizer", "unit_decoder", "voice"]) == 0
     assert_same_state(tokenizer, taste.TasteTokenizer.from_pretrained(str(out / "tokenizer")))
     assert_same_state(decoder, taste.UnitDecoder.from_pretrained(str(out / "unit_decoder")))
+    assert_same_state(voice, taste.VoiceGenerator.from_pretrained(str(out / "voice")))
+    assert official.load_official(str(src), ("voice",)).voice.config == voice.config
 
 
 def test_pytorch_bin_checkpoints(tmp_path):
