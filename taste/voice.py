@@ -310,9 +310,10 @@ class LengthRegulator(nn.Module):
             layers += [nn.Conv1d(c.mel_bins, c.mel_bins, 3, 1, 1), nn.GroupNorm(1, c.mel_bins), nn.Mish()]
         self.model = nn.Sequential(*layers, nn.Conv1d(c.mel_bins, c.mel_bins, 1, 1))
 
-    def forward(self, h: Tensor, lengths: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
-        """``h (B, T, C)`` with ``lengths (B,)`` valid rows -> ``(B, C, max frames)`` and the mask ``(B, 1, F)``."""
-        f = torch.arange(int(frames.max()) if frames.numel() else 0, device=h.device)
+    def forward(self, h: Tensor, lengths: Tensor, frames: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """``h (B, T, C)`` with ``lengths (B,)`` valid rows -> ``(B, C, width)`` (``width`` >= every frame count,
+        given by the caller: no host read here) and the mask ``(B, 1, width)``."""
+        f = torch.arange(width, device=h.device)
         # ATen's nearest index: floor(dst * (float)in / out) in float32, at most in - 1
         scale = lengths.to(torch.float32) / frames.clamp(min=1).to(torch.float32)
         src = torch.minimum((f[None].to(torch.float32) * scale[:, None]).floor().long(), (lengths - 1)[:, None])
@@ -344,21 +345,21 @@ class FlowDecoder(nn.Module):
         self.decoder = nn.Module()
         self.decoder.estimator = FlowEstimator(c)
 
-    def condition(self, units: Tensor, lengths: Tensor, speaker: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``units (B, T)`` padded, ``lengths (B,)``, ``speaker (B, spk_dim)`` -> ``mu (B, mel, F)``, ``mask (B, 1,
-        F)`` and the projected speaker ``(B, mel)``."""
+    def condition(self, units: Tensor, lengths: Tensor, speaker: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``units (B, T)`` padded, ``lengths (B,)``, ``speaker (B, spk_dim)`` -> ``mu (B, mel, width)``, ``mask (B,
+        1, width)`` and the projected speaker ``(B, mel)``; ``width``: at least the most mel frames of a row."""
         c = self.config
         valid = (torch.arange(units.shape[1], device=units.device) < lengths[:, None]).to(self.encoder_proj.weight)
         h = self.input_embedding(units.clamp(min=0)) * valid[..., None]
         h = self.encoder_proj(self.encoder(h, lengths))
-        mu, mask = self.length_regulator(h, lengths, c.mel_frames(lengths))
+        mu, mask = self.length_regulator(h, lengths, c.mel_frames(lengths), width)
         return mu, mask, self.spk_embed_affine_layer(F.normalize(speaker, dim=1))
 
     def forward(self, units: Tensor, lengths: Tensor, speaker: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """Mel ``(B, mel, F)`` and its mask; ``noise (B, mel, F)`` is the ODE's starting point (zero past a row's
         frames). Euler steps over the cosine schedule ``t = 1 - cos(pi/2 s)``, guidance as the config says."""
         c = self.config
-        mu, mask, spk = self.condition(units, lengths, speaker)
+        mu, mask, spk = self.condition(units, lengths, speaker, noise.shape[-1])
         t_span = torch.linspace(0, 1, c.steps + 1, device=mu.device)
         t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
         x, t, dt = noise * mask, t_span[0], t_span[1] - t_span[0]

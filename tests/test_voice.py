@@ -116,6 +116,27 @@ def test_seeded_runs_repeat_and_seeds_differ():
     assert a.abs().max() <= model.config.audio_limit
 
 
+def test_flow_and_vocoder_compile_fullgraph():
+    """torch.compile(fullgraph=True) of the flow decoder (encoder, regulator, every Euler step) and of the vocoder:
+    no graph break, the eager numbers (2 Euler steps: the loop unrolls into the graph)."""
+    model = tiny(steps=2)
+    units = [torch.arange(23) % 256, torch.arange(11)]
+    lengths = torch.tensor([23, 11])
+    padded = torch.nn.utils.rnn.pad_sequence(units, batch_first=True)
+    speaker = torch.randn(2, 16)
+    noise = model.draw_noise(units, lengths, torch.Generator().manual_seed(0))
+    z = torch.stack([torch.nn.functional.pad(n, (0, noise[0][0].shape[1] - n.shape[1])) for n in noise[0]])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        mel, mask = model.flow(padded, lengths, speaker, z)
+        mel_c, mask_c = torch.compile(model.flow, fullgraph=True, backend="aot_eager")(padded, lengths, speaker, z)
+        torch.testing.assert_close(mel_c, mel, atol=1e-5, rtol=1e-5)
+        assert torch.equal(mask_c, mask)
+        wave = model.hift(mel, mask, noise[1], noise[2])
+        wave_c = torch.compile(model.hift, fullgraph=True, backend="aot_eager")(mel, mask, noise[1], noise[2])
+        torch.testing.assert_close(wave_c, wave, atol=1e-5, rtol=1e-5)
+
+
 def test_non_causal_relative_attention_matches_espnet():
     """The flow's token encoder: every query over every unpadded key, offsets -(T-1)..T-1 (ESPnet's rel_shift)."""
     torch.manual_seed(0)
