@@ -3,6 +3,7 @@ transcript -> TASTE codes -> TASLM -> new words and codes -> unit decoder -> uni
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -109,7 +110,10 @@ def continue_speech(
     if voice is None:
         wave, rate = units_to_wave(units, centroids), 16000
     else:
-        spk = speaker if speaker.shape == (voice.config.spk_dim,) else None  # (else zeros)
+        spk = speaker if speaker.shape == (voice.config.spk_dim,) else None
+        if spk is None:
+            warnings.warn(f"the voice generator takes ({voice.config.spk_dim},) speaker vectors, the unit decoder "
+                          f"({dc.spk_dim},): the voice generator gets zeros", stacklevel=2)  # fmt: skip
         wave = voice.generate([units], spk, generator=torch.Generator().manual_seed(seed))[0]
         rate = voice.sample_rate
     return {"prompt_words": words, "new_words": new_words, "prompt_codes": prompt_codes, "new_codes": new_codes,

@@ -516,6 +516,8 @@ class HiFTVocoder(nn.Module):
         s = self.source(self.f0(mel, mask), phases, noises, samples)
         stft_frames = samples // c.istft_hop + 1
         s_stft = self.stft(s, samples)
+        keep = torch.arange(s_stft.shape[-1], device=mel.device)[None] < stft_frames[:, None]
+        s_stft = s_stft * keep[:, None].to(s_stft.dtype)  # (frames past a row's own: zero, as its zero padding)
         x = self.conv_pre(mel * mask)
         rate = mask
         stages = len(self.ups)
@@ -527,8 +529,7 @@ class HiFTVocoder(nn.Module):
                 x = F.pad(x, (1, 0), mode="reflect")
                 valid = stft_frames
             rate = (torch.arange(x.shape[-1], device=x.device)[None] < valid[:, None]).to(x.dtype)[:, None]
-            keep = torch.arange(s_stft.shape[-1], device=x.device)[None] < stft_frames[:, None]
-            x = x + self.source_resblocks[i](self.source_downs[i](s_stft * keep[:, None].to(x.dtype)), rate)
+            x = x + self.source_resblocks[i](self.source_downs[i](s_stft), rate)
             k = len(c.resblock_kernels)
             x = sum(self.resblocks[i * k + j](x * rate, rate) for j in range(k)) / k
         x = self.conv_post(F.leaky_relu(x) * rate)

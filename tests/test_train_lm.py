@@ -205,6 +205,12 @@ def test_continue_with_the_voice_generator(tmp_path, capsys):
     assert rate == 22050 and wave.numel() > 0 and wave.numel() % 256 == 0
     assert main(argv + ["--centroids", str(out)]) == 1  # (both)
     assert "give --centroids" in capsys.readouterr().err
+    other = VoiceGeneratorConfig.tiny(num_units=16, spk_dim=spk_dim + 2)
+    VoiceGenerator(config=other).save_pretrained(str(tmp_path / "v2"))
+    argv2 = list(argv)
+    argv2[argv2.index("--voice") + 1] = str(tmp_path / "v2")
+    with pytest.warns(UserWarning, match="the voice generator gets zeros"):
+        assert main(argv2) == 0
     (tmp_path / "spk.json").write_text(json.dumps([0.1] * (spk_dim + 1)))
     assert main(argv) == 1
     assert f"speaker must be a ({spk_dim},) vector" in capsys.readouterr().err
