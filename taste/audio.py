@@ -176,3 +176,64 @@ class LogMel(nn.Module):
         log_spec = out.clamp_(min=1e-10).log10_()  # (B, n_mels, F)
         torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0, out=log_spec)  # (in place)
         return log_spec.add_(4.0).div_(4.0)
+
+
+def kaldi_mel_banks(num_bins: int = 80, n_fft: int = 512, sample_rate: int = SAMPLE_RATE, low_freq: float = 20.0,
+                    high_freq: float = 0.0) -> Tensor:  # fmt: skip
+    """``(num_bins, n_fft // 2 + 1)`` float64: Kaldi's triangular filters, equally spaced on ``1127 ln(1 + f / 700)``
+    between ``low_freq`` and ``high_freq`` (``<= 0``: that far below Nyquist), with no weight on the Nyquist bin."""
+    nyquist = sample_rate / 2
+    high = high_freq if high_freq > 0 else nyquist + high_freq
+    if not 0 <= low_freq < high <= nyquist:
+        raise ValueError(f"need 0 <= low_freq < high_freq <= {nyquist:g} Hz, got {low_freq} and {high}")
+    mel = lambda f: 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)  # noqa: E731
+    lo, hi = mel(low_freq), mel(high)
+    step = (hi - lo) / (num_bins + 1)
+    edges = lo + step * torch.arange(num_bins + 2, dtype=torch.float64)
+    left, center, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    bins = mel(torch.arange(n_fft // 2, dtype=torch.float64) * (sample_rate / n_fft))[None]
+    weights = torch.minimum((bins - left) / (center - left), (right - bins) / (right - center)).clamp_min(0)
+    return nn.functional.pad(weights, (0, 1))
+
+
+def kaldi_fbank(
+    audio: Tensor, lengths: Tensor | None = None, *, num_mel_bins: int = 80, sample_rate: int = SAMPLE_RATE
+) -> tuple[Tensor, Tensor]:
+    """Kaldi's log mel filter-bank features of a batch, as ``torchaudio.compliance.kaldi.fbank`` computes them with
+    its defaults and ``dither=0`` (what CAM++ speaker encoders take): 25 ms frames every 10 ms that lie wholly
+    inside the audio, each with its mean removed, pre-emphasis 0.97 (the first sample repeated before it), the
+    Povey window, a 512-point power spectrum, Kaldi's mel filters from 20 Hz to Nyquist, and ``log(max(e, eps))``
+    with float32's eps.
+
+    Args:
+        audio: ``(B, T)`` float waveforms (scaled to [-1, 1] as the official front-end reads them).
+        lengths: ``(B,)`` valid samples per row (default: all ``T``).
+
+    Returns:
+        ``feats (B, F, num_mel_bins)`` in ``audio``'s dtype, zero past each row's frames, and ``frames (B,)`` int64:
+        ``1 + (length - 400) // 160`` (0 when shorter than a frame).
+    """
+    if audio.dim() != 2 or not audio.is_floating_point():
+        raise ValueError(f"audio must be a (B, T) float tensor, got {tuple(audio.shape)} {audio.dtype}")
+    rate = _sample_rate(sample_rate, "sample_rate")
+    win, hop = round(0.025 * rate), round(0.010 * rate)
+    n_fft = 1 << (win - 1).bit_length()
+    if lengths is None:
+        lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.int64)
+    lengths = torch.as_tensor(lengths, dtype=torch.int64).to(audio.device)
+    if lengths.shape != (audio.shape[0],) or bool((lengths < 0).any() | (lengths > audio.shape[1]).any()):
+        raise ValueError(f"lengths must be ({audio.shape[0]},) sample counts in [0, {audio.shape[1]}]")
+    frames = torch.where(lengths >= win, 1 + (lengths - win).div(hop, rounding_mode="floor"), 0)
+    count = max(0, 1 + (audio.shape[1] - win) // hop) if audio.shape[1] >= win else 0
+    if count == 0:
+        return audio.new_zeros(audio.shape[0], 0, num_mel_bins), frames
+    index = torch.arange(count, device=audio.device)[:, None] * hop + torch.arange(win, device=audio.device)
+    x = audio[:, index]  # (B, F, win)
+    x = x - x.mean(-1, keepdim=True)
+    x = x - 0.97 * torch.cat([x[..., :1], x[..., :-1]], dim=-1)
+    window = torch.hann_window(win, periodic=False, dtype=torch.float64).pow(0.85).to(x.dtype).to(x.device)
+    power = torch.fft.rfft(x * window, n=n_fft).abs().pow(2)  # (B, F, n_fft / 2 + 1)
+    banks = kaldi_mel_banks(num_mel_bins, n_fft, rate).to(x.dtype).to(x.device)
+    feats = (power @ banks.T).clamp_min(torch.finfo(torch.float32).eps).log()
+    valid = torch.arange(count, device=audio.device)[None, :] < frames[:, None]
+    return feats * valid[..., None], frames

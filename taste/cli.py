@@ -244,7 +244,15 @@ def cmd_continue(args) -> None:
     audio, rate = read_wav(args.wav)
     centroids = _read_centroids(args.centroids) if args.centroids else None
     voice = _load_voice(args.voice, "cpu") if args.voice else None
-    speaker = _read_vector(args.speaker) if args.speaker else None
+    needs_encoder = not args.speaker or args.speaker.endswith(".wav")
+    encoder = _speaker_encoder(args.speaker_model, args.voice, args.tokenizer_model) if needs_encoder else None
+    if args.speaker:
+        speaker = _speaker_vector(args.speaker, encoder)
+    elif encoder is not None:  # as the official demo: the prompt's own CAM++ vector
+        speaker = encoder.speaker([audio], rate)
+        print("speaker: the prompt's CAM++ vector")
+    else:
+        speaker = None
     result = continue_speech(lm, stage1, audio, args.text, centroids, sample_rate=rate, config=_generation_config(args),
                              seed=args.seed, only_new=args.only_new, voice=voice, speaker=speaker)  # fmt: skip
     write_wav(args.output, result["wave"], result["sample_rate"])
@@ -261,6 +269,64 @@ def _load_voice(path: str, device: str):
     if saved_model_kind(path) == "VoiceGenerator":
         return VoiceGenerator.from_pretrained(path, device=device)
     return VoiceGenerator.from_official(path, device=device)
+
+
+def _speaker_encoder(explicit: str | None, *candidates: str | None):
+    """The CAM++ speaker encoder at ``explicit`` (which must hold one), else the first of ``candidates`` (release or
+    import-official directories) that holds one, else None."""
+    from taste.speaker import SpeakerEncoder, find_speaker_model
+
+    if explicit:
+        return SpeakerEncoder.from_official(explicit)
+    for path in candidates:
+        if path and os.path.isdir(path) and find_speaker_model(path):
+            return SpeakerEncoder.from_official(path)
+    return None
+
+
+def _speaker_vector(path: str, encoder):
+    """A speaker vector: a vector file (see _read_vector), or a .wav reference whose CAM++ vector ``encoder`` makes."""
+    if not path.endswith(".wav"):
+        return _read_vector(path)
+    if encoder is None:
+        raise ValueError(f"--speaker {path} is audio: give --speaker-model (the release, or its "
+                         "cosyvoice/speaker_embed.onnx) to make its CAM++ vector")  # fmt: skip
+    from taste.corpus import read_wav
+
+    audio, rate = read_wav(path)
+    return encoder.speaker([audio], rate)
+
+
+def _write_vector(path: str, value) -> None:
+    """Writes a 1-D vector as _read_vector reads it back: .json (a list), .npy, or .safetensors / .pt ('speaker')."""
+    import numpy as np
+    import torch
+
+    value = value.detach().float().cpu().contiguous()
+    if path.endswith(".json"):
+        with open(path, "w") as f:
+            json.dump(value.tolist(), f)
+            f.write("\n")
+    elif path.endswith(".npy"):
+        np.save(path, value.numpy())
+    elif path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({"speaker": value}, path)
+    elif path.endswith(".pt"):
+        torch.save({"speaker": value}, path)
+    else:
+        raise ValueError(f"-o {path}: write a .json, .npy, .safetensors or .pt file")
+
+
+def cmd_speaker(args) -> None:
+    from taste.corpus import read_wav
+
+    encoder = _speaker_encoder(args.model)
+    audios, rates = zip(*(read_wav(p) for p in args.wavs))
+    vector = encoder.speaker(list(audios), list(rates), max_seconds=args.max_seconds)
+    _write_vector(args.output, vector)
+    print(f"speaker vector ({vector.numel()}) of {len(args.wavs)} reference(s) -> {args.output}")
 
 
 def _read_vector(path: str):
@@ -295,7 +361,11 @@ def cmd_vocode(args) -> None:
     t = time.perf_counter()
     gen = _load_voice(args.voice, device)
     loaded = time.perf_counter() - t
-    default = _read_vector(args.speaker) if args.speaker else torch.zeros(gen.config.spk_dim)
+    if args.speaker:
+        wav = args.speaker.endswith(".wav")
+        default = _speaker_vector(args.speaker, _speaker_encoder(args.speaker_model, args.voice) if wav else None)
+    else:
+        default = torch.zeros(gen.config.spk_dim)
     rows = []
     for where, row in iter_json_objects(args.units, "units rows"):
         units = row.get("units")
@@ -559,9 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Griffin-Lim, 16 kHz)")  # fmt: skip
     k.add_argument("--voice", default=None, help="S3 units (the release, `taste import-official`): its "
                    "voice generator, as `taste vocode --voice` (22.05 kHz)")  # fmt: skip
-    k.add_argument("--speaker", default=None, help="speaker vector file (.json, .npy, .pt, .safetensors) for the unit "
-                   "decoder and voice generator; the official ones take CAM++ vectors (192); default: the "
-                   "prompt's mean unit features")  # fmt: skip
+    k.add_argument("--speaker", default=None, help="speaker vector file (.json, .npy, .pt, .safetensors) or .wav "
+                   "reference for the unit decoder and voice generator; the official ones take CAM++ vectors (192); "
+                   "default: the prompt's CAM++ vector when a speaker model is found (--speaker-model, or "
+                   "cosyvoice/speaker_embed.onnx in --voice / --tokenizer-model), else its mean unit "
+                   "features")  # fmt: skip
+    k.add_argument("--speaker-model", default=None, help="the CAM++ speaker encoder: the release directory, its "
+                   "cosyvoice/speaker_embed.onnx, or CosyVoice's campplus.onnx")  # fmt: skip
     k.add_argument("--only-new", action="store_true", help="synthesise only the generated words")
     k.add_argument("-o", "--output", required=True)
     _add_sampling(k)
@@ -589,20 +663,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "CosyVoice model directory (flow.pt + hift.pt) or a VoiceGenerator.save_pretrained "
                     "directory")  # fmt: skip
     vo.add_argument("-o", "--output", required=True, help="directory: one <id>.wav per row")
-    vo.add_argument("--speaker", default=None, help="a .json list, .npy, .pt or .safetensors vector for rows "
-                    "without one (default: zeros)")  # fmt: skip
+    vo.add_argument("--speaker", default=None, help="a .json list, .npy, .pt or .safetensors vector, or a .wav "
+                    "reference (its CAM++ vector), for rows without one (default: zeros)")  # fmt: skip
+    vo.add_argument("--speaker-model", default=None, help="the CAM++ ONNX file (or a directory holding one) for a "
+                    ".wav --speaker; default: the one in --voice's directory")  # fmt: skip
     vo.add_argument("--batch-size", type=int, default=8)
     vo.add_argument("--seed", type=int, default=0)
     vo.add_argument("--device", default=None)
     vo.set_defaults(func=cmd_vocode)
 
+    sp = sub.add_parser("speaker", help="reference wavs of one speaker -> its CAM++ speaker vector (as the official "
+                        "processor: mean of the embeddings, unit length)")  # fmt: skip
+    sp.add_argument("wavs", nargs="+", help="reference recordings of one speaker (any rate; resampled to 16 kHz)")
+    sp.add_argument("--model", required=True, help="the release directory (cosyvoice/speaker_embed.onnx), that "
+                    "file, CosyVoice's campplus.onnx, or an import-official directory")  # fmt: skip
+    sp.add_argument("-o", "--output", required=True, help=".json, .npy, .safetensors or .pt (what --speaker reads)")
+    sp.add_argument("--max-seconds", type=float, default=None, help="use only each reference's first seconds")
+    sp.set_defaults(func=cmd_speaker)
+
     io = sub.add_parser("import-official", help="the released TASTE / TASLM checkpoint -> save_pretrained directories")
     io.add_argument("checkpoint", help="a local copy of MediaTek-Research/Llama-1B-TASTE-V0")
     io.add_argument("-o", "--output", required=True, help="writes OUTPUT/<part> for each part")
-    io.add_argument("--parts", nargs="+", choices=("tokenizer", "unit_decoder", "spoken_lm", "voice"),
+    io.add_argument("--parts", nargs="+", choices=("tokenizer", "unit_decoder", "spoken_lm", "voice", "speaker"),
                     default=["tokenizer", "unit_decoder", "spoken_lm"],
-                    help="voice: cosyvoice/voice_generator.pth (S3 units -> speech), when the directory "
-                    "has it")  # fmt: skip
+                    help="voice: cosyvoice/voice_generator.pth (S3 units -> speech); speaker: "
+                    "cosyvoice/speaker_embed.onnx (CAM++ speaker vectors); when the directory has them")  # fmt: skip
     io.set_defaults(func=cmd_import_official)
     return p
 

@@ -41,7 +41,9 @@ TOKENIZER_PREFIXES = {
 UNIT_DECODER_PREFIXES = ("speech_decoder.",)
 SPOKEN_LM_PREFIXES = ("spoken_lm.", "audio_tower.vq.rvq.")
 PARTS = ("tokenizer", "unit_decoder", "spoken_lm")  # the default: the model file's three
-OPTIONAL_PARTS = ("voice",)  # cosyvoice/voice_generator.pth beside it (taste.VoiceGenerator), when asked for
+# Beside it, when asked for: cosyvoice/voice_generator.pth (taste.VoiceGenerator) and cosyvoice/speaker_embed.onnx
+# (taste.SpeakerEncoder, CAM++).
+OPTIONAL_PARTS = ("voice", "speaker")
 
 
 class OfficialModels(NamedTuple):
@@ -51,6 +53,7 @@ class OfficialModels(NamedTuple):
     unit_decoder: object | None
     spoken_lm: object | None
     voice: object | None = None
+    speaker: object | None = None
 
 
 def checkpoint_files(directory: str) -> dict[str, list[str] | None]:
@@ -179,19 +182,36 @@ def load_official(directory: str, parts=PARTS, *, device=None, dtype=None) -> Of
         from taste.voice import VoiceGenerator
 
         voice = VoiceGenerator.from_official(directory, device=device)
+    if "speaker" in parts:
+        from taste.speaker import SpeakerEncoder
+
+        speaker = SpeakerEncoder.from_official(directory, device=device)
     return OfficialModels(
         load_tokenizer(directory, device=device, dtype=dtype) if "tokenizer" in parts else None,
         load_unit_decoder(directory, device=device) if "unit_decoder" in parts else None,
         load_spoken_lm(directory, device=device) if "spoken_lm" in parts else None,
         voice if "voice" in parts else None,
+        speaker if "speaker" in parts else None,
     )
 
 
 def import_official(directory: str, out_dir: str, parts=PARTS) -> dict[str, str]:
     """Writes each part of a released checkpoint as a ``save_pretrained`` directory ``out_dir/<part>``, one part at
-    a time (so that only one is in memory), and returns their paths by part."""
+    a time (so that only one is in memory), and returns their paths by part. The speaker encoder, an ONNX graph,
+    is copied as it is (``out_dir/speaker/speaker_embed.onnx``)."""
     written = {}
     for part in parts:
+        if part == "speaker":
+            import shutil
+
+            from taste.speaker import SpeakerEncoder, find_speaker_model
+
+            SpeakerEncoder.from_official(directory)  # a file that does not run raises here, not at first use
+            os.makedirs(os.path.join(out_dir, part), exist_ok=True)
+            written[part] = shutil.copyfile(
+                find_speaker_model(directory), os.path.join(out_dir, part, "speaker_embed.onnx")
+            )
+            continue
         model = getattr(load_official(directory, (part,)), part)
         path = os.path.join(out_dir, part)
         model.save_pretrained(path)

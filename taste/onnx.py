@@ -1,0 +1,871 @@
+"""ONNX models run by PyTorch, with no onnx or onnxruntime package: a reader of the ONNX protobuf file and a module
+that evaluates its graph node by node with torch operators.
+
+The official release ships two CosyVoice front-end models only as ONNX files (``cosyvoice/speaker_embed.onnx``, the
+CAM++ speaker encoder, and ``cosyvoice/speech_tokenizer_v1.onnx``). Their exporter folded the batch norms into the
+convolutions and named most weights ``onnx::Conv_123``, so the weights cannot be mapped onto a PyTorch module by
+name; running the graph itself is what reproduces them. :class:`OnnxGraph` holds the initialisers as buffers
+(``.to(device)`` moves them) and computes in the initialisers' dtypes, on any device.
+
+Supported: the standard domain's operators in :data:`OPERATORS` (convolutions, pools, norms, matrix products,
+elementwise arithmetic, reductions, and the shape operators that exporters emit), opsets 9 to 21 where their
+signatures differ. An operator outside that list, a sub-graph (``If``, ``Loop``) or external data raises a
+``ValueError`` that names it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# TensorProto.DataType -> (numpy dtype of raw_data, torch dtype)
+_DTYPES = {
+    1: (np.float32, torch.float32),
+    2: (np.uint8, torch.uint8),
+    3: (np.int8, torch.int8),
+    4: (np.uint16, torch.int32),
+    5: (np.int16, torch.int16),
+    6: (np.int32, torch.int32),
+    7: (np.int64, torch.int64),
+    9: (np.bool_, torch.bool),
+    10: (np.float16, torch.float16),
+    11: (np.float64, torch.float64),
+    12: (np.uint32, torch.int64),
+    13: (np.uint64, torch.int64),
+    16: (np.uint16, torch.bfloat16),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The protobuf wire format (only what onnx.proto's ModelProto needs)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("not an ONNX file: a protobuf varint runs past the end")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 70:
+            raise ValueError("not an ONNX file: a protobuf varint is longer than 10 bytes")
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, value): an int for varints and fixed-width fields, a memoryview otherwise."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = int.from_bytes(buf[pos : pos + 8], "little"), pos + 8
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            if pos + size > end:
+                raise ValueError("not an ONNX file: a protobuf field runs past the end")
+            value, pos = buf[pos : pos + size], pos + size
+        elif wire == 5:
+            value, pos = int.from_bytes(buf[pos : pos + 4], "little"), pos + 4
+        else:
+            raise ValueError(f"not an ONNX file: protobuf wire type {wire} (field {number})")
+        yield number, wire, value
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _ints(wire: int, value) -> list[int]:
+    """A repeated int64 field's entries: one varint, or a packed run of them."""
+    if wire == 0:
+        return [_signed(value)]
+    out, pos = [], 0
+    while pos < len(value):
+        v, pos = _varint(value, pos)
+        out.append(_signed(v))
+    return out
+
+
+def _floats(wire: int, value) -> list[float]:
+    if wire == 5:
+        return [struct.unpack("<f", value.to_bytes(4, "little"))[0]]
+    return list(np.frombuffer(value, dtype="<f4").astype(float))
+
+
+def _text(value) -> str:
+    return bytes(value).decode("utf-8")
+
+
+def _tensor(buf: memoryview) -> tuple[str, Tensor]:
+    dims, dtype, name, raw, values, external = [], 1, "", None, [], False
+    for number, wire, value in _fields(buf):
+        if number == 1:
+            dims += _ints(wire, value)
+        elif number == 2:
+            dtype = value
+        elif number == 8:
+            name = _text(value)
+        elif number == 9:
+            raw = value
+        elif number in (5, 7, 11):  # int32_data, int64_data, uint64_data: varints, packed or not
+            values += _ints(wire, value)
+        elif number == 4:  # float_data
+            values += _floats(wire, value)
+        elif number == 10:  # double_data
+            if wire == 2:
+                values += list(np.frombuffer(value, dtype="<f8"))
+            else:
+                values.append(struct.unpack("<d", value.to_bytes(8, "little"))[0])
+        elif number == 13 or (number == 14 and value == 1):  # external_data, data_location EXTERNAL
+            external = True
+    if external:
+        raise ValueError(f"ONNX tensor {name!r} keeps its data in an external file, which is not supported")
+    if dtype not in _DTYPES:
+        raise ValueError(f"ONNX tensor {name!r} has data type {dtype}, which is not supported")
+    np_dtype, torch_dtype = _DTYPES[dtype]
+    if raw is not None:
+        array = np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype)
+    elif dtype in (10, 16):  # float16 / bfloat16 bits stored in int32_data
+        array = np.asarray(values, dtype=np.uint16).view(np_dtype)
+    else:
+        array = np.asarray(values, dtype=np_dtype)
+    if dtype == 16:
+        t = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    elif dtype in (4, 12, 13):  # unsigned types torch lacks: widened
+        t = torch.from_numpy(array.astype(np.int64)).to(torch_dtype)
+    else:
+        t = torch.from_numpy(array).to(torch_dtype)
+    count = math.prod(dims)
+    if t.numel() != count:
+        raise ValueError(f"ONNX tensor {name!r}: {t.numel()} values for dims {dims}")
+    return name, t.reshape(dims)
+
+
+@dataclass
+class OnnxNode:
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    name: str = ""
+    domain: str = ""
+
+
+def _attribute(buf: memoryview):
+    name, scalar, ints, floats, strings, kind = "", None, [], [], [], 0
+    for number, wire, value in _fields(buf):
+        if number == 1:
+            name = _text(value)
+        elif number == 2:
+            scalar = struct.unpack("<f", value.to_bytes(4, "little"))[0]
+        elif number == 3:
+            scalar = _signed(value)
+        elif number == 4:
+            scalar = bytes(value).decode("utf-8", errors="replace")
+        elif number == 5:
+            scalar = _tensor(value)[1]
+        elif number in (6, 11):
+            raise ValueError(f"ONNX attribute {name!r} holds a sub-graph (If / Loop / Scan), which is not supported")
+        elif number == 7:
+            floats += _floats(wire, value)
+        elif number == 8:
+            ints += _ints(wire, value)
+        elif number == 9:
+            strings.append(bytes(value).decode("utf-8", errors="replace"))
+        elif number == 20:
+            kind = value
+    # AttributeType: FLOAT 1, INT 2, STRING 3, TENSOR 4, FLOATS 6, INTS 7, STRINGS 8
+    if kind == 6 or (kind == 0 and floats):
+        return name, floats
+    if kind == 7 or (kind == 0 and ints):
+        return name, ints
+    if kind == 8 or (kind == 0 and strings):
+        return name, strings
+    return name, scalar
+
+
+def _node(buf: memoryview) -> OnnxNode:
+    node = OnnxNode("", [], [])
+    for number, _, value in _fields(buf):
+        if number == 1:
+            node.inputs.append(_text(value))
+        elif number == 2:
+            node.outputs.append(_text(value))
+        elif number == 3:
+            node.name = _text(value)
+        elif number == 4:
+            node.op_type = _text(value)
+        elif number == 5:
+            key, v = _attribute(value)
+            node.attrs[key] = v
+        elif number == 7:
+            node.domain = _text(value)
+    return node
+
+
+def _value_name(buf: memoryview) -> str:
+    for number, _, value in _fields(buf):
+        if number == 1:
+            return _text(value)
+    return ""
+
+
+@dataclass
+class OnnxModel:
+    """What :func:`read_onnx` reads: the graph's nodes in order, its initialisers, inputs and outputs, and the opset
+    of the standard domain."""
+
+    nodes: list[OnnxNode]
+    initializers: dict[str, Tensor]
+    inputs: list[str]
+    outputs: list[str]
+    opset: int
+    producer: str = ""
+
+
+def read_onnx(path_or_bytes) -> OnnxModel:
+    """Read an ONNX file (a path, or its bytes) with no onnx package."""
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        data = memoryview(path_or_bytes)
+    else:
+        path = os.fspath(path_or_bytes)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no ONNX file at {path!r}")
+        with open(path, "rb") as f:
+            data = memoryview(f.read())
+    graph, opset, producer = None, None, ""
+    for number, wire, value in _fields(data):
+        if number == 7 and wire == 2:
+            graph = value
+        elif number == 8 and wire == 2:
+            domain, version = "", 1
+            for n, _, v in _fields(value):
+                if n == 1:
+                    domain = _text(v)
+                elif n == 2:
+                    version = v
+            if domain in ("", "ai.onnx"):
+                opset = version
+        elif number == 2 and wire == 2:
+            producer = _text(value)
+    if graph is None:
+        raise ValueError("not an ONNX model: no graph")
+    nodes, inits, inputs, outputs = [], {}, [], []
+    for number, _, value in _fields(graph):
+        if number == 1:
+            nodes.append(_node(value))
+        elif number == 5:
+            name, t = _tensor(value)
+            inits[name] = t
+        elif number == 11:
+            inputs.append(_value_name(value))
+        elif number == 12:
+            outputs.append(_value_name(value))
+        elif number == 15:
+            raise ValueError("ONNX sparse initialisers are not supported")
+    inputs = [n for n in inputs if n not in inits]  # IR < 4 lists initialisers among the inputs
+    return OnnxModel(nodes, inits, inputs, outputs, opset if opset is not None else 1, producer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Operators: fn(inputs (list of Tensor | None), attrs (dict), opset (int)) -> Tensor or tuple of Tensors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ints_of(t: Tensor | None) -> list[int] | None:
+    return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _axes(x, attrs, opset, since: int):
+    """Axes from the attribute (before opset ``since``) or the second input."""
+    if opset >= since and len(x) > 1:
+        return _ints_of(x[1])
+    return attrs.get("axes")
+
+
+def _conv(x, a, opset):
+    inp, w = x[0], x[1]
+    b = x[2] if len(x) > 2 else None
+    n = w.dim() - 2
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise ValueError(f"Conv auto_pad={a['auto_pad']!r} is not supported")
+    strides, dil = a.get("strides", [1] * n), a.get("dilations", [1] * n)
+    pads = a.get("pads", [0] * (2 * n))
+    begin, end = pads[:n], pads[n:]
+    if begin != end:  # asymmetric: pad explicitly
+        inp = F.pad(inp, [p for i in reversed(range(n)) for p in (begin[i], end[i])])
+        begin = [0] * n
+    fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+    return fn(inp, w, b, strides, begin, dil, a.get("group", 1))
+
+
+def _conv_transpose(x, a, opset):
+    inp, w = x[0], x[1]
+    b = x[2] if len(x) > 2 else None
+    n = w.dim() - 2
+    if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise ValueError("ConvTranspose with output_shape or auto_pad is not supported")
+    strides, dil = a.get("strides", [1] * n), a.get("dilations", [1] * n)
+    pads = a.get("pads", [0] * (2 * n))
+    if pads[:n] != pads[n:]:
+        raise ValueError(f"ConvTranspose with asymmetric pads {pads} is not supported")
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+    return fn(inp, w, b, strides, pads[:n], a.get("output_padding", [0] * n), a.get("group", 1), dil)
+
+
+def _pool(kind):
+    def run(x, a, opset):
+        inp = x[0]
+        k = a["kernel_shape"]
+        n = len(k)
+        if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise ValueError(f"{kind}Pool auto_pad={a['auto_pad']!r} is not supported")
+        strides = a.get("strides", [1] * n)
+        pads = a.get("pads", [0] * (2 * n))
+        ceil = bool(a.get("ceil_mode", 0))
+        if pads[:n] != pads[n:]:
+            raise ValueError(f"{kind}Pool with asymmetric pads {pads} is not supported")
+        if kind == "Max":
+            if a.get("dilations", [1] * n) != [1] * n and n > 3:
+                raise ValueError("MaxPool dilations beyond 3-D are not supported")
+            fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+            return fn(inp, k, strides, pads[:n], a.get("dilations", [1] * n), ceil)
+        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
+        return fn(inp, k, strides, pads[:n], ceil, bool(a.get("count_include_pad", 0)))
+
+    return run
+
+
+def _batch_norm(x, a, opset):
+    inp, scale, bias, mean, var = x[:5]
+    return F.batch_norm(inp, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))
+
+
+def _instance_norm(x, a, opset):
+    return F.instance_norm(x[0], weight=x[1], bias=x[2], eps=a.get("epsilon", 1e-5))
+
+
+def _layer_norm(x, a, opset):
+    inp = x[0]
+    axis = _axis(a.get("axis", -1), inp.dim())
+    shape = inp.shape[axis:]
+    return F.layer_norm(inp, shape, x[1] if len(x) > 1 else None, x[2] if len(x) > 2 else None, a.get("epsilon", 1e-5))
+
+
+def _gemm(x, a, opset):
+    A, B = x[0], x[1]
+    if a.get("transA", 0):
+        A = A.t()
+    if a.get("transB", 0):
+        B = B.t()
+    y = a.get("alpha", 1.0) * (A @ B)
+    if len(x) > 2 and x[2] is not None:
+        y = y + a.get("beta", 1.0) * x[2]
+    return y
+
+
+def _softmax(fn):
+    def run(x, a, opset):
+        inp = x[0]
+        axis = _axis(a.get("axis", -1 if opset >= 13 else 1), inp.dim())
+        if opset >= 13:
+            return fn(inp, dim=axis)
+        flat = inp.reshape(math.prod(inp.shape[:axis]), -1)  # opsets < 13 coerce to 2-D at `axis`
+        return fn(flat, dim=1).reshape(inp.shape)
+
+    return run
+
+
+def _reduce(fn, since: int = 18):
+    def run(x, a, opset):
+        inp = x[0]
+        axes = _axes(x, a, opset, since)
+        keep = bool(a.get("keepdims", 1))
+        if not axes:
+            if a.get("noop_with_empty_axes", 0):
+                return inp
+            axes = list(range(inp.dim()))
+        return fn(inp, [_axis(d, inp.dim()) for d in axes], keep)
+
+    return run
+
+
+def _arg(fn):
+    def run(x, a, opset):
+        inp = x[0]
+        axis, keep = _axis(a.get("axis", 0), x[0].dim()), bool(a.get("keepdims", 1))
+        if a.get("select_last_index", 0):
+            flipped = fn(inp.flip(axis), dim=axis, keepdim=keep)
+            return inp.shape[axis] - 1 - flipped
+        return fn(inp, dim=axis, keepdim=keep)
+
+    return run
+
+
+def _reshape(x, a, opset):
+    inp = x[0]
+    shape = _ints_of(x[1]) if opset >= 5 else a["shape"]
+    if not a.get("allowzero", 0):
+        shape = [inp.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return inp.reshape(shape)
+
+
+def _flatten(x, a, opset):
+    inp = x[0]
+    axis = _axis(a.get("axis", 1), inp.dim())
+    return inp.reshape(math.prod(inp.shape[:axis]), math.prod(inp.shape[axis:]))
+
+
+def _squeeze(x, a, opset):
+    inp = x[0]
+    axes = _axes(x, a, opset, 13)
+    if axes is None:
+        return inp.squeeze()
+    for d in sorted((_axis(d, inp.dim()) for d in axes), reverse=True):
+        inp = inp.squeeze(d)
+    return inp
+
+
+def _unsqueeze(x, a, opset):
+    inp = x[0]
+    axes = _axes(x, a, opset, 13)
+    rank = inp.dim() + len(axes)
+    for d in sorted(_axis(d, rank) for d in axes):
+        inp = inp.unsqueeze(d)
+    return inp
+
+
+def _slice(x, a, opset):
+    inp = x[0]
+    if opset >= 10:
+        starts, ends = _ints_of(x[1]), _ints_of(x[2])
+        axes = _ints_of(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
+        steps = _ints_of(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = a["starts"], a["ends"]
+        axes, steps = a.get("axes", list(range(len(starts)))), [1] * len(starts)
+    index = [slice(None)] * inp.dim()
+    flips = []
+    for s, e, d, st in zip(starts, ends, axes, steps):
+        d = _axis(d, inp.dim())
+        size = inp.shape[d]
+        if st > 0:
+            s = max(0, min(size, s + size if s < 0 else s))
+            e = max(0, min(size, e + size if e < 0 else e))
+            index[d] = slice(s, max(s, e), st)
+        else:  # a negative step: take the reversed range, then flip
+            s = max(-1, min(size - 1, s + size if s < 0 else s))
+            e = max(-1, min(size - 1, e + size if e < 0 else e))
+            lo = e + 1
+            count = max(0, (s - lo) // -st + 1) if s >= lo else 0
+            index[d] = slice(s - (count - 1) * -st, s + 1, -st) if count else slice(0, 0)
+            flips.append(d)
+    out = inp[tuple(index)]
+    return out.flip(flips) if flips else out
+
+
+def _gather(x, a, opset):
+    data, idx = x[0], x[1]
+    axis = _axis(a.get("axis", 0), data.dim())
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx).long()
+    out = torch.index_select(data, axis, idx.reshape(-1))
+    return out.reshape((*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :]))
+
+
+def _gather_elements(x, a, opset):
+    data, idx = x[0], x[1]
+    axis = _axis(a.get("axis", 0), data.dim())
+    return torch.gather(data, axis, torch.where(idx < 0, idx + data.shape[axis], idx).long())
+
+
+def _concat(x, a, opset):
+    parts = [t for t in x if t is not None]
+    return torch.cat(parts, dim=_axis(a["axis"], parts[0].dim()))
+
+
+def _split(x, a, opset):
+    inp = x[0]
+    axis = _axis(a.get("axis", 0), inp.dim())
+    sizes = _ints_of(x[1]) if opset >= 13 and len(x) > 1 and x[1] is not None else a.get("split")
+    if sizes is None:
+        n = a.get("num_outputs", a.get("_outputs"))
+        size = -(-inp.shape[axis] // n)
+        sizes = [min(size, inp.shape[axis] - i * size) for i in range(n)]
+    return tuple(torch.split(inp, sizes, dim=axis))
+
+
+def _expand(x, a, opset):
+    inp, shape = x[0], _ints_of(x[1])
+    rank = max(inp.dim(), len(shape))
+    shape = [1] * (rank - len(shape)) + shape
+    have = [1] * (rank - inp.dim()) + list(inp.shape)
+    target = [h if s == 1 else s for s, h in zip(shape, have)]
+    return inp.reshape(have).expand(target)
+
+
+def _pad(x, a, opset):
+    inp = x[0]
+    if opset >= 11:
+        pads = _ints_of(x[1])
+        value = x[2].item() if len(x) > 2 and x[2] is not None and x[2].numel() else 0.0
+        axes = _ints_of(x[3]) if len(x) > 3 and x[3] is not None else list(range(inp.dim()))
+    else:
+        pads, value, axes = a["pads"], a.get("value", 0.0), list(range(inp.dim()))
+    n = len(axes)
+    full = [0] * (2 * inp.dim())
+    for i, d in enumerate(axes):
+        d = _axis(d, inp.dim())
+        full[d], full[inp.dim() + d] = pads[i], pads[n + i]
+    torch_pads = []
+    for d in reversed(range(inp.dim())):
+        torch_pads += [full[d], full[inp.dim() + d]]
+    while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:  # drop leading unpadded dims (torch pads from the last)
+        torch_pads = torch_pads[:-2]
+    mode = a.get("mode", "constant")
+    if mode == "constant":
+        return F.pad(inp, torch_pads, value=value)
+    mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    lead = inp.dim() - len(torch_pads) // 2  # torch's non-constant pads need a batch and channel dim in front
+    shaped = inp.reshape(1, -1, *inp.shape[lead:]) if lead < 2 else inp.reshape(-1, *inp.shape[lead - 1 :])
+    out = F.pad(shaped, torch_pads, mode=mode)
+    return out.reshape((*inp.shape[:lead], *out.shape[-(inp.dim() - lead) :]))
+
+
+def _range(x, a, opset):
+    start, limit, delta = x[0], x[1], x[2]
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
+
+
+def _constant_of_shape(x, a, opset):
+    value = a.get("value")
+    shape = _ints_of(x[0])
+    if value is None:
+        return torch.zeros(shape, dtype=torch.float32, device=x[0].device)
+    return value.to(x[0].device).reshape(-1)[0].expand(shape).clone()
+
+
+def _constant(x, a, opset):
+    if "value" in a:
+        return a["value"]
+    for key, dtype in (("value_float", torch.float32), ("value_int", torch.int64)):
+        if key in a:
+            return torch.tensor(a[key], dtype=dtype)
+    for key, dtype in (("value_floats", torch.float32), ("value_ints", torch.int64)):
+        if key in a:
+            return torch.tensor(a[key], dtype=dtype)
+    raise ValueError(f"Constant with attributes {sorted(a)} is not supported")
+
+
+def _shape(x, a, opset):
+    dims = list(x[0].shape)
+    rank = len(dims)
+    start, end = a.get("start", 0), a.get("end", rank)
+    start = max(0, min(rank, start + rank if start < 0 else start))
+    end = max(0, min(rank, end + rank if end < 0 else end))
+    return torch.tensor(dims[start:end], dtype=torch.int64, device=x[0].device)
+
+
+def _cast(x, a, opset):
+    dtype = _DTYPES.get(a["to"])
+    if dtype is None:
+        raise ValueError(f"Cast to ONNX data type {a['to']} is not supported")
+    return x[0].to(dtype[1])
+
+
+def _clip(x, a, opset):
+    lo = x[1] if opset >= 11 and len(x) > 1 else a.get("min")
+    hi = x[2] if opset >= 11 and len(x) > 2 else a.get("max")
+    out = x[0]
+    if lo is not None:
+        out = torch.maximum(out, torch.as_tensor(lo, dtype=out.dtype, device=out.device))
+    if hi is not None:
+        out = torch.minimum(out, torch.as_tensor(hi, dtype=out.dtype, device=out.device))
+    return out
+
+
+def _variadic(fn):
+    def run(x, a, opset):
+        out = x[0]
+        for t in x[1:]:
+            out = fn(out, t)
+        return out
+
+    return run
+
+
+def _div(x, a, opset):
+    if x[0].is_floating_point():
+        return x[0] / x[1]
+    return torch.div(x[0], x[1], rounding_mode="trunc")  # integer Div truncates, as C
+
+
+def _mod(x, a, opset):
+    if a.get("fmod", 0) or x[0].is_floating_point():
+        return torch.fmod(x[0], x[1])
+    return torch.remainder(x[0], x[1])
+
+
+def _tile(x, a, opset):
+    return x[0].repeat(_ints_of(x[1]))
+
+
+def _transpose(x, a, opset):
+    perm = a.get("perm") or list(reversed(range(x[0].dim())))
+    return x[0].permute(perm)
+
+
+def _matmul(x, a, opset):
+    return torch.matmul(x[0], x[1])
+
+
+def _where(x, a, opset):
+    return torch.where(x[0], x[1], x[2])
+
+
+def _prelu(x, a, opset):
+    slope = x[1]
+    return torch.where(x[0] >= 0, x[0], x[0] * slope)
+
+
+def _gelu(x, a, opset):
+    return F.gelu(x[0], approximate=a.get("approximate", "none"))
+
+
+def _hard_sigmoid(x, a, opset):
+    return (a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5)).clamp(0, 1)
+
+
+def _cumsum(x, a, opset):
+    inp, axis = x[0], _axis(int(x[1].item()), x[0].dim())
+    if a.get("reverse", 0):
+        inp = inp.flip(axis)
+    out = inp.cumsum(axis)
+    if a.get("exclusive", 0):
+        out = out - inp
+    return out.flip(axis) if a.get("reverse", 0) else out
+
+
+def _topk(x, a, opset):
+    k = int(x[1].item()) if opset >= 10 else a["k"]
+    values, indices = torch.topk(x[0], k, dim=a.get("axis", -1), largest=bool(a.get("largest", 1)),
+                                 sorted=bool(a.get("sorted", 1)))  # fmt: skip
+    return values, indices
+
+
+def _einsum(x, a, opset):
+    return torch.einsum(a["equation"], *x)
+
+
+def _unary(fn):
+    return lambda x, a, opset: fn(x[0])
+
+
+def _binary(fn):
+    return lambda x, a, opset: fn(x[0], x[1])
+
+
+def _scalar_attr(fn, key, default):
+    return lambda x, a, opset: fn(x[0], a.get(key, default))
+
+
+OPERATORS = {
+    # elementwise
+    "Abs": _unary(torch.abs),
+    "Add": _binary(torch.add),
+    "And": _binary(torch.logical_and),
+    "Ceil": _unary(torch.ceil),
+    "Cos": _unary(torch.cos),
+    "Div": _div,
+    "Dropout": lambda x, a, opset: x[0],
+    "Elu": _scalar_attr(lambda t, alpha: F.elu(t, alpha), "alpha", 1.0),
+    "Equal": _binary(torch.eq),
+    "Erf": _unary(torch.erf),
+    "Exp": _unary(torch.exp),
+    "Floor": _unary(torch.floor),
+    "Gelu": _gelu,
+    "Greater": _binary(torch.gt),
+    "GreaterOrEqual": _binary(torch.ge),
+    "HardSigmoid": _hard_sigmoid,
+    "Identity": lambda x, a, opset: x[0],
+    "IsNaN": _unary(torch.isnan),
+    "LeakyRelu": _scalar_attr(F.leaky_relu, "alpha", 0.01),
+    "Less": _binary(torch.lt),
+    "LessOrEqual": _binary(torch.le),
+    "Log": _unary(torch.log),
+    "Max": _variadic(torch.maximum),
+    "Mean": lambda x, a, opset: _variadic(torch.add)(x, a, opset) / len(x),
+    "Min": _variadic(torch.minimum),
+    "Mod": _mod,
+    "Mul": _binary(torch.mul),
+    "Neg": _unary(torch.neg),
+    "Not": _unary(torch.logical_not),
+    "Or": _binary(torch.logical_or),
+    "Pow": _binary(lambda b, e: torch.pow(b, e).to(b.dtype)),
+    "PRelu": _prelu,
+    "Reciprocal": _unary(torch.reciprocal),
+    "Relu": _unary(torch.relu),
+    "Sigmoid": _unary(torch.sigmoid),
+    "Sign": _unary(torch.sign),
+    "Sin": _unary(torch.sin),
+    "Softplus": _unary(F.softplus),
+    "Sqrt": _unary(torch.sqrt),
+    "Sub": _binary(torch.sub),
+    "Sum": _variadic(torch.add),
+    "Tanh": _unary(torch.tanh),
+    "Where": _where,
+    "Xor": _binary(torch.logical_xor),
+    "Clip": _clip,
+    "Cast": _cast,
+    # neural network
+    "AveragePool": _pool("Average"),
+    "BatchNormalization": _batch_norm,
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "Einsum": _einsum,
+    "Gemm": _gemm,
+    "GlobalAveragePool": lambda x, a, opset: x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True),
+    "GlobalMaxPool": lambda x, a, opset: x[0].amax(dim=tuple(range(2, x[0].dim())), keepdim=True),
+    "InstanceNormalization": _instance_norm,
+    "LayerNormalization": _layer_norm,
+    "LogSoftmax": _softmax(torch.log_softmax),
+    "MatMul": _matmul,
+    "MaxPool": _pool("Max"),
+    "Softmax": _softmax(torch.softmax),
+    # reductions (axes an input from opset 18; ReduceSum from 13)
+    "ArgMax": _arg(torch.argmax),
+    "ArgMin": _arg(torch.argmin),
+    "CumSum": _cumsum,
+    "ReduceL2": _reduce(lambda t, d, k: torch.linalg.vector_norm(t, 2, dim=d, keepdim=k)),
+    "ReduceMax": _reduce(lambda t, d, k: torch.amax(t, dim=d, keepdim=k)),
+    "ReduceMean": _reduce(lambda t, d, k: torch.mean(t, dim=d, keepdim=k)),
+    "ReduceMin": _reduce(lambda t, d, k: torch.amin(t, dim=d, keepdim=k)),
+    "ReduceProd": _reduce(lambda t, d, k: _prod(t, d, k)),
+    "ReduceSum": _reduce(lambda t, d, k: torch.sum(t, dim=d, keepdim=k), since=13),
+    "ReduceSumSquare": _reduce(lambda t, d, k: torch.sum(t * t, dim=d, keepdim=k)),
+    "TopK": _topk,
+    # shapes and indexing
+    "Concat": _concat,
+    "Constant": _constant,
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": _expand,
+    "Flatten": _flatten,
+    "Gather": _gather,
+    "GatherElements": _gather_elements,
+    "Pad": _pad,
+    "Range": _range,
+    "Reshape": _reshape,
+    "Shape": _shape,
+    "Size": lambda x, a, opset: torch.tensor(x[0].numel(), dtype=torch.int64, device=x[0].device),
+    "Slice": _slice,
+    "Split": _split,
+    "Squeeze": _squeeze,
+    "Tile": _tile,
+    "Transpose": _transpose,
+    "Unsqueeze": _unsqueeze,
+}
+
+
+def _prod(t: Tensor, dims: list[int], keep: bool) -> Tensor:
+    for d in sorted(dims, reverse=True):
+        t = torch.prod(t, dim=d, keepdim=keep)
+    return t
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------------------
+
+
+class OnnxGraph(nn.Module):
+    """An ONNX model's graph as a PyTorch module: ``forward(*inputs)`` takes the graph's inputs in order and returns
+    its output (a tuple when it has several). Initialisers are buffers; values that no later node reads are freed
+    as the graph runs."""
+
+    def __init__(self, model: OnnxModel):
+        super().__init__()
+        unsupported = sorted({n.op_type for n in model.nodes if n.domain not in ("", "ai.onnx")
+                              or n.op_type not in OPERATORS})  # fmt: skip
+        if unsupported:
+            raise ValueError(f"ONNX operators not supported: {unsupported} (supported: taste.onnx.OPERATORS)")
+        self.opset = model.opset
+        self.input_names = list(model.inputs)
+        self.output_names = list(model.outputs)
+        constants = dict(model.initializers)
+        self.nodes = []
+        for node in model.nodes:  # Constant nodes become buffers too, so that .to(device) moves them
+            if node.op_type == "Constant":
+                constants[node.outputs[0]] = _constant([], node.attrs, model.opset)
+            else:
+                self.nodes.append(node)
+        self._buffer_of = {}
+        for i, (name, t) in enumerate(constants.items()):
+            self._buffer_of[name] = f"init_{i}"
+            self.register_buffer(f"init_{i}", t, persistent=False)
+        for node in self.nodes:  # the Split outputs count stands in for opset-18's num_outputs
+            if node.op_type == "Split":
+                node.attrs.setdefault("_outputs", len(node.outputs))
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for name in node.inputs:
+                last_use[name] = i
+        keep = set(self.output_names)
+        self._free_after = [[n for n in node.inputs if last_use.get(n) == i and n not in keep and n
+                             and n not in self._buffer_of] for i, node in enumerate(self.nodes)]  # fmt: skip
+        known = set(self.input_names) | set(self._buffer_of) | {""}
+        for node in self.nodes:
+            missing = [n for n in node.inputs if n not in known]
+            if missing:
+                raise ValueError(f"ONNX node {node.name or node.op_type!r} reads {missing}, which nothing before it "
+                                 "makes (the nodes must be in topological order)")  # fmt: skip
+            known.update(node.outputs)
+        lost = [n for n in self.output_names if n not in known]
+        if lost:
+            raise ValueError(f"ONNX graph outputs {lost} are made by no node")
+
+    @classmethod
+    def from_file(cls, path) -> OnnxGraph:
+        return cls(read_onnx(path))
+
+    def forward(self, *inputs: Tensor):
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"the ONNX graph takes {len(self.input_names)} inputs ({self.input_names}), "
+                             f"got {len(inputs)}")  # fmt: skip
+        env: dict[str, Tensor | None] = {"": None}
+        env.update(zip(self.input_names, inputs))
+        buffers = dict(self.named_buffers())
+        for name, buffer in self._buffer_of.items():
+            env[name] = buffers[buffer]
+        for node, free in zip(self.nodes, self._free_after):
+            args = [env[n] for n in node.inputs]
+            try:
+                out = OPERATORS[node.op_type](args, node.attrs, self.opset)
+            except Exception as e:
+                raise RuntimeError(f"ONNX node {node.name or '?'} ({node.op_type}) failed on inputs of shapes "
+                                   f"{[None if t is None else tuple(t.shape) for t in args]}: {e}") from e  # fmt: skip
+            if isinstance(out, Tensor):
+                out = (out,)
+            for name, value in zip(node.outputs, out):
+                if name:
+                    env[name] = value
+            for name in free:
+                env.pop(name, None)
+        outs = tuple(env[n] for n in self.output_names)
+        return outs[0] if len(outs) == 1 else outs

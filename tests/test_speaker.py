@@ -1,0 +1,444 @@
+"""The ONNX reader and graph runner (taste.onnx), Kaldi filter banks (taste.audio.kaldi_fbank) and the CAM++ speaker
+encoder (taste.SpeakerEncoder), against onnxruntime, the onnx package, kaldi-native-fbank and a PyTorch CAM++."""
+
+import json
+import math
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from taste.audio import kaldi_fbank, resample
+from taste.onnx import OPERATORS, OnnxGraph, read_onnx
+from taste.speaker import SpeakerEncoder
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TINY = os.path.join(DATA, "campplus_tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(DATA, "speaker_reference.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SpeakerEncoder.from_official(TINY)
+
+
+def test_graph_matches_onnxruntime(reference):
+    """The stored file (TorchScript exporter, batch norms folded) on random features: what onnxruntime computed."""
+    graph = OnnxGraph.from_file(TINY)
+    for frames in (37, 150, 233):  # 150 and 233 frames: a second, partial 100-frame segment in every CAM layer
+        got = graph(reference[f"feats_{frames}"])
+        torch.testing.assert_close(got, reference[f"emb_{frames}"], atol=2e-5, rtol=1e-5)
+
+
+def test_reader_matches_the_onnx_package():
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    ours, theirs = read_onnx(TINY), onnx.load(TINY)
+    assert ours.opset == next(o.version for o in theirs.opset_import if o.domain in ("", "ai.onnx"))
+    assert [n.op_type for n in ours.nodes] == [n.op_type for n in theirs.graph.node]
+    for a, b in zip(ours.nodes, theirs.graph.node):
+        assert (a.inputs, a.outputs, a.name) == (list(b.input), list(b.output), b.name)
+        for attr in b.attribute:
+            value = onnx.helper.get_attribute_value(attr)
+            if isinstance(value, onnx.TensorProto):
+                assert torch.equal(a.attrs[attr.name], torch.from_numpy(numpy_helper.to_array(value).copy()))
+            elif isinstance(value, bytes):
+                assert a.attrs[attr.name] == value.decode()
+            elif isinstance(value, float):
+                assert a.attrs[attr.name] == pytest.approx(value)
+            else:
+                assert a.attrs[attr.name] == (list(value) if isinstance(value, (list, tuple)) else value), attr.name
+    assert len(ours.initializers) == len(theirs.graph.initializer)
+    for init in theirs.graph.initializer:
+        assert torch.equal(ours.initializers[init.name], torch.from_numpy(numpy_helper.to_array(init).copy()))
+    assert ours.inputs == ["input"] and ours.outputs == ["output"]
+
+
+def test_exported_campplus_runs_as_pytorch(tmp_path):
+    """Another export (other weights) at lengths around the 100-frame segments: the graph gives what the PyTorch
+    module gives."""
+    pytest.importorskip("onnx")
+    from campplus import export, tiny
+
+    model = tiny(seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export(model, str(tmp_path / "m.onnx"), frames=64)
+    graph = OnnxGraph.from_file(tmp_path / "m.onnx")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for frames in (3, 5, 199, 200, 201, 403):
+            x = torch.randn(1, frames, 80, generator=g)
+            torch.testing.assert_close(graph(x), model(x), atol=2e-5, rtol=1e-5)
+
+
+def test_fbank_matches_kaldi_native(reference):
+    """kaldi-native-fbank's features of the stored waveform (it is float32 inside: ~1e-4 apart on log energies)."""
+    feats, frames = kaldi_fbank(reference["wave"][None])
+    assert frames.tolist() == [reference["wave_fbank"].shape[0]] == [1 + (20800 - 400) // 160]
+    torch.testing.assert_close(feats[0], reference["wave_fbank"], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("length,rate", [(400, 16000), (401, 16000), (559, 16000), (16000, 16000), (12345, 8000)])
+def test_fbank_matches_kaldi_native_live(length, rate):
+    knf = pytest.importorskip("kaldi_native_fbank")
+    wave = 0.2 * torch.randn(length, generator=torch.Generator().manual_seed(length))
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0
+    opts.frame_opts.samp_freq = rate
+    opts.mel_opts.num_bins = 80
+    fbank = knf.OnlineFbank(opts)
+    fbank.accept_waveform(rate, wave.tolist())
+    fbank.input_finished()
+    want = torch.tensor(np.array([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]))
+    got, frames = kaldi_fbank(wave[None], sample_rate=rate)
+    assert int(frames[0]) == want.shape[0]
+    torch.testing.assert_close(got[0], want, atol=1e-3, rtol=1e-4)
+
+
+def test_fbank_batch_is_each_row_alone():
+    g = torch.Generator().manual_seed(0)
+    audio = 0.1 * torch.randn(4, 9000, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([9000, 4321, 399, 400])
+    feats, frames = kaldi_fbank(audio, lengths)
+    assert frames.tolist() == [54, 25, 0, 1]
+    for i in range(4):
+        alone, n = kaldi_fbank(audio[i : i + 1, : int(lengths[i])])
+        assert int(n[0]) == int(frames[i])
+        torch.testing.assert_close(feats[i, : int(n[0])], alone[0, : int(n[0])])
+        assert not feats[i, int(n[0]) :].any()
+    assert feats.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"lengths must be \(4,\)"):
+        kaldi_fbank(audio, torch.tensor([1, 2, 3, 9001]))
+    with pytest.raises(ValueError, match=r"audio must be a \(B, T\) float"):
+        kaldi_fbank(audio[0])
+
+
+def test_encoder_is_the_official_processor(encoder, reference):
+    """Waveform -> filter banks minus their mean -> the graph: what onnxruntime gave on kaldi-native-fbank's
+    features; the speaker vector is the mean of the references' embeddings, scaled to unit length."""
+    wave = reference["wave"]
+    emb = encoder.embed([wave])
+    torch.testing.assert_close(emb, reference["wave_emb"], atol=2e-3, rtol=1e-3)
+    other = wave[:8000].flip(0).contiguous()
+    both = encoder.embed([wave, other])
+    torch.testing.assert_close(both[0], emb[0])
+    torch.testing.assert_close(both[1], encoder.embed([other])[0])
+    vector = encoder.speaker([wave, other])
+    torch.testing.assert_close(vector, F.normalize(both.mean(0), dim=0))
+    assert vector.shape == (192,) and abs(float(vector.norm()) - 1) < 1e-6
+    # another rate is resampled to 16 kHz first; max_seconds keeps the beginning
+    slow = resample(wave, 16000, 22050)
+    torch.testing.assert_close(encoder.embed([slow], 22050), encoder.embed([resample(slow, 22050, 16000)]))
+    torch.testing.assert_close(encoder.embed([wave], max_seconds=0.5), encoder.embed([wave[:8000]]))
+
+
+def test_encoder_bad_input(encoder):
+    with pytest.raises(ValueError, match=r"waveforms\[1\] is too short for a speaker embedding: 719 samples"):
+        encoder.embed([torch.zeros(16000), torch.zeros(719)])
+    encoder.embed([torch.randn(720)])  # 3 frames: the shortest that runs
+    with pytest.raises(TypeError, match="list of 1-D tensors"):
+        encoder.embed(torch.zeros(2, 16000))
+    with pytest.raises(ValueError, match=r"waveforms\[0\] must be mono"):
+        encoder.embed([torch.zeros(2, 16000)])
+    with pytest.raises(ValueError, match="sample_rate has 2 entries for 1 waveforms"):
+        encoder.embed([torch.zeros(16000)], [16000, 8000])
+    with pytest.raises(ValueError, match="max_seconds must be a positive"):
+        encoder.embed([torch.zeros(16000)], max_seconds=0)
+    with pytest.raises(ValueError, match=r"feats must be \(B, frames, mel bins\)"):
+        encoder(torch.zeros(10, 80))
+
+
+def test_from_official_layouts(tmp_path, encoder):
+    wave = torch.randn(4000, generator=torch.Generator().manual_seed(1))
+    want = encoder.embed([wave])
+    release = tmp_path / "release" / "cosyvoice"
+    release.mkdir(parents=True)
+    shutil.copy(TINY, release / "speaker_embed.onnx")
+    cosy = tmp_path / "cosy"
+    cosy.mkdir()
+    shutil.copy(TINY, cosy / "campplus.onnx")
+    for path in (tmp_path / "release", cosy, cosy / "campplus.onnx"):
+        torch.testing.assert_close(SpeakerEncoder.from_official(str(path)).embed([wave]), want)
+    with pytest.raises(FileNotFoundError, match="holds none"):
+        SpeakerEncoder.from_official(str(tmp_path))
+    from taste.official import import_official, load_official
+
+    models = load_official(str(tmp_path / "release"), ("speaker",))
+    assert models.tokenizer is None and models.voice is None
+    torch.testing.assert_close(models.speaker.embed([wave]), want)
+    written = import_official(str(tmp_path / "release"), str(tmp_path / "out"), ("speaker",))
+    assert written == {"speaker": str(tmp_path / "out" / "speaker" / "speaker_embed.onnx")}
+    torch.testing.assert_close(SpeakerEncoder.from_official(str(tmp_path / "out")).embed([wave]), want)
+
+
+def test_speaker_command(tmp_path, encoder, capsys):
+    from taste.cli import _read_vector, main
+    from taste.corpus import read_wav, write_wav
+
+    g = torch.Generator().manual_seed(2)
+    for i, n in enumerate((12000, 9000)):
+        write_wav(str(tmp_path / f"r{i}.wav"), 0.3 * torch.randn(n, generator=g), 16000)
+    want = encoder.speaker([read_wav(str(tmp_path / f"r{i}.wav"))[0] for i in range(2)])
+    for suffix in (".json", ".npy", ".safetensors", ".pt"):
+        out = str(tmp_path / f"spk{suffix}")
+        assert main(["speaker", str(tmp_path / "r0.wav"), str(tmp_path / "r1.wav"), "--model", TINY, "-o", out]) == 0
+        torch.testing.assert_close(_read_vector(out), want)
+    assert "speaker vector (192) of 2 reference(s)" in capsys.readouterr().out
+    assert main(["speaker", str(tmp_path / "r0.wav"), "--model", str(tmp_path), "-o", "x.json"]) == 1
+    assert "holds none" in capsys.readouterr().err
+
+
+def test_vocode_takes_a_reference_wav(tmp_path):
+    from test_voice import tiny
+
+    from taste.cli import main
+    from taste.corpus import read_wav, write_wav
+
+    voice = tiny(spk_dim=192)
+    voice.save_pretrained(str(tmp_path / "voice"))
+    ref = 0.3 * torch.randn(12000, generator=torch.Generator().manual_seed(3))
+    write_wav(str(tmp_path / "ref.wav"), ref, 16000)
+    (tmp_path / "u.jsonl").write_text(json.dumps({"id": "a", "units": list(range(12))}) + "\n")
+    argv = ["vocode", str(tmp_path / "u.jsonl"), "--voice", str(tmp_path / "voice"), "-o", str(tmp_path / "out"),
+            "--speaker", str(tmp_path / "ref.wav"), "--speaker-model", TINY]  # fmt: skip
+    assert main(argv) == 0
+    speaker = SpeakerEncoder.from_official(TINY).speaker([read_wav(str(tmp_path / "ref.wav"))[0]])
+    want = voice.generate([torch.arange(12)], speaker[None], generator=torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(read_wav(str(tmp_path / "out" / "a.wav"))[0], want, atol=1 / 32767, rtol=0)
+    assert main(argv[:-2]) == 1  # a .wav speaker with no speaker model anywhere
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Operators one at a time against onnxruntime (graphs built with the onnx package)
+# --------------------------------------------------------------------------------------------------------------
+
+R = np.random.default_rng(0)
+
+
+def f32(*shape):
+    return R.standard_normal(shape).astype(np.float32)
+
+
+def i64(*values):
+    return np.array(values, dtype=np.int64)
+
+
+# (op, inputs, attributes, opset, number of outputs)
+CASES = [
+    ("Gemm", [f32(3, 4), f32(5, 4), f32(5)], {"transB": 1, "alpha": 0.5, "beta": 2.0}, 13, 1),
+    ("MatMul", [f32(2, 3, 4), f32(4, 5)], {}, 13, 1),
+    ("Softmax", [f32(2, 3, 4)], {"axis": 1}, 11, 1),
+    ("Softmax", [f32(2, 3, 4)], {"axis": 1}, 13, 1),
+    ("LogSoftmax", [f32(2, 5)], {}, 13, 1),
+    ("LayerNormalization", [f32(2, 3, 4), f32(4), f32(4)], {"epsilon": 1e-3}, 17, 1),
+    ("InstanceNormalization", [f32(2, 3, 5), f32(3), f32(3)], {}, 13, 1),
+    ("BatchNormalization", [f32(2, 3, 5), f32(3), f32(3), f32(3), np.abs(f32(3)) + 0.5], {}, 15, 1),
+    ("Split", [f32(7, 2), i64(2, 5)], {"axis": 0}, 13, 2),
+    ("Split", [f32(2, 7)], {"axis": 1, "num_outputs": 3}, 18, 3),
+    ("Split", [f32(6, 2)], {"axis": 0}, 11, 3),
+    ("Pad", [f32(2, 3, 5), i64(0, 0, 2, 0, 0, 3)], {"mode": "reflect"}, 13, 1),
+    ("Pad", [f32(2, 3, 5), i64(0, 1, 2, 1, 0, 3), np.array(1.5, np.float32)], {}, 13, 1),
+    ("Pad", [f32(2, 3, 5), i64(1, 2, 0, 1, 1, 3)], {"mode": "edge"}, 13, 1),
+    ("Slice", [f32(5, 6), i64(-1, 1), i64(-5, 6), i64(0, 1), i64(-2, 2)], {}, 13, 1),
+    ("Slice", [f32(5, 6), i64(1), i64(100), i64(-1)], {}, 13, 1),
+    ("Gather", [f32(3, 4), i64(-1, 0, 2).reshape(3, 1)], {"axis": 1}, 13, 1),
+    ("Gather", [f32(3, 4), np.array(1, np.int64)], {"axis": 0}, 13, 1),
+    ("GatherElements", [f32(3, 4), np.array([[0, -1], [2, 1], [3, 0]], np.int64)], {"axis": 1}, 13, 1),
+    ("Squeeze", [f32(1, 3, 1, 2)], {"axes": [0, -2]}, 11, 1),
+    ("Squeeze", [f32(1, 3, 1, 2), i64(2)], {}, 13, 1),
+    ("Unsqueeze", [f32(3, 2), i64(0, -1)], {}, 13, 1),
+    ("Unsqueeze", [f32(3, 2)], {"axes": [1]}, 11, 1),
+    ("ReduceMean", [f32(2, 3, 4), i64(-1, 0)], {"keepdims": 0}, 18, 1),
+    ("ReduceMean", [f32(2, 3, 4)], {"axes": [1]}, 13, 1),
+    ("ReduceSum", [f32(2, 3, 4), i64(1)], {}, 13, 1),
+    ("ReduceMax", [f32(2, 3, 4)], {"keepdims": 0}, 13, 1),
+    ("ReduceProd", [f32(2, 3, 4)], {"axes": [2]}, 13, 1),
+    ("ReduceL2", [f32(2, 3, 4)], {"axes": [1]}, 13, 1),
+    ("ArgMax", [np.array([[1, 3, 3], [2, 2, 0]], np.float32)], {"axis": 1, "select_last_index": 1}, 13, 1),
+    ("ArgMin", [np.array([[1, 0, 0], [2, 2, 5]], np.float32)], {"axis": 1, "keepdims": 0}, 13, 1),
+    (
+        "MaxPool",
+        [f32(1, 2, 7, 6)],
+        {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 1, 0], "ceil_mode": 1},
+        13,
+        1,
+    ),  # fmt: skip
+    ("AveragePool", [f32(1, 2, 250)], {"kernel_shape": [100], "strides": [100], "ceil_mode": 1}, 13, 1),
+    ("AveragePool", [f32(1, 2, 9)], {"kernel_shape": [3], "strides": [2], "pads": [1, 1]}, 13, 1),
+    (
+        "AveragePool",
+        [f32(1, 2, 9)],
+        {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "count_include_pad": 1},
+        13,
+        1,
+    ),  # fmt: skip
+    ("GlobalAveragePool", [f32(2, 3, 4, 5)], {}, 13, 1),
+    (
+        "Conv",
+        [f32(1, 4, 9, 8), f32(6, 2, 3, 3), f32(6)],
+        {"group": 2, "dilations": [2, 1], "strides": [1, 2], "pads": [1, 0, 2, 1]},
+        13,
+        1,
+    ),  # fmt: skip
+    (
+        "ConvTranspose",
+        [f32(1, 4, 9), f32(4, 3, 4), f32(6)],
+        {"group": 2, "strides": [2], "pads": [1, 1], "output_padding": [1]},
+        13,
+        1,
+    ),  # fmt: skip
+    ("CumSum", [f32(3, 4), np.array(1, np.int64)], {"exclusive": 1, "reverse": 1}, 13, 1),
+    ("TopK", [f32(3, 6), i64(2)], {"axis": 1}, 13, 2),
+    ("Clip", [f32(3, 4), np.array(-0.5, np.float32)], {}, 13, 1),
+    ("Clip", [f32(3, 4)], {"min": -0.2, "max": 0.3}, 6, 1),
+    ("Mod", [i64(-7, 7, 5, -5), i64(3, -3, 3, 3)], {}, 13, 1),
+    ("Mod", [f32(5), np.full(5, 0.7, np.float32)], {"fmod": 1}, 13, 1),
+    ("Div", [i64(-7, 7, 6), i64(2, 2, -4)], {}, 13, 1),
+    ("Expand", [f32(3, 1), i64(2, 1, 4)], {}, 13, 1),
+    ("Tile", [f32(2, 3), i64(2, 1)], {}, 13, 1),
+    ("Range", [np.array(1, np.int64), np.array(10, np.int64), np.array(3, np.int64)], {}, 13, 1),
+    ("Where", [np.array([True, False, True]), f32(3), f32(2, 3)], {}, 13, 1),
+    ("Cast", [f32(2, 3) * 4], {"to": 7}, 13, 1),
+    ("Erf", [f32(2, 3)], {}, 13, 1),
+    ("Gelu", [f32(2, 3)], {"approximate": "tanh"}, 20, 1),
+    ("Flatten", [f32(2, 3, 4, 5)], {"axis": 2}, 13, 1),
+    ("PRelu", [f32(2, 3, 4), f32(3, 1)], {}, 13, 1),
+    ("LeakyRelu", [f32(2, 3)], {"alpha": 0.2}, 13, 1),
+    ("HardSigmoid", [f32(2, 3)], {"alpha": 0.3}, 13, 1),
+    ("Transpose", [f32(2, 3, 4)], {"perm": [2, 0, 1]}, 13, 1),
+    ("Einsum", [f32(2, 3, 4), f32(2, 4, 5)], {"equation": "bij,bjk->bik"}, 13, 1),
+    ("ConstantOfShape", [i64(2, 3)], {"value": np.array([7], np.int64)}, 13, 1),
+    ("Shape", [f32(2, 3, 4, 5)], {"start": 1, "end": -1}, 15, 1),
+    ("Reshape", [f32(2, 3, 4), i64(0, -1)], {}, 13, 1),
+    ("Concat", [f32(2, 3), f32(2, 1)], {"axis": -1}, 13, 1),
+    ("Max", [f32(2, 3), f32(3), f32(2, 1)], {}, 13, 1),
+    ("Mean", [f32(2, 3), f32(3)], {}, 13, 1),
+    ("Pow", [np.abs(f32(2, 3)), np.array(1.5, np.float32)], {}, 13, 1),
+    ("Equal", [i64(1, 2, 3), i64(1, 0, 3)], {}, 13, 1),
+]
+
+
+def _onnx_model(op, inputs, attrs, opset, n_out):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    names = [f"x{i}" for i in range(len(inputs))]
+    outputs = [f"y{i}" for i in range(n_out)]
+    attrs = {k: (numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}
+    node = helper.make_node(op, names, outputs, **attrs)
+    elem = lambda a: helper.np_dtype_to_tensor_dtype(a.dtype)  # noqa: E731
+    inputs = [helper.make_tensor_value_info(n, elem(a), a.shape) for n, a in zip(names, inputs)]
+    graph = helper.make_graph([node], "g", inputs, [onnx.ValueInfoProto(name=o) for o in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 10)
+    return model
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_operator_matches_onnxruntime(case):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    op, inputs, attrs, opset, n_out = case
+    model = _onnx_model(op, inputs, attrs, opset, n_out)
+    data = model.SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    want = session.run(None, {f"x{i}": a for i, a in enumerate(inputs)})
+    got = OnnxGraph(read_onnx(data))(*[torch.from_numpy(a.copy()) for a in inputs])
+    got = got if isinstance(got, tuple) else (got,)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        w = torch.from_numpy(np.asarray(w))
+        assert g.dtype == w.dtype and g.shape == w.shape, (g.dtype, w.dtype, g.shape, w.shape)
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_every_operator_is_tested():
+    assert set(OPERATORS) - {c[0] for c in CASES} <= {
+        "Abs",
+        "Add",
+        "And",
+        "Ceil",
+        "Cos",
+        "Dropout",
+        "Elu",
+        "Exp",
+        "Floor",
+        "Greater",
+        "GreaterOrEqual",
+        "Identity",
+        "IsNaN",
+        "Less",
+        "LessOrEqual",
+        "Log",
+        "Min",
+        "Mul",
+        "Neg",
+        "Not",
+        "Or",
+        "Reciprocal",
+        "Relu",
+        "Sigmoid",
+        "Sign",
+        "Sin",
+        "Softplus",
+        "Sqrt",
+        "Sub",
+        "Sum",
+        "Tanh",
+        "Xor",
+        "Constant",
+        "Size",
+        "GlobalMaxPool",
+        "ReduceMin",
+        "ReduceSumSquare",
+    }  # fmt: skip  (one-line torch functions; Constant, Shape and the rest run in the CAM++ graphs above)
+
+
+def test_unsupported_and_bad_files(tmp_path):
+    model = read_onnx(TINY)
+    model.nodes[3].op_type = "Resize"
+    with pytest.raises(ValueError, match=r"ONNX operators not supported: \['Resize'\]"):
+        OnnxGraph(model)
+    model = read_onnx(TINY)
+    model.nodes.reverse()
+    with pytest.raises(ValueError, match="topological order"):
+        OnnxGraph(model)
+    with pytest.raises(ValueError, match="not an ONNX"):
+        read_onnx(b"\x0a\xff\xff\xff\xff")
+    with pytest.raises(FileNotFoundError, match="no ONNX file"):
+        read_onnx(str(tmp_path / "missing.onnx"))
+    graph = OnnxGraph.from_file(TINY)
+    with pytest.raises(ValueError, match=r"takes 1 inputs \(\['input'\]\), got 2"):
+        graph(torch.zeros(1, 5, 80), torch.zeros(1))
+    with pytest.raises(RuntimeError, match=r"ONNX node .* failed on inputs of shapes"):
+        graph(torch.zeros(1, 5, 7))
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones(3, np.float32), "w")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    graph_proto = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                                    [helper.make_tensor_value_info("x", 1, [3])],
+                                    [helper.make_tensor_value_info("y", 1, [3])], [weight])  # fmt: skip
+    with pytest.raises(ValueError, match="external file"):
+        read_onnx(helper.make_model(graph_proto).SerializeToString())
+
+
+def test_graph_moves_and_casts():
+    """Initialisers and Constant nodes are buffers: .double() runs the graph in float64."""
+    graph = OnnxGraph.from_file(TINY).double()
+    x = torch.randn(1, 120, 80, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(graph(x.double()).float(), OnnxGraph.from_file(TINY)(x), atol=2e-5, rtol=1e-5)
+    assert math.isfinite(float(graph(x.double()).sum()))
