@@ -30,6 +30,7 @@ from taste.generate import GenerationConfig, GenerationOutput  # noqa: E402
 from taste.official import load_official  # noqa: E402
 from taste.ops import HAS_EXTENSION, DelayLayout, PrefixLayout  # noqa: E402
 from taste.rvq import ResidualVQ  # noqa: E402
+from taste.s3_tokenizer import S3Tokenizer  # noqa: E402
 from taste.speaker import SpeakerEncoder  # noqa: E402
 from taste.spoken_lm import SpokenLMConfig, SpokenLMOutput, TasteSpokenLM  # noqa: E402
 from taste.tokenizer import QuantizerConfig, TasteConfig, TasteTokenizer, TokenizerOutput  # noqa: E402
@@ -54,6 +55,7 @@ __all__ = [
     "VoiceGenerator",
     "VoiceGeneratorConfig",
     "SpeakerEncoder",
+    "S3Tokenizer",
     "TasteSpokenLM",
     "SpokenLMConfig",
     "SpokenLMOutput",

@@ -167,15 +167,22 @@ class LogMel(nn.Module):
         audio = audio.float()
         if audio.shape[1] < self.window_samples:  # (a pad of nothing would still copy the whole batch)
             audio = nn.functional.pad(audio, (0, self.window_samples - audio.shape[1]))
-        out = audio.new_empty(audio.shape[0], self.n_mels, self.frames)
-        chunk = self.chunk or (1 if audio.device.type == "cpu" else 4)
-        for part, dest in zip(audio.split(chunk), out.split(chunk)):
-            # (b, 201, F + 1) complex, freed once its power spectrum exists; the last frame is dropped
-            spec = torch.stft(part, N_FFT, HOP_LENGTH, window=self.window, return_complex=True)
-            torch.matmul(self.filters, spec[..., :-1].abs().square_(), out=dest)
-        log_spec = out.clamp_(min=1e-10).log10_()  # (B, n_mels, F)
-        torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0, out=log_spec)  # (in place)
-        return log_spec.add_(4.0).div_(4.0)
+        return whisper_log_mel(audio, self.filters, self.window, chunk=self.chunk)
+
+
+def whisper_log_mel(audio: Tensor, filters: Tensor, window: Tensor, *, chunk: int | None = None) -> Tensor:
+    """openai-whisper's ``log_mel_spectrogram`` of each row of ``audio (B, T)`` float32 as it is (no padding to a
+    window): ``(B, n_mels, T // 160)``, each row floored at its own maximum minus 8. ``filters``: ``mel_filters``;
+    ``window``: the periodic Hann window of 400; ``chunk``: rows per STFT (see :class:`LogMel`)."""
+    out = audio.new_empty(audio.shape[0], filters.shape[0], audio.shape[1] // HOP_LENGTH)
+    chunk = chunk or (1 if audio.device.type == "cpu" else 4)
+    for part, dest in zip(audio.split(chunk), out.split(chunk)):
+        # (b, 201, F + 1) complex, freed once its power spectrum exists; the last frame is dropped
+        spec = torch.stft(part, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+        torch.matmul(filters, spec[..., :-1].abs().square_(), out=dest)
+    log_spec = out.clamp_(min=1e-10).log10_()  # (B, n_mels, F)
+    torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0, out=log_spec)  # (in place)
+    return log_spec.add_(4.0).div_(4.0)
 
 
 def kaldi_mel_banks(num_bins: int = 80, n_fft: int = 512, sample_rate: int = SAMPLE_RATE, low_freq: float = 20.0,

@@ -319,6 +319,38 @@ def _write_vector(path: str, value) -> None:
         raise ValueError(f"-o {path}: write a .json, .npy, .safetensors or .pt file")
 
 
+def cmd_s3_units(args) -> None:
+    from tqdm import tqdm
+
+    from taste._checks import check_positive_int
+    from taste.corpus import read_manifest, read_wav, write_manifest
+    from taste.s3_tokenizer import TOKEN_RATE, S3Tokenizer
+
+    check_positive_int(args.num_units, "--num-units")
+    device = _device(args.device)
+    tokenizer = S3Tokenizer.from_official(args.model, device=device)
+    encoder = _speaker_encoder(args.speaker_model) if args.speaker_model else None
+    rows = read_manifest(args.manifest)
+    t, seconds = time.perf_counter(), 0.0
+    for row in tqdm(rows, desc="s3 units", disable=not sys.stderr.isatty()):
+        audio, rate = read_wav(row["audio_path"])
+        try:
+            units = tokenizer.encode([audio], rate)[0]
+            if encoder is not None:
+                row["speaker"] = [round(v, 7) for v in encoder.speaker([audio], rate).tolist()]
+        except ValueError as e:
+            raise ValueError(f"row {row['id']!r} ({row['path']}): {e}") from None
+        if units.numel() and int(units.max()) >= args.num_units:
+            raise ValueError(f"row {row['id']!r}: token {int(units.max())} is not below --num-units {args.num_units}")
+        row.update(units=units.tolist(), unit_rate=TOKEN_RATE, num_units=args.num_units)
+        seconds += audio.numel() / rate
+    out = args.output or os.path.splitext(args.manifest)[0] + ".s3.jsonl"
+    write_manifest(out, rows)
+    speakers = " and CAM++ speaker vectors" if encoder is not None else ""
+    print(f"S3 units{speakers} of {len(rows)} utterances ({seconds:.1f} s of audio) in "
+          f"{time.perf_counter() - t:.1f} s -> {out}")  # fmt: skip
+
+
 def cmd_speaker(args) -> None:
     from taste.corpus import read_wav
 
@@ -672,6 +704,18 @@ def build_parser() -> argparse.ArgumentParser:
     vo.add_argument("--device", default=None)
     vo.set_defaults(func=cmd_vocode)
 
+    s3 = sub.add_parser("s3-units", help="a manifest's audio -> S3 units (the release's speech_tokenizer_v1.onnx) "
+                        "and optionally CAM++ speaker vectors: the official unit decoder's training data")  # fmt: skip
+    s3.add_argument("manifest", help="JSONL rows with id, path (audio) and text (`taste corpus` writes one)")
+    s3.add_argument("--model", required=True, help="the release directory (cosyvoice/speech_tokenizer_v1.onnx), "
+                    "that file, or a CosyVoice model directory")  # fmt: skip
+    s3.add_argument("--speaker-model", default=None, help="also write each row's CAM++ speaker vector ('speaker'), "
+                    "which train-tokenizer then takes: the release directory or its speaker_embed.onnx")  # fmt: skip
+    s3.add_argument("--num-units", type=int, default=4096, help="the tokenizer's vocabulary (v1: 4096)")
+    s3.add_argument("-o", "--output", default=None, help="default: <manifest>.s3.jsonl")
+    s3.add_argument("--device", default=None)
+    s3.set_defaults(func=cmd_s3_units)
+
     sp = sub.add_parser("speaker", help="reference wavs of one speaker -> its CAM++ speaker vector (as the official "
                         "processor: mean of the embeddings, unit length)")  # fmt: skip
     sp.add_argument("wavs", nargs="+", help="reference recordings of one speaker (any rate; resampled to 16 kHz)")
@@ -684,10 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
     io = sub.add_parser("import-official", help="the released TASTE / TASLM checkpoint -> save_pretrained directories")
     io.add_argument("checkpoint", help="a local copy of MediaTek-Research/Llama-1B-TASTE-V0")
     io.add_argument("-o", "--output", required=True, help="writes OUTPUT/<part> for each part")
-    io.add_argument("--parts", nargs="+", choices=("tokenizer", "unit_decoder", "spoken_lm", "voice", "speaker"),
-                    default=["tokenizer", "unit_decoder", "spoken_lm"],
+    io.add_argument("--parts", nargs="+", default=["tokenizer", "unit_decoder", "spoken_lm"],
+                    choices=("tokenizer", "unit_decoder", "spoken_lm", "voice", "speaker", "s3_tokenizer"),
                     help="voice: cosyvoice/voice_generator.pth (S3 units -> speech); speaker: "
-                    "cosyvoice/speaker_embed.onnx (CAM++ speaker vectors); when the directory has them")  # fmt: skip
+                    "cosyvoice/speaker_embed.onnx (CAM++ speaker vectors); s3_tokenizer: "
+                    "cosyvoice/speech_tokenizer_v1.onnx; when the directory has them")  # fmt: skip
     io.set_defaults(func=cmd_import_official)
     return p
 

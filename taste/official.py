@@ -41,9 +41,24 @@ TOKENIZER_PREFIXES = {
 UNIT_DECODER_PREFIXES = ("speech_decoder.",)
 SPOKEN_LM_PREFIXES = ("spoken_lm.", "audio_tower.vq.rvq.")
 PARTS = ("tokenizer", "unit_decoder", "spoken_lm")  # the default: the model file's three
-# Beside it, when asked for: cosyvoice/voice_generator.pth (taste.VoiceGenerator) and cosyvoice/speaker_embed.onnx
-# (taste.SpeakerEncoder, CAM++).
-OPTIONAL_PARTS = ("voice", "speaker")
+# Beside it, when asked for: cosyvoice/voice_generator.pth (taste.VoiceGenerator), cosyvoice/speaker_embed.onnx
+# (taste.SpeakerEncoder, CAM++) and cosyvoice/speech_tokenizer_v1.onnx (taste.S3Tokenizer).
+OPTIONAL_PARTS = ("voice", "speaker", "s3_tokenizer")
+
+
+def _speaker_file(directory: str) -> tuple[str, str]:
+    from taste.speaker import find_speaker_model
+
+    return find_speaker_model(directory), "speaker_embed.onnx"
+
+
+def _s3_file(directory: str) -> tuple[str, str]:
+    from taste.s3_tokenizer import find_s3_tokenizer
+
+    return find_s3_tokenizer(directory), "speech_tokenizer_v1.onnx"
+
+
+ONNX_PARTS = {"speaker": _speaker_file, "s3_tokenizer": _s3_file}  # part -> (its file, its name in import-official)
 
 
 class OfficialModels(NamedTuple):
@@ -54,6 +69,7 @@ class OfficialModels(NamedTuple):
     spoken_lm: object | None
     voice: object | None = None
     speaker: object | None = None
+    s3_tokenizer: object | None = None
 
 
 def checkpoint_files(directory: str) -> dict[str, list[str] | None]:
@@ -186,31 +202,34 @@ def load_official(directory: str, parts=PARTS, *, device=None, dtype=None) -> Of
         from taste.speaker import SpeakerEncoder
 
         speaker = SpeakerEncoder.from_official(directory, device=device)
+    if "s3_tokenizer" in parts:
+        from taste.s3_tokenizer import S3Tokenizer
+
+        s3_tokenizer = S3Tokenizer.from_official(directory, device=device)
     return OfficialModels(
         load_tokenizer(directory, device=device, dtype=dtype) if "tokenizer" in parts else None,
         load_unit_decoder(directory, device=device) if "unit_decoder" in parts else None,
         load_spoken_lm(directory, device=device) if "spoken_lm" in parts else None,
         voice if "voice" in parts else None,
         speaker if "speaker" in parts else None,
+        s3_tokenizer if "s3_tokenizer" in parts else None,
     )
 
 
 def import_official(directory: str, out_dir: str, parts=PARTS) -> dict[str, str]:
     """Writes each part of a released checkpoint as a ``save_pretrained`` directory ``out_dir/<part>``, one part at
-    a time (so that only one is in memory), and returns their paths by part. The speaker encoder, an ONNX graph,
-    is copied as it is (``out_dir/speaker/speaker_embed.onnx``)."""
+    a time (so that only one is in memory), and returns their paths by part. The speaker encoder and the S3
+    tokenizer, ONNX graphs, are copied as they are (``out_dir/speaker/speaker_embed.onnx``,
+    ``out_dir/s3_tokenizer/speech_tokenizer_v1.onnx``)."""
     written = {}
     for part in parts:
-        if part == "speaker":
+        if part in ONNX_PARTS:  # ONNX graphs: copied as they are, once they load
             import shutil
 
-            from taste.speaker import SpeakerEncoder, find_speaker_model
-
-            SpeakerEncoder.from_official(directory)  # a file that does not run raises here, not at first use
+            getattr(load_official(directory, (part,)), part)  # a file that does not load raises here
+            source, name = ONNX_PARTS[part](directory)
             os.makedirs(os.path.join(out_dir, part), exist_ok=True)
-            written[part] = shutil.copyfile(
-                find_speaker_model(directory), os.path.join(out_dir, part, "speaker_embed.onnx")
-            )
+            written[part] = shutil.copyfile(source, os.path.join(out_dir, part, name))
             continue
         model = getattr(load_official(directory, (part,)), part)
         path = os.path.join(out_dir, part)

@@ -789,6 +789,18 @@ def _prod(t: Tensor, dims: list[int], keep: bool) -> Tensor:
     return t
 
 
+def find_onnx_file(path, names) -> str | None:
+    """``path`` if it is an ``.onnx`` file, else the first of ``names`` (relative paths) inside the directory
+    ``path``; None when there is none."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path if path.endswith(".onnx") else None
+    for name in names:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taste.audio import SAMPLE_RATE, batch_waveforms, kaldi_fbank
-from taste.onnx import OnnxGraph
+from taste.onnx import OnnxGraph, find_onnx_file
 
 OFFICIAL_FILE = os.path.join("cosyvoice", "speaker_embed.onnx")  # in the TASTE release
 COSYVOICE_FILE = "campplus.onnx"  # in a CosyVoice model directory
@@ -29,13 +29,8 @@ MIN_FRAMES = 3  # CAM++ halves the frame rate once, and its statistics pooling t
 def find_speaker_model(path: str) -> str | None:
     """The speaker encoder's ONNX file in a release directory, a CosyVoice model directory or an
     ``import-official`` directory (``path/speaker/``); the path itself if it is a file; None if there is none."""
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return path if path.endswith(".onnx") else None
-    for name in (OFFICIAL_FILE, COSYVOICE_FILE, os.path.join("speaker", "speaker_embed.onnx"), "speaker_embed.onnx"):
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    return None
+    return find_onnx_file(path, (OFFICIAL_FILE, COSYVOICE_FILE, os.path.join("speaker", "speaker_embed.onnx"),
+                                 "speaker_embed.onnx"))  # fmt: skip
 
 
 class SpeakerEncoder(nn.Module):

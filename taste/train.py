@@ -96,15 +96,16 @@ class Stage1Model(nn.Module):
 
     @classmethod
     def from_preset(
-        cls, preset: str, num_units: int, freeze_encoder: bool | None, tokenizer: TasteTokenizer | None = None
-    ) -> Stage1Model:
+        cls, preset: str, num_units: int, freeze_encoder: bool | None, tokenizer: TasteTokenizer | None = None,
+        spk_dim: int = 80,
+    ) -> Stage1Model:  # fmt: skip
         """A random model of ``preset``'s shapes; with ``tokenizer`` (a seed), that tokenizer and a random unit
         decoder of the preset's shapes sized to it (its width and text vocabulary)."""
         tcfg = getattr(TasteConfig, preset)() if tokenizer is None else tokenizer.config
         if freeze_encoder is not None:
             tcfg = dataclasses.replace(tcfg, freeze_encoder=freeze_encoder)
         dcfg = getattr(UnitDecoderConfig, preset)(
-            num_units=num_units, taste_dim=tcfg.aggregator.d_model, spk_dim=80,
+            num_units=num_units, taste_dim=tcfg.aggregator.d_model, spk_dim=spk_dim,
             text_vocab=tcfg.aggregator.vocab_size,
         )  # fmt: skip
         if tokenizer is None:
@@ -195,10 +196,21 @@ def corpus_vocabulary(tokenizer: TasteTokenizer, texts: list[str]) -> torch.Tens
     return ids.unique()
 
 
+def _speaker_of(row: dict, manifest: str, size: int | None) -> torch.Tensor:
+    """A row's ``speaker`` vector: a non-empty list of numbers, of ``size`` values (the first row's) when given."""
+    value = row.get("speaker")
+    ok = isinstance(value, list) and len(value) > 0 and all(isinstance(v, (int, float)) for v in value)
+    if not ok or (size is not None and len(value) != size):
+        want = f"{size} numbers (as the first row's)" if size is not None else "numbers"
+        raise ValueError(f"row {row['id']!r} of {manifest}: 'speaker' must be a list of {want}")
+    return torch.tensor(value, dtype=torch.float32)
+
+
 class UnitCorpus:
     """The utterances of a units manifest held in memory (16 kHz int16 audio, units, speaker vectors), and
-    packed batches of them. The speaker input is the utterance's mean 50 Hz log-mel frame (80 values), a
-    stand-in for the CAM++ embedding of the official recipe."""
+    packed batches of them. The speaker input is the rows' ``speaker`` vectors where the manifest has them (CAM++
+    vectors, as the official recipe: ``taste s3-units --speaker-model``), else each utterance's mean 50 Hz log-mel
+    frame (80 values), a stand-in."""
 
     def __init__(self, manifest: str):
         self.rows = read_manifest(manifest)
@@ -212,13 +224,23 @@ class UnitCorpus:
             self.units.append(torch.tensor(row["units"], dtype=torch.long))
             if self.units[-1].numel() == 0:
                 raise ValueError(f"row {row['id']!r} of {manifest} has no units")
-            self.speaker.append(unit_features(wave).mean(0))
+            if "speaker" in self.rows[0]:
+                self.speaker.append(_speaker_of(row, manifest, self.speaker[0].numel() if self.speaker else None))
+            elif "speaker" in row:
+                raise ValueError(f"row {row['id']!r} of {manifest} has a 'speaker' vector and the first row has none: "
+                                 "give every row one, or none")  # fmt: skip
+            else:
+                self.speaker.append(unit_features(wave).mean(0))
+        self.spk_dim = int(self.speaker[0].numel())
         self.texts = [row["text"] for row in self.rows]
         self.num_units = int(self.rows[0].get("num_units", 0)) or 1 + max(int(u.max()) for u in self.units)
 
     def check(self, model: Stage1Model, manifest: str, need_audio: bool) -> None:
         """Every row as the batches will take it, before the first step (a bad row met at step 5000 would end the run
         there): a transcript with words and within the aggregator's positions, audio within the window."""
+        if model.decoder.config.spk_dim != self.spk_dim:
+            raise ValueError(f"the unit decoder takes ({model.decoder.config.spk_dim},) speaker vectors, {manifest} "
+                             f"gives ({self.spk_dim},)")  # fmt: skip
         ids = [row["id"] for row in self.rows]
         for i in range(0, len(self.texts), 256):
             try:
@@ -267,11 +289,12 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
         raise ValueError(f"the manifest has {len(corpus.rows)} rows, not more than eval_size={cfg.eval_size}")
     if cfg.init_from and saved_model_kind(cfg.init_from) == "TasteTokenizer":  # a seed: a fresh decoder with it
         seed = TasteTokenizer.from_pretrained(cfg.init_from)
-        model = Stage1Model.from_preset(cfg.preset, corpus.num_units, cfg.freeze_encoder, tokenizer=seed)
+        model = Stage1Model.from_preset(cfg.preset, corpus.num_units, cfg.freeze_encoder, tokenizer=seed,
+                                        spk_dim=corpus.spk_dim)  # fmt: skip
     elif cfg.init_from:
         model = Stage1Model.from_pretrained(cfg.init_from)
     else:
-        model = Stage1Model.from_preset(cfg.preset, corpus.num_units, cfg.freeze_encoder)
+        model = Stage1Model.from_preset(cfg.preset, corpus.num_units, cfg.freeze_encoder, spk_dim=corpus.spk_dim)
     model.to(device).train()
     corpus.check(model, cfg.manifest, need_audio=cfg.stage != "text")
 

@@ -262,3 +262,37 @@ def test_bad_manifest_rows_are_named_before_the_first_step(data, tmp_path, chang
     with pytest.raises(ValueError, match=message.format(m=manifest)):
         train(cfg, progress=False)
     assert not os.path.exists(tmp_path / "run") or not checkpoint_steps(str(tmp_path / "run"))
+
+
+def test_rows_speaker_vectors_feed_the_unit_decoder(data, tmp_path):
+    """Rows with 'speaker' vectors (`taste s3-units --speaker-model`: CAM++, as the official recipe) are the unit
+    decoder's speaker input, and a fresh decoder takes their width; before, every run took the 80 mean log-mel
+    values."""
+    from taste.train import UnitCorpus
+
+    rows = [json.loads(line) for line in open(data / "units.jsonl")]
+    g = torch.Generator().manual_seed(7)
+    for r in rows:
+        r["path"] = str(data / r["path"])
+        r["speaker"] = torch.randn(6, generator=g).tolist()
+    manifest = tmp_path / "spk.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus_ = UnitCorpus(str(manifest))
+    assert corpus_.spk_dim == 6
+    seed = Stage1Model.from_pretrained(str(data / "seed"))
+    batch = corpus_.batch([2, 5], seed, "cpu", need_audio=False)
+    torch.testing.assert_close(batch["speaker"], torch.tensor([rows[2]["speaker"], rows[5]["speaker"]]))
+    with pytest.raises(ValueError, match=r"the unit decoder takes \(80,\) speaker vectors, .*spk.jsonl gives \(6,\)"):
+        train(config(data, tmp_path / "a", manifest=str(manifest)), progress=False)
+    seed.tokenizer.save_pretrained(str(tmp_path / "seed_tokenizer"))
+    model = train(config(data, tmp_path / "b", manifest=str(manifest), stage="text", steps=1,
+                         init_from=str(tmp_path / "seed_tokenizer")), progress=False)  # fmt: skip
+    assert model.decoder.config.spk_dim == 6
+    rows[3]["speaker"] = rows[3]["speaker"][:5]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"row 'u3' of .*: 'speaker' must be a list of 6 numbers"):
+        UnitCorpus(str(manifest))
+    del rows[0]["speaker"]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="row 'u1' of .* has a 'speaker' vector and the first row has none"):
+        UnitCorpus(str(manifest))

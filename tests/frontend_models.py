@@ -1,6 +1,9 @@
-"""A PyTorch CAM++ (3D-Speaker's speaker encoder, the model behind CosyVoice's ``campplus.onnx`` and the TASTE
-release's ``cosyvoice/speaker_embed.onnx``), written here as a test fixture: tests export it to ONNX and check that
-``taste.onnx`` / ``taste.SpeakerEncoder`` run the exported graph as onnxruntime and PyTorch do.
+"""The official front-end's two ONNX models as PyTorch test fixtures, written here from their architectures: tests
+export them to ONNX and check that ``taste.onnx``, ``taste.SpeakerEncoder`` and ``taste.S3Tokenizer`` run the
+exported graphs as onnxruntime and PyTorch do.
+
+CAM++: 3D-Speaker's speaker encoder, the model behind CosyVoice's ``campplus.onnx`` and the TASTE release's
+``cosyvoice/speaker_embed.onnx``.
 
 Structure (CAM++ paper, 3D-Speaker's model): a 2-D residual head over (frequency, time) with stride 2 along
 frequency three times; a TDNN (kernel 5, stride 2 in time); three densely connected blocks of CAM layers (1x1
@@ -129,10 +132,85 @@ def tiny(seed: int = 0) -> CamPlusPlus:
     return randomized(CamPlusPlus(head_channels=4, growth=4, bottleneck=8, channels=8, layers=(2, 3, 2)), seed)
 
 
+def _legacy_exporter() -> dict:
+    return {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
+
+
 def export(model: nn.Module, path: str, frames: int = 150) -> None:
     """The exporter CosyVoice's file came from: TorchScript's, batch norms folded into the convolutions, time
     dynamic."""
     x = torch.randn(1, frames, 80)
-    kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
     torch.onnx.export(model, (x,), path, input_names=["input"], output_names=["output"], opset_version=13,
-                      dynamic_axes={"input": {1: "T"}}, **kwargs)  # fmt: skip
+                      dynamic_axes={"input": {1: "T"}}, **_legacy_exporter())  # fmt: skip
+
+
+# S3 tokenizer v1 (CosyVoice's speech_tokenizer_v1.onnx): a Whisper-style encoder at 50 Hz over 128-bin log-mel
+# frames (length-masked convolutions, sinusoidal positions, pre-LN blocks whose attention hides padding keys, no
+# final norm), then the nearest of 4096 codewords to the L2-normalised frame.
+
+
+def sinusoids(length: int, channels: int) -> torch.Tensor:
+    scales = torch.exp(-torch.log(torch.tensor(10000.0)) / (channels // 2 - 1) * torch.arange(channels // 2))
+    t = torch.arange(length)[:, None] * scales[None]
+    return torch.cat([t.sin(), t.cos()], dim=1)
+
+
+class S3Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.attn_ln, self.mlp_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, bias):  # x (B, T, d), bias (B, 1, 1, T)
+        B, T, d = x.shape
+        h = self.attn_ln(x)
+        split = lambda t: t.reshape(B, T, self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        w = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5 + bias, dim=-1)
+        x = x + self.o((w @ v).transpose(1, 2).reshape(B, T, d))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class S3TokenizerV1(nn.Module):
+    def __init__(self, *, n_mels: int = 128, d: int = 1280, heads: int = 20, layers: int = 6, codes: int = 4096,
+                 ctx: int = 1500):  # fmt: skip
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, d, 3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, 3, stride=2, padding=1)
+        self.register_buffer("positions", sinusoids(ctx, d))
+        self.blocks = nn.ModuleList(S3Block(d, heads) for _ in range(layers))
+        self.codebook = nn.Parameter(torch.randn(codes, d))
+
+    def forward(self, mel, frames):  # mel (B, n_mels, F), frames (B,) int32 -> tokens (B, ceil(F / 2)) int64
+        valid = torch.arange(mel.shape[2])[None] < frames[:, None]
+        x = F.gelu(self.conv1(mel * valid[:, None]))
+        half = (frames.long() - 1).div(2, rounding_mode="floor") + 1
+        x = F.gelu(self.conv2(x * valid[:, None]))  # (B, d, T)
+        keep = torch.arange(x.shape[2])[None] < half[:, None]
+        x = x.transpose(1, 2) + self.positions[: x.shape[2]]
+        bias = torch.where(keep, 0.0, -1e10)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, bias)
+        x = F.normalize(x, dim=-1)
+        dist = x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.codebook.t() + self.codebook.pow(2).sum(-1)
+        return dist.argmin(-1)
+
+
+def tiny_s3(seed: int = 0) -> S3TokenizerV1:
+    torch.manual_seed(seed)
+    model = S3TokenizerV1(d=32, heads=4, layers=2, codes=64, ctx=400).eval()  # (up to 8 s)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 1:  # layer norms
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    return model
+
+
+def export_s3(model: nn.Module, path: str, frames: int = 120) -> None:
+    mel = torch.randn(1, 128, frames)
+    frames = torch.tensor([frames], dtype=torch.int32)
+    torch.onnx.export(model, (mel, frames), path, input_names=["feats", "feats_length"], output_names=["indices"],
+                      opset_version=13,
+                      dynamic_axes={"feats": {2: "T"}, "indices": {1: "T2"}}, **_legacy_exporter())  # fmt: skip

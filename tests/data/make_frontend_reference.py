@@ -1,13 +1,15 @@
-"""Writes tests/data/campplus_tiny.onnx and speaker_reference.safetensors for tests/test_speaker.py: a small CAM++
-(tests/campplus.py, random weights and batch-norm statistics, seed 0) exported by torch's TorchScript ONNX exporter
-(the batch norms folded into the convolutions, as in CosyVoice's file), and what onnxruntime and kaldi-native-fbank
-compute with it:
+"""Writes tests/data/campplus_tiny.onnx, s3_tokenizer_tiny.onnx and frontend_reference.safetensors for
+tests/test_frontend.py: a small CAM++ and a small S3 tokenizer (tests/frontend_models.py, random weights, seed 0)
+exported by torch's TorchScript ONNX exporter (CAM++'s batch norms folded into the convolutions, as in CosyVoice's
+file), and what onnxruntime, kaldi-native-fbank and openai-whisper compute with them:
 
-- ``feats_<T>`` (1, T, 80) random features and ``emb_<T>`` onnxruntime's embedding of them, T = 37, 150, 233;
+- ``feats_<T>`` (1, T, 80) random features and ``emb_<T>`` onnxruntime's CAM++ embedding of them, T = 37, 150, 233;
 - ``wave`` (1.3 s, 16 kHz, a seeded chirp plus noise), ``wave_fbank`` kaldi-native-fbank's features of it (no
-  dither) and ``wave_emb`` onnxruntime's embedding of those features minus their mean (the official processor).
+  dither) and ``wave_emb`` onnxruntime's embedding of those features minus their mean (the official processor);
+- ``wave_tokens``: onnxruntime's S3 tokens of ``whisper.log_mel_spectrogram(wave, n_mels=128)`` with its frame count
+  (the official processor's ``_get_speech_token``).
 
-    python tests/data/make_speaker_reference.py        # needs onnx, onnxruntime, kaldi-native-fbank
+    python tests/data/make_frontend_reference.py    # needs onnx, onnxruntime, kaldi-native-fbank, openai-whisper
 
 With ``--full`` it instead exports the released size (7.2 M parameters) to a temporary file and prints how far
 taste.onnx is from onnxruntime and from the PyTorch module, and the time of each (nothing is written here).
@@ -49,7 +51,8 @@ def kaldi_native(wave: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     import onnxruntime as ort
-    from campplus import export, tiny
+    import whisper
+    from frontend_models import export, export_s3, tiny, tiny_s3
     from safetensors.torch import save_file
 
     path = os.path.join(HERE, "campplus_tiny.onnx")
@@ -66,13 +69,24 @@ def main() -> None:
     out["wave_fbank"] = kaldi_native(out["wave"])
     feats = out["wave_fbank"] - out["wave_fbank"].mean(0, keepdim=True)
     out["wave_emb"] = run(feats[None].float())
-    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(HERE, "speaker_reference.safetensors"))
-    print(f"wrote {path} ({os.path.getsize(path)} bytes) and speaker_reference.safetensors")
+    s3_path = os.path.join(HERE, "s3_tokenizer_tiny.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_s3(tiny_s3(0), s3_path)
+    session = ort.InferenceSession(s3_path, providers=["CPUExecutionProvider"])
+    mel = whisper.log_mel_spectrogram(np.array([out["wave"].numpy()]), n_mels=128)
+    frames = np.array([mel.shape[2]], dtype=np.int32)
+    out["wave_tokens"] = torch.from_numpy(session.run(None, {"feats": mel.numpy(), "feats_length": frames})[0])
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(HERE, "frontend_reference.safetensors"))
+    print(
+        f"wrote {path} ({os.path.getsize(path)} bytes), {s3_path} ({os.path.getsize(s3_path)} bytes) and "
+        "frontend_reference.safetensors"
+    )
 
 
 def full() -> None:
     import onnxruntime as ort
-    from campplus import CamPlusPlus, export, randomized
+    from frontend_models import CamPlusPlus, export, randomized
 
     from taste.onnx import OnnxGraph
 
@@ -102,9 +116,11 @@ def full() -> None:
                 runs.append(time.perf_counter() - t)
             times[name] = (sorted(runs)[2] * 1e3, y)
         ref = times["onnxruntime"][1]
-        print(f"T={n:5d} frames: max |taste.onnx - onnxruntime| {(times['taste.onnx'][1] - ref).abs().max():.2e}, "
-              f"|pytorch - onnxruntime| {(times['pytorch'][1] - ref).abs().max():.2e} (|emb| up to "
-              f"{ref.abs().max():.1f}); median ms: " + ", ".join(f"{k} {v[0]:.1f}" for k, v in times.items()))
+        print(
+            f"T={n:5d} frames: max |taste.onnx - onnxruntime| {(times['taste.onnx'][1] - ref).abs().max():.2e}, "
+            f"|pytorch - onnxruntime| {(times['pytorch'][1] - ref).abs().max():.2e} (|emb| up to "
+            f"{ref.abs().max():.1f}); median ms: " + ", ".join(f"{k} {v[0]:.1f}" for k, v in times.items())
+        )
 
 
 if __name__ == "__main__":

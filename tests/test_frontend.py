@@ -1,5 +1,7 @@
-"""The ONNX reader and graph runner (taste.onnx), Kaldi filter banks (taste.audio.kaldi_fbank) and the CAM++ speaker
-encoder (taste.SpeakerEncoder), against onnxruntime, the onnx package, kaldi-native-fbank and a PyTorch CAM++."""
+"""The official front-end's ONNX models run by torch: the ONNX reader and graph runner (taste.onnx), Kaldi filter
+banks (taste.audio.kaldi_fbank), the CAM++ speaker encoder (taste.SpeakerEncoder) and the S3 tokenizer
+(taste.S3Tokenizer), against onnxruntime, the onnx package, kaldi-native-fbank, openai-whisper and PyTorch models
+(tests/frontend_models.py)."""
 
 import json
 import math
@@ -14,17 +16,19 @@ import torch.nn.functional as F
 
 from taste.audio import kaldi_fbank, resample
 from taste.onnx import OPERATORS, OnnxGraph, read_onnx
+from taste.s3_tokenizer import S3Tokenizer
 from taste.speaker import SpeakerEncoder
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TINY = os.path.join(DATA, "campplus_tiny.onnx")
+S3_TINY = os.path.join(DATA, "s3_tokenizer_tiny.onnx")
 
 
 @pytest.fixture(scope="module")
 def reference():
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(DATA, "speaker_reference.safetensors"))
+    return load_file(os.path.join(DATA, "frontend_reference.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def test_exported_campplus_runs_as_pytorch(tmp_path):
     """Another export (other weights) at lengths around the 100-frame segments: the graph gives what the PyTorch
     module gives."""
     pytest.importorskip("onnx")
-    from campplus import export, tiny
+    from frontend_models import export, tiny
 
     model = tiny(seed=5)
     with warnings.catch_warnings():
@@ -218,6 +222,105 @@ def test_vocode_takes_a_reference_wav(tmp_path):
     want = voice.generate([torch.arange(12)], speaker[None], generator=torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(read_wav(str(tmp_path / "out" / "a.wav"))[0], want, atol=1 / 32767, rtol=0)
     assert main(argv[:-2]) == 1  # a .wav speaker with no speaker model anywhere
+
+
+# --------------------------------------------------------------------------------------------------------------
+# S3 tokens
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_s3_tokens_are_the_official_processors(reference):
+    """openai-whisper's 128-bin log-mel of the audio as it is, the frame count, onnxruntime: the stored tokens."""
+    tokenizer = S3Tokenizer.from_official(S3_TINY)
+    tokens = tokenizer.encode([reference["wave"]])
+    assert len(tokens) == 1 and tokens[0].dtype == torch.int64
+    assert torch.equal(tokens[0], reference["wave_tokens"].reshape(-1))
+    assert tokens[0].numel() == 65  # 20800 samples: 130 frames, 65 tokens at 50 Hz
+
+
+@pytest.mark.parametrize("length", [201, 4000, 12345, 33333])
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_whisper_log_mel_of_unpadded_audio(length, n_mels):
+    whisper = pytest.importorskip("whisper")
+    from taste.audio import mel_filters, whisper_log_mel
+
+    wave = 0.2 * torch.randn(length, generator=torch.Generator().manual_seed(length))
+    want = whisper.log_mel_spectrogram(np.array([wave.numpy()]), n_mels=n_mels)
+    got = whisper_log_mel(wave[None], mel_filters(n_mels), torch.hann_window(400))
+    assert got.shape == want.shape == (1, n_mels, length // 160)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_exported_s3_tokenizer_runs_as_pytorch(tmp_path):
+    pytest.importorskip("onnx")
+    from frontend_models import export_s3, tiny_s3
+
+    model = tiny_s3(seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_s3(model, str(tmp_path / "s3.onnx"))
+    tokenizer = S3Tokenizer.from_official(str(tmp_path / "s3.onnx"))
+    g = torch.Generator().manual_seed(0)
+    for frames in (1, 2, 3, 101, 799):
+        mel = torch.randn(128, frames, generator=g)
+        want = model(mel[None], torch.tensor([frames], dtype=torch.int32))[0]
+        assert torch.equal(tokenizer(mel), want) and want.numel() == (frames + 1) // 2
+
+
+def test_s3_tokenizer_layouts_and_bad_input(tmp_path):
+    wave = 0.3 * torch.randn(8000, generator=torch.Generator().manual_seed(2))
+    want = S3Tokenizer.from_official(S3_TINY).encode([wave])[0]
+    release = tmp_path / "release" / "cosyvoice"
+    release.mkdir(parents=True)
+    shutil.copy(S3_TINY, release / "speech_tokenizer_v1.onnx")
+    for path in (tmp_path / "release", release, release / "speech_tokenizer_v1.onnx"):
+        assert torch.equal(S3Tokenizer.from_official(str(path)).encode([wave])[0], want)
+    from taste.official import import_official, load_official
+
+    assert torch.equal(load_official(str(tmp_path / "release"), ("s3_tokenizer",)).s3_tokenizer.encode([wave])[0], want)
+    written = import_official(str(tmp_path / "release"), str(tmp_path / "out"), ("s3_tokenizer",))
+    assert written["s3_tokenizer"].endswith(os.path.join("s3_tokenizer", "speech_tokenizer_v1.onnx"))
+    assert torch.equal(S3Tokenizer.from_official(str(tmp_path / "out")).encode([wave])[0], want)
+    # another rate: resampled to 16 kHz first
+    tokenizer = S3Tokenizer.from_official(S3_TINY)
+    slow = resample(wave, 16000, 24000)
+    assert torch.equal(tokenizer.encode([slow], 24000)[0], tokenizer.encode([resample(slow, 24000, 16000)])[0])
+    with pytest.raises(FileNotFoundError, match="holds none"):
+        S3Tokenizer.from_official(str(tmp_path))
+    with pytest.raises(ValueError, match=r"waveforms\[1\] lasts 30.01 s, longer than the 30 s window"):
+        tokenizer.encode([wave, torch.zeros(480160)])
+    with pytest.raises(ValueError, match=r"waveforms\[0\] is too short for S3 tokens: 200 samples"):
+        tokenizer.encode([torch.zeros(200)])
+    assert tokenizer.encode([torch.zeros(201)])[0].numel() == 1
+    with pytest.raises(ValueError, match=r"mel must be \(128, frames\)"):
+        tokenizer(torch.zeros(80, 10))
+    with pytest.raises(ValueError, match="takes \\(log-mel, frame count\\)"):
+        S3Tokenizer(OnnxGraph.from_file(TINY))
+
+
+def test_s3_units_command(tmp_path, encoder, capsys):
+    """A manifest -> S3 units and CAM++ speaker vectors per row: the official recipe's stage-1 targets."""
+    from taste.cli import main
+    from taste.corpus import read_wav, write_wav
+
+    g = torch.Generator().manual_seed(4)
+    rows = []
+    for i, n in enumerate((9000, 15000)):
+        write_wav(str(tmp_path / f"a{i}.wav"), 0.3 * torch.randn(n, generator=g), 16000)
+        rows.append({"id": f"a{i}", "path": f"a{i}.wav", "text": "some words"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["s3-units", str(tmp_path / "m.jsonl"), "--model", S3_TINY, "--speaker-model", TINY, "--num-units", "64"]
+    assert main(argv) == 0
+    out = [json.loads(line) for line in open(tmp_path / "m.s3.jsonl")]
+    tokenizer = S3Tokenizer.from_official(S3_TINY)
+    for i, row in enumerate(out):
+        audio = read_wav(str(tmp_path / f"a{i}.wav"))[0]
+        assert row["units"] == tokenizer.encode([audio])[0].tolist() and row["path"] == f"a{i}.wav"
+        assert (row["unit_rate"], row["num_units"], row["text"]) == (50, 64, "some words")
+        torch.testing.assert_close(torch.tensor(row["speaker"]), encoder.speaker([audio]), atol=1e-6, rtol=0)
+    assert "S3 units and CAM++ speaker vectors of 2 utterances" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--num-units", "8", "-o", str(tmp_path / "x.jsonl")]) == 1
+    assert "is not below --num-units 8" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------------

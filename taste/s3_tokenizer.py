@@ -1,0 +1,94 @@
+"""S3 speech tokens, the unit decoder's targets: CosyVoice's ``speech_tokenizer_v1.onnx`` (in the release as
+``cosyvoice/speech_tokenizer_v1.onnx``), 4096 tokens at 50 Hz, run from its ONNX file by :class:`taste.onnx.OnnxGraph`
+(no onnxruntime).
+
+What the official processor computes (``taste_speech/processing_taste.py``, spec 1.1 step 6): the 16 kHz waveform as
+it is (no padding to 30 s) -> openai-whisper's 128-bin log-mel (each utterance floored at its own maximum minus 8)
+-> the ONNX model with the frame count as its second input -> tokens. Audio longer than 30 s is refused (the
+official code returns no tokens for it, with a warning). Every utterance runs alone, as the official code runs it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from taste.audio import N_FFT, SAMPLE_RATE, batch_waveforms, mel_filters, whisper_log_mel
+from taste.onnx import OnnxGraph, find_onnx_file
+
+OFFICIAL_FILE = os.path.join("cosyvoice", "speech_tokenizer_v1.onnx")  # in the TASTE release
+COSYVOICE_FILE = "speech_tokenizer_v1.onnx"  # in a CosyVoice model directory
+MAX_SECONDS = 30.0
+TOKEN_RATE = 50  # tokens per second (v1)
+
+
+def find_s3_tokenizer(path: str) -> str | None:
+    """The S3 tokenizer's ONNX file in a release directory, a CosyVoice model directory or an ``import-official``
+    directory (``path/s3_tokenizer/``); the path itself if it is a file; None if there is none."""
+    return find_onnx_file(path, (OFFICIAL_FILE, COSYVOICE_FILE, os.path.join("s3_tokenizer", COSYVOICE_FILE)))
+
+
+class S3Tokenizer(nn.Module):
+    """CosyVoice's S3 tokenizer from its ONNX file: waveforms -> S3 token ids (``encode``); ``forward`` runs the
+    network on one utterance's log-mel."""
+
+    sample_rate = SAMPLE_RATE
+    n_mels = 128
+
+    def __init__(self, graph: OnnxGraph):
+        super().__init__()
+        if len(graph.input_names) != 2 or len(graph.output_names) < 1:
+            raise ValueError(f"an S3 tokenizer's ONNX graph takes (log-mel, frame count) and returns tokens; this "
+                             f"one has inputs {graph.input_names} and outputs {graph.output_names}")  # fmt: skip
+        self.graph = graph
+        self.register_buffer("filters", mel_filters(self.n_mels), persistent=False)
+        self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
+
+    @classmethod
+    def from_official(cls, path: str, *, device=None) -> S3Tokenizer:
+        """The release directory (``cosyvoice/speech_tokenizer_v1.onnx``), a CosyVoice model directory, or the ONNX
+        file."""
+        found = find_s3_tokenizer(path)
+        if found is None:
+            raise FileNotFoundError(f"{path!r} is not an S3 tokenizer's ONNX file and holds none ({OFFICIAL_FILE} of "
+                                    f"a TASTE release, or {COSYVOICE_FILE} of a CosyVoice model)")  # fmt: skip
+        return cls(OnnxGraph.from_file(found)).to(device).eval()
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """``mel (n_mels, F)`` float32 of one utterance -> ``(T_s,)`` int64 token ids."""
+        if mel.dim() != 2 or mel.shape[0] != self.n_mels:
+            raise ValueError(f"mel must be ({self.n_mels}, frames), got {tuple(mel.shape)}")
+        frames = torch.tensor([mel.shape[1]], dtype=torch.int32, device=mel.device)
+        out = self.graph(mel[None], frames)
+        tokens = out[0] if isinstance(out, tuple) else out
+        return tokens.reshape(-1).long()
+
+    def log_mel(self, waveforms: Sequence[Tensor], sample_rate: int | Sequence[int] = SAMPLE_RATE) -> list[Tensor]:
+        """Per waveform, ``(128, T // 160)`` float32: openai-whisper's log-mel of the 16 kHz audio as it is."""
+        if isinstance(waveforms, Tensor):
+            raise TypeError("waveforms must be a list of 1-D tensors (one per utterance), got a single tensor")
+        if not isinstance(sample_rate, (Sequence, Tensor)):
+            sample_rate = [sample_rate] * len(waveforms)
+        if len(sample_rate) != len(waveforms):
+            raise ValueError(f"sample_rate has {len(sample_rate)} entries for {len(waveforms)} waveforms")
+        out = []
+        for i, (w, rate) in enumerate(zip(waveforms, sample_rate)):
+            try:
+                audio, length = batch_waveforms([w], rate, window_seconds=MAX_SECONDS)
+            except (TypeError, ValueError) as e:
+                raise type(e)(str(e).replace("waveforms[0]", f"waveforms[{i}]")) from None
+            if int(length[0]) <= N_FFT // 2:  # (the STFT reflects 200 samples at each end)
+                raise ValueError(f"waveforms[{i}] is too short for S3 tokens: {int(length[0])} samples at 16 kHz, "
+                                 f"at least {N_FFT // 2 + 1} needed")  # fmt: skip
+            audio = audio[:, : int(length[0])].to(self.filters.device)
+            out.append(whisper_log_mel(audio, self.filters, self.window)[0])
+        return out
+
+    @torch.no_grad()
+    def encode(self, waveforms: Sequence[Tensor], sample_rate: int | Sequence[int] = SAMPLE_RATE) -> list[Tensor]:
+        """Per waveform (mono, any rate: resampled to 16 kHz, at most 30 s), its ``(T_s,)`` int64 S3 token ids
+        (50 per second)."""
+        return [self(mel).cpu() for mel in self.log_mel(waveforms, sample_rate)]
