@@ -11,8 +11,9 @@ file), and what onnxruntime, kaldi-native-fbank and openai-whisper compute with 
 
     python tests/data/make_frontend_reference.py    # needs onnx, onnxruntime, kaldi-native-fbank, openai-whisper
 
-With ``--full`` it instead exports the released size (7.2 M parameters) to a temporary file and prints how far
-taste.onnx is from onnxruntime and from the PyTorch module, and the time of each (nothing is written here).
+With ``--full`` it instead exports both at the released sizes (CAM++ 6.85 M parameters with its 192-d output, the S3
+tokenizer 130 M) to temporary files and prints how far taste.onnx is from onnxruntime and from the PyTorch module,
+and the time of each (nothing is written here).
 """
 
 import math
@@ -85,6 +86,7 @@ def main() -> None:
 
 
 def full() -> None:
+    """onnxruntime with one thread, as the official sessions; torch with its default threads (2 here)."""
     import onnxruntime as ort
     from frontend_models import CamPlusPlus, export, randomized
 
@@ -121,6 +123,50 @@ def full() -> None:
             f"|pytorch - onnxruntime| {(times['pytorch'][1] - ref).abs().max():.2e} (|emb| up to "
             f"{ref.abs().max():.1f}); median ms: " + ", ".join(f"{k} {v[0]:.1f}" for k, v in times.items())
         )
+    full_s3(ort, OnnxGraph)
+
+
+def full_s3(ort, OnnxGraph) -> None:
+    from frontend_models import S3TokenizerV1, export_s3
+
+    torch.manual_seed(1)
+    model = S3TokenizerV1().eval()
+    with torch.no_grad():
+        for block in model.blocks:  # keep the residual stream's scale: the tokens then depend on the input
+            block.o.weight.mul_(0.1)
+            block.mlp[2].weight.mul_(0.1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "s3.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_s3(model, path)
+        print(f"S3 tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+              f"{os.path.getsize(path)} bytes")  # fmt: skip
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        graph = OnnxGraph.from_file(path)
+    g = torch.Generator().manual_seed(3)
+    for frames in (500, 2000):
+        mel = torch.randn(1, 128, frames, generator=g)
+        n = torch.tensor([frames], dtype=torch.int32)
+        feed = {"feats": mel.numpy(), "feats_length": n.numpy()}
+        runs = {"onnxruntime": lambda feed=feed: torch.from_numpy(session.run(None, feed)[0]),
+                "taste.onnx": lambda mel=mel, n=n: graph(mel, n),
+                "pytorch": lambda mel=mel, n=n: model(mel, n)}  # fmt: skip
+        out = {}
+        for name, fn in runs.items():
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                y = fn()
+                times.append(time.perf_counter() - t)
+            out[name] = (sorted(times)[1] * 1e3, y)
+        ref = out["onnxruntime"][1]
+        agree = {k: float((v[1] == ref).float().mean()) for k, v in out.items() if k != "onnxruntime"}
+        print(f"{frames / 100:.0f} s of audio ({ref.numel()} tokens): tokens equal to onnxruntime's: "
+              + ", ".join(f"{k} {v:.2%}" for k, v in agree.items()) + "; median ms: "
+              + ", ".join(f"{k} {v[0]:.0f}" for k, v in out.items()))  # fmt: skip
 
 
 if __name__ == "__main__":
