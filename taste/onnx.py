@@ -862,7 +862,7 @@ class OnnxGraph(nn.Module):
                              f"got {len(inputs)}")  # fmt: skip
         env: dict[str, Tensor | None] = {"": None}
         env.update(zip(self.input_names, inputs))
-        buffers = dict(self.named_buffers())
+        buffers = self._buffers  # (its own buffers: named_buffers() walks the module tree, ~2 ms a call on CAM++)
         for name, buffer in self._buffer_of.items():
             env[name] = buffers[buffer]
         for node, free in zip(self.nodes, self._free_after):
