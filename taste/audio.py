@@ -135,6 +135,33 @@ def batch_waveforms(
     return audio, torch.tensor(lengths)
 
 
+def waveforms_at_16k(
+    waveforms: Sequence[Tensor], sample_rate: int | Sequence[int] = SAMPLE_RATE, *, max_seconds: float | None = None,
+    truncate: bool = False,
+) -> list[Tensor]:  # fmt: skip
+    """Each mono waveform validated (as :func:`batch_waveforms` does) and resampled to 16 kHz, unpadded: a list of
+    ``(T_i,)`` float32. ``max_seconds``: longer audio is refused, or cut when ``truncate``; None: no limit."""
+    if isinstance(waveforms, Tensor):
+        raise TypeError("waveforms must be a list of 1-D tensors (one per utterance), got a single tensor")
+    if (sample_rate.dim() if isinstance(sample_rate, Tensor) else np.ndim(sample_rate)) == 0:
+        sample_rate = [sample_rate] * len(waveforms)
+    if len(sample_rate) != len(waveforms):
+        raise ValueError(f"sample_rate has {len(sample_rate)} entries for {len(waveforms)} waveforms")
+    if max_seconds is not None and not (isinstance(max_seconds, numbers.Real) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be a positive number of seconds, got {max_seconds!r}")
+    out = []
+    for i, (w, rate) in enumerate(zip(waveforms, sample_rate)):
+        w = torch.as_tensor(w)
+        seconds = w.shape[-1] / float(_sample_rate(rate, f"sample_rate[{i}]")) if w.dim() else 0.0
+        window = max_seconds if max_seconds is not None else math.ceil(seconds) + 1.0
+        try:
+            audio, length = batch_waveforms([w], rate, window_seconds=window, truncate=truncate)
+        except (TypeError, ValueError) as e:
+            raise type(e)(str(e).replace("waveforms[0]", f"waveforms[{i}]")) from None
+        out.append(audio[0, : int(length[0])])
+    return out
+
+
 class LogMel(nn.Module):
     """Batched Whisper log-mel: ``audio (B, window_samples)`` float -> ``(B, n_mels, window_frames)`` float32.
 

@@ -801,6 +801,16 @@ def find_onnx_file(path, names) -> str | None:
     return None
 
 
+def load_onnx_file(path, names, what: str) -> OnnxGraph:
+    """The graph of ``path`` (an ``.onnx`` file, or a directory holding one of ``names``); ``what`` names the model
+    in the error when there is none."""
+    found = find_onnx_file(path, names)
+    if found is None:
+        raise FileNotFoundError(f"{os.fspath(path)!r} is not {what}'s ONNX file and holds none (looked for "
+                                f"{', '.join(names)})")  # fmt: skip
+    return OnnxGraph.from_file(found)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from taste.audio import N_FFT, SAMPLE_RATE, batch_waveforms, mel_filters, whisper_log_mel
-from taste.onnx import OnnxGraph, find_onnx_file
+from taste.audio import N_FFT, SAMPLE_RATE, mel_filters, waveforms_at_16k, whisper_log_mel
+from taste.onnx import OnnxGraph, find_onnx_file, load_onnx_file
 
 OFFICIAL_FILE = os.path.join("cosyvoice", "speech_tokenizer_v1.onnx")  # in the TASTE release
 COSYVOICE_FILE = "speech_tokenizer_v1.onnx"  # in a CosyVoice model directory
@@ -25,10 +25,13 @@ MAX_SECONDS = 30.0
 TOKEN_RATE = 50  # tokens per second (v1)
 
 
+# where a release (cosyvoice/), a CosyVoice model directory and an import-official directory keep the file
+SEARCH = (OFFICIAL_FILE, COSYVOICE_FILE, os.path.join("s3_tokenizer", COSYVOICE_FILE))
+
+
 def find_s3_tokenizer(path: str) -> str | None:
-    """The S3 tokenizer's ONNX file in a release directory, a CosyVoice model directory or an ``import-official``
-    directory (``path/s3_tokenizer/``); the path itself if it is a file; None if there is none."""
-    return find_onnx_file(path, (OFFICIAL_FILE, COSYVOICE_FILE, os.path.join("s3_tokenizer", COSYVOICE_FILE)))
+    """The S3 tokenizer's ONNX file under ``path`` (see :data:`SEARCH`), ``path`` itself if it is one, or None."""
+    return find_onnx_file(path, SEARCH)
 
 
 class S3Tokenizer(nn.Module):
@@ -51,11 +54,7 @@ class S3Tokenizer(nn.Module):
     def from_official(cls, path: str, *, device=None) -> S3Tokenizer:
         """The release directory (``cosyvoice/speech_tokenizer_v1.onnx``), a CosyVoice model directory, or the ONNX
         file."""
-        found = find_s3_tokenizer(path)
-        if found is None:
-            raise FileNotFoundError(f"{path!r} is not an S3 tokenizer's ONNX file and holds none ({OFFICIAL_FILE} of "
-                                    f"a TASTE release, or {COSYVOICE_FILE} of a CosyVoice model)")  # fmt: skip
-        return cls(OnnxGraph.from_file(found)).to(device).eval()
+        return cls(load_onnx_file(path, SEARCH, "an S3 tokenizer")).to(device).eval()
 
     def forward(self, mel: Tensor) -> Tensor:
         """``mel (n_mels, F)`` float32 of one utterance -> ``(T_s,)`` int64 token ids."""
@@ -68,23 +67,12 @@ class S3Tokenizer(nn.Module):
 
     def log_mel(self, waveforms: Sequence[Tensor], sample_rate: int | Sequence[int] = SAMPLE_RATE) -> list[Tensor]:
         """Per waveform, ``(128, T // 160)`` float32: openai-whisper's log-mel of the 16 kHz audio as it is."""
-        if isinstance(waveforms, Tensor):
-            raise TypeError("waveforms must be a list of 1-D tensors (one per utterance), got a single tensor")
-        if not isinstance(sample_rate, (Sequence, Tensor)):
-            sample_rate = [sample_rate] * len(waveforms)
-        if len(sample_rate) != len(waveforms):
-            raise ValueError(f"sample_rate has {len(sample_rate)} entries for {len(waveforms)} waveforms")
         out = []
-        for i, (w, rate) in enumerate(zip(waveforms, sample_rate)):
-            try:
-                audio, length = batch_waveforms([w], rate, window_seconds=MAX_SECONDS)
-            except (TypeError, ValueError) as e:
-                raise type(e)(str(e).replace("waveforms[0]", f"waveforms[{i}]")) from None
-            if int(length[0]) <= N_FFT // 2:  # (the STFT reflects 200 samples at each end)
-                raise ValueError(f"waveforms[{i}] is too short for S3 tokens: {int(length[0])} samples at 16 kHz, "
+        for i, audio in enumerate(waveforms_at_16k(waveforms, sample_rate, max_seconds=MAX_SECONDS)):
+            if audio.numel() <= N_FFT // 2:  # (the STFT reflects 200 samples at each end)
+                raise ValueError(f"waveforms[{i}] is too short for S3 tokens: {audio.numel()} samples at 16 kHz, "
                                  f"at least {N_FFT // 2 + 1} needed")  # fmt: skip
-            audio = audio[:, : int(length[0])].to(self.filters.device)
-            out.append(whisper_log_mel(audio, self.filters, self.window)[0])
+            out.append(whisper_log_mel(audio[None].to(self.filters.device), self.filters, self.window)[0])
         return out
 
     @torch.no_grad()

@@ -10,7 +10,6 @@ the file's batch norms are folded into anonymous convolution weights, so running
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -18,19 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taste.audio import SAMPLE_RATE, batch_waveforms, kaldi_fbank
-from taste.onnx import OnnxGraph, find_onnx_file
+from taste.audio import SAMPLE_RATE, kaldi_fbank, waveforms_at_16k
+from taste.onnx import OnnxGraph, find_onnx_file, load_onnx_file
 
 OFFICIAL_FILE = os.path.join("cosyvoice", "speaker_embed.onnx")  # in the TASTE release
 COSYVOICE_FILE = "campplus.onnx"  # in a CosyVoice model directory
 MIN_FRAMES = 3  # CAM++ halves the frame rate once, and its statistics pooling takes an unbiased std over time
 
 
+# where a release (cosyvoice/), a CosyVoice model directory and an import-official directory keep the file
+SEARCH = (OFFICIAL_FILE, COSYVOICE_FILE, os.path.join("speaker", "speaker_embed.onnx"), "speaker_embed.onnx")
+
+
 def find_speaker_model(path: str) -> str | None:
-    """The speaker encoder's ONNX file in a release directory, a CosyVoice model directory or an
-    ``import-official`` directory (``path/speaker/``); the path itself if it is a file; None if there is none."""
-    return find_onnx_file(path, (OFFICIAL_FILE, COSYVOICE_FILE, os.path.join("speaker", "speaker_embed.onnx"),
-                                 "speaker_embed.onnx"))  # fmt: skip
+    """The speaker encoder's ONNX file under ``path`` (see :data:`SEARCH`), ``path`` itself if it is one, or None."""
+    return find_onnx_file(path, SEARCH)
 
 
 class SpeakerEncoder(nn.Module):
@@ -56,11 +57,7 @@ class SpeakerEncoder(nn.Module):
     def from_official(cls, path: str, *, device=None) -> SpeakerEncoder:
         """The release directory (``cosyvoice/speaker_embed.onnx``), a CosyVoice model directory
         (``campplus.onnx``), or the ONNX file."""
-        found = find_speaker_model(path)
-        if found is None:
-            raise FileNotFoundError(f"{path!r} is not a speaker encoder's ONNX file and holds none ({OFFICIAL_FILE} "
-                                    f"of a TASTE release, or {COSYVOICE_FILE} of a CosyVoice model)")  # fmt: skip
-        return cls(OnnxGraph.from_file(found)).to(device).eval()
+        return cls(load_onnx_file(path, SEARCH, "a speaker encoder")).to(device).eval()
 
     def forward(self, feats: Tensor) -> Tensor:
         """``feats (B, F, 80)`` mean-normalised filter banks of equal length -> ``(B, D)`` embeddings."""
@@ -72,26 +69,12 @@ class SpeakerEncoder(nn.Module):
                  max_seconds: float | None = None) -> list[Tensor]:  # fmt: skip
         """Per waveform, ``(F, 80)`` float32: Kaldi filter banks of the 16 kHz audio minus their mean over time.
         ``max_seconds`` keeps only the first seconds (the official ``spk_emb_cutoff_threshold``)."""
-        if isinstance(waveforms, Tensor):
-            raise TypeError("waveforms must be a list of 1-D tensors (one per utterance), got a single tensor")
-        if not isinstance(sample_rate, (Sequence, Tensor)):
-            sample_rate = [sample_rate] * len(waveforms)
-        if len(sample_rate) != len(waveforms):
-            raise ValueError(f"sample_rate has {len(sample_rate)} entries for {len(waveforms)} waveforms")
-        if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
-            raise ValueError(f"max_seconds must be a positive number of seconds, got {max_seconds!r}")
         out = []
-        for i, (w, rate) in enumerate(zip(waveforms, sample_rate)):
-            w = torch.as_tensor(w)
-            seconds = w.shape[-1] / float(rate) if w.dim() else 0.0
-            window = max_seconds if max_seconds is not None else math.ceil(seconds) + 1.0
-            try:
-                audio, length = batch_waveforms([w], rate, window_seconds=window, truncate=max_seconds is not None)
-            except (TypeError, ValueError) as e:
-                raise type(e)(str(e).replace("waveforms[0]", f"waveforms[{i}]")) from None
-            feats, frames = kaldi_fbank(audio[:, : int(length[0])])
+        audios = waveforms_at_16k(waveforms, sample_rate, max_seconds=max_seconds, truncate=max_seconds is not None)
+        for i, audio in enumerate(audios):
+            feats, frames = kaldi_fbank(audio[None])
             if int(frames[0]) < MIN_FRAMES:
-                raise ValueError(f"waveforms[{i}] is too short for a speaker embedding: {int(length[0])} samples at "
+                raise ValueError(f"waveforms[{i}] is too short for a speaker embedding: {audio.numel()} samples at "
                                  f"16 kHz make {int(frames[0])} frames, CAM++ needs at least {MIN_FRAMES} "
                                  f"({(400 + 160 * (MIN_FRAMES - 1)) / 16000 * 1000:.0f} ms)")  # fmt: skip
             f = feats[0]
