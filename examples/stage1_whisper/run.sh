@@ -8,7 +8,9 @@
 #
 #   run.sh WHISPER_DIR [MANIFEST]
 #
-# MANIFEST (default data/manifest.units.jsonl): a `taste units` manifest, rows with audio, text and units.
+# MANIFEST (default data/manifest.units.jsonl): a `taste units` manifest, rows with audio, text and units. The
+# official targets and speaker input, from the release's ONNX files: `taste s3-units data/manifest.jsonl --model
+# RELEASE --speaker-model RELEASE -o data/manifest.units.jsonl` (S3 units and each row's CAM++ vector).
 # `taste init-tokenizer --language de` seeds another language; `--asr-tokenizer llama3`, queries in Llama 3's tokens.
 set -euo pipefail
 whisper=$(realpath "$1")
