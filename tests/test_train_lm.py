@@ -216,6 +216,52 @@ def test_continue_with_the_voice_generator(tmp_path, capsys):
     assert f"speaker must be a ({spk_dim},) vector" in capsys.readouterr().err
 
 
+def test_continue_takes_the_prompts_cam_vector(tmp_path, capsys):
+    """As the official demo: with the release's speaker encoder in the import-official directory and no --speaker,
+    the unit decoder and the voice generator get the prompt's own CAM++ vector; a .wav --speaker is another
+    reference's."""
+    import shutil
+
+    from taste.corpus import read_wav
+    from taste.speaker import SpeakerEncoder
+    from taste.train import Stage1Model
+    from taste.voice import VoiceGenerator, VoiceGeneratorConfig
+
+    campplus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "campplus_tiny.onnx")
+    torch.manual_seed(0)
+    stage1 = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None, spk_dim=192)
+    with torch.no_grad():
+        stage1.tokenizer.quantizer.embed.normal_()
+        stage1.tokenizer.quantizer.initted.fill_(1)
+    stage1.tokenizer.save_pretrained(str(tmp_path / "official" / "tokenizer"))
+    stage1.decoder.save_pretrained(str(tmp_path / "official" / "unit_decoder"))
+    os.makedirs(tmp_path / "official" / "speaker")
+    shutil.copy(campplus, tmp_path / "official" / "speaker" / "speaker_embed.onnx")
+    TasteSpokenLM.from_tokenizer(stage1.tokenizer, SpokenLMConfig.tiny()).save_pretrained(str(tmp_path / "lm"))
+    VoiceGenerator(config=VoiceGeneratorConfig.tiny(num_units=16, spk_dim=192)).save_pretrained(str(tmp_path / "v"))
+    t = torch.arange(16000) / 16000
+    write_wav(str(tmp_path / "prompt.wav"), 0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.05 * torch.sin(900 * t))
+    write_wav(str(tmp_path / "other.wav"), 0.2 * torch.randn(12000, generator=torch.Generator().manual_seed(1)))
+    encoder = SpeakerEncoder.from_official(campplus)
+    for name in ("prompt", "other"):
+        vector = encoder.speaker([read_wav(str(tmp_path / f"{name}.wav"))[0]])
+        (tmp_path / f"{name}.json").write_text(json.dumps(vector.tolist()))
+    base = ["continue", str(tmp_path / "prompt.wav"), "--text", "hello there", "--lm", str(tmp_path / "lm"),
+            "--tokenizer-model", str(tmp_path / "official"), "--voice", str(tmp_path / "v"), "--greedy",
+            "--extra-words", "1", "--max-new-tokens", "6"]  # fmt: skip
+    runs = {"default": [], "prompt": ["--speaker", str(tmp_path / "prompt.json")],
+            "other_wav": ["--speaker", str(tmp_path / "other.wav")],
+            "other": ["--speaker", str(tmp_path / "other.json")]}  # fmt: skip
+    waves = {}
+    for name, extra in runs.items():
+        assert main(base + extra + ["-o", str(tmp_path / f"{name}.wav")]) == 0, name
+        waves[name] = read_wav(str(tmp_path / f"{name}.wav"))[0]
+    assert "speaker: the prompt's CAM++ vector" in capsys.readouterr().out
+    assert torch.equal(waves["default"], waves["prompt"])
+    assert torch.equal(waves["other_wav"], waves["other"])
+    assert not torch.equal(waves["default"], waves["other"])
+
+
 def test_ddp_on_two_cpu_ranks_keeps_identical_weights(data, tmp_path):
     cfg = config(data, tmp_path / "ddp", steps=2, batch_size=2, write_rank_digests=True)
     digests = torchrun_rank_digests("train-lm", dataclasses.asdict(cfg), tmp_path / "ddp")
