@@ -2,15 +2,19 @@
 that evaluates its graph node by node with torch operators.
 
 The official release ships two CosyVoice front-end models only as ONNX files (``cosyvoice/speaker_embed.onnx``, the
-CAM++ speaker encoder, and ``cosyvoice/speech_tokenizer_v1.onnx``). Their exporter folded the batch norms into the
-convolutions and named most weights ``onnx::Conv_123``, so the weights cannot be mapped onto a PyTorch module by
-name; running the graph itself is what reproduces them. :class:`OnnxGraph` holds the initialisers as buffers
+CAM++ speaker encoder, and ``cosyvoice/speech_tokenizer_v1.onnx``). torch's TorchScript exporter, which such files
+come from, folds batch norms into the convolutions and names their weights ``onnx::Conv_<n>`` (the public S3Tokenizer
+converter maps such names by hand), so the weights cannot be mapped onto a PyTorch module by name; running the graph
+itself is what reproduces the model. :class:`OnnxGraph` holds the initialisers as buffers
 (``.to(device)`` moves them) and computes in the initialisers' dtypes, on any device.
 
+The graph runs eagerly, node by node (its shape operators read small tensors on the host, as exporters build shapes
+from them); it serves one-off front-end calls, not a training loop, and is not meant for ``torch.compile``.
+
 Supported: the standard domain's operators in :data:`OPERATORS` (convolutions, pools, norms, matrix products,
-elementwise arithmetic, reductions, and the shape operators that exporters emit), opsets 9 to 21 where their
-signatures differ. An operator outside that list, a sub-graph (``If``, ``Loop``) or external data raises a
-``ValueError`` that names it.
+elementwise arithmetic, reductions, and the shape operators that exporters emit), in the signatures of the opsets
+before and after their inputs changed (tests cover opsets 6 to 20). An operator outside that list, a sub-graph
+(``If``, ``Loop``) or external data raises a ``ValueError`` that names it.
 """
 
 from __future__ import annotations
