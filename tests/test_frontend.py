@@ -319,6 +319,16 @@ def test_s3_units_command(tmp_path, encoder, capsys):
         assert (row["unit_rate"], row["num_units"], row["text"]) == (50, 64, "some words")
         torch.testing.assert_close(torch.tensor(row["speaker"]), encoder.speaker([audio]), atol=1e-6, rtol=0)
     assert "S3 units and CAM++ speaker vectors of 2 utterances" in capsys.readouterr().out
+    # the manifest vocodes as it is (rows' units and speaker vectors): the S3 resynthesis "topline"
+    from test_voice import tiny as tiny_voice
+
+    voice = tiny_voice(num_units=64, spk_dim=192)
+    voice.save_pretrained(str(tmp_path / "voice"))
+    assert main(["vocode", str(tmp_path / "m.s3.jsonl"), "--voice", str(tmp_path / "voice"), "-o",
+                 str(tmp_path / "resynth")]) == 0  # fmt: skip
+    want = voice.generate([torch.tensor(out[0]["units"])], torch.tensor([out[0]["speaker"]]),
+                          generator=torch.Generator().manual_seed(0))[0]  # fmt: skip
+    torch.testing.assert_close(read_wav(str(tmp_path / "resynth" / "a0.wav"))[0], want, atol=1 / 32767, rtol=0)
     assert main(argv[:-2] + ["--num-units", "8", "-o", str(tmp_path / "x.jsonl")]) == 1
     assert "is not below --num-units 8" in capsys.readouterr().err
 
