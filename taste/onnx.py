@@ -871,6 +871,15 @@ class OnnxGraph(nn.Module):
         return cls(read_onnx(path))
 
     def forward(self, *inputs: Tensor):
+        """Float32 convolutions run in float32, as onnxruntime runs them (cuDNN's TF32 is off for the call)."""
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            return self._run(inputs)
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+
+    def _run(self, inputs: tuple[Tensor, ...]):
         if len(inputs) != len(self.input_names):
             raise ValueError(f"the ONNX graph takes {len(self.input_names)} inputs ({self.input_names}), "
                              f"got {len(inputs)}")  # fmt: skip

@@ -555,3 +555,13 @@ def test_graph_moves_and_casts():
     x = torch.randn(1, 120, 80, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(graph(x.double()).float(), OnnxGraph.from_file(TINY)(x), atol=2e-5, rtol=1e-5)
     assert math.isfinite(float(graph(x.double()).sum()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_front_end_on_the_gpu(reference):
+    """The graphs' buffers move with .to(device), and every shape operator makes its tensors on the input's device."""
+    encoder = SpeakerEncoder.from_official(TINY, device="cuda")
+    torch.testing.assert_close(encoder.embed([reference["wave"]]), reference["wave_emb"].cuda(), atol=1e-4, rtol=1e-4)
+    tokenizer = S3Tokenizer.from_official(S3_TINY, device="cuda")
+    assert torch.equal(tokenizer.encode([reference["wave"]])[0], reference["wave_tokens"].reshape(-1))
