@@ -85,6 +85,23 @@ def main() -> None:
     )
 
 
+def one_thread_session(ort, path: str):
+    """An onnxruntime session with one thread, as the official processor makes them."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def median_ms(fn, reps: int) -> tuple[float, torch.Tensor]:
+    """The median time of ``reps`` calls of ``fn`` in milliseconds, and the last call's output."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        y = fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[reps // 2] * 1e3, y
+
+
 def full() -> None:
     """onnxruntime with one thread, as the official sessions; torch with its default threads (2 here)."""
     import onnxruntime as ort
@@ -100,10 +117,7 @@ def full() -> None:
             warnings.simplefilter("ignore")
             export(model, path)
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {os.path.getsize(path)} bytes")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1  # as the official processor
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        graph = OnnxGraph.from_file(path)
+        session, graph = one_thread_session(ort, path), OnnxGraph.from_file(path)
     g = torch.Generator().manual_seed(2)
     for n in (100, 300, 1000, 3000):
         x = torch.randn(1, n, 80, generator=g)
@@ -111,12 +125,7 @@ def full() -> None:
         for name, fn in (("onnxruntime", lambda x=x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])),
                          ("taste.onnx", lambda x=x: graph(x)), ("pytorch", lambda x=x: model(x))):  # fmt: skip
             fn()
-            runs = []
-            for _ in range(5):
-                t = time.perf_counter()
-                y = fn()
-                runs.append(time.perf_counter() - t)
-            times[name] = (sorted(runs)[2] * 1e3, y)
+            times[name] = median_ms(fn, 5)
         ref = times["onnxruntime"][1]
         print(
             f"T={n:5d} frames: max |taste.onnx - onnxruntime| {(times['taste.onnx'][1] - ref).abs().max():.2e}, "
@@ -142,10 +151,7 @@ def full_s3(ort, OnnxGraph) -> None:
             export_s3(model, path)
         print(f"S3 tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
               f"{os.path.getsize(path)} bytes")  # fmt: skip
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        graph = OnnxGraph.from_file(path)
+        session, graph = one_thread_session(ort, path), OnnxGraph.from_file(path)
     g = torch.Generator().manual_seed(3)
     for frames in (500, 2000):
         mel = torch.randn(1, 128, frames, generator=g)
@@ -156,12 +162,7 @@ def full_s3(ort, OnnxGraph) -> None:
                 "pytorch": lambda mel=mel, n=n: model(mel, n)}  # fmt: skip
         out = {}
         for name, fn in runs.items():
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                y = fn()
-                times.append(time.perf_counter() - t)
-            out[name] = (sorted(times)[1] * 1e3, y)
+            out[name] = median_ms(fn, 3)
         ref = out["onnxruntime"][1]
         agree = {k: float((v[1] == ref).float().mean()) for k, v in out.items() if k != "onnxruntime"}
         print(f"{frames / 100:.0f} s of audio ({ref.numel()} tokens): tokens equal to onnxruntime's: "
