@@ -8,8 +8,11 @@ converter maps such names by hand), so the weights cannot be mapped onto a PyTor
 itself is what reproduces the model. :class:`OnnxGraph` holds the initialisers as buffers
 (``.to(device)`` moves them) and computes in the initialisers' dtypes, on any device.
 
-The graph runs eagerly, node by node (its shape operators read small tensors on the host, as exporters build shapes
-from them); it serves one-off front-end calls, not a training loop, and is not meant for ``torch.compile``.
+The graph runs node by node. Exporters build every reshape's target from ``Shape`` with ``Gather``, ``Concat``,
+``Unsqueeze`` and arithmetic (in CAM++'s file, about half of the nodes); here those values stay Python numbers
+(:class:`HostValue`: shapes, small constants and what host operators make of them), so a graph on a GPU never
+copies a shape to the device and back (no host sync), and ``torch.compile(graph, fullgraph=True)`` traces the whole
+graph, its shapes as traced integers (each new input length compiles again).
 
 Supported: the standard domain's operators in :data:`OPERATORS` (convolutions, pools, norms, matrix products,
 elementwise arithmetic, reductions, and the shape operators that exporters emit), in the signatures of the opsets
@@ -19,7 +22,9 @@ before and after their inputs changed (tests cover opsets 6 to 20). An operator 
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import os
 import struct
 from dataclasses import dataclass, field
@@ -286,12 +291,23 @@ def read_onnx(path_or_bytes) -> OnnxModel:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Operators: fn(inputs (list of Tensor | None), attrs (dict), opset (int)) -> Tensor or tuple of Tensors
+# Operators: fn(inputs (list of Tensor | None; a HostValue where they read numbers, see _NUMBER_INPUTS, or a
+# Python number, see _SCALAR_INPUTS), attrs (dict), opset (int)) -> Tensor or tuple of Tensors
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _ints_of(t: Tensor | None) -> list[int] | None:
-    return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
+def _ints_of(t) -> list[int] | None:
+    """A shape-like input's integers (a :class:`HostValue`'s are read without touching a device)."""
+    if t is None:
+        return None
+    if isinstance(t, HostValue):
+        return list(t.values) if not t.dtype.is_floating_point else [int(v) for v in t.values]
+    return [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _scalar(t):
+    """A one-element input's Python number."""
+    return t.values[0] if isinstance(t, HostValue) else t.item()
 
 
 def _axis(axis: int, rank: int) -> int:
@@ -457,8 +473,8 @@ def _unsqueeze(x, a, opset):
     return inp
 
 
-def _slice(x, a, opset):
-    inp = x[0]
+def _slice_index(x, a, opset, shape) -> tuple[tuple[slice, ...], list[int]]:
+    """Slice's inputs as Python slices with positive steps over ``shape``, and the dims to flip after them."""
     if opset >= 10:
         starts, ends = _ints_of(x[1]), _ints_of(x[2])
         axes = _ints_of(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
@@ -466,11 +482,11 @@ def _slice(x, a, opset):
     else:
         starts, ends = a["starts"], a["ends"]
         axes, steps = a.get("axes", list(range(len(starts)))), [1] * len(starts)
-    index = [slice(None)] * inp.dim()
+    index = [slice(None)] * len(shape)
     flips = []
     for s, e, d, st in zip(starts, ends, axes, steps):
-        d = _axis(d, inp.dim())
-        size = inp.shape[d]
+        d = _axis(d, len(shape))
+        size = shape[d]
         if st > 0:
             s = max(0, min(size, s + size if s < 0 else s))
             e = max(0, min(size, e + size if e < 0 else e))
@@ -482,7 +498,12 @@ def _slice(x, a, opset):
             count = max(0, (s - lo) // -st + 1) if s >= lo else 0
             index[d] = slice(s - (count - 1) * -st, s + 1, -st) if count else slice(0, 0)
             flips.append(d)
-    out = inp[tuple(index)]
+    return tuple(index), flips
+
+
+def _slice(x, a, opset):
+    index, flips = _slice_index(x, a, opset, x[0].shape)
+    out = x[0][index]
     return out.flip(flips) if flips else out
 
 
@@ -529,7 +550,7 @@ def _pad(x, a, opset):
     inp = x[0]
     if opset >= 11:
         pads = _ints_of(x[1])
-        value = x[2].item() if len(x) > 2 and x[2] is not None and x[2].numel() else 0.0
+        value = _scalar(x[2]) if len(x) > 2 and x[2] is not None and x[2].numel() else 0.0
         axes = _ints_of(x[3]) if len(x) > 3 and x[3] is not None else list(range(inp.dim()))
     else:
         pads, value, axes = a["pads"], a.get("value", 0.0), list(range(inp.dim()))
@@ -555,7 +576,8 @@ def _pad(x, a, opset):
 
 def _range(x, a, opset):
     start, limit, delta = x[0], x[1], x[2]
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
+    device = next((t.device for t in x if isinstance(t, Tensor)), None)
+    return torch.arange(_scalar(start), _scalar(limit), _scalar(delta), dtype=start.dtype, device=device)
 
 
 def _constant_of_shape(x, a, opset):
@@ -616,9 +638,12 @@ def _variadic(fn):
 
 
 def _div(x, a, opset):
-    if x[0].is_floating_point():
-        return x[0] / x[1]
-    return torch.div(x[0], x[1], rounding_mode="trunc")  # integer Div truncates, as C
+    p, q = x[0], x[1]
+    if p.is_floating_point() if isinstance(p, Tensor) else isinstance(p, float):
+        return p / q
+    if not isinstance(p, Tensor):  # (a host number over a tensor)
+        p = torch.tensor(p, dtype=q.dtype, device=q.device)
+    return torch.div(p, q, rounding_mode="trunc")  # integer Div truncates, as C
 
 
 def _mod(x, a, opset):
@@ -658,7 +683,7 @@ def _hard_sigmoid(x, a, opset):
 
 
 def _cumsum(x, a, opset):
-    inp, axis = x[0], _axis(int(x[1].item()), x[0].dim())
+    inp, axis = x[0], _axis(int(_scalar(x[1])), x[0].dim())
     if a.get("reverse", 0):
         inp = inp.flip(axis)
     out = inp.cumsum(axis)
@@ -668,7 +693,7 @@ def _cumsum(x, a, opset):
 
 
 def _topk(x, a, opset):
-    k = int(x[1].item()) if opset >= 10 else a["k"]
+    k = int(_scalar(x[1])) if opset >= 10 else a["k"]
     values, indices = torch.topk(x[0], k, dim=a.get("axis", -1), largest=bool(a.get("largest", 1)),
                                  sorted=bool(a.get("sorted", 1)))  # fmt: skip
     return values, indices
@@ -693,36 +718,36 @@ def _scalar_attr(fn, key, default):
 OPERATORS = {
     # elementwise
     "Abs": _unary(torch.abs),
-    "Add": _binary(torch.add),
+    "Add": _binary(operator.add),  # (the operators, not torch.add: either side may be a host number)
     "And": _binary(torch.logical_and),
     "Ceil": _unary(torch.ceil),
     "Cos": _unary(torch.cos),
     "Div": _div,
     "Dropout": lambda x, a, opset: x[0],
     "Elu": _scalar_attr(lambda t, alpha: F.elu(t, alpha), "alpha", 1.0),
-    "Equal": _binary(torch.eq),
+    "Equal": _binary(operator.eq),
     "Erf": _unary(torch.erf),
     "Exp": _unary(torch.exp),
     "Floor": _unary(torch.floor),
     "Gelu": _gelu,
-    "Greater": _binary(torch.gt),
-    "GreaterOrEqual": _binary(torch.ge),
+    "Greater": _binary(operator.gt),
+    "GreaterOrEqual": _binary(operator.ge),
     "HardSigmoid": _hard_sigmoid,
     "Identity": lambda x, a, opset: x[0],
     "IsNaN": _unary(torch.isnan),
     "LeakyRelu": _scalar_attr(F.leaky_relu, "alpha", 0.01),
-    "Less": _binary(torch.lt),
-    "LessOrEqual": _binary(torch.le),
+    "Less": _binary(operator.lt),
+    "LessOrEqual": _binary(operator.le),
     "Log": _unary(torch.log),
     "Max": _variadic(torch.maximum),
     "Mean": lambda x, a, opset: _variadic(torch.add)(x, a, opset) / len(x),
     "Min": _variadic(torch.minimum),
     "Mod": _mod,
-    "Mul": _binary(torch.mul),
+    "Mul": _binary(operator.mul),
     "Neg": _unary(torch.neg),
     "Not": _unary(torch.logical_not),
     "Or": _binary(torch.logical_or),
-    "Pow": _binary(lambda b, e: torch.pow(b, e).to(b.dtype)),
+    "Pow": _binary(lambda b, e: torch.pow(b, e).to(b.dtype) if isinstance(b, Tensor) else torch.pow(b, e)),
     "PRelu": _prelu,
     "Reciprocal": _unary(torch.reciprocal),
     "Relu": _unary(torch.relu),
@@ -731,7 +756,7 @@ OPERATORS = {
     "Sin": _unary(torch.sin),
     "Softplus": _unary(F.softplus),
     "Sqrt": _unary(torch.sqrt),
-    "Sub": _binary(torch.sub),
+    "Sub": _binary(operator.sub),
     "Sum": _variadic(torch.add),
     "Tanh": _unary(torch.tanh),
     "Where": _where,
@@ -793,6 +818,337 @@ def _prod(t: Tensor, dims: list[int], keep: bool) -> Tensor:
     return t
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Host values: shapes, and what exporters compute from them, as Python numbers
+# --------------------------------------------------------------------------------------------------------------
+
+HOST_LIMIT = 64  # elements: a larger value made from shapes (a mask, a filled tensor) is made on the device
+
+
+class HostValue:
+    """A small value known on the host: a shape (``Shape``, ``Size``), a small constant, or what the graph computes
+    from them (exporters build every reshape's target with ``Gather``, ``Concat``, ``Unsqueeze``, arithmetic...).
+    Kept as Python numbers, such values never make a round trip through the device (no host sync per shape operator
+    on a GPU; none of the device's per-operator cost on a CPU), and under ``torch.compile`` they are the traced
+    (symbolic) sizes. ``values`` are flat, in row-major order; ``buffer`` is a constant's tensor."""
+
+    __slots__ = ("values", "shape", "dtype", "buffer")
+
+    def __init__(self, values, shape, dtype: torch.dtype, buffer: Tensor | None = None):
+        self.values, self.shape, self.dtype, self.buffer = list(values), tuple(shape), dtype, buffer
+
+    @classmethod
+    def of(cls, t: Tensor, buffer: Tensor | None = None) -> HostValue:
+        return cls(t.reshape(-1).tolist(), t.shape, t.dtype, buffer)
+
+    def numel(self) -> int:
+        return len(self.values)
+
+    def tensor(self, device) -> Tensor:
+        if self.buffer is not None:
+            return self.buffer
+        return torch.tensor(self.values, dtype=self.dtype, device=device).reshape(self.shape)
+
+    def __repr__(self) -> str:
+        return f"HostValue({self.values}, shape={self.shape}, dtype={self.dtype})"
+
+
+class _NoHost(Exception):
+    """A host operator that does not take these values: the torch operator then runs on CPU tensors."""
+
+
+_HOST_DTYPES = (torch.int64, torch.int32, torch.bool, torch.float32, torch.float64, torch.float16)
+_ROUND = {torch.float32: np.float32, torch.float16: np.float16}
+_OVERFLOW = {torch.float32: 2.0**128 * (1 - 2.0**-25), torch.float16: 65520.0}  # the largest value + half a step
+
+
+def _typed(v, dtype: torch.dtype):
+    """``v`` as a value of ``dtype``: floats rounded to its precision (Python computes in double; one rounding
+    after each +, -, *, / or sqrt gives the single-precision result exactly)."""
+    if dtype.is_floating_point:
+        v = torch.sym_float(v)
+        rnd = _ROUND.get(dtype)
+        if rnd is None or type(v) is not float:
+            return v
+        if abs(v) >= _OVERFLOW[dtype]:  # rounds beyond the dtype's largest value: inf, as a cast
+            return math.copysign(math.inf, v)
+        return float(rnd(v))
+    if dtype == torch.bool:
+        return bool(v)
+    if type(v) is float:  # a float converted to an integer type truncates toward zero (C's cast)
+        if not math.isfinite(v):
+            raise _NoHost
+        return int(v)
+    return v
+
+
+def _broadcast(x: list[HostValue]) -> tuple[tuple[int, ...], list[list]]:
+    """The broadcast shape of ``x`` and each one's values repeated to it."""
+    shapes = [h.shape for h in x]
+    if all(s == shapes[0] for s in shapes):
+        return shapes[0], [h.values for h in x]
+    shape = tuple(torch.broadcast_shapes(*shapes))
+    n = math.prod(shape)
+    cols = []
+    for h in x:
+        full = (1,) * (len(shape) - len(h.shape)) + h.shape
+        if full == shape:
+            cols.append(h.values)
+        elif h.numel() == 1:
+            cols.append(h.values * n)
+        else:
+            strides, acc = [], 1
+            for size in reversed(full):
+                strides.append(acc if size != 1 else 0)
+                acc *= size
+            strides.reverse()
+            index = [sum(i * s for i, s in zip(at, strides)) for at in itertools.product(*map(range, shape))]
+            cols.append([h.values[i] for i in index])
+    return shape, cols
+
+
+def _trunc_div(p, q):
+    if q == 0:
+        raise _NoHost  # integer division by zero: the torch operator says what it says
+    return p // q if (p >= 0) == (q > 0) else -((-p) // q)
+
+
+def _fdiv(p, q):
+    if q == 0:
+        raise _NoHost  # inf or nan: left to torch
+    return p / q
+
+
+def _host_map(fn, out_dtype: torch.dtype | None = None, floats: bool | None = None):
+    """An elementwise host operator (numpy broadcasting); ``floats`` picks the inputs' kind it takes."""
+
+    def run(x, a, opset, device):
+        if any(h is None for h in x):
+            raise _NoHost
+        dtype = x[0].dtype
+        if floats is not None and dtype.is_floating_point != floats:
+            raise _NoHost
+        shape, cols = _broadcast(x)
+        out = out_dtype or dtype
+        return HostValue([_typed(fn(*vs), out) for vs in zip(*cols)], shape, out)
+
+    return run
+
+
+def _host_div(x, a, opset, device):
+    return _host_map(_fdiv if x[0].dtype.is_floating_point else _trunc_div)(x, a, opset, device)
+
+
+def _host_mod(x, a, opset, device):
+    if x[0].dtype.is_floating_point or a.get("fmod", 0):
+        return _host_map(lambda p, q: p - q * _trunc_div(p, q), floats=False)(x, a, opset, device)
+    return _host_map(lambda p, q: p % q if q != 0 else _trunc_div(p, q))(x, a, opset, device)
+
+
+def _host_sqrt(v):
+    return math.sqrt(v) if v >= 0 else math.nan
+
+
+def _host_pow(p, q):
+    if p < 0 or (p == 0 and q < 0):
+        raise _NoHost  # (complex or infinite results: left to torch)
+    return p**q if type(p) is int and type(q) is int and q >= 0 else math.pow(p, q)
+
+
+def _host_cast(x, a, opset, device):
+    dtype = _DTYPES.get(a["to"], (None, None))[1]
+    if dtype not in _HOST_DTYPES:
+        raise _NoHost
+    h = x[0]
+    return HostValue([_typed(v, dtype) for v in h.values], h.shape, dtype)
+
+
+def _host_shape(x, a, opset, device):
+    dims = list(x[0].shape)
+    rank = len(dims)
+    start, end = a.get("start", 0), a.get("end", rank)
+    start = max(0, min(rank, start + rank if start < 0 else start))
+    end = max(0, min(rank, end + rank if end < 0 else end))
+    return HostValue(dims[start:end], (len(dims[start:end]),), torch.int64)
+
+
+def _host_gather(x, a, opset, device):
+    data, idx = x[0], x[1]
+    if len(data.shape) != 1:
+        raise _NoHost
+    n = data.shape[0]
+    return HostValue([data.values[i + n if i < 0 else i] for i in idx.values], idx.shape, data.dtype)
+
+
+def _host_concat(x, a, opset, device):
+    parts = [h for h in x if h is not None]
+    if any(len(h.shape) != 1 for h in parts):
+        raise _NoHost
+    return HostValue([v for h in parts for v in h.values], (sum(h.shape[0] for h in parts),), parts[0].dtype)
+
+
+def _host_reshaped(h: HostValue, shape) -> HostValue:
+    return HostValue(h.values, shape, h.dtype, None)
+
+
+def _host_unsqueeze(x, a, opset, device):
+    h = x[0]
+    axes = _axes(x, a, opset, 13)
+    shape = list(h.shape)
+    for d in sorted(_axis(d, len(shape) + len(axes)) for d in axes):
+        shape.insert(d, 1)
+    return _host_reshaped(h, shape)
+
+
+def _host_squeeze(x, a, opset, device):
+    h = x[0]
+    axes = _axes(x, a, opset, 13)
+    drop = {i for i, s in enumerate(h.shape) if s == 1} if axes is None else {_axis(d, len(h.shape)) for d in axes}
+    return _host_reshaped(h, [s for i, s in enumerate(h.shape) if i not in drop])
+
+
+def _host_reshape(x, a, opset, device):
+    h = x[0]
+    shape = _ints_of(x[1]) if opset >= 5 else list(a["shape"])
+    if not a.get("allowzero", 0):
+        shape = [h.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    if -1 in shape:
+        known = math.prod([s for s in shape if s != -1])
+        shape[shape.index(-1)] = h.numel() // known if known else 0
+    if math.prod(shape) != h.numel():
+        raise _NoHost  # let torch name the mismatch
+    return _host_reshaped(h, shape)
+
+
+def _host_flatten(x, a, opset, device):
+    h = x[0]
+    axis = _axis(a.get("axis", 1), len(h.shape))
+    return _host_reshaped(h, (math.prod(h.shape[:axis]), math.prod(h.shape[axis:])))
+
+
+def _host_slice(x, a, opset, device):
+    h = x[0]
+    if len(h.shape) != 1:
+        raise _NoHost
+    index, flips = _slice_index(x, a, opset, h.shape)
+    values = h.values[index[0]]
+    if flips:
+        values.reverse()
+    return HostValue(values, (len(values),), h.dtype)
+
+
+def _host_constant_of_shape(x, a, opset, device):
+    shape = _ints_of(x[0])
+    fill, dtype = a["_fill"]
+    if math.prod(shape) > HOST_LIMIT:
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return HostValue([fill] * math.prod(shape), shape, dtype)
+
+
+def _host_range(x, a, opset, device):
+    start, limit, delta = (h.values[0] for h in x[:3])
+    return torch.arange(start, limit, delta, dtype=x[0].dtype, device=device)
+
+
+def _host_reduce(fn, since: int = 18):
+    """A reduction over a vector of integers (float sums are left to torch, which rounds as it goes)."""
+
+    def run(x, a, opset, device):
+        h = x[0]
+        axes = _axes(x, a, opset, since)
+        if h.dtype.is_floating_point or len(h.shape) != 1 or not h.values:
+            raise _NoHost
+        if axes and [_axis(d, 1) for d in axes] != [0]:
+            raise _NoHost
+        keep = bool(a.get("keepdims", 1))
+        return HostValue([_typed(fn(h.values), h.dtype)], (1,) if keep else (), h.dtype)
+
+    return run
+
+
+def _host_variadic(fn, floats: bool | None = None):
+    def run(x, a, opset, device):
+        out = x[0]
+        for h in x[1:]:
+            out = _host_map(fn, floats=floats)([out, h], a, opset, device)
+        return out
+
+    return run
+
+
+# The operators that run on host values. Each takes (inputs, attrs, opset, device); a value from shapes that grows
+# past HOST_LIMIT elements (ConstantOfShape, Range) is made on ``device``.
+HOST_OPERATORS = {
+    "Abs": _host_map(abs),
+    "Add": _host_map(lambda p, q: p + q),
+    "And": _host_map(lambda p, q: p and q, torch.bool),
+    "Cast": _host_cast,
+    "Ceil": _host_map(lambda v: float(math.ceil(v)), floats=True),
+    "Concat": _host_concat,
+    "ConstantOfShape": _host_constant_of_shape,
+    "Div": _host_div,
+    "Equal": _host_map(lambda p, q: p == q, torch.bool),
+    "Flatten": _host_flatten,
+    "Floor": _host_map(lambda v: float(math.floor(v)), floats=True),
+    "Gather": _host_gather,
+    "Greater": _host_map(lambda p, q: p > q, torch.bool),
+    "GreaterOrEqual": _host_map(lambda p, q: p >= q, torch.bool),
+    "Identity": lambda x, a, opset, device: x[0],
+    "Less": _host_map(lambda p, q: p < q, torch.bool),
+    "LessOrEqual": _host_map(lambda p, q: p <= q, torch.bool),
+    "Max": _host_variadic(max, floats=False),  # (torch's NaN rules for floats)
+    "Min": _host_variadic(min, floats=False),
+    "Mod": _host_mod,
+    "Mul": _host_map(lambda p, q: p * q),
+    "Neg": _host_map(lambda v: -v),
+    "Not": _host_map(lambda v: not v, torch.bool),
+    "Or": _host_map(lambda p, q: p or q, torch.bool),
+    "Pow": _host_map(_host_pow),  # (in the base's dtype, as ONNX)
+    "Range": _host_range,
+    "ReduceMax": _host_reduce(max),
+    "ReduceMin": _host_reduce(min),
+    "ReduceProd": _host_reduce(math.prod),
+    "ReduceSum": _host_reduce(sum, since=13),
+    "Reshape": _host_reshape,
+    "Shape": _host_shape,
+    "Size": lambda x, a, opset, device: HostValue([x[0].numel()], (), torch.int64),
+    "Slice": _host_slice,
+    "Sqrt": _host_map(_host_sqrt, floats=True),
+    "Squeeze": _host_squeeze,
+    "Sub": _host_map(lambda p, q: p - q),
+    "Sum": _host_variadic(lambda p, q: p + q),
+    "Unsqueeze": _host_unsqueeze,
+    "Where": lambda x, a, opset, device: _host_map(lambda c, p, q: p if c else q, x[1].dtype)(x, a, opset, device),
+    "Xor": _host_map(lambda p, q: p != q, torch.bool),
+}
+
+# Inputs of elementwise operators where a host scalar goes in as a Python number (not a one-element device tensor:
+# no copy to the device, and torch.compile sees a constant, e.g. an attention's scale).
+_SCALAR_INPUTS = {op: (0, 1) for op in ("Add", "Div", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual",
+                                        "Mul", "Pow", "Sub")}  # fmt: skip
+_SCALAR_INPUTS["Where"] = (1, 2)
+
+# Inputs that operators read as Python numbers (shapes, axes, pads, counts): a host value is passed as it is there;
+# everywhere else it becomes a tensor on the graph's device.
+_NUMBER_INPUTS = {
+    "ConstantOfShape": (0,),
+    "CumSum": (1,),
+    "Expand": (1,),
+    "Pad": (1, 2, 3),
+    "Range": (0, 1, 2),
+    "Reshape": (1,),
+    "Shape": (0,),
+    "Size": (0,),
+    "Slice": (1, 2, 3, 4),
+    "Split": (1,),
+    "Squeeze": (1,),
+    "Tile": (1,),
+    "TopK": (1,),
+    "Unsqueeze": (1,),
+}
+_NUMBER_INPUTS.update((op, (1,)) for op in OPERATORS if op.startswith("Reduce"))  # (axes, from opset 13 or 18)
+
+
 def find_onnx_file(path, names) -> str | None:
     """``path`` if it is an ``.onnx`` file, else the first of ``names`` (relative paths) inside the directory
     ``path``; None when there is none."""
@@ -823,7 +1179,7 @@ def load_onnx_file(path, names, what: str) -> OnnxGraph:
 class OnnxGraph(nn.Module):
     """An ONNX model's graph as a PyTorch module: ``forward(*inputs)`` takes the graph's inputs in order and returns
     its output (a tuple when it has several). Initialisers are buffers; values that no later node reads are freed
-    as the graph runs."""
+    as the graph runs. Shapes and what the graph computes from them stay on the host (:class:`HostValue`)."""
 
     def __init__(self, model: OnnxModel):
         super().__init__()
@@ -845,9 +1201,13 @@ class OnnxGraph(nn.Module):
         for i, (name, t) in enumerate(constants.items()):
             self._buffer_of[name] = f"init_{i}"
             self.register_buffer(f"init_{i}", t, persistent=False)
-        for node in self.nodes:  # the Split outputs count stands in for opset-18's num_outputs
-            if node.op_type == "Split":
+        for node in self.nodes:
+            if node.op_type == "Split":  # the outputs count stands in for opset-18's num_outputs
                 node.attrs.setdefault("_outputs", len(node.outputs))
+            if node.op_type == "ConstantOfShape":  # the fill value as a Python number, read once
+                value = node.attrs.get("value")
+                node.attrs["_fill"] = (0.0, torch.float32) if value is None else (value.reshape(-1)[0].item(),
+                                                                                   value.dtype)  # fmt: skip
         last_use: dict[str, int] = {}
         for i, node in enumerate(self.nodes):
             for name in node.inputs:
@@ -865,6 +1225,43 @@ class OnnxGraph(nn.Module):
         lost = [n for n in self.output_names if n not in known]
         if lost:
             raise ValueError(f"ONNX graph outputs {lost} are made by no node")
+        # Which values may be host values: small constants, shapes, and what host operators make of them alone
+        # (ConstantOfShape and Range may still give a device tensor). A node runs on the host when its operator has
+        # a host form and its inputs are host values when it runs; the rest get tensors wherever they read one.
+        self._host_consts = {name: HostValue.of(t) for name, t in constants.items() if _host_constant(t)}
+        host = set(self._host_consts) | {""}
+        self._on_host, self._to_device = [], []
+        for node in self.nodes:
+            runs_on_host = node.op_type in HOST_OPERATORS and (node.op_type in ("Shape", "Size")
+                                                                or all(n in host for n in node.inputs))  # fmt: skip
+            if runs_on_host:
+                host.update(node.outputs)
+            numbers = _NUMBER_INPUTS.get(node.op_type, ())
+            scalars = _SCALAR_INPUTS.get(node.op_type, ())
+            self._on_host.append(runs_on_host)
+            self._to_device.append([(i, i in scalars) for i, n in enumerate(node.inputs)
+                                    if n and n in host and i not in numbers])  # fmt: skip
+        self._constants: dict[str, Tensor | HostValue] = {}
+        self._bind_constants()
+
+    def _bind_constants(self) -> None:
+        """The constants as the nodes read them: small ones as host values holding their buffer (made again when
+        ``.to()`` changes the buffers; values are re-read from a buffer only when its dtype changed)."""
+        buffers = self._buffers
+        for name, buffer in self._buffer_of.items():
+            t = buffers[buffer]
+            h = self._host_consts.get(name)
+            if h is None:
+                self._constants[name] = t
+                continue
+            if h.dtype != t.dtype:
+                h = self._host_consts[name] = HostValue.of(t.cpu())
+            self._constants[name] = HostValue(h.values, h.shape, h.dtype, t)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._bind_constants()
+        return out
 
     @classmethod
     def from_file(cls, path) -> OnnxGraph:
@@ -883,24 +1280,56 @@ class OnnxGraph(nn.Module):
         if len(inputs) != len(self.input_names):
             raise ValueError(f"the ONNX graph takes {len(self.input_names)} inputs ({self.input_names}), "
                              f"got {len(inputs)}")  # fmt: skip
-        env: dict[str, Tensor | None] = {"": None}
+        device = inputs[0].device if inputs else next(iter(self._buffers.values()), torch.empty(0)).device
+        env: dict[str, Tensor | HostValue | None] = dict(self._constants)
+        env[""] = None
         env.update(zip(self.input_names, inputs))
-        buffers = self._buffers  # (its own buffers: named_buffers() walks the module tree, ~2 ms a call on CAM++)
-        for name, buffer in self._buffer_of.items():
-            env[name] = buffers[buffer]
-        for node, free in zip(self.nodes, self._free_after):
+        for node, on_host, to_device, free in zip(self.nodes, self._on_host, self._to_device, self._free_after):
             args = [env[n] for n in node.inputs]
             try:
-                out = OPERATORS[node.op_type](args, node.attrs, self.opset)
+                if on_host and (node.op_type in ("Shape", "Size")
+                                or all(v is None or type(v) is HostValue for v in args)):  # fmt: skip
+                    out = _host_run(node, args, self.opset, device)
+                else:
+                    for i, scalar in to_device:
+                        v = args[i]
+                        if type(v) is HostValue:
+                            args[i] = v.values[0] if scalar and not v.shape and v.buffer is None else v.tensor(device)
+                    out = OPERATORS[node.op_type](args, node.attrs, self.opset)
             except Exception as e:
+                shapes = [None if t is None else tuple(getattr(t, "shape", ())) for t in args]
                 raise RuntimeError(f"ONNX node {node.name or '?'} ({node.op_type}) failed on inputs of shapes "
-                                   f"{[None if t is None else tuple(t.shape) for t in args]}: {e}") from e  # fmt: skip
-            if isinstance(out, Tensor):
+                                   f"{shapes}: {e}") from e  # fmt: skip
+            if not isinstance(out, tuple):
                 out = (out,)
             for name, value in zip(node.outputs, out):
                 if name:
                     env[name] = value
             for name in free:
                 env.pop(name, None)
-        outs = tuple(env[n] for n in self.output_names)
+        outs = tuple(v.tensor(device) if type(v) is HostValue else v for v in (env[n] for n in self.output_names))
         return outs[0] if len(outs) == 1 else outs
+
+
+def _host_constant(t: Tensor) -> bool:
+    """Whether a constant is also a host value: small integers and booleans, and float scalars (a float vector is
+    more likely a weight, which is better left on the device with what the graph does to it)."""
+    return _small(t) and (t.numel() == 1 or not t.dtype.is_floating_point)
+
+
+def _small(t: Tensor) -> bool:
+    return t.numel() <= HOST_LIMIT and t.dtype in _HOST_DTYPES
+
+
+def _host_run(node: OnnxNode, args: list, opset: int, device):
+    """The node on host values: its host operator, else (a case the host form does not take) the torch operator on
+    CPU tensors, whose result stays on the host if it is small."""
+    try:
+        return HOST_OPERATORS[node.op_type](args, node.attrs, opset, device)
+    except (_NoHost, ArithmeticError):
+        pass
+    cpu = [torch.tensor(v.values, dtype=v.dtype).reshape(v.shape) if type(v) is HostValue else v for v in args]
+    out = OPERATORS[node.op_type](cpu, node.attrs, opset)
+    outs = out if isinstance(out, tuple) else (out,)
+    outs = tuple(HostValue.of(t) if _small(t) else t.to(device) for t in outs)
+    return outs if isinstance(out, tuple) else outs[0]

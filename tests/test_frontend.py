@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from taste.audio import kaldi_fbank, resample
-from taste.onnx import OPERATORS, OnnxGraph, read_onnx
+from taste.onnx import HOST_OPERATORS, OPERATORS, OnnxGraph, _host_constant, read_onnx
 from taste.s3_tokenizer import S3Tokenizer
 from taste.speaker import SpeakerEncoder
 
@@ -443,7 +443,8 @@ CASES = [
 ]
 
 
-def _onnx_model(op, inputs, attrs, opset, n_out):
+def _onnx_model(op, inputs, attrs, opset, n_out, constants=False):
+    """One node reading graph inputs, or (``constants``) initialisers: small ones are host values in taste.onnx."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -452,29 +453,134 @@ def _onnx_model(op, inputs, attrs, opset, n_out):
     attrs = {k: (numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}
     node = helper.make_node(op, names, outputs, **attrs)
     elem = lambda a: helper.np_dtype_to_tensor_dtype(a.dtype)  # noqa: E731
-    inputs = [helper.make_tensor_value_info(n, elem(a), a.shape) for n, a in zip(names, inputs)]
-    graph = helper.make_graph([node], "g", inputs, [onnx.ValueInfoProto(name=o) for o in outputs])
+    inits = [numpy_helper.from_array(a, n) for n, a in zip(names, inputs)] if constants else []
+    inputs = [] if constants else [helper.make_tensor_value_info(n, elem(a), a.shape) for n, a in zip(names, inputs)]
+    graph = helper.make_graph([node], "g", inputs, [onnx.ValueInfoProto(name=o) for o in outputs], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 10)
     return model
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_operator_matches_onnxruntime(case):
+def _check_against_onnxruntime(case, constants):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     op, inputs, attrs, opset, n_out = case
-    model = _onnx_model(op, inputs, attrs, opset, n_out)
+    model = _onnx_model(op, inputs, attrs, opset, n_out, constants)
     data = model.SerializeToString()
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    want = session.run(None, {f"x{i}": a for i, a in enumerate(inputs)})
-    got = OnnxGraph(read_onnx(data))(*[torch.from_numpy(a.copy()) for a in inputs])
+    want = session.run(None, {} if constants else {f"x{i}": a for i, a in enumerate(inputs)})
+    graph = OnnxGraph(read_onnx(data))
+    got = graph() if constants else graph(*[torch.from_numpy(a.copy()) for a in inputs])
     got = got if isinstance(got, tuple) else (got,)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         w = torch.from_numpy(np.asarray(w))
-        assert g.dtype == w.dtype and g.shape == w.shape, (g.dtype, w.dtype, g.shape, w.shape)
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert isinstance(g, torch.Tensor) and g.dtype == w.dtype and g.shape == w.shape, (g.dtype, w.dtype, g.shape,
+                                                                                           w.shape)  # fmt: skip
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, equal_nan=True)
+    return graph
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_operator_matches_onnxruntime(case):
+    _check_against_onnxruntime(case, constants=False)
+
+
+def sc(value):
+    """A float32 scalar (float constants are host values only as scalars)."""
+    return np.array(value, dtype=np.float32)
+
+
+# Host values: operators on small constants run on Python numbers (what exporters do with shapes), or, where the
+# host form does not take a case (a float reduction, a rank-2 Gather, Expand), the torch operator on CPU tensors.
+HOST_CASES = [
+    ("Add", [sc(0.1), sc(0.2)], {}, 13, 1),  # float32 rounding
+    ("Sub", [i64(5, -3), np.array(7, np.int64)], {}, 13, 1),
+    ("Mul", [sc(1 / 3), sc(3.0)], {}, 13, 1),
+    ("Mul", [sc(3e38), sc(-2)], {}, 13, 1),  # float32 overflow: -inf
+    ("Div", [sc(1), sc(3)], {}, 13, 1),
+    ("Div", [sc(-1), sc(0)], {}, 13, 1),  # by zero: torch's fallback (-inf; 0 / 0 below: nan)
+    ("Div", [sc(0), sc(0)], {}, 13, 1),
+    ("Div", [i64(-7, 7, 6, -6), i64(2, 2, -4, -4)], {}, 13, 1),
+    ("Div", [np.array([3, 8], np.int32), np.array([2, 3], np.int32)], {}, 13, 1),
+    ("Mod", [i64(-7, 7, 5, -5), i64(3, -3, 3, 3)], {}, 13, 1),
+    ("Mod", [i64(-7, 7, 5, -5), i64(3, -3, 3, 3)], {"fmod": 1}, 13, 1),
+    ("Pow", [sc(64.0), sc(0.5)], {}, 13, 1),
+    ("Pow", [sc(2.0), sc(-1.5)], {}, 13, 1),
+    ("Pow", [i64(3, 2), i64(4, 0)], {}, 13, 1),
+    ("Pow", [i64(4, 9), sc(0.5)], {}, 13, 1),  # (the base's dtype)
+    ("Sqrt", [sc(80.0)], {}, 13, 1),
+    ("Sqrt", [sc(-1.0)], {}, 13, 1),
+    ("Sqrt", [np.array(2.0, np.float64)], {}, 13, 1),
+    ("Neg", [i64(3, -4)], {}, 13, 1),
+    ("Abs", [sc(-2.5)], {}, 13, 1),
+    ("Floor", [sc(-2.5)], {}, 13, 1),
+    ("Ceil", [sc(-2.5)], {}, 13, 1),
+    ("Cast", [sc(-2.7)], {"to": 7}, 13, 1),  # toward zero
+    ("Cast", [sc(0.0)], {"to": 9}, 13, 1),
+    ("Cast", [i64(3, 16777217)], {"to": 1}, 13, 1),  # rounded to float32
+    ("Cast", [i64(3, 70000, 65519, 65520)], {"to": 10}, 13, 1),  # float16: 65504, then inf
+    ("Cast", [np.array([True, False])], {"to": 6}, 13, 1),
+    ("Equal", [i64(1, 2, 3), np.array(2, np.int64)], {}, 13, 1),
+    ("Less", [i64(1, 2, 3).reshape(3, 1), i64(2, 3)], {}, 13, 1),  # broadcast to (3, 2)
+    ("Greater", [sc(1), sc(1.5)], {}, 13, 1),
+    ("LessOrEqual", [i64(1, 2), i64(2, 2)], {}, 13, 1),
+    ("GreaterOrEqual", [i64(1, 2), i64(2, 2)], {}, 13, 1),
+    ("Not", [np.array([True, False])], {}, 13, 1),
+    ("And", [np.array([True, False, True]), np.array([True, True, False])], {}, 13, 1),
+    ("Or", [np.array([True, False, False]), np.array(False)], {}, 13, 1),
+    ("Xor", [np.array([True, False, True]), np.array([True, True, False])], {}, 13, 1),
+    ("Where", [np.array([True, False]), i64(-1, -1), i64(4, 5)], {}, 13, 1),
+    ("Where", [np.array([[True], [False]]), i64(1, 2), np.array(0, np.int64)], {}, 13, 1),
+    ("Where", [np.array(True), sc(0.5), sc(2.0)], {}, 13, 1),
+    ("Max", [i64(1, 7), i64(3, 2), np.array(5, np.int64)], {}, 13, 1),
+    ("Min", [i64(1, 7), i64(3, 2)], {}, 13, 1),
+    ("Max", [sc(np.nan), sc(3)], {}, 13, 1),  # float: torch's NaN rule
+    ("Sum", [sc(0.1), sc(0.2), sc(0.3)], {}, 13, 1),
+    ("Identity", [i64(1, 2)], {}, 13, 1),
+    ("Shape", [i64(1, 2, 3).reshape(3, 1)], {}, 13, 1),
+    ("Shape", [i64(1, 2, 3).reshape(3, 1)], {"start": -1}, 15, 1),
+    ("Size", [i64(1, 2, 3).reshape(3, 1)], {}, 13, 1),
+    ("Gather", [i64(10, 20, 30), i64(-1, 0, 2, 1).reshape(2, 2)], {}, 13, 1),
+    ("Gather", [i64(10, 20, 30), np.array(-2, np.int64)], {}, 13, 1),
+    ("Gather", [i64(1, 2, 3, 4).reshape(2, 2), i64(1)], {"axis": 1}, 13, 1),
+    ("Concat", [i64(1), i64(2, 3), np.zeros(0, np.int64)], {"axis": 0}, 13, 1),
+    ("Concat", [i64(1, 2).reshape(1, 2), i64(3, 4).reshape(1, 2)], {"axis": 1}, 13, 1),
+    ("Unsqueeze", [np.array(4, np.int64), i64(0)], {}, 13, 1),
+    ("Unsqueeze", [i64(4, 5)], {"axes": [0, 2]}, 11, 1),
+    ("Squeeze", [i64(4).reshape(1, 1)], {}, 13, 1),
+    ("Squeeze", [i64(4, 5).reshape(1, 2), i64(0)], {}, 13, 1),
+    ("Reshape", [i64(1, 2, 3, 4, 5, 6), i64(0, -1)], {}, 13, 1),
+    ("Reshape", [i64(1, 2, 3, 4, 5, 6).reshape(1, 6), i64(0, 2, -1)], {}, 13, 1),
+    ("Reshape", [np.zeros((0, 3), np.int64), i64(0, 3)], {"allowzero": 1}, 14, 1),
+    ("Flatten", [i64(1, 2, 3, 4).reshape(2, 1, 2)], {"axis": 2}, 13, 1),
+    ("Slice", [i64(1, 2, 3, 4, 5), i64(-1), i64(-100), i64(0), i64(-2)], {}, 13, 1),
+    ("Slice", [i64(1, 2, 3, 4, 5), i64(1), i64(9223372036854775807)], {}, 13, 1),
+    ("Slice", [i64(1, 2, 3, 4, 5)], {"starts": [1], "ends": [3]}, 9, 1),
+    ("ConstantOfShape", [i64(2, 3)], {"value": np.array([7], np.int64)}, 13, 1),
+    ("ConstantOfShape", [i64(9, 9)], {"value": np.array([0.5], np.float32)}, 13, 1),  # 81 elements: the device
+    ("ConstantOfShape", [i64(2)], {}, 13, 1),
+    ("Range", [np.array(1, np.int64), np.array(10, np.int64), np.array(3, np.int64)], {}, 13, 1),
+    ("Range", [sc(0.5), sc(-1), sc(-0.5)], {}, 13, 1),
+    ("ReduceProd", [i64(2, 3, 4)], {"keepdims": 0}, 13, 1),
+    ("ReduceProd", [i64(2, 3, 4)], {}, 13, 1),
+    ("ReduceSum", [i64(2, 3, 4), i64(0)], {}, 13, 1),
+    ("ReduceMax", [i64(2, 9, 4)], {"keepdims": 0}, 13, 1),
+    ("ReduceMin", [i64(2, 9, 4), i64(0)], {}, 18, 1),
+    ("Expand", [i64(1, 2).reshape(2, 1), i64(2, 3)], {}, 13, 1),
+    ("Tile", [i64(1, 2), i64(3)], {}, 13, 1),
+    ("Split", [i64(1, 2, 3, 4, 5), i64(2, 3)], {"axis": 0}, 13, 2),  # no host form: the device operator
+]
+
+
+@pytest.mark.parametrize("case", CASES + HOST_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES + HOST_CASES)])  # fmt: skip
+def test_operator_on_constants_matches_onnxruntime(case):
+    """Every operator with its inputs as initialisers: small ones are host values, which the host operators take
+    (their Python arithmetic in the dtype's precision) and the rest read as tensors."""
+    graph = _check_against_onnxruntime(case, constants=True)
+    small = all(_host_constant(torch.from_numpy(a.copy())) for a in case[1])
+    assert graph._on_host[0] == (case[0] in ("Shape", "Size") or (small and case[0] in HOST_OPERATORS))
 
 
 def test_every_operator_is_tested():
@@ -557,6 +663,36 @@ def test_graph_moves_and_casts():
     assert math.isfinite(float(graph(x.double()).sum()))
 
 
+def _graph_inputs(path, device="cpu", frames=120):
+    if path == TINY:
+        return (torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(5)).to(device),)
+    feats = torch.randn(1, 128, frames, generator=torch.Generator().manual_seed(5)).to(device)
+    return feats, torch.tensor([frames - 7], dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("path", [TINY, S3_TINY], ids=["campplus", "s3"])
+def test_graph_reads_no_device_value_on_the_host(path):
+    """Shapes, and what the graph computes from them, stay Python numbers: the graphs run on the meta device, where
+    reading any tensor's values on the host raises (as it would sync a GPU)."""
+    graph = OnnxGraph.from_file(path)
+    want = graph(*_graph_inputs(path))
+    got = graph.to("meta")(*_graph_inputs(path, "meta"))
+    assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+    assert sum(graph._on_host) > 0.25 * len(graph.nodes)
+
+
+def test_graph_compiles():
+    """torch.compile(fullgraph=True) traces the whole graph (its shapes are traced integers) and gives eager's
+    result. (The S3 graph goes through AOT autograd only: inductor's attention-fusion pass fails on it in torch 2.14,
+    see README.)"""
+    graph = OnnxGraph.from_file(TINY)
+    x = _graph_inputs(TINY, frames=90)
+    torch.testing.assert_close(torch.compile(graph, fullgraph=True)(*x), graph(*x), atol=2e-5, rtol=1e-5)
+    s3 = OnnxGraph.from_file(S3_TINY)
+    x = _graph_inputs(S3_TINY)
+    assert torch.equal(torch.compile(s3, fullgraph=True, backend="aot_eager")(*x), s3(*x))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_front_end_on_the_gpu(reference):
@@ -565,3 +701,14 @@ def test_front_end_on_the_gpu(reference):
     torch.testing.assert_close(encoder.embed([reference["wave"]]), reference["wave_emb"].cuda(), atol=1e-4, rtol=1e-4)
     tokenizer = S3Tokenizer.from_official(S3_TINY, device="cuda")
     assert torch.equal(tokenizer.encode([reference["wave"]])[0], reference["wave_tokens"].reshape(-1))
+    for path in (TINY, S3_TINY):  # the graphs themselves make no host sync (their shapes stay on the host)
+        graph = OnnxGraph.from_file(path).cuda()
+        x = _graph_inputs(path, "cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = graph(*x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        want = OnnxGraph.from_file(path)(*_graph_inputs(path))
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
