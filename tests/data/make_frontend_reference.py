@@ -102,6 +102,11 @@ def median_ms(fn, reps: int) -> tuple[float, torch.Tensor]:
     return sorted(times)[reps // 2] * 1e3, y
 
 
+def host_share(graph) -> str:
+    """How many of the graph's nodes run on host values (shapes and what is computed from them)."""
+    return f"{sum(graph._on_host)} of its {len(graph.nodes)} nodes (constants aside) run on the host"
+
+
 def full() -> None:
     """onnxruntime with one thread, as the official sessions; torch with its default threads (2 here)."""
     import onnxruntime as ort
@@ -118,6 +123,7 @@ def full() -> None:
             export(model, path)
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {os.path.getsize(path)} bytes")
         session, graph = one_thread_session(ort, path), OnnxGraph.from_file(path)
+    print(host_share(graph))
     g = torch.Generator().manual_seed(2)
     for n in (100, 300, 1000, 3000):
         x = torch.randn(1, n, 80, generator=g)
@@ -152,6 +158,7 @@ def full_s3(ort, OnnxGraph) -> None:
         print(f"S3 tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
               f"{os.path.getsize(path)} bytes")  # fmt: skip
         session, graph = one_thread_session(ort, path), OnnxGraph.from_file(path)
+    print(host_share(graph))
     g = torch.Generator().manual_seed(3)
     for frames in (500, 2000):
         mel = torch.randn(1, 128, frames, generator=g)
