@@ -60,7 +60,7 @@ class S3Tokenizer(nn.Module):
         """``mel (n_mels, F)`` float32 of one utterance -> ``(T_s,)`` int64 token ids."""
         if mel.dim() != 2 or mel.shape[0] != self.n_mels:
             raise ValueError(f"mel must be ({self.n_mels}, frames), got {tuple(mel.shape)}")
-        frames = torch.tensor([mel.shape[1]], dtype=torch.int32, device=mel.device)
+        frames = torch.full((1,), mel.shape[1], dtype=torch.int32, device=mel.device)  # (filled there: no copy)
         out = self.graph(mel[None], frames)
         tokens = out[0] if isinstance(out, tuple) else out
         return tokens.reshape(-1).long()
@@ -79,4 +79,5 @@ class S3Tokenizer(nn.Module):
     def encode(self, waveforms: Sequence[Tensor], sample_rate: int | Sequence[int] = SAMPLE_RATE) -> list[Tensor]:
         """Per waveform (mono, any rate: resampled to 16 kHz, at most 30 s), its ``(T_s,)`` int64 S3 token ids
         (50 per second)."""
-        return [self(mel).cpu() for mel in self.log_mel(waveforms, sample_rate)]
+        tokens = [self(mel) for mel in self.log_mel(waveforms, sample_rate)]  # (on a GPU: queued, no host sync)
+        return [t.cpu() for t in tokens]
