@@ -1122,11 +1122,12 @@ HOST_OPERATORS = {
     "Xor": _host_map(lambda p, q: p != q, torch.bool),
 }
 
-# Inputs of elementwise operators where a host scalar goes in as a Python number (not a one-element device tensor:
-# no copy to the device, and torch.compile sees a constant, e.g. an attention's scale).
+# Inputs of binary elementwise operators where a host scalar goes in as a Python number (not a one-element device
+# tensor: no copy to the device, and torch.compile sees a constant, e.g. an attention's scale). The other operand is
+# then a tensor (else the node runs on the host), whose dtype the result keeps, as ONNX's equal input types want.
+# (Not Where: with both branches numbers, torch would pick the result's dtype.)
 _SCALAR_INPUTS = {op: (0, 1) for op in ("Add", "Div", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual",
                                         "Mul", "Pow", "Sub")}  # fmt: skip
-_SCALAR_INPUTS["Where"] = (1, 2)
 
 # Inputs that operators read as Python numbers (shapes, axes, pads, counts): a host value is passed as it is there;
 # everywhere else it becomes a tensor on the graph's device.

@@ -663,6 +663,42 @@ def test_graph_moves_and_casts():
     assert math.isfinite(float(graph(x.double()).sum()))
 
 
+def test_host_scalars_meet_tensors():
+    """Values made from an input's shape meet the input itself: scalars on either side of a binary operator (passed
+    as Python numbers), a Where between two of them, in float32, float16 and int32, against onnxruntime."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    for elem, np_type in ((TensorProto.FLOAT, np.float32), (TensorProto.FLOAT16, np.float16),
+                          (TensorProto.INT32, np.int32)):  # fmt: skip
+        c = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+        nodes = [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "one"], ["width"]),  # 7
+            helper.make_node("Cast", ["width"], ["w"], to=elem),
+            helper.make_node("Div", ["x", "w"], ["a"]),
+            helper.make_node("Sub", ["w", "x"], ["b"]),
+            helper.make_node("Mul", ["w", "x"], ["m"]),
+            helper.make_node("Less", ["x", "w"], ["lt"]),
+            helper.make_node("Sub", ["w", "w"], ["z"]),
+            helper.make_node("Where", ["lt", "w", "z"], ["wh"]),  # two computed host scalars around a device mask
+            helper.make_node("Add", ["a", "b"], ["ab"]),
+            helper.make_node("Add", ["ab", "m"], ["abm"]),
+            helper.make_node("Add", ["abm", "wh"], ["y"]),
+        ]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, [2, 7])],
+                                  [helper.make_tensor_value_info("y", elem, [2, 7])],
+                                  [c("one", 1)])  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = min(model.ir_version, 10)
+        x = (np.arange(14).reshape(2, 7) * 1.5 - 4).astype(np_type)
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        got = OnnxGraph(read_onnx(model.SerializeToString()))(torch.from_numpy(x))
+        assert got.dtype == torch.from_numpy(x).dtype, (np_type, got.dtype)
+        torch.testing.assert_close(got, torch.from_numpy(want[0]), atol=1e-2, rtol=1e-3)
+
+
 def _graph_inputs(path, device="cpu", frames=120):
     if path == TINY:
         return (torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(5)).to(device),)
