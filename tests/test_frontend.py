@@ -267,6 +267,79 @@ def test_exported_s3_tokenizer_runs_as_pytorch(tmp_path):
         assert torch.equal(tokenizer(mel), want) and want.numel() == (frames + 1) // 2
 
 
+def _waves(*lengths):
+    g = torch.Generator().manual_seed(7)
+    return [0.3 * torch.randn(n, generator=g) for n in lengths]
+
+
+def _s3_file(path, masked=True) -> str:
+    """A tiny S3 tokenizer whose tokens follow its input (unit codewords, smaller residual updates), exported to
+    ``path``; ``masked=False``: one that lets the padding of a batch count (it ignores the frame counts)."""
+    pytest.importorskip("onnx")
+    from frontend_models import S3TokenizerV1, export_s3, tiny_s3
+
+    class Unmasked(S3TokenizerV1):
+        def forward(self, mel, frames):
+            return super().forward(mel, torch.maximum(frames, torch.tensor(mel.shape[2], dtype=frames.dtype)))
+
+    model = tiny_s3(seed=3)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.o.weight.mul_(0.1)
+            block.mlp[2].weight.mul_(0.1)
+        model.codebook.copy_(F.normalize(model.codebook, dim=-1))
+    if not masked:
+        unmasked = Unmasked(d=32, heads=4, layers=2, codes=64, ctx=400).eval()
+        unmasked.load_state_dict(model.state_dict())
+        model = unmasked
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_s3(model, str(path))
+    return str(path)
+
+
+def test_s3_batches_give_the_lone_tokens(tmp_path):
+    """Padded batches of similar lengths (the graph takes each one's frame count), checked once against lone runs,
+    within the frame budget per call, in the input order."""
+    waves = _waves(3000, 16000, 5000, 5000, 44000, 201, 9999, 16000)
+    for path in (_s3_file(tmp_path / "s3.onnx"), S3_TINY):
+        tokenizer = S3Tokenizer.from_official(path)
+        want = tokenizer.encode(waves)
+        calls = []
+        graph_forward = tokenizer.graph.forward
+        tokenizer.graph.forward = lambda x, n, f=graph_forward, c=calls: c.append(tuple(x.shape)) or f(x, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = tokenizer.encode(waves, batch_frames=400)
+        assert [t.tolist() for t in got] == [t.tolist() for t in want]
+        assert tokenizer.batches_ok and tokenizer.padding_ok and any(c[0] > 1 for c in calls)
+        calls.clear()
+        got = tokenizer.encode(waves, batch_frames=400)  # checked: no lone runs now
+        assert [t.tolist() for t in got] == [t.tolist() for t in want]
+        assert sum(c[0] for c in calls) == len(waves) and all(c[0] == 1 or c[0] * c[2] <= 400 for c in calls), calls
+    assert len({t for w in want for t in w.tolist()}) > 1
+    assert [t.numel() for t in tokenizer.forward_batch(tokenizer.log_mel(waves[:3]))] == [9, 50, 16]
+    with pytest.raises(ValueError, match="batch_frames must be a positive int, got 0"):
+        tokenizer.encode(waves, batch_frames=0)
+    with pytest.raises(ValueError, match=r"mels\[1\] must be \(128, frames\)"):
+        tokenizer.forward_batch([torch.zeros(128, 5), torch.zeros(80, 5)])
+
+
+def test_s3_batches_fall_back_to_lone_runs(tmp_path):
+    """A graph that does not mask the padding, or that fails on a batch, runs every utterance alone (a warning)."""
+    waves = _waves(3000, 16000, 5000, 9999)
+    tokenizer = S3Tokenizer.from_official(_s3_file(tmp_path / "unmasked.onnx", masked=False))
+    want = tokenizer.encode(waves)
+    with pytest.warns(UserWarning, match="differ from those of lone runs; every utterance runs alone"):
+        got = tokenizer.encode(waves, batch_frames=1000)
+    assert [t.tolist() for t in got] == [t.tolist() for t in want] and tokenizer.batches_ok is False
+    tokenizer = S3Tokenizer.from_official(S3_TINY)
+    tokenizer.forward_batch = lambda mels: (_ for _ in ()).throw(RuntimeError("the batch size is fixed"))
+    with pytest.warns(UserWarning, match=r"failed on a batch \(RuntimeError: the batch size is fixed\)"):
+        got = tokenizer.encode(waves, batch_frames=1000)
+    assert [t.tolist() for t in got] == [t.tolist() for t in tokenizer.encode(waves)]
+
+
 def test_s3_tokenizer_layouts_and_bad_input(tmp_path):
     wave = 0.3 * torch.randn(8000, generator=torch.Generator().manual_seed(2))
     want = S3Tokenizer.from_official(S3_TINY).encode([wave])[0]
@@ -331,6 +404,14 @@ def test_s3_units_command(tmp_path, encoder, capsys):
     torch.testing.assert_close(read_wav(str(tmp_path / "resynth" / "a0.wav"))[0], want, atol=1 / 32767, rtol=0)
     assert main(argv[:-2] + ["--num-units", "8", "-o", str(tmp_path / "x.jsonl")]) == 1
     assert "is not below --num-units 8" in capsys.readouterr().err
+    # in padded batches: the same units; a row that fails is named
+    assert main(argv + ["--batch-frames", "500", "-o", str(tmp_path / "b.jsonl")]) == 0
+    assert [json.loads(line)["units"] for line in open(tmp_path / "b.jsonl")] == [row["units"] for row in out]
+    assert main(argv + ["--batch-frames", "0"]) == 1
+    assert "--batch-frames must be a positive int, got 0" in capsys.readouterr().err
+    write_wav(str(tmp_path / "a1.wav"), torch.zeros(100), 16000)
+    assert main(argv + ["--batch-frames", "500", "-o", str(tmp_path / "c.jsonl")]) == 1
+    assert "row 'a1' (a1.wav): waveforms[0] is too short for S3 tokens: 100 samples" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------------
