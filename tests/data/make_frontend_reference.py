@@ -175,6 +175,16 @@ def full_s3(ort, OnnxGraph) -> None:
         print(f"{frames / 100:.0f} s of audio ({ref.numel()} tokens): tokens equal to onnxruntime's: "
               + ", ".join(f"{k} {v:.2%}" for k, v in agree.items()) + "; median ms: "
               + ", ".join(f"{k} {v[0]:.0f}" for k, v in out.items()))  # fmt: skip
+    # nine utterances of 3 to 7 s: one at a time (as the official code), and in one padded batch
+    from taste.s3_tokenizer import S3Tokenizer
+
+    tokenizer = S3Tokenizer(graph)
+    mels = [torch.randn(128, frames, generator=g) for frames in range(300, 701, 50)]
+    lone_ms, lone = median_ms(lambda: [tokenizer(m) for m in mels], 3)
+    batch_ms, batched = median_ms(lambda: tokenizer.forward_batch(mels), 3)
+    same = all(torch.equal(a, b) for a, b in zip(lone, batched))
+    print(f"{len(mels)} utterances of 3 to 7 s: one at a time {lone_ms:.0f} ms, in one padded batch {batch_ms:.0f} ms "
+          f"({lone_ms / batch_ms:.2f}x), tokens {'equal' if same else 'NOT equal'}")  # fmt: skip
 
 
 if __name__ == "__main__":
