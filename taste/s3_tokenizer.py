@@ -52,8 +52,8 @@ class S3Tokenizer(nn.Module):
             raise ValueError(f"an S3 tokenizer's ONNX graph takes (log-mel, frame count) and returns tokens; this "
                              f"one has inputs {graph.input_names} and outputs {graph.output_names}")  # fmt: skip
         self.graph = graph
-        # whether padded batches give the lone runs' tokens on this graph: None until checked (batches of equal
-        # lengths, then of unequal ones), False once they did not (every utterance then runs alone)
+        # whether batches give the lone runs' tokens on this graph: None until checked (a batch, then a padded one:
+        # utterances of unequal lengths); batches_ok False once one did not (every utterance then runs alone)
         self.batches_ok: bool | None = None
         self.padding_ok: bool | None = None
         self.register_buffer("filters", mel_filters(self.n_mels), persistent=False)
@@ -109,13 +109,13 @@ class S3Tokenizer(nn.Module):
     def _run_batch(self, mels: list[Tensor]) -> list[Tensor]:
         """``mels`` in one padded call where this graph is known (or now checked) to give the lone runs' tokens."""
         padded = len({m.shape[1] for m in mels}) > 1
-        if len(mels) == 1 or self.batches_ok is False or (padded and self.padding_ok is False):
+        if len(mels) == 1 or self.batches_ok is False:
             return [self(m) for m in mels]
         checked = self.batches_ok and (self.padding_ok or not padded)
         try:
             got = self.forward_batch(mels)
         except Exception as e:  # an unchecked graph may have a fixed batch size: run alone, say why
-            if checked:
+            if checked or isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):  # (memory: a smaller batch)
                 raise
             return self._no_batches(mels, f"it failed on a batch ({type(e).__name__}: {e})")
         if checked:

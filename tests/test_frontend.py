@@ -338,6 +338,11 @@ def test_s3_batches_fall_back_to_lone_runs(tmp_path):
     with pytest.warns(UserWarning, match=r"failed on a batch \(RuntimeError: the batch size is fixed\)"):
         got = tokenizer.encode(waves, batch_frames=1000)
     assert [t.tolist() for t in got] == [t.tolist() for t in tokenizer.encode(waves)]
+    tokenizer = S3Tokenizer.from_official(S3_TINY)  # out of memory: not the graph's fault, said as it is
+    tokenizer.forward_batch = lambda mels: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("no memory"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        tokenizer.encode(waves, batch_frames=1000)
+    assert tokenizer.batches_ok is None
 
 
 def test_s3_tokenizer_layouts_and_bad_input(tmp_path):
