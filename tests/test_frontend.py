@@ -805,14 +805,13 @@ def test_graph_reads_no_device_value_on_the_host(path):
 
 def test_graph_compiles():
     """torch.compile(fullgraph=True) traces the whole graph (its shapes are traced integers) and gives eager's
-    result. (The S3 graph goes through AOT autograd only: inductor's attention-fusion pass fails on it in torch 2.14,
-    see README.)"""
+    result. (The S3 graph without inductor's pattern matcher: its attention-fusion pass fails on it, see README.)"""
     graph = OnnxGraph.from_file(TINY)
     x = _graph_inputs(TINY, frames=90)
     torch.testing.assert_close(torch.compile(graph, fullgraph=True)(*x), graph(*x), atol=2e-5, rtol=1e-5)
     s3 = OnnxGraph.from_file(S3_TINY)
     x = _graph_inputs(S3_TINY)
-    assert torch.equal(torch.compile(s3, fullgraph=True, backend="aot_eager")(*x), s3(*x))
+    assert torch.equal(torch.compile(s3, fullgraph=True, options={"pattern_matcher": False})(*x), s3(*x))
 
 
 @pytest.mark.cuda
