@@ -440,37 +440,48 @@ def _arg(fn):
     return run
 
 
-def _reshape(x, a, opset):
-    inp = x[0]
-    shape = _ints_of(x[1]) if opset >= 5 else a["shape"]
+# The shape operators' targets, from their input's shape (for tensors and host values alike)
+
+
+def _reshape_target(x, a, opset, shape) -> list:
+    """Reshape's target with its zeros (copy that dim, unless ``allowzero``) resolved; -1 left as it is."""
+    target = _ints_of(x[1]) if opset >= 5 else list(a["shape"])
     if not a.get("allowzero", 0):
-        shape = [inp.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return inp.reshape(shape)
+        target = [shape[i] if s == 0 else s for i, s in enumerate(target)]
+    return target
 
 
-def _flatten(x, a, opset):
-    inp = x[0]
-    axis = _axis(a.get("axis", 1), inp.dim())
-    return inp.reshape(math.prod(inp.shape[:axis]), math.prod(inp.shape[axis:]))
+def _flattened(x, a, opset, shape) -> tuple:
+    axis = _axis(a.get("axis", 1), len(shape))
+    return math.prod(shape[:axis]), math.prod(shape[axis:])
 
 
-def _squeeze(x, a, opset):
-    inp = x[0]
+def _squeezed(x, a, opset, shape) -> list:
     axes = _axes(x, a, opset, 13)
-    if axes is None:
-        return inp.squeeze()
-    for d in sorted((_axis(d, inp.dim()) for d in axes), reverse=True):
-        inp = inp.squeeze(d)
-    return inp
+    drop = {i for i, s in enumerate(shape) if s == 1} if axes is None else {_axis(d, len(shape)) for d in axes}
+    return [s for i, s in enumerate(shape) if i not in drop]
 
 
-def _unsqueeze(x, a, opset):
-    inp = x[0]
+def _unsqueezed(x, a, opset, shape) -> list:
     axes = _axes(x, a, opset, 13)
-    rank = inp.dim() + len(axes)
-    for d in sorted(_axis(d, rank) for d in axes):
-        inp = inp.unsqueeze(d)
-    return inp
+    out = list(shape)
+    for d in sorted(_axis(d, len(shape) + len(axes)) for d in axes):
+        out.insert(d, 1)
+    return out
+
+
+def _shape_dims(x, a, opset, shape) -> list:
+    """Shape's output: the dims from ``start`` to ``end`` (opset 15; clamped as the operator says)."""
+    rank = len(shape)
+    start, end = a.get("start", 0), a.get("end", rank)
+    start = max(0, min(rank, start + rank if start < 0 else start))
+    end = max(0, min(rank, end + rank if end < 0 else end))
+    return list(shape)[start:end]
+
+
+def _reshaped(target):
+    """The operator that reshapes its first input to ``target(x, a, opset, shape)``."""
+    return lambda x, a, opset: x[0].reshape(target(x, a, opset, x[0].shape))
 
 
 def _slice_index(x, a, opset, shape) -> tuple[tuple[slice, ...], list[int]]:
@@ -574,18 +585,16 @@ def _pad(x, a, opset):
     return out.reshape((*inp.shape[:lead], *out.shape[-(inp.dim() - lead) :]))
 
 
-def _range(x, a, opset):
+def _range(x, a, opset, device=None):
+    """``device``: where to make it when no input is a tensor (all three host values)."""
     start, limit, delta = x[0], x[1], x[2]
-    device = next((t.device for t in x if isinstance(t, Tensor)), None)
+    device = next((t.device for t in x if isinstance(t, Tensor)), device)
     return torch.arange(_scalar(start), _scalar(limit), _scalar(delta), dtype=start.dtype, device=device)
 
 
-def _constant_of_shape(x, a, opset):
-    value = a.get("value")
-    shape = _ints_of(x[0])
-    if value is None:
-        return torch.zeros(shape, dtype=torch.float32, device=x[0].device)
-    return value.to(x[0].device).reshape(-1)[0].expand(shape).clone()
+def _constant_of_shape(x, a, opset, device=None):
+    fill, dtype = a["_fill"]  # (OnnxGraph reads the value attribute once)
+    return torch.full(_ints_of(x[0]), fill, dtype=dtype, device=x[0].device if device is None else device)
 
 
 def _constant(x, a, opset):
@@ -598,15 +607,6 @@ def _constant(x, a, opset):
         if key in a:
             return torch.tensor(a[key], dtype=dtype)
     raise ValueError(f"Constant with attributes {sorted(a)} is not supported")
-
-
-def _shape(x, a, opset):
-    dims = list(x[0].shape)
-    rank = len(dims)
-    start, end = a.get("start", 0), a.get("end", rank)
-    start = max(0, min(rank, start + rank if start < 0 else start))
-    end = max(0, min(rank, end + rank if end < 0 else end))
-    return torch.tensor(dims[start:end], dtype=torch.int64, device=x[0].device)
 
 
 def _cast(x, a, opset):
@@ -795,20 +795,22 @@ OPERATORS = {
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
     "Expand": _expand,
-    "Flatten": _flatten,
+    "Flatten": _reshaped(_flattened),
     "Gather": _gather,
     "GatherElements": _gather_elements,
     "Pad": _pad,
     "Range": _range,
-    "Reshape": _reshape,
-    "Shape": _shape,
+    "Reshape": _reshaped(_reshape_target),
+    "Shape": lambda x, a, opset: torch.tensor(
+        _shape_dims(x, a, opset, x[0].shape), dtype=torch.int64, device=x[0].device
+    ),
     "Size": lambda x, a, opset: torch.tensor(x[0].numel(), dtype=torch.int64, device=x[0].device),
     "Slice": _slice,
     "Split": _split,
-    "Squeeze": _squeeze,
+    "Squeeze": _reshaped(_squeezed),
     "Tile": _tile,
     "Transpose": _transpose,
-    "Unsqueeze": _unsqueeze,
+    "Unsqueeze": _reshaped(_unsqueezed),
 }
 
 
@@ -964,12 +966,8 @@ def _host_cast(x, a, opset, device):
 
 
 def _host_shape(x, a, opset, device):
-    dims = list(x[0].shape)
-    rank = len(dims)
-    start, end = a.get("start", 0), a.get("end", rank)
-    start = max(0, min(rank, start + rank if start < 0 else start))
-    end = max(0, min(rank, end + rank if end < 0 else end))
-    return HostValue(dims[start:end], (len(dims[start:end]),), torch.int64)
+    dims = _shape_dims(x, a, opset, x[0].shape)
+    return HostValue(dims, (len(dims),), torch.int64)
 
 
 def _host_gather(x, a, opset, device):
@@ -987,43 +985,20 @@ def _host_concat(x, a, opset, device):
     return HostValue([v for h in parts for v in h.values], (sum(h.shape[0] for h in parts),), parts[0].dtype)
 
 
-def _host_reshaped(h: HostValue, shape) -> HostValue:
-    return HostValue(h.values, shape, h.dtype, None)
+def _host_reshaped(target):
+    """The host form of ``_reshaped(target)``: the same values in another shape (checked: else torch says why)."""
 
+    def run(x, a, opset, device):
+        h = x[0]
+        shape = list(target(x, a, opset, h.shape))
+        if -1 in shape:
+            known = math.prod([s for s in shape if s != -1])
+            shape[shape.index(-1)] = h.numel() // known if known else 0
+        if math.prod(shape) != h.numel():
+            raise _NoHost
+        return HostValue(h.values, shape, h.dtype)
 
-def _host_unsqueeze(x, a, opset, device):
-    h = x[0]
-    axes = _axes(x, a, opset, 13)
-    shape = list(h.shape)
-    for d in sorted(_axis(d, len(shape) + len(axes)) for d in axes):
-        shape.insert(d, 1)
-    return _host_reshaped(h, shape)
-
-
-def _host_squeeze(x, a, opset, device):
-    h = x[0]
-    axes = _axes(x, a, opset, 13)
-    drop = {i for i, s in enumerate(h.shape) if s == 1} if axes is None else {_axis(d, len(h.shape)) for d in axes}
-    return _host_reshaped(h, [s for i, s in enumerate(h.shape) if i not in drop])
-
-
-def _host_reshape(x, a, opset, device):
-    h = x[0]
-    shape = _ints_of(x[1]) if opset >= 5 else list(a["shape"])
-    if not a.get("allowzero", 0):
-        shape = [h.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    if -1 in shape:
-        known = math.prod([s for s in shape if s != -1])
-        shape[shape.index(-1)] = h.numel() // known if known else 0
-    if math.prod(shape) != h.numel():
-        raise _NoHost  # let torch name the mismatch
-    return _host_reshaped(h, shape)
-
-
-def _host_flatten(x, a, opset, device):
-    h = x[0]
-    axis = _axis(a.get("axis", 1), len(h.shape))
-    return _host_reshaped(h, (math.prod(h.shape[:axis]), math.prod(h.shape[axis:])))
+    return run
 
 
 def _host_slice(x, a, opset, device):
@@ -1039,15 +1014,10 @@ def _host_slice(x, a, opset, device):
 
 def _host_constant_of_shape(x, a, opset, device):
     shape = _ints_of(x[0])
-    fill, dtype = a["_fill"]
     if math.prod(shape) > HOST_LIMIT:
-        return torch.full(shape, fill, dtype=dtype, device=device)
+        return _constant_of_shape(x, a, opset, device)
+    fill, dtype = a["_fill"]
     return HostValue([fill] * math.prod(shape), shape, dtype)
-
-
-def _host_range(x, a, opset, device):
-    start, limit, delta = (h.values[0] for h in x[:3])
-    return torch.arange(start, limit, delta, dtype=x[0].dtype, device=device)
 
 
 def _host_reduce(fn, since: int = 18):
@@ -1088,7 +1058,7 @@ HOST_OPERATORS = {
     "ConstantOfShape": _host_constant_of_shape,
     "Div": _host_div,
     "Equal": _host_map(lambda p, q: p == q, torch.bool),
-    "Flatten": _host_flatten,
+    "Flatten": _host_reshaped(_flattened),
     "Floor": _host_map(lambda v: float(math.floor(v)), floats=True),
     "Gather": _host_gather,
     "Greater": _host_map(lambda p, q: p > q, torch.bool),
@@ -1104,20 +1074,20 @@ HOST_OPERATORS = {
     "Not": _host_map(lambda v: not v, torch.bool),
     "Or": _host_map(lambda p, q: p or q, torch.bool),
     "Pow": _host_map(_host_pow),  # (in the base's dtype, as ONNX)
-    "Range": _host_range,
+    "Range": _range,  # (a tensor on the device: masks over time are long)
     "ReduceMax": _host_reduce(max),
     "ReduceMin": _host_reduce(min),
     "ReduceProd": _host_reduce(math.prod),
     "ReduceSum": _host_reduce(sum, since=13),
-    "Reshape": _host_reshape,
+    "Reshape": _host_reshaped(_reshape_target),
     "Shape": _host_shape,
     "Size": lambda x, a, opset, device: HostValue([x[0].numel()], (), torch.int64),
     "Slice": _host_slice,
     "Sqrt": _host_map(_host_sqrt, floats=True),
-    "Squeeze": _host_squeeze,
+    "Squeeze": _host_reshaped(_squeezed),
     "Sub": _host_map(lambda p, q: p - q),
     "Sum": _host_variadic(lambda p, q: p + q),
-    "Unsqueeze": _host_unsqueeze,
+    "Unsqueeze": _host_reshaped(_unsqueezed),
     "Where": lambda x, a, opset, device: _host_map(lambda c, p, q: p if c else q, x[1].dtype)(x, a, opset, device),
     "Xor": _host_map(lambda p, q: p != q, torch.bool),
 }
