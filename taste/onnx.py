@@ -889,7 +889,14 @@ def _broadcast(x: list[HostValue]) -> tuple[tuple[int, ...], list[list]]:
     shapes = [h.shape for h in x]
     if all(s == shapes[0] for s in shapes):
         return shapes[0], [h.values for h in x]
-    shape = tuple(torch.broadcast_shapes(*shapes))
+    rank = max(len(s) for s in shapes)
+    shape = []
+    for d in range(rank):  # numpy's rule: sizes equal, or 1
+        sizes = {s[d - rank + len(s)] for s in shapes if d - rank + len(s) >= 0} - {1}
+        if len(sizes) > 1:
+            raise _NoHost  # (torch then names the mismatch)
+        shape.append(sizes.pop() if sizes else 1)
+    shape = tuple(shape)
     n = math.prod(shape)
     cols = []
     for h in x:
@@ -1184,8 +1191,10 @@ class OnnxGraph(nn.Module):
             for name in node.inputs:
                 last_use[name] = i
         keep = set(self.output_names)
-        self._free_after = [[n for n in node.inputs if last_use.get(n) == i and n not in keep and n
-                             and n not in self._buffer_of] for i, node in enumerate(self.nodes)]  # fmt: skip
+        self._free_after = []  # per node: the values no later node reads (once each: a node may read one twice)
+        for i, node in enumerate(self.nodes):
+            last = (n for n in node.inputs if n and last_use.get(n) == i and n not in keep and n not in self._buffer_of)
+            self._free_after.append(list(dict.fromkeys(last)))
         known = set(self.input_names) | set(self._buffer_of) | {""}
         for node in self.nodes:
             missing = [n for n in node.inputs if n not in known]
@@ -1201,17 +1210,20 @@ class OnnxGraph(nn.Module):
         # a host form and its inputs are host values when it runs; the rest get tensors wherever they read one.
         self._host_consts = {name: HostValue.of(t) for name, t in constants.items() if _host_constant(t)}
         host = set(self._host_consts) | {""}
-        self._on_host, self._to_device = [], []
-        for node in self.nodes:
-            runs_on_host = node.op_type in HOST_OPERATORS and (node.op_type in ("Shape", "Size")
-                                                                or all(n in host for n in node.inputs))  # fmt: skip
+        # Per node: whether it may run on host values, and its step: (node, operator, host operator or None, whether
+        # the host operator takes tensors too, [(input to make a tensor of, or a Python number)], values to free).
+        self._on_host, self._steps = [], []
+        for node, free in zip(self.nodes, self._free_after):
+            any_args = node.op_type in ("Shape", "Size")  # (they read only their input's shape)
+            runs_on_host = node.op_type in HOST_OPERATORS and (any_args or all(n in host for n in node.inputs))
             if runs_on_host:
                 host.update(node.outputs)
             numbers = _NUMBER_INPUTS.get(node.op_type, ())
             scalars = _SCALAR_INPUTS.get(node.op_type, ())
+            to_device = [(i, i in scalars) for i, n in enumerate(node.inputs) if n and n in host and i not in numbers]
             self._on_host.append(runs_on_host)
-            self._to_device.append([(i, i in scalars) for i, n in enumerate(node.inputs)
-                                    if n and n in host and i not in numbers])  # fmt: skip
+            self._steps.append((node, OPERATORS[node.op_type], HOST_OPERATORS[node.op_type] if runs_on_host else None,
+                                any_args, to_device, free))  # fmt: skip
         self._constants: dict[str, Tensor | HostValue] = {}
         self._bind_constants()
 
@@ -1255,29 +1267,36 @@ class OnnxGraph(nn.Module):
         env: dict[str, Tensor | HostValue | None] = dict(self._constants)
         env[""] = None
         env.update(zip(self.input_names, inputs))
-        for node, on_host, to_device, free in zip(self.nodes, self._on_host, self._to_device, self._free_after):
+        opset = self.opset
+        for node, fn, host_fn, any_args, to_device, free in self._steps:
             args = [env[n] for n in node.inputs]
             try:
-                if on_host and (node.op_type in ("Shape", "Size")
-                                or all(v is None or type(v) is HostValue for v in args)):  # fmt: skip
-                    out = _host_run(node, args, self.opset, device)
+                on_host = host_fn is not None
+                if on_host and not any_args:  # (a host form runs when every input is a host value)
+                    for v in args:
+                        if v is not None and type(v) is not HostValue:
+                            on_host = False
+                            break
+                if on_host:
+                    out = _host_run(host_fn, fn, args, node.attrs, opset, device)
                 else:
                     for i, scalar in to_device:
                         v = args[i]
                         if type(v) is HostValue:
                             args[i] = v.values[0] if scalar and not v.shape and v.buffer is None else v.tensor(device)
-                    out = OPERATORS[node.op_type](args, node.attrs, self.opset)
+                    out = fn(args, node.attrs, opset)
             except Exception as e:
                 shapes = [None if t is None else tuple(getattr(t, "shape", ())) for t in args]
                 raise RuntimeError(f"ONNX node {node.name or '?'} ({node.op_type}) failed on inputs of shapes "
                                    f"{shapes}: {e}") from e  # fmt: skip
-            if not isinstance(out, tuple):
-                out = (out,)
-            for name, value in zip(node.outputs, out):
-                if name:
-                    env[name] = value
+            if type(out) is tuple:
+                for name, value in zip(node.outputs, out):
+                    if name:
+                        env[name] = value
+            else:
+                env[node.outputs[0]] = out
             for name in free:
-                env.pop(name, None)
+                del env[name]
         outs = tuple(v.tensor(device) if type(v) is HostValue else v for v in (env[n] for n in self.output_names))
         return outs[0] if len(outs) == 1 else outs
 
@@ -1292,15 +1311,15 @@ def _small(t: Tensor) -> bool:
     return t.numel() <= HOST_LIMIT and t.dtype in _HOST_DTYPES
 
 
-def _host_run(node: OnnxNode, args: list, opset: int, device):
-    """The node on host values: its host operator, else (a case the host form does not take) the torch operator on
-    CPU tensors, whose result stays on the host if it is small."""
+def _host_run(host_fn, fn, args: list, attrs: dict, opset: int, device):
+    """A node on host values: its host operator ``host_fn``, else (a case the host form does not take) its torch
+    operator ``fn`` on CPU tensors, whose result stays on the host if it is small."""
     try:
-        return HOST_OPERATORS[node.op_type](args, node.attrs, opset, device)
+        return host_fn(args, attrs, opset, device)
     except (_NoHost, ArithmeticError):
         pass
     cpu = [torch.tensor(v.values, dtype=v.dtype).reshape(v.shape) if type(v) is HostValue else v for v in args]
-    out = OPERATORS[node.op_type](cpu, node.attrs, opset)
+    out = fn(cpu, attrs, opset)
     outs = out if isinstance(out, tuple) else (out,)
     outs = tuple(HostValue.of(t) if _small(t) else t.to(device) for t in outs)
     return outs if isinstance(out, tuple) else outs[0]
