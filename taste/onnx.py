@@ -588,7 +588,10 @@ def _pad(x, a, opset):
 def _range(x, a, opset, device=None):
     """``device``: where to make it when no input is a tensor (all three host values)."""
     start, limit, delta = x[0], x[1], x[2]
-    device = next((t.device for t in x if isinstance(t, Tensor)), device)
+    for t in x[:3]:  # (a loop, not next() over a generator: torch 2.8's dynamo takes no default there)
+        if isinstance(t, Tensor):
+            device = t.device
+            break
     return torch.arange(_scalar(start), _scalar(limit), _scalar(delta), dtype=start.dtype, device=device)
 
 
