@@ -67,8 +67,7 @@ class S3Tokenizer(nn.Module):
 
     def forward(self, mel: Tensor) -> Tensor:
         """``mel (n_mels, F)`` float32 of one utterance -> ``(T_s,)`` int64 token ids."""
-        if mel.dim() != 2 or mel.shape[0] != self.n_mels:
-            raise ValueError(f"mel must be ({self.n_mels}, frames), got {tuple(mel.shape)}")
+        self._check_mel(mel, "mel")
         frames = torch.full((1,), mel.shape[1], dtype=torch.int32, device=mel.device)  # (filled there: no copy)
         out = self.graph(mel[None], frames)
         tokens = out[0] if isinstance(out, tuple) else out
@@ -84,6 +83,10 @@ class S3Tokenizer(nn.Module):
             out.append(whisper_log_mel(audio[None].to(self.filters.device), self.filters, self.window)[0])
         return out
 
+    def _check_mel(self, mel: Tensor, name: str) -> None:
+        if mel.dim() != 2 or mel.shape[0] != self.n_mels:
+            raise ValueError(f"{name} must be ({self.n_mels}, frames), got {tuple(mel.shape)}")
+
     def forward_batch(self, mels: Sequence[Tensor]) -> list[Tensor]:
         """Several utterances' ``(n_mels, F_i)`` log-mels in one call of the graph: zero-padded to the longest, with
         their frame counts as the graph's second input; per utterance its ``(ceil(F_i / 2),)`` int64 tokens (what
@@ -91,8 +94,7 @@ class S3Tokenizer(nn.Module):
         if not mels:
             return []
         for i, mel in enumerate(mels):
-            if mel.dim() != 2 or mel.shape[0] != self.n_mels:
-                raise ValueError(f"mels[{i}] must be ({self.n_mels}, frames), got {tuple(mel.shape)}")
+            self._check_mel(mel, f"mels[{i}]")
         frames = [m.shape[1] for m in mels]
         longest = max(frames)
         padded = torch.stack([F.pad(m, (0, longest - f)) for m, f in zip(mels, frames)])
