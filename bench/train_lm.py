@@ -2,13 +2,14 @@
 code computes it (transformers' causal-LM loss), against ours (taste.ops.linear_cross_entropy: a block of rows at a
 time, never all logits at once), with and without the KL term of the official recipe (text_kl_weight 0.9).
 
-    python bench/train_lm.py [--device cpu|cuda] [--batch B] [--tokens T] [--train-head] [--json out.json]
+    python bench/train_lm.py [--device cpu|cuda] [--batch B] [--tokens T] [--train-head] [--score] [--json out.json]
 
 The model is TASLM with LoRA r 8 on a Llama with the Llama-3 vocabulary (128,256 ids): on the CPU a 95M one (d 512,
 8 layers, as bench/generate.py), on a GPU the Llama-3.2-1B shapes (random weights, bf16 autocast). B utterances of T
 tokens (two tokens a word) with their TASTE codes; the latent head. Both providers give the same loss (checked).
 ``--train-head`` also trains the output layer (tied to the embeddings; frozen in the official recipe), so the loss
-makes its (V, d) gradient too.
+makes its (V, d) gradient too. ``--score`` times likelihood scoring instead (``TasteSpokenLM.score``, no gradient)
+against the same text log-likelihoods from the whole logits' log-softmax, at B and 4B utterances.
 """
 
 from __future__ import annotations
@@ -71,15 +72,50 @@ def case(device: str, kl: float, b: int, t: int, reps: int, train_head: bool = F
     return rows
 
 
+def score_case(device: str, b: int, t: int, reps: int) -> list:
+    """Likelihood scoring (``TasteSpokenLM.score``, no gradient) against the same scores from the whole ``(N, V)``
+    logits and their log-softmax, as a caller would compute them from a causal LM's logits; values compared."""
+    model = build(device, 0.0).eval()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 128000, (b * t,), generator=gen).to(device)
+    cu = (torch.arange(b + 1, dtype=torch.int32) * t).to(device)
+    word_ids = (torch.arange(t, dtype=torch.int32) // 2).repeat(b).to(device)
+    codes = torch.randint(0, cfg.codebook_size, (b * ((t + 1) // 2), cfg.num_quantizers), generator=gen).to(device)
+    results = {}
+
+    def whole():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            h, _ = model.hidden_states(tokens, cu, word_ids, codes)
+            _, rows = model._text_rows(tokens, cu)
+            logp = model.lm_head(h[rows]).float().log_softmax(-1)  # (N, V)
+            results["whole"] = logp.gather(1, tokens[:, None])[:, 0].view(b, t).sum(-1)
+
+    def ours():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            results["ours"] = model.score(tokens, cu, word_ids, codes).text
+
+    label = f"score B={b} T={t}"
+    rows = measure(label, {"whole logits": whole, "ours (blocks)": ours}, device, reps)
+    gap = float((results["whole"] - results["ours"]).abs().max())
+    print(f"  {label}: text log-likelihoods differ by at most {gap:.2e} (sums of {t} tokens)")
+    return rows
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=None, help="utterances (default: 8 on cpu, 16 on cuda)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per utterance (default: 60 on cpu, 256 on cuda)")
     p.add_argument("--train-head", action="store_true", help="also train the output layer (its (V, d) gradient)")
+    p.add_argument("--score", action="store_true", help="time likelihood scoring (TasteSpokenLM.score) instead")
     args = parse(p)
     dev = args.device
     b = args.batch or (8 if dev == "cpu" else 16)
     t = args.tokens or (60 if dev == "cpu" else 256)
+    if args.score:
+        rows = score_case(dev, b, t, args.reps) + score_case(dev, 4 * b, t, args.reps)
+        report(f"bench/train_lm.py --score on {dev}, TASLM likelihoods (Llama-3 vocabulary)", rows, dev, args.json)
+        return
     rows = case(dev, 0.0, b, t, args.reps, args.train_head) + case(dev, 0.9, b, t, args.reps, args.train_head)
     report(f"bench/train_lm.py on {dev}, TASLM training step (LoRA, Llama-3 vocabulary)", rows, dev, args.json)
 

@@ -32,7 +32,7 @@ from taste.ops import HAS_EXTENSION, DelayLayout, PrefixLayout  # noqa: E402
 from taste.rvq import ResidualVQ  # noqa: E402
 from taste.s3_tokenizer import S3Tokenizer  # noqa: E402
 from taste.speaker import SpeakerEncoder  # noqa: E402
-from taste.spoken_lm import SpokenLMConfig, SpokenLMOutput, TasteSpokenLM  # noqa: E402
+from taste.spoken_lm import SpokenLMConfig, SpokenLMOutput, SpokenLMScores, TasteSpokenLM  # noqa: E402
 from taste.tokenizer import QuantizerConfig, TasteConfig, TasteTokenizer, TokenizerOutput  # noqa: E402
 from taste.unit_decoder import UnitDecoder, UnitDecoderConfig, UnitDecoderOutput  # noqa: E402
 from taste.voice import VoiceGenerator, VoiceGeneratorConfig  # noqa: E402
@@ -59,6 +59,7 @@ __all__ = [
     "TasteSpokenLM",
     "SpokenLMConfig",
     "SpokenLMOutput",
+    "SpokenLMScores",
     "GenerationConfig",
     "GenerationOutput",
     "load_official",

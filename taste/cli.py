@@ -454,6 +454,27 @@ def cmd_eval_lm(args) -> None:
     _report(metrics, args.json)
 
 
+def cmd_score_lm(args) -> None:
+    from taste.checkpoint import write_jsonl_atomically
+    from taste.train_lm import CodeCorpus, preference_accuracy, score_corpus
+
+    lm = _load_lm(args.model, _device(args.device))
+    scores = score_corpus(lm, CodeCorpus.for_model(args.codes, lm), args.batch_size, text_only=args.text_only)
+    summary = {"rows": len(scores)}
+    for key in ("text_logprob", "taste_logprob", "tokens", "words"):
+        summary[f"mean_{key}"] = sum(r[key] for r in scores) / len(scores)
+    if args.against:
+        other = score_corpus(lm, CodeCorpus.for_model(args.against, lm), args.batch_size, text_only=args.text_only)
+        if len(other) != len(scores):
+            raise ValueError(f"--against {args.against} has {len(other)} rows, {args.codes} {len(scores)}: the "
+                             "rows must pair up (row i: the right answer, against row i: the wrong one)")  # fmt: skip
+        summary.update(preference_accuracy(scores, other, per_token=args.per_token))
+        scores = [{**r, "against": o} for r, o in zip(scores, other)]
+    if args.output:
+        write_jsonl_atomically(args.output, scores)
+    _report(summary, args.json)
+
+
 def environment() -> dict:
     """What this installation has: versions, the compiled extension and its GPU architectures, the GPUs and whether
     the extension has code for each, and the optional pieces (tokenizer files, espeak-ng, transformers, peft)."""
@@ -691,6 +712,19 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("codes", help="the `taste encode` JSONL it was trained on (the last --eval-size rows)")
     _add_eval_options(el)
     el.set_defaults(func=cmd_eval_lm)
+
+    sc = sub.add_parser("score-lm", help="log-likelihoods of a spoken LM on every row of a codes file; with "
+                        "--against, how often it prefers each row to its pair (spoken StoryCloze, SALMON)")  # fmt: skip
+    sc.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")
+    sc.add_argument("codes", help="a `taste encode` JSONL (with --against: the right answers)")
+    sc.add_argument("--against", default=None, help="a `taste encode` JSONL of as many rows: the wrong answers")
+    sc.add_argument("--per-token", action="store_true", help="compare the text per token and the codes per word")
+    sc.add_argument("--text-only", action="store_true", help="score the text without its codes")
+    sc.add_argument("--batch-size", type=int, default=16)
+    sc.add_argument("--device", default=None)
+    sc.add_argument("--output", "-o", default=None, help="write every row's scores here (JSONL)")
+    sc.add_argument("--json", default=None, help="also write the summary here")
+    sc.set_defaults(func=cmd_score_lm)
 
     m = sub.add_parser("merge-lora", help="fold a spoken LM's LoRA adapters into its backbone (full checkpoint)")
     m.add_argument("model", help="a train-lm out_dir (or a TasteSpokenLM directory)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -22,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taste import ops
-from taste._checks import check_at_least, check_field_types, check_id_range
+from taste import ops, reference
+from taste._checks import check_at_least, check_field_types, check_id_range, check_positive_int
 from taste.aggregator import _plain_linear
 from taste.bridge import ClassifierHead, LatentHead, WeightedSumFusion, build_backbone
 from taste.checkpoint import meta_tensors, read_model, save_model
 from taste.rvq import ResidualVQ
 
 HEADS = ("latent", "classifier")
+SCORE_BLOCK_ELEMENTS = 1 << 26  # float32 logits of one block of text rows in TasteSpokenLM.score: 256 MB
 OFFICIAL_PREFIX = "spoken_lm."
 
 
@@ -131,6 +133,30 @@ class SpokenLMOutput:
     text_accuracy: Tensor
     code_accuracy: Tensor  # (Q,) per RVQ layer
     taste_mse: Tensor  # between the 256-d code sums of the predicted and the target codes
+
+
+@dataclass
+class SpokenLMScores:
+    """Teacher-forced log-likelihoods of a packed batch (:meth:`TasteSpokenLM.score`), float32 (float64 for a
+    float64 model); natural logarithms."""
+
+    text: Tensor  # (B,) per utterance: the sum of its tokens' log-probabilities
+    taste: Tensor  # (B,) per utterance: the sum of its scored words' code log-likelihoods (0 without codes)
+    token_logprob: Tensor  # (N,) log p(token | what comes before it)
+    word_logprob: Tensor  # (W_total,) the log-likelihood of each word's codes; 0 for a row with a -1 code
+    num_tokens: Tensor  # (B,) int64
+    num_words: Tensor  # (B,) int64: the words whose codes were scored
+
+
+def _token_log_probs(head: nn.Module, h: Tensor, tokens: Tensor, vocab: int, block_elements: int) -> Tensor:
+    """``(N,)`` ``log_softmax(head(h))[i, tokens[i]]`` through ``head``'s own forward, a block of rows at a time (about
+    ``block_elements`` logits of a ``vocab``-wide head)."""
+    out = torch.empty(tokens.shape, dtype=reference._acc_dtype(h.dtype), device=h.device)
+    rows = max(1, block_elements // max(1, vocab))
+    for lo in range(0, tokens.shape[0], rows):
+        logp = head(h[lo : lo + rows]).to(out.dtype).log_softmax(-1)  # (rows, V); (on the CPU, logsumexp: 6x slower)
+        out[lo : lo + rows] = logp.gather(1, tokens[lo : lo + rows, None])[:, 0]
+    return out
 
 
 class TasteSpokenLM(nn.Module):
@@ -264,13 +290,8 @@ class TasteSpokenLM(nn.Module):
             codes: ``(W_total, Q)`` int64 TASTE codes, one row per word in order, or None (text only).
         """
         self._check_batch(tokens, cu_seqlens, word_ids, codes)
-        delay = self.config.delay
         h, layout = self.hidden_states(tokens, cu_seqlens, word_ids, codes)
-
-        n, b = tokens.shape[0], cu_seqlens.shape[0] - 1
-        lengths = cu_seqlens.diff().long()
-        seq = torch.repeat_interleave(torch.arange(b, device=tokens.device), lengths, output_size=n)
-        text_rows = torch.arange(n, device=tokens.device) + seq * (delay + 1)  # the rows whose label is a token
+        seq, text_rows = self._text_rows(tokens, cu_seqlens)
         kl = self.config.text_kl_weight
         ref_h = self._reference_states(tokens, cu_seqlens, seq) if kl > 0 else None
         head = self.lm_head
@@ -285,15 +306,85 @@ class TasteSpokenLM(nn.Module):
         if codes is None:
             taste_loss, code_acc, mse = zero, text_loss.new_zeros(q), zero
         else:
-            w = codes.shape[0]
-            key = torch.where(layout.label_word >= 0, layout.label_word, layout.label_word.numel() + w)
-            taste_rows = torch.argsort(key, stable=True)[:w]  # taste_rows[i] predicts word i's codes
-            taste_loss, pred = self._taste_loss(h[taste_rows], codes)
+            taste_loss, pred = self._taste_loss(h[self._taste_rows(layout, codes.shape[0])], codes)
             valid = (codes >= 0).all(-1)
             code_acc = ((pred == codes) & valid[:, None]).float().sum(0) / valid.sum().clamp(min=1)
             mse = (self.vq.get_code_from_indices(pred) - self.vq.get_code_from_indices(codes)).pow(2).mean()
         loss = self.config.text_weight * text_loss + self.config.taste_weight * taste_loss
         return SpokenLMOutput(loss, text_loss.detach(), taste_loss.detach(), text_accuracy, code_acc, mse)
+
+    def _text_rows(self, tokens: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N,)`` the utterance of every token, and ``(N,)`` the layout row whose label is that token."""
+        n, b = tokens.shape[0], cu_seqlens.shape[0] - 1
+        seq = torch.repeat_interleave(torch.arange(b, device=tokens.device), cu_seqlens.diff().long(), output_size=n)
+        return seq, torch.arange(n, device=tokens.device) + seq * (self.config.delay + 1)
+
+    @staticmethod
+    def _taste_rows(layout: ops.DelayLayout, num_words: int) -> Tensor:
+        """``(W,)``: row ``i`` of the layout predicts word ``i``'s codes (its TASTE label)."""
+        key = torch.where(layout.label_word >= 0, layout.label_word, layout.label_word.numel() + num_words)
+        return torch.argsort(key, stable=True)[:num_words]
+
+    @torch.no_grad()
+    def score(self, tokens: Tensor, cu_seqlens: Tensor, word_ids: Tensor, codes: Tensor | None = None, *,
+              block_elements: int = SCORE_BLOCK_ELEMENTS) -> SpokenLMScores:  # fmt: skip
+        """Teacher-forced log-likelihoods of a packed batch, per token, per word and per utterance: what
+        likelihood-based evaluations (spoken StoryCloze, SALMON: which of two recordings the model prefers) compare.
+        One pass of the backbone over the whole batch; the text's ``(N, V)`` logits are made a block of rows at a
+        time, never all at once. No gradient.
+
+        The text term of a token is ``log p(token | the tokens and word codes before it)``, at the row that predicts
+        it in training (spec 2.4). The TASTE term of a word is the log-likelihood of its code row at the row that
+        predicts it: for the classifier head, the sum over the Q layers of the code's log-softmax; for the latent
+        head, the log-density of the word's code sum ``y`` (``codebook_dim``-dimensional) under ``N(mu, diag
+        exp(b_logvar))``, the distribution the head is trained as (a density: it can be positive, and it is not
+        comparable with the text's probabilities, so the two are kept apart).
+
+        The model runs in its current mode: call ``.eval()`` first for scores free of (LoRA) dropout.
+
+        Args: as :meth:`forward`; ``codes`` None scores the text alone, every word's audio the padding embedding.
+            A word whose code row holds a -1 is not scored (it counts in neither ``taste`` nor ``num_words``).
+            block_elements: about how many float32 logits one block of text rows holds (the default: 256 MB, 523
+                rows of Llama-3's vocabulary; on 2 CPU cores smaller blocks were slower than the whole logits at
+                once, 1.5x at 130 rows and 1.16x at 260, the same at 520: each block's product reads the whole
+                output layer).
+
+        Returns:
+            :class:`SpokenLMScores`.
+        """
+        self._check_batch(tokens, cu_seqlens, word_ids, codes)
+        check_positive_int(block_elements, "block_elements")
+        h, layout = self.hidden_states(tokens, cu_seqlens, word_ids, codes)
+        _, text_rows = self._text_rows(tokens, cu_seqlens)
+        vocab = self.causal_lm.config.vocab_size
+        token_logprob = _token_log_probs(self.lm_head, h[text_rows], tokens, vocab, block_elements)
+        num_tokens = cu_seqlens.diff().long()
+        text = ops.segment_sum(token_logprob, cu_seqlens)
+        if codes is None:
+            none = torch.zeros_like(num_tokens)
+            return SpokenLMScores(text, torch.zeros_like(text), token_logprob, text.new_zeros(0), num_tokens, none)
+        word_logprob, valid = self._code_log_likelihood(h[self._taste_rows(layout, codes.shape[0])], codes)
+        words = word_ids[cu_seqlens[1:].long() - 1].to(torch.int32) + 1  # (every utterance has a token: checked)
+        cu_words = torch.cat([words.new_zeros(1), words.cumsum(0, dtype=torch.int32)])
+        taste = ops.segment_sum(word_logprob, cu_words)
+        num_words = ops.segment_sum(valid.to(word_logprob.dtype), cu_words).round().long()
+        return SpokenLMScores(text, taste, token_logprob, word_logprob, num_tokens, num_words)
+
+    def _code_log_likelihood(self, h: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """``(W,)`` the log-likelihood of each word's codes at its rows ``h (W, hidden)`` (0 where a code is -1), and
+        ``(W,)`` which words were scored."""
+        valid = (codes >= 0).all(-1)
+        target = codes.clamp(min=0)
+        head = self.extract_for_bridge_out_llm
+        if self.config.head == "classifier":
+            logp = head(h).float().log_softmax(-1)  # (W, Q, K)
+            ll = logp.gather(-1, target[..., None])[..., 0].sum(-1)
+        else:
+            mu, logvar = head(h)
+            mu, logvar = mu.float(), logvar.float()
+            y = self.vq.get_code_from_indices(target).to(mu.dtype)
+            ll = -0.5 * ((y - mu).pow(2) * (-logvar).exp() + logvar + math.log(2 * math.pi)).sum(-1)
+        return torch.where(valid, ll, 0.0), valid
 
     def _taste_loss(self, h: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
         """The head's loss on the rows ``h (W, hidden)`` that predict ``codes (W, Q)``, and its predicted codes."""

@@ -47,7 +47,7 @@ class CodeCorpus:
     def __init__(self, path: str, llm_tokenizer: str = "llama3", num_quantizers: int | None = None,
                  codebook_size: int | None = None, codebooks: str | None = None):  # fmt: skip
         tok = WordTokenizer(llm_tokenizer)
-        self.tokens, self.word_ids, self.codes, self.words = [], [], [], []
+        self.tokens, self.word_ids, self.codes, self.words, self.ids = [], [], [], [], []
         for where, row in iter_json_objects(path, "codes row"):
             words, codes = row.get("words"), torch.tensor(row.get("codes", []), dtype=torch.long)
             if not words or codes.dim() != 2 or codes.shape[0] != len(words):
@@ -67,6 +67,7 @@ class CodeCorpus:
             self.word_ids.append(packed.word_ids)
             self.codes.append(codes)
             self.words.append(words)
+            self.ids.append(row.get("id"))
         if not self.tokens:
             raise ValueError(f"{path} holds no utterances")
 
@@ -135,6 +136,52 @@ def evaluate_lm(model: TasteSpokenLM, corpus: CodeCorpus, indices: list[int], ba
         mean = vq.get_code_from_indices(train_codes.to(vq.embed.device)).mean(0)
         metrics["taste_mse_mean_floor"] = float((vq.get_code_from_indices(held.to(mean.device)) - mean).pow(2).mean())
     return metrics
+
+
+@torch.no_grad()
+def score_corpus(model: TasteSpokenLM, corpus: CodeCorpus, batch_size: int = 16, *, text_only: bool = False) -> list:
+    """Per row of ``corpus``: ``{"id", "text_logprob", "taste_logprob", "tokens", "words"}``, the sums of
+    :meth:`taste.TasteSpokenLM.score` (the model in eval mode while it runs; ``text_only``: the text without its
+    codes, ``taste_logprob`` 0)."""
+    check_positive_int(batch_size, "batch_size")
+    was = model.training
+    model.eval()
+    device = model.pad_text_unit_embed.device
+    rows = []
+    try:
+        for start in range(0, len(corpus), batch_size):
+            idx = list(range(start, min(start + batch_size, len(corpus))))
+            batch = corpus.batch(idx, device)
+            s = model.score(**{**batch, "codes": None} if text_only else batch)
+            values = zip(s.text.tolist(), s.taste.tolist(), s.num_tokens.tolist(), s.num_words.tolist())
+            for i, (text, taste, tokens, words) in zip(idx, values):
+                rows.append({"id": corpus.ids[i], "text_logprob": text, "taste_logprob": taste, "tokens": tokens,
+                             "words": words})  # fmt: skip
+    finally:
+        model.train(was)
+    return rows
+
+
+def preference_accuracy(first: list, second: list, *, per_token: bool = False) -> dict:
+    """How often the scores of :func:`score_corpus` prefer row ``i`` of ``first`` (the right answer: the true
+    ending, the consistent recording) to row ``i`` of ``second``, as spoken StoryCloze and SALMON count: by the text
+    log-likelihood, the TASTE one and their sum (a tie counts half). ``per_token``: the text divided by its tokens
+    and the TASTE term by its scored words first (their sum then compares the two means)."""
+    if len(first) != len(second) or not first:
+        raise ValueError(f"the two score lists must pair up row by row, got {len(first)} and {len(second)} rows")
+
+    def terms(r):
+        text, taste = r["text_logprob"], r["taste_logprob"]
+        if per_token:
+            text, taste = text / max(r["tokens"], 1), taste / max(r["words"], 1)
+        return {"text": text, "taste": taste, "total": text + taste}
+
+    wins = {"text": 0.0, "taste": 0.0, "total": 0.0}
+    for a, b in zip(first, second):
+        ta, tb = terms(a), terms(b)
+        for k in wins:
+            wins[k] += 1.0 if ta[k] > tb[k] else 0.5 if ta[k] == tb[k] else 0.0
+    return {"pairs": len(first), **{f"accuracy_{k}": v / len(first) for k, v in wins.items()}}
 
 
 def train_lm(cfg: LMTrainConfig, *, stop_after: int | None = None, progress: bool = True) -> TasteSpokenLM:

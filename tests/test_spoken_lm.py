@@ -50,6 +50,7 @@ def test_public_names():
     import taste
 
     assert taste.TasteSpokenLM is TasteSpokenLM and taste.SpokenLMConfig is SpokenLMConfig
+    assert taste.SpokenLMScores.__module__ == "taste.spoken_lm"
     assert taste.GenerationConfig().extra_words == 8  # the official README's defaults
 
 
@@ -135,6 +136,76 @@ def test_losses_match_an_independent_build_of_the_spec_layout(head, latent, clas
         ref = 0.5 * reg + 0.5 * kl
     torch.testing.assert_close(out.taste_loss, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, 0.5 * ce + 0.5 * ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["classifier", "latent"])
+def test_scores_match_an_independent_build_of_the_spec_layout(head, latent, classifier):
+    """Per token: the log-softmax of the plain causal LM over the spec table's rows; per word: the classifier's
+    log-softmax summed over the layers, or the latent head's Gaussian log-density (torch.distributions) of the code
+    sum, at the row of the word's TASTE label. A word with a -1 code is not scored."""
+    model = latent if head == "latent" else classifier
+    tokens, word_ids, codes, cu = batch(seed=5)
+    codes[0][1, 2] = -1
+    logvar = model.extract_for_bridge_out_llm.b_logvar if head == "latent" else torch.zeros(0)
+    kept = logvar.detach().clone()
+    with torch.no_grad():
+        logvar.normal_()  # (a variance other than 1 in every dimension)
+        s = model.score(*packed(tokens, word_ids, codes, cu))
+        token_lp, word_lp, scored = [], [], []
+        for t, w, c in zip(tokens, word_ids, codes):
+            x, labels = spec_rows(model, t, w, c)
+            h = model.causal_lm.model(inputs_embeds=x[None]).last_hidden_state[0]
+            token_lp.append(model.lm_head(h[: len(t)]).float().log_softmax(-1).gather(1, t[:, None])[:, 0])
+            for pos, word in sorted(labels.items(), key=lambda kv: kv[1]):
+                if (c[word] < 0).any():
+                    word_lp.append(torch.tensor(0.0))
+                    scored.append(0)
+                    continue
+                scored.append(1)
+                if head == "classifier":
+                    logp = model.extract_for_bridge_out_llm(h[pos][None])[0].log_softmax(-1)
+                    word_lp.append(logp.gather(1, c[word][:, None]).sum())
+                else:
+                    mu, logvar = model.extract_for_bridge_out_llm(h[pos][None])
+                    y = model.vq.get_code_from_indices(c[word][None])
+                    normal = torch.distributions.Normal(mu[0], (0.5 * logvar).exp())
+                    word_lp.append(normal.log_prob(y[0]).sum())
+        logvar.copy_(kept)
+    torch.testing.assert_close(s.token_logprob, torch.cat(token_lp), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(s.word_logprob, torch.stack(word_lp), atol=2e-4, rtol=1e-5)
+    words = [int(w[-1]) + 1 for w in word_ids]
+    per_word = torch.stack(word_lp).split(words)
+    torch.testing.assert_close(
+        s.text, torch.stack([x.sum() for x in torch.cat(token_lp).split([len(t) for t in tokens])])
+    )
+    torch.testing.assert_close(s.taste, torch.stack([x.sum() for x in per_word]), atol=2e-4, rtol=1e-5)
+    assert s.num_tokens.tolist() == [len(t) for t in tokens]
+    assert s.num_words.tolist() == [sum(x) for x in torch.tensor(scored).split(words)] == [2, 2, 1]
+
+
+def test_scores_agree_with_the_losses_and_do_not_depend_on_the_batch(classifier):
+    """The mean negative token log-probability is the text loss, the classifier's mean negative code
+    log-probability per layer its TASTE loss; an utterance scores the same alone, packed, and in blocks of one row."""
+    tokens, word_ids, codes, cu = batch(seed=6, lengths=((0, 1, 1, 2), (0,), (0, 0, 1, 2, 3, 3, 4)))
+    args = packed(tokens, word_ids, codes, cu)
+    with torch.no_grad():
+        out, s = classifier(*args), classifier.score(*args)
+    torch.testing.assert_close(-s.token_logprob.mean(), out.text_loss)
+    torch.testing.assert_close(-s.word_logprob.sum() / codes[0].shape[1] / s.num_words.sum(), out.taste_loss)
+    rows = classifier.score(*args, block_elements=1)
+    torch.testing.assert_close(rows.token_logprob, s.token_logprob, atol=1e-6, rtol=0)
+    for b, (t, w, c) in enumerate(zip(tokens, word_ids, codes)):
+        alone = classifier.score(t, torch.tensor([0, len(t)], dtype=torch.int32), w, c)
+        torch.testing.assert_close(alone.text, s.text[b : b + 1], atol=2e-5, rtol=1e-6)
+        torch.testing.assert_close(alone.taste, s.taste[b : b + 1], atol=2e-5, rtol=1e-6)
+    text = classifier.score(args[0], cu, args[2])  # text only: the padding audio everywhere, as forward's
+    assert text.taste.tolist() == [0, 0, 0] and text.num_words.tolist() == [0, 0, 0] and text.word_logprob.numel() == 0
+    torch.testing.assert_close(-text.token_logprob.mean(), classifier(args[0], cu, args[2], None).text_loss)
+    assert not torch.allclose(text.text, s.text)  # (the codes do reach the text)
+    with pytest.raises(ValueError, match="block_elements must be a positive int, got 0"):
+        classifier.score(*args, block_elements=0)
+    with pytest.raises(ValueError, match="codes has 8 rows but the batch has 9 words"):
+        classifier.score(args[0], cu, args[2], args[3][:8])
 
 
 def test_gradients_reach_only_the_trainable_parts(latent):
@@ -250,6 +321,8 @@ def test_compile_fullgraph(classifier):
     ref = classifier(*args)
     out = torch.compile(classifier, fullgraph=True, backend="aot_eager")(*args)
     torch.testing.assert_close(out.loss, ref.loss)
+    scores = torch.compile(classifier.score, fullgraph=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(scores.taste, classifier.score(*args).taste)
 
 
 def test_bad_input(classifier):

@@ -109,6 +109,70 @@ def test_cli_train_generate_and_bad_config(data, tmp_path, capsys):
         config(data, tmp_path / "c", preset="huge")
 
 
+def test_cli_score_lm_scores_rows_and_pairs(data, tmp_path, capsys):
+    """`taste score-lm`: every row's sums equal TasteSpokenLM.score's on that row alone; with --against, the
+    accuracies count the pairs the rows' scores prefer (a file against itself ties everywhere: one half)."""
+    torch.manual_seed(3)
+    lm = TasteSpokenLM.from_tokenizer(TasteTokenizer.from_pretrained(str(data / "tokenizer")), SpokenLMConfig.tiny())
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name or "pad_" in name or "fc_mu" in name:
+                p.normal_(0, 0.2)
+    lm.save_pretrained(str(tmp_path / "lm"))
+    rows = [json.loads(line) for line in open(data / "codes.jsonl")][:6]
+    wrong = [{**r, "words": r["words"][::-1], "codes": r["codes"][::-1]} for r in rows]  # the words reversed
+    (tmp_path / "right.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "wrong.jsonl").write_text("".join(json.dumps(r) + "\n" for r in wrong))
+    lm = TasteSpokenLM.from_pretrained(str(tmp_path / "lm")).eval()
+    args = ["score-lm", str(tmp_path / "lm"), str(tmp_path / "right.jsonl"), "--batch-size", "4"]
+    assert main([*args, "--against", str(tmp_path / "wrong.jsonl"), "-o", str(tmp_path / "s.jsonl"), "--json",
+                 str(tmp_path / "summary.json")]) == 0  # fmt: skip
+    scored = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
+    corpus = CodeCorpus(str(tmp_path / "right.jsonl"))
+    for i, r in enumerate(scored):
+        b = corpus.batch([i], "cpu")
+        alone = lm.score(**b)
+        assert r["id"] == rows[i]["id"] and r["tokens"] == b["tokens"].numel() and r["words"] == len(rows[i]["words"])
+        assert r["text_logprob"] == pytest.approx(float(alone.text[0]), abs=1e-4)
+        assert r["taste_logprob"] == pytest.approx(float(alone.taste[0]), abs=1e-3)
+        assert r["against"]["id"] == rows[i]["id"] and r["against"]["words"] == r["words"]
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["rows"] == summary["pairs"] == 6
+    for key in ("text", "taste"):
+        wins = sum(r[f"{key}_logprob"] > r["against"][f"{key}_logprob"] for r in scored)
+        assert summary[f"accuracy_{key}"] == pytest.approx(wins / 6)
+    total = sum(r["text_logprob"] + r["taste_logprob"] > r["against"]["text_logprob"] + r["against"]["taste_logprob"]
+                for r in scored)  # fmt: skip
+    assert summary["accuracy_total"] == pytest.approx(total / 6)
+    assert summary["mean_text_logprob"] == pytest.approx(sum(r["text_logprob"] for r in scored) / 6)
+    capsys.readouterr()
+    assert main([*args, "--against", str(tmp_path / "right.jsonl"), "--per-token", "--text-only"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["accuracy_text"] == summary["accuracy_taste"] == summary["accuracy_total"] == 0.5
+    assert summary["mean_taste_logprob"] == 0 and summary["mean_words"] == 0
+    assert main([*args, "--against", str(data / "codes.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "codes.jsonl has 20 rows" in err and "right.jsonl 6: the rows must pair up" in err
+
+
+def test_preference_accuracy_per_token_and_ties():
+    from taste.train_lm import preference_accuracy
+
+    def row(text, taste, tokens, words):
+        return {"text_logprob": text, "taste_logprob": taste, "tokens": tokens, "words": words}
+
+    right = [row(-10.0, -8.0, 5, 2), row(-6.0, -3.0, 2, 1), row(-4.0, -2.0, 2, 1)]
+    wrong = [row(-12.0, -6.0, 6, 3), row(-4.0, -3.0, 1, 1), row(-4.0, -2.0, 2, 1)]
+    # sums: text win, loss, tie; taste loss, tie, tie; total -18 = -18 tie, -9 < -7 loss, tie
+    assert preference_accuracy(right, wrong) == {"pairs": 3, "accuracy_text": 1.5 / 3, "accuracy_taste": 1 / 3,
+                                                 "accuracy_total": 1 / 3}  # fmt: skip
+    # per token / word: text -2 = -2 tie, -3 > -4 win, tie; taste -4 < -2 loss, tie, tie; total -6 < -4, -6 > -7, tie
+    assert preference_accuracy(right, wrong, per_token=True) == {
+        "pairs": 3, "accuracy_text": 2 / 3, "accuracy_taste": 1 / 3, "accuracy_total": 1.5 / 3}  # fmt: skip
+    with pytest.raises(ValueError, match="must pair up row by row, got 3 and 2 rows"):
+        preference_accuracy(right, wrong[:2])
+
+
 def test_codes_outside_the_codebook_name_their_row(data, tmp_path):
     """Before: rvq_decode's "indices must lie in [-1, K=64)" when the row's batch came up, with no row named."""
     rows = [json.loads(line) for line in open(data / "codes.jsonl")]
