@@ -280,11 +280,22 @@ def official_tokenizer_codes(model, waveforms, texts, encode_word, encoder=None)
 
 
 @torch.no_grad()
-def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_new_tokens: int):
+def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_new_tokens: int, prefix_ids=None,
+                      suffix_ids=(), stop_id: int | None = None):  # fmt: skip
     """The official TASLM generation algorithm (spec 2.7, 2.8) on the same weights, greedy, batch 1: the sampler
     tables rebuilt per call, the whole sequence re-run through the backbone at every step without a cache, lm_head
     and the code head + RVQ search on every position, the ban mask written into the full logits, the state machine
-    in Python with a host read per step, inputs grown by concatenation. Returns (tokens, codes) of the new words."""
+    in Python with a host read per step, inputs grown by concatenation. Returns (tokens, codes) of the new words.
+
+    ``prefix_ids`` (not None): the official ``instruct`` mode (``TasteSpokenLM.generate``, ``conditional_mode ==
+    "instruct"``): the prefix ids' plain embeddings, the prompt's layout rows without BOS, the suffix ids'; no
+    queued prompt audio (``has_prefix=False``: the first generated word carries the padding audio). ``stop_id``: the
+    sampler's stop rule (the stop token ends the text at its own step, is not output, and that step samples the last
+    word's codes when the stop token is a word start); the stop id is not banned.
+
+    Two choices of this package are kept here as in ``taste.generate`` (the official sampler differs): the first
+    generated token is drawn among word starts only (officially it is only counted as one), and special tokens are
+    banned (officially only 128001 is; their decoded names pass the character rule)."""
     from taste import ops
     from taste.generate import sampler_tables
 
@@ -300,6 +311,16 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
     audio = model.word_audio(codes)
     embeds = model.embed_layout(tokens, layout, audio)[: tokens.numel() + 1]  # BOS + the prompt's rows
     cur_audio = audio[-1]  # the prompt's last word, queued for the first generated word
+    if prefix_ids is not None:
+
+        def plain(ids):
+            return model.embed_tokens(torch.tensor(list(ids), dtype=torch.long, device=dev)).to(embeds.dtype)
+
+        embeds = torch.cat([plain(prefix_ids), embeds[1:], plain(suffix_ids)])
+        cur_audio = model.pad_audio_unit_embed
+    if stop_id is not None:
+        ban = ban.clone()
+        ban[stop_id] = False
     out_tokens, out_codes, words, final = [], [], 0, False
     while True:
         h = model.run_backbone(embeds[None], torch.arange(embeds.shape[0], device=dev)[None])[0]
@@ -312,6 +333,10 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
         if final:
             out_codes.append(all_codes[-1])
             break
+        if stop_id is not None and token == stop_id:  # the terminating step
+            if bool(word_start[token]) and words + 1 > 1:
+                out_codes.append(all_codes[-1])
+            break
         is_start = not out_tokens or bool(word_start[token])
         if is_start:
             words += 1
@@ -323,7 +348,9 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
         final = final or len(out_tokens) >= max_new_tokens
         text = model.embed_tokens(torch.tensor([token], device=dev))
         embeds = torch.cat([embeds, model.fuse(text, cur_audio[None])])
-    return torch.tensor(out_tokens), torch.stack(out_codes)
+    q = model.config.num_quantizers
+    codes = torch.stack(out_codes) if out_codes else torch.zeros(0, q, dtype=torch.long, device=dev)
+    return torch.tensor(out_tokens, dtype=torch.long), codes
 
 
 @torch.no_grad()

@@ -185,7 +185,17 @@ def _generation_config(args):
 
     top_p = 0.0 if args.greedy else args.top_p
     return GenerationConfig(extra_words=args.extra_words, text_top_p=top_p, text_temperature=args.temperature,
-                            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)  # fmt: skip
+                            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                            stop_id=args.stop_id, instruct_prefix_ids=args.instruct_prefix,
+                            instruct_suffix_ids=args.instruct_suffix or ())  # fmt: skip
+
+
+def _token_ids(text: str) -> tuple[int, ...]:
+    """``"128000,128006, 882"`` -> ``(128000, 128006, 882)``; ``""`` -> ``()``."""
+    try:
+        return tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids separated by commas, got {text!r}") from None
 
 
 def _load_lm(path: str, device: str):
@@ -598,6 +608,13 @@ def _add_sampling(p) -> None:
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--stop-id", type=int, default=None, help="a token id that ends the text where it is drawn")
+    p.add_argument("--instruct-prefix", type=_token_ids, default=None, metavar="IDS",
+                   help="the official instruct mode: token ids (comma-separated) fed before the prompt, e.g. the "
+                   "chat template's user header")  # fmt: skip
+    p.add_argument("--instruct-suffix", type=_token_ids, default=None, metavar="IDS",
+                   help="with --instruct-prefix: token ids fed after the prompt (e.g. <|eot_id|> and the assistant "
+                   "header)")  # fmt: skip
     p.add_argument("--greedy", action="store_true", help="greedy text (top-p 0)")
     p.add_argument("--seed", type=int, default=0)
 

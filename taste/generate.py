@@ -80,7 +80,16 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
 @dataclass(frozen=True)
 class GenerationConfig:
     """Sampling options (spec 2.7; defaults of the official README). ``text_top_p = 0`` is greedy text;
-    ``taste_top_p = 0`` greedy codes. ``max_new_tokens`` bounds the text (default 12 tokens per allowed word)."""
+    ``taste_top_p = 0`` greedy codes. ``max_new_tokens`` bounds the text (default 12 tokens per allowed word).
+
+    ``stop_id``: a token that ends the text where it is drawn, as the official ``stop_id``: it is never banned, it is
+    not output, and its step predicts the last word's codes (the official code does so only when the stop token
+    starts a word, as its special tokens do).
+
+    ``instruct_prefix_ids`` (not None: the official ``instruct`` mode, e.g. spoken question answering): the prompt
+    is fed as these ids' plain embeddings, then each prompt's token rows of the training layout without its BOS row
+    (a speech prompt's words carry their codes), then ``instruct_suffix_ids``' plain embeddings; the generated words
+    start afresh (the first one carries the padding audio, not the prompt's last word)."""
 
     extra_words: int = 8
     text_top_p: float = 0.3
@@ -89,10 +98,23 @@ class GenerationConfig:
     taste_top_p: float = 0.0
     max_new_tokens: int | None = None
     stop_id: int | None = None
+    instruct_prefix_ids: tuple[int, ...] | None = None
+    instruct_suffix_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         check_field_types(self)
         check_at_least(self, 1, "extra_words")
+        for name in ("instruct_prefix_ids", "instruct_suffix_ids"):
+            ids = getattr(self, name)
+            if ids is None:
+                continue
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+                raise ValueError(f"{name} must be token ids (ints >= 0), got {list(ids)}")
+            object.__setattr__(self, name, tuple(ids))  # (a JSON list: hashable and immutable as the rest)
+        if self.instruct_suffix_ids and self.instruct_prefix_ids is None:
+            raise ValueError("instruct_suffix_ids needs instruct_prefix_ids (() for none): they make the instruct mode")
+        if self.stop_id is not None and self.stop_id < 0:
+            raise ValueError(f"stop_id must be a token id >= 0, got {self.stop_id}")
         if self.text_temperature <= 0:
             raise ValueError(f"text_temperature must be > 0, got {self.text_temperature}")
         if self.repetition_penalty <= 0:
@@ -148,9 +170,10 @@ def _new_cache(model, batch: int, length: int, device, dtype):
 
 
 class _Prompt:
-    """Host-side preparation of a packed prompt batch into left-padded prefill rows."""
+    """Host-side preparation of a packed prompt batch into left-padded prefill rows: per sequence its layout rows
+    from BOS to its last token, or in instruct mode the prefix ids' embeddings, its token rows and the suffix's."""
 
-    def __init__(self, model, tokens, cu_seqlens, word_ids, codes, device):
+    def __init__(self, model, tokens, cu_seqlens, word_ids, codes, device, prefix=None, suffix=()):
         cu = cu_seqlens.cpu().long()
         lengths = cu.diff()
         self.batch = lengths.numel()
@@ -159,20 +182,30 @@ class _Prompt:
         if n:
             last = word_ids.cpu().long()[(cu[1:] - 1).clamp(min=0)] + 1
             words = torch.where(lengths > 0, last, words)
+        instruct = prefix is not None
+        extra = [*(prefix or ()), *suffix]  # instruct mode's plain rows
         self.lengths, self.words = lengths, words
         layout = ops.delay_layout(word_ids.to(device), cu_seqlens.to(device), model.config.delay)
         audio = model.word_audio(codes.to(device)) if codes is not None else None
         rows = model.embed_layout(tokens.to(device), layout, audio)  # (M, hidden)
-        self.width = int(lengths.max()) + 1 if self.batch else 1
-        cu_out = layout.cu_seqlens.cpu().long()
-        col = torch.arange(self.width)
-        shift = self.width - (lengths + 1)  # left padding of each sequence
-        src = cu_out[:-1, None] + (col[None, :] - shift[:, None])  # (B, P)
-        valid = col[None, :] >= shift[:, None]
+        m, p = rows.shape[0], len(prefix or ())
+        if extra:
+            rows = torch.cat([rows, model.embed_tokens(torch.tensor(extra, device=device)).to(rows.dtype)])
+        body = lengths if instruct else lengths + 1  # the layout rows fed: the tokens' (after BOS), or BOS + tokens
+        start = layout.cu_seqlens.cpu().long()[:-1] + int(instruct)
+        self.size = p + body + len(suffix)  # (B,) prompt rows of each sequence
+        if self.batch and int(self.size.min()) == 0:
+            raise ValueError("instruct mode needs instruct_prefix_ids or instruct_suffix_ids for an empty prompt")
+        self.width = int(self.size.max()) if self.batch else 1
+        j = torch.arange(self.width)[None, :] - (self.width - self.size)[:, None]  # (B, P) row j of each prompt
+        src = torch.where(j < p, m + j, torch.where(j < p + body[:, None], start[:, None] + j - p,
+                                                    m + j - body[:, None]))  # fmt: skip
+        valid = j >= 0  # (left padding before)
         self.embeds = rows[src.clamp(min=0, max=rows.shape[0] - 1).to(device)] * valid[..., None].to(device)
         self.valid = valid.to(device)
-        self.positions = (col[None, :] - shift[:, None]).clamp(min=0).to(device)
-        self.prompt_audio = audio
+        self.positions = j.clamp(min=0).to(device)
+        self.extra_ids = extra
+        self.prompt_audio = None if instruct else audio  # instruct: the first generated word carries the padding
         self.word_base = (words.cumsum(0) - words).to(device)
 
 
@@ -185,6 +218,10 @@ def _advance(model, h, token, pred, tail, done, n_words, cur_audio, audio_table,
     place; returns (next input (B, 1, hidden), the step's output tokens (-1 outside the text), word-start flags,
     tail, done, n_words, cur_audio)."""
     in_text, in_tail = (tail < 0) & ~done, (tail > 0) & ~done
+    if stop_id is not None:  # the stop token ends the text at its own step: not output, the step the first tail step
+        halt = in_text & (token == stop_id)
+        tail = torch.where(halt, torch.full_like(tail, delay), tail)
+        in_text, in_tail = in_text & ~halt, in_tail | halt
     starts = in_text & (word_start_t[token] | first)
     new_word = starts | in_tail
     k = n_words - delay  # the word whose codes this step predicts (when a word starts)
@@ -203,8 +240,6 @@ def _advance(model, h, token, pred, tail, done, n_words, cur_audio, audio_table,
     seen[rows, token] |= in_text
     gen = n_words - wp
     stop = (gen >= extra_words) & end_t[token] | (gen >= 3 * extra_words) | last
-    if stop_id is not None:
-        stop = stop | (token == stop_id)
     tail = torch.where(in_tail, tail - 1, tail)
     done = done | (in_tail & (tail == 0))
     tail = torch.where(in_text & stop, torch.full_like(tail, delay), tail)
@@ -250,14 +285,22 @@ def generate(
     model._check_batch(tokens.cpu(), cu_seqlens.cpu(), word_ids.cpu(), None if codes is None else codes.cpu(),
                        allow_empty=True)  # fmt: skip
     delay, q = model.config.delay, model.config.num_quantizers
-    prompt = _Prompt(model, tokens, cu_seqlens, word_ids, codes, device)
+    vocab = model.causal_lm.config.vocab_size
+    extra = [*(config.instruct_prefix_ids or ()), *config.instruct_suffix_ids]
+    for name, ids in (("stop_id", [] if config.stop_id is None else [config.stop_id]), ("instruct ids", extra)):
+        if any(i >= vocab for i in ids):
+            raise ValueError(f"{name} must lie in [0, vocab_size={vocab}), got {max(ids)}")
+    prompt = _Prompt(model, tokens, cu_seqlens, word_ids, codes, device, config.instruct_prefix_ids,
+                     config.instruct_suffix_ids)  # fmt: skip
     b, width = prompt.batch, prompt.width
     max_words = 3 * config.extra_words + 1
     max_new = config.max_new_tokens or 12 * max_words
     steps = max_new + delay
-    tables = sampler_tables(model.config.llm_tokenizer, model.causal_lm.config.vocab_size, model.config.eos_id)
-    vocab = model.causal_lm.config.vocab_size
+    tables = sampler_tables(model.config.llm_tokenizer, vocab, model.config.eos_id)
     word_start_t, ban_t, end_t = (t[:vocab].to(device) for t in (tables.word_start, tables.ban, tables.sentence_end))
+    if config.stop_id is not None:  # (the table is cached: a copy)
+        ban_t = ban_t.clone()
+        ban_t[config.stop_id] = False
 
     # per-word audio: prompt words (codes or pad), then the generated words' code embeddings
     wp = prompt.words.to(device)
@@ -272,6 +315,8 @@ def generate(
     if tokens.numel():
         seq_tok = torch.repeat_interleave(torch.arange(b, device=device), prompt.lengths.to(device))
         seen[seq_tok, tokens.to(device)] = True
+    if prompt.extra_ids:
+        seen[:, torch.tensor(prompt.extra_ids, device=device)] = True
 
     total = width + steps
     mask = torch.ones(b, total, dtype=torch.long, device=device)
@@ -284,7 +329,7 @@ def generate(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     cur_audio = pad_audio.expand(b, -1).clone()
     rows = torch.arange(b, device=device)
-    next_pos = prompt.lengths.to(device) + 1  # position of the next fed row
+    next_pos = prompt.size.to(device)  # position of the next fed row
 
     if use_cache:
         cache = _new_cache(model, b, total, device, prompt.embeds.dtype)

@@ -219,3 +219,97 @@ def test_equals_the_official_algorithm(model):
         ref_tokens, ref_codes = official_generate(model, t, w, c, extra_words=3, max_new_tokens=24)
         assert torch.equal(out.tokens[i][out.tokens[i] >= 0], ref_tokens)
         assert torch.equal(out.codes[i, : int(out.num_words[i])], ref_codes)
+
+
+# the Llama-3 chat template around a spoken question, as the official instruct mode is given it
+PREFIX = (128000, 128006, 882, 128007, 271)  # <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n
+SUFFIX = (128009, 128006, 78191, 128007, 271)  # <|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n
+
+
+def instruct(**kw):
+    return GenerationConfig(**{**GREEDY.__dict__, "instruct_prefix_ids": PREFIX, "instruct_suffix_ids": SUFFIX, **kw})
+
+
+def test_instruct_mode_equals_the_official_algorithm(model):
+    """The official instruct mode (plain prefix and suffix rows around the prompt's rows without BOS, the generated
+    words afresh) and its stop rule: the same tokens and codes as bench/baselines.py's official algorithm, batched
+    (left-padded prompts of different lengths) and cached."""
+    from baselines import official_generate
+
+    tokens, word_ids, codes, cu = prompt(seed=5)
+    args = (torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes))
+    plain = model.generate(*args, config=GREEDY)
+    out = model.generate(*args, config=instruct())
+    assert not torch.equal(out.tokens, plain.tokens)  # (the prefix and suffix reach the model)
+    full = model.generate(*args, config=instruct(), use_cache=False)
+    assert torch.equal(out.tokens, full.tokens) and torch.equal(out.codes, full.codes)
+    tables = sampler_tables("llama3")
+    for i, (t, w, c) in enumerate(zip(tokens, word_ids, codes)):
+        ref_tokens, ref_codes = official_generate(model, t, w, c, extra_words=3, max_new_tokens=24,
+                                                  prefix_ids=PREFIX, suffix_ids=SUFFIX)  # fmt: skip
+        mine = out.tokens[i][out.tokens[i] >= 0]
+        assert torch.equal(mine, ref_tokens)
+        assert torch.equal(out.codes[i, : int(out.num_words[i])], ref_codes)
+        # stop at a word start that the unstopped run draws later: the text ends before it, the codes of every word
+        later = [s for s in range(2, mine.numel()) if tables.word_start[mine[s]] and mine[s] not in mine[:s]]
+        if not later:
+            continue
+        s = later[0]
+        stopped = model.generate(t, torch.tensor([0, len(t)], dtype=torch.int32), w, c,
+                                 config=instruct(stop_id=int(mine[s])))  # fmt: skip
+        stop = int(mine[s])
+        ref_tokens, ref_codes = official_generate(model, t, w, c, extra_words=3, max_new_tokens=24,
+                                                  prefix_ids=PREFIX, suffix_ids=SUFFIX, stop_id=stop)  # fmt: skip
+        assert torch.equal(stopped.tokens[0][stopped.tokens[0] >= 0], mine[:s]) and torch.equal(ref_tokens, mine[:s])
+        n = int(stopped.num_words[0])
+        assert n == int(tables.word_start[mine[:s]].sum()) + (not tables.word_start[mine[0]])
+        assert torch.equal(stopped.codes[0, :n], ref_codes) and (ref_codes >= 0).all()
+
+
+def test_stop_id_is_never_banned_and_ends_the_text_where_drawn():
+    """A special token (banned otherwise) as stop_id: drawn where the head favours it, never output; the step that
+    drew it predicts the last word's codes; the same tokens and codes as the official algorithm. Before, the stop
+    token was output as a word of its own, with one more tail step."""
+    from baselines import official_generate
+
+    model = make("latent", seed=2)
+    eot = 128009
+    assert sampler_tables("llama3").ban[eot]
+    with torch.no_grad():
+        head = model.lm_head.weight if not hasattr(model.lm_head, "base_layer") else model.lm_head.base_layer.weight
+        head[eot] += 0.3 * model.causal_lm.model.norm.weight.sign()
+    tokens, word_ids, codes, cu = prompt(seed=5)
+    args = (torch.cat(tokens), cu, torch.cat(word_ids), torch.cat(codes))
+    free = model.generate(*args, config=GREEDY)
+    assert not (free.tokens == eot).any()  # banned without stop_id
+    out = model.generate(*args, config=GenerationConfig(**{**GREEDY.__dict__, "stop_id": eot}))
+    lengths = (out.tokens >= 0).sum(1)
+    assert lengths.tolist() == [0, 0, 2] and (free.tokens >= 0).sum(1).tolist() == [24, 24, 9]  # (stop at 0 and 2)
+    for b, (t, w, c) in enumerate(zip(tokens, word_ids, codes)):
+        mine = out.tokens[b][out.tokens[b] >= 0]
+        assert torch.equal(mine, free.tokens[b][: lengths[b]])  # the same text up to the stop
+        n = int(out.num_words[b])
+        assert (out.codes[b, :n] >= 0).all() and (out.codes[b, n:] < 0).all()
+        ref_tokens, ref_codes = official_generate(model, t, w, c, extra_words=3, max_new_tokens=24, stop_id=eot)
+        assert torch.equal(mine, ref_tokens) and torch.equal(out.codes[b, :n], ref_codes)
+    assert int(out.num_words[2]) == 2
+
+
+def test_instruct_configuration_errors(model):
+    with pytest.raises(ValueError, match="instruct_suffix_ids needs instruct_prefix_ids"):
+        GenerationConfig(instruct_suffix_ids=(1, 2))
+    with pytest.raises(ValueError, match=r"instruct_prefix_ids must be token ids \(ints >= 0\), got \[1, -2\]"):
+        GenerationConfig(instruct_prefix_ids=[1, -2])
+    with pytest.raises(TypeError, match="instruct_prefix_ids must be"):
+        GenerationConfig(instruct_prefix_ids="128000")
+    with pytest.raises(ValueError, match="stop_id must be a token id >= 0"):
+        GenerationConfig(stop_id=-1)
+    assert GenerationConfig(instruct_prefix_ids=[1, 2]).instruct_prefix_ids == (1, 2)  # (a JSON list)
+    with pytest.raises(ValueError, match=r"instruct ids must lie in \[0, vocab_size=\d+\), got 999999"):
+        model.generate(num_sequences=1, config=instruct(instruct_prefix_ids=(999999,)))
+    with pytest.raises(ValueError, match=r"stop_id must lie in \[0, vocab_size=\d+\), got 999999"):
+        model.generate(num_sequences=1, config=instruct(stop_id=999999))
+    with pytest.raises(ValueError, match="instruct mode needs instruct_prefix_ids or instruct_suffix_ids"):
+        model.generate(num_sequences=1, config=instruct(instruct_prefix_ids=(), instruct_suffix_ids=()))
+    out = model.generate(num_sequences=2, config=instruct())  # an instruction alone: both sequences alike
+    assert torch.equal(out.tokens[0], out.tokens[1]) and (out.num_words > 0).all()

@@ -92,6 +92,17 @@ def test_cli_train_generate_and_bad_config(data, tmp_path, capsys):
     assert main([*args, str(out), "--num", "2", "--codes", str(data / "codes.jsonl")]) == 0  # speech prompts
     rows = [json.loads(line) for line in open(out)]
     assert [r["prompt"] for r in rows] == [" ".join(w) for w in CodeCorpus(str(data / "codes.jsonl")).words[:2]]
+    instruct = [*args, str(tmp_path / "qa.jsonl"), "--num", "2", "--codes", str(data / "codes.jsonl"),
+                "--instruct-prefix", "128000,128006,882,128007,271", "--instruct-suffix", "128009, 128006 78191",
+                "--stop-id", "128009"]  # fmt: skip
+    assert main(instruct) == 0  # (the official instruct mode: tests/test_generate.py checks its tokens)
+    qa = [json.loads(line) for line in open(tmp_path / "qa.jsonl")]
+    assert [r["prompt"] for r in qa] == [r["prompt"] for r in rows]
+    assert all(len(r["codes"]) == len(r["words"]) for r in qa)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # (argparse's usage error)
+        main([*instruct[:-4], "--instruct-suffix", "1,x"])
+    assert "expected token ids separated by commas, got '1,x'" in capsys.readouterr().err
     assert main(["eval-lm", str(tmp_path / "run"), str(data / "codes.jsonl"), "--eval-size", "4", "--json",
                  str(tmp_path / "m.json")]) == 0  # fmt: skip
     assert "code_accuracy_majority_0" in json.load(open(tmp_path / "m.json"))
