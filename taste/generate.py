@@ -10,8 +10,9 @@ The state machine follows the training layout of :func:`taste.ops.delay_layout` 
 the first token of word w also predicts the codes of word ``w - delay``, which are fed (fused with that token) at
 the next step and carried by every token of word w; after the text ends, ``delay`` tail steps predict the codes of
 the last words (their text tokens are discarded). Codes of prompt words are known (speech prompt) or absent (text
-prompt: the pad-audio embedding, as the official code). Greedy decoding with the cache equals re-running the full
-sequence every step (``use_cache=False``), and a batch equals its sequences generated one by one (tests).
+prompt: the pad-audio embedding fused as in training; the official text mode feeds plain embeddings without BOS).
+Greedy decoding with the cache equals re-running the full sequence every step (``use_cache=False``), and a batch
+equals its sequences generated one by one (tests). :class:`GenerationConfig` also has the official instruct mode.
 """
 
 from __future__ import annotations
