@@ -37,16 +37,21 @@ def build(device: str, kl: float) -> TasteSpokenLM:
         return TasteSpokenLM(config=config).train()
 
 
-def case(device: str, kl: float, b: int, t: int, reps: int, train_head: bool = False) -> list:
-    """One training step of both providers on the same model and batch, with their losses compared."""
-    model = build(device, kl)
-    model.lm_head.weight.requires_grad_(train_head)
-    cfg = model.config
-    gen = torch.Generator().manual_seed(1)
+def packed_batch(cfg, device: str, b: int, t: int, seed: int) -> tuple:
+    """B utterances of T random Llama-3 tokens, two a word, with random codes: (tokens, cu_seqlens, word_ids, codes)."""
+    gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 128000, (b * t,), generator=gen).to(device)
     cu = (torch.arange(b + 1, dtype=torch.int32) * t).to(device)
     word_ids = (torch.arange(t, dtype=torch.int32) // 2).repeat(b).to(device)
     codes = torch.randint(0, cfg.codebook_size, (b * ((t + 1) // 2), cfg.num_quantizers), generator=gen).to(device)
+    return tokens, cu, word_ids, codes
+
+
+def case(device: str, kl: float, b: int, t: int, reps: int, train_head: bool = False) -> list:
+    """One training step of both providers on the same model and batch, with their losses compared."""
+    model = build(device, kl)
+    model.lm_head.weight.requires_grad_(train_head)
+    tokens, cu, word_ids, codes = packed_batch(model.config, device, b, t, seed=1)
     losses = {}
 
     def step(whole: bool, name: str):
@@ -76,12 +81,7 @@ def score_case(device: str, b: int, t: int, reps: int) -> list:
     """Likelihood scoring (``TasteSpokenLM.score``, no gradient) against the same scores from the whole ``(N, V)``
     logits and their log-softmax, as a caller would compute them from a causal LM's logits; values compared."""
     model = build(device, 0.0).eval()
-    cfg = model.config
-    gen = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, 128000, (b * t,), generator=gen).to(device)
-    cu = (torch.arange(b + 1, dtype=torch.int32) * t).to(device)
-    word_ids = (torch.arange(t, dtype=torch.int32) // 2).repeat(b).to(device)
-    codes = torch.randint(0, cfg.codebook_size, (b * ((t + 1) // 2), cfg.num_quantizers), generator=gen).to(device)
+    tokens, cu, word_ids, codes = packed_batch(model.config, device, b, t, seed=2)
     results = {}
 
     def whole():
