@@ -243,6 +243,12 @@ def test_continue_end_to_end(data, tmp_path, capsys):
             "--greedy", "--extra-words", "1", "--max-new-tokens", "6", "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert out.stat().st_size > 1000
+    capsys.readouterr()
+    qa = [*argv[:-1], str(tmp_path / "answer.wav"), "--only-new", "--instruct-prefix", "128000,128006,882,128007,271",
+          "--instruct-suffix", "128009,128006,78191,128007,271", "--stop-id", "128009"]  # fmt: skip
+    assert main(qa) == 0  # a spoken question answered (the official instruct mode), the answer alone synthesised
+    answer = capsys.readouterr().out.split("continuation: ")[1].split("\n")[0].split()
+    assert answer and (tmp_path / "answer.wav").stat().st_size > 1000
     other = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None)  # (another tokenizer's codebooks)
     other.save_pretrained(str(tmp_path / "other"))
     argv[argv.index("--tokenizer-model") + 1] = str(tmp_path / "other")
