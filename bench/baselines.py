@@ -280,8 +280,25 @@ def official_tokenizer_codes(model, waveforms, texts, encode_word, encoder=None)
 
 
 @torch.no_grad()
+def official_sampler_ban(vocab: int) -> torch.Tensor:
+    """The official ``TasteSampler``'s banned ids over the Llama-3 vocabulary, by its own rule on each id's decoded
+    text: none of ``[.,'a-zA-Z0-9]`` (but ".") or a newline, and 128001; special tokens decode to their names, which
+    pass. Ids past the tokenizer (a larger embedding) are banned."""
+    import re
+
+    from taste.text import llama3_encoding
+
+    enc = llama3_encoding()
+    ban = torch.ones(vocab, dtype=torch.bool)
+    for i in range(min(vocab, enc.n_vocab)):
+        text = enc.decode([i])
+        ban[i] = text != "." and (re.search(r"[.,'a-zA-Z0-9]", text) is None or "\n" in text)
+    ban[128001] = True
+    return ban
+
+
 def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_new_tokens: int, prefix_ids=None,
-                      suffix_ids=(), stop_id: int | None = None):  # fmt: skip
+                      suffix_ids=(), stop_id: int | None = None, official_sampling: bool = False):  # fmt: skip
     """The official TASLM generation algorithm (spec 2.7, 2.8) on the same weights, greedy, batch 1: the sampler
     tables rebuilt per call, the whole sequence re-run through the backbone at every step without a cache, lm_head
     and the code head + RVQ search on every position, the ban mask written into the full logits, the state machine
@@ -293,9 +310,11 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
     sampler's stop rule (the stop token ends the text at its own step, is not output, and that step samples the last
     word's codes when the stop token is a word start); the stop id is not banned.
 
-    Two choices of this package are kept here as in ``taste.generate`` (the official sampler differs): the first
-    generated token is drawn among word starts only (officially it is only counted as one), and special tokens are
-    banned (officially only 128001 is; their decoded names pass the character rule)."""
+    ``codes`` None: a text prompt. Three choices of this package are kept here as in ``taste.generate`` unless
+    ``official_sampling`` (then as the official code): the first generated token is drawn among word starts only
+    (officially it is only counted as one), special tokens are banned (officially only 128001 is: the ban of
+    :func:`official_sampler_ban`), and a text prompt is fed as training feeds it (officially: its tokens' plain
+    embeddings without BOS)."""
     from taste import ops
     from taste.generate import sampler_tables
 
@@ -306,18 +325,23 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
     vocab = model.causal_lm.config.vocab_size
     dev = tokens.device
     ban, word_start, sentence_end = (t[:vocab].to(dev) for t in (tables.ban, tables.word_start, tables.sentence_end))
+    if official_sampling:
+        ban = official_sampler_ban(vocab).to(dev)
     cu = torch.tensor([0, tokens.numel()], dtype=torch.int32, device=dev)
     layout = ops.delay_layout(word_ids, cu, 1)
-    audio = model.word_audio(codes)
+    audio = None if codes is None else model.word_audio(codes)
     embeds = model.embed_layout(tokens, layout, audio)[: tokens.numel() + 1]  # BOS + the prompt's rows
-    cur_audio = audio[-1]  # the prompt's last word, queued for the first generated word
+
+    def plain(ids):
+        return model.embed_tokens(torch.as_tensor(list(ids), dtype=torch.long, device=dev)).to(embeds.dtype)
+
+    # the prompt's last word, queued for the first generated word (speech prompt); the padding in the other modes
+    cur_audio = model.pad_audio_unit_embed if codes is None else audio[-1]
     if prefix_ids is not None:
-
-        def plain(ids):
-            return model.embed_tokens(torch.tensor(list(ids), dtype=torch.long, device=dev)).to(embeds.dtype)
-
         embeds = torch.cat([plain(prefix_ids), embeds[1:], plain(suffix_ids)])
         cur_audio = model.pad_audio_unit_embed
+    elif codes is None and official_sampling:  # the official text mode
+        embeds = plain(tokens.tolist())
     if stop_id is not None:
         ban = ban.clone()
         ban[stop_id] = False
@@ -326,7 +350,7 @@ def official_generate(model, tokens, word_ids, codes, *, extra_words: int, max_n
         h = model.run_backbone(embeds[None], torch.arange(embeds.shape[0], device=dev)[None])[0]
         logits = model.lm_head(h).float()
         logits[:, ban] = -100000.0
-        if not out_tokens:
+        if not out_tokens and not official_sampling:
             logits[-1, ~word_start] = -100000.0
         all_codes = model.predict_codes(h)  # every position, as the official head
         token = int(logits[-1].argmax())

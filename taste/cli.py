@@ -187,7 +187,8 @@ def _generation_config(args):
     return GenerationConfig(extra_words=args.extra_words, text_top_p=top_p, text_temperature=args.temperature,
                             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                             stop_id=args.stop_id, instruct_prefix_ids=args.instruct_prefix,
-                            instruct_suffix_ids=args.instruct_suffix or ())  # fmt: skip
+                            instruct_suffix_ids=args.instruct_suffix or (),
+                            official_sampling=args.official_sampling)  # fmt: skip
 
 
 def _token_ids(text: str) -> tuple[int, ...]:
@@ -615,6 +616,8 @@ def _add_sampling(p) -> None:
     p.add_argument("--instruct-suffix", type=_token_ids, default=None, metavar="IDS",
                    help="with --instruct-prefix: token ids fed after the prompt (e.g. <|eot_id|> and the assistant "
                    "header)")  # fmt: skip
+    official = "the official sampler's choices: the first token from every allowed id, special tokens allowed, a text "
+    p.add_argument("--official-sampling", action="store_true", help=official + "prompt's plain rows without BOS")
     p.add_argument("--greedy", action="store_true", help="greedy text (top-p 0)")
     p.add_argument("--seed", type=int, default=0)
 

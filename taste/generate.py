@@ -31,11 +31,13 @@ from taste._checks import check_at_least, check_field_types
 
 @dataclass(frozen=True)
 class SamplerTables:
-    """Per-id boolean tables ``(V,)`` of a tokenizer (spec 2.7): word starts, banned ids, sentence ends."""
+    """Per-id boolean tables ``(V,)`` of a tokenizer (spec 2.7): word starts, banned ids, sentence ends, and its
+    special tokens (banned here; the official sampler bans only the end of text among them)."""
 
     word_start: Tensor
     ban: Tensor
     sentence_end: Tensor
+    special: Tensor
 
 
 _ALLOWED = re.compile(r"[.,'a-zA-Z0-9]")
@@ -59,13 +61,15 @@ def sampler_tables(tokenizer: str = "llama3", vocab_size: int | None = None, eos
     word_start = torch.zeros(v, dtype=torch.bool)
     ban = torch.ones(v, dtype=torch.bool)
     sentence_end = torch.zeros(v, dtype=torch.bool)
+    special = torch.zeros(v, dtype=torch.bool)
+    special[:n] = torch.tensor(is_special, dtype=torch.bool)
     for i, t in enumerate(texts):
         word_start[i] = is_special[i] or t.startswith(" ")
         ban[i] = is_special[i] or "\n" in t or (t != "." and _ALLOWED.search(t) is None)
         sentence_end[i] = "." in t
     if 0 <= eos_id < v:
         ban[eos_id] = True
-    return SamplerTables(word_start, ban, sentence_end)
+    return SamplerTables(word_start, ban, sentence_end, special)
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
@@ -90,7 +94,14 @@ class GenerationConfig:
     ``instruct_prefix_ids`` (not None: the official ``instruct`` mode, e.g. spoken question answering): the prompt
     is fed as these ids' plain embeddings, then each prompt's token rows of the training layout without its BOS row
     (a speech prompt's words carry their codes), then ``instruct_suffix_ids``' plain embeddings; the generated words
-    start afresh (the first one carries the padding audio, not the prompt's last word)."""
+    start afresh (the first one carries the padding audio, not the prompt's last word).
+
+    ``official_sampling``: the official code's choices where this package differs on purpose: the first generated
+    token is drawn from every allowed id (and only counted as a word start), special tokens are allowed (only
+    ``eos_id`` is banned among them: their names pass the character rule), and a text prompt (no codes) is fed as
+    its tokens' plain embeddings without BOS (the official ``text`` mode). Default: the first token among word
+    starts, special tokens banned, a text prompt fed as in training (BOS, each token fused with the padding
+    audio)."""
 
     extra_words: int = 8
     text_top_p: float = 0.3
@@ -101,6 +112,7 @@ class GenerationConfig:
     stop_id: int | None = None
     instruct_prefix_ids: tuple[int, ...] | None = None
     instruct_suffix_ids: tuple[int, ...] = ()
+    official_sampling: bool = False
 
     def __post_init__(self):
         check_field_types(self)
@@ -174,7 +186,8 @@ class _Prompt:
     """Host-side preparation of a packed prompt batch into left-padded prefill rows: per sequence its layout rows
     from BOS to its last token, or in instruct mode the prefix ids' embeddings, its token rows and the suffix's."""
 
-    def __init__(self, model, tokens, cu_seqlens, word_ids, codes, device, prefix=None, suffix=()):
+    def __init__(self, model, tokens, cu_seqlens, word_ids, codes, device, prefix=None, suffix=(),
+                 plain_text: bool = False):  # fmt: skip
         cu = cu_seqlens.cpu().long()
         lengths = cu.diff()
         self.batch = lengths.numel()
@@ -189,11 +202,16 @@ class _Prompt:
         layout = ops.delay_layout(word_ids.to(device), cu_seqlens.to(device), model.config.delay)
         audio = model.word_audio(codes.to(device)) if codes is not None else None
         rows = model.embed_layout(tokens.to(device), layout, audio)  # (M, hidden)
+        body = lengths if instruct else lengths + 1  # the layout rows fed: the tokens' (after BOS), or BOS + tokens
+        start = layout.cu_seqlens.cpu().long()[:-1] + int(instruct)
+        if plain_text:  # the official text mode: the tokens' plain embeddings, no BOS
+            if self.batch and int(lengths.min()) == 0:
+                raise ValueError("official_sampling feeds a text prompt without BOS: every prompt needs a token")
+            body, start = lengths, rows.shape[0] + cu[:-1]
+            rows = torch.cat([rows, model.embed_tokens(tokens.to(device)).to(rows.dtype)])
         m, p = rows.shape[0], len(prefix or ())
         if extra:
             rows = torch.cat([rows, model.embed_tokens(torch.tensor(extra, device=device)).to(rows.dtype)])
-        body = lengths if instruct else lengths + 1  # the layout rows fed: the tokens' (after BOS), or BOS + tokens
-        start = layout.cu_seqlens.cpu().long()[:-1] + int(instruct)
         self.size = p + body + len(suffix)  # (B,) prompt rows of each sequence
         if self.batch and int(self.size.min()) == 0:
             raise ValueError("instruct mode needs instruct_prefix_ids or instruct_suffix_ids for an empty prompt")
@@ -291,15 +309,21 @@ def generate(
     for name, ids in (("stop_id", [] if config.stop_id is None else [config.stop_id]), ("instruct ids", extra)):
         if any(i >= vocab for i in ids):
             raise ValueError(f"{name} must lie in [0, vocab_size={vocab}), got {max(ids)}")
+    instruct = config.instruct_prefix_ids is not None
+    plain_text = config.official_sampling and codes is None and tokens.numel() > 0 and not instruct
     prompt = _Prompt(model, tokens, cu_seqlens, word_ids, codes, device, config.instruct_prefix_ids,
-                     config.instruct_suffix_ids)  # fmt: skip
+                     config.instruct_suffix_ids, plain_text)  # fmt: skip
     b, width = prompt.batch, prompt.width
     max_words = 3 * config.extra_words + 1
     max_new = config.max_new_tokens or 12 * max_words
     steps = max_new + delay
     tables = sampler_tables(model.config.llm_tokenizer, vocab, model.config.eos_id)
     word_start_t, ban_t, end_t = (t[:vocab].to(device) for t in (tables.word_start, tables.ban, tables.sentence_end))
-    if config.stop_id is not None:  # (the table is cached: a copy)
+    if config.official_sampling:  # (a new tensor: the tables are cached)
+        ban_t = ban_t & ~tables.special[:vocab].to(device)
+        if 0 <= model.config.eos_id < vocab:
+            ban_t[model.config.eos_id] = True
+    if config.stop_id is not None:
         ban_t = ban_t.clone()
         ban_t[config.stop_id] = False
 
@@ -354,7 +378,7 @@ def generate(
     for s in range(steps):
         logits = model.lm_head(h).float()  # (B, V)
         logits = logits.masked_fill(ban_t, float("-inf"))
-        if s == 0:
+        if s == 0 and not config.official_sampling:
             logits = logits.masked_fill(~word_start_t, float("-inf"))
         token = _sample_text(logits, seen, config, generator)
         pred = None if codes_inside else model.predict_codes(h, config.taste_top_p, generator)

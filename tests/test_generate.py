@@ -313,3 +313,45 @@ def test_instruct_configuration_errors(model):
         model.generate(num_sequences=1, config=instruct(instruct_prefix_ids=(), instruct_suffix_ids=()))
     out = model.generate(num_sequences=2, config=instruct())  # an instruction alone: both sequences alike
     assert torch.equal(out.tokens[0], out.tokens[1]) and (out.num_words > 0).all()
+
+
+def test_official_sampling_equals_the_official_algorithm(model):
+    """official_sampling: the official sampler's ban (special tokens allowed: one is made likely here), no word-start
+    mask on the first token, and the official text mode (plain rows without BOS): the same tokens and codes as
+    bench/baselines.py's official algorithm with its own ban table, for speech and text prompts."""
+    from baselines import official_generate, official_sampler_ban
+
+    special = 128100  # <|reserved_special_token_92|>
+    tables, official_ban = sampler_tables("llama3"), official_sampler_ban(128256)
+    assert tables.ban[special] and not official_ban[special]
+    eos = torch.arange(128256) == 128001
+    assert torch.equal(tables.ban & ~tables.special | eos, official_ban)  # (the one difference of the two tables)
+    assert tables.special.sum() == 256 and tables.special[128000:].all()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        head = model.lm_head.weight if not hasattr(model.lm_head, "base_layer") else model.lm_head.base_layer.weight
+        kept = head[special].clone()
+        head[special] += 0.25 * model.causal_lm.model.norm.weight.sign()
+    try:
+        tokens, word_ids, codes, cu = prompt(seed=5)
+        official = GenerationConfig(**{**GREEDY.__dict__, "official_sampling": True})
+        drawn = []
+        for with_codes in (True, False):
+            c_all = torch.cat(codes) if with_codes else None
+            ours = model.generate(torch.cat(tokens), cu, torch.cat(word_ids), c_all, config=GREEDY)
+            out = model.generate(torch.cat(tokens), cu, torch.cat(word_ids), c_all, config=official)
+            assert not torch.equal(out.tokens, ours.tokens)  # (the official choices matter here)
+            for i, (t, w, c) in enumerate(zip(tokens, word_ids, codes)):
+                ref_tokens, ref_codes = official_generate(model, t, w, c if with_codes else None, extra_words=3,
+                                                          max_new_tokens=24, official_sampling=True)  # fmt: skip
+                mine = out.tokens[i][out.tokens[i] >= 0]
+                assert torch.equal(mine, ref_tokens)
+                assert torch.equal(out.codes[i, : int(out.num_words[i])], ref_codes)
+                drawn.append(mine)
+        drawn = torch.cat(drawn)
+        assert (drawn == special).any() and not sampler_tables("llama3").word_start[drawn].all()
+    finally:
+        with torch.no_grad():
+            head[special] = kept
+    with pytest.raises(ValueError, match="official_sampling feeds a text prompt without BOS: every prompt needs"):
+        model.generate(tokens[0], torch.tensor([0, 0, 5], dtype=torch.int32), word_ids[0], config=official)

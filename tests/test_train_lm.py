@@ -96,6 +96,7 @@ def test_cli_train_generate_and_bad_config(data, tmp_path, capsys):
                 "--instruct-prefix", "128000,128006,882,128007,271", "--instruct-suffix", "128009, 128006 78191",
                 "--stop-id", "128009"]  # fmt: skip
     assert main(instruct) == 0  # (the official instruct mode: tests/test_generate.py checks its tokens)
+    assert main([*args, str(tmp_path / "o.jsonl"), "--prompt", "the cat", "--official-sampling"]) == 0
     qa = [json.loads(line) for line in open(tmp_path / "qa.jsonl")]
     assert [r["prompt"] for r in qa] == [r["prompt"] for r in rows]
     assert all(len(r["codes"]) == len(r["words"]) for r in qa)
