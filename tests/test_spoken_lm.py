@@ -4,7 +4,7 @@ independent per-utterance build of the spec's layout table, gradients, checkpoin
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_extension, official_keys, require_taslm_dependencies
+from conftest import DEVICES, needs_extension, official_keys, require_taslm_dependencies
 
 require_taslm_dependencies()
 
@@ -206,6 +206,29 @@ def test_scores_agree_with_the_losses_and_do_not_depend_on_the_batch(classifier)
         classifier.score(*args, block_elements=0)
     with pytest.raises(ValueError, match="codes has 8 rows but the batch has 9 words"):
         classifier.score(args[0], cu, args[2], args[3][:8])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scores_and_instruct_generation_on_each_device(device, classifier):
+    """The scores of a copy on the device equal the CPU model's (float32; on a GPU, its kernels and cuBLAS), and the
+    instruct mode with its stop rule runs there: every generated word has its codes, the stop token is not output."""
+    import copy
+
+    from taste.generate import GenerationConfig
+
+    gpu = copy.deepcopy(classifier).to(device)
+    args = packed(*batch(seed=6, lengths=((0, 1, 1, 2), (0,), (0, 0, 1, 2, 3, 3, 4))))
+    on_cpu, on_gpu = classifier.score(*args), gpu.score(*(a.to(device) for a in args))
+    for name in ("text", "taste", "token_logprob", "word_logprob"):
+        torch.testing.assert_close(getattr(on_gpu, name).cpu(), getattr(on_cpu, name), atol=1e-3, rtol=1e-4)
+    assert torch.equal(on_gpu.num_words.cpu(), on_cpu.num_words)
+    prefix = (128000, 128006, 882, 128007, 271)  # the Llama-3 chat template's user header
+    cfg = GenerationConfig(extra_words=2, text_top_p=0.0, max_new_tokens=12, stop_id=128009,
+                           instruct_prefix_ids=prefix, instruct_suffix_ids=(128009,))  # fmt: skip
+    out = gpu.generate(*(a.to(device) for a in args), config=cfg)
+    for b in range(3):
+        n = int(out.num_words[b])
+        assert (out.codes[b, :n] >= 0).all() and (out.codes[b, n:] < 0).all() and not (out.tokens[b] == 128009).any()
 
 
 def test_gradients_reach_only_the_trainable_parts(latent):
