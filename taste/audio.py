@@ -186,6 +186,16 @@ class LogMel(nn.Module):
         self.register_buffer("filters", mel_filters(n_mels), persistent=False)
         self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply``, but the filters and the window stay float32 (made again where a ``.to(dtype)``
+        or ``.half()`` of a model holding this module cast them): the features are float32 whatever the model's
+        dtype, and a cast there and back would have rounded them."""
+        super()._apply(fn, recurse)
+        if self.filters.dtype != torch.float32 and not self.filters.is_meta:
+            self.filters = mel_filters(self.n_mels, self.filters.device)
+            self.window = torch.hann_window(N_FFT, device=self.window.device)
+        return self
+
     def forward(self, audio: Tensor) -> Tensor:
         if audio.dim() != 2:
             raise ValueError(f"audio must be (B, samples), got shape {tuple(audio.shape)}")

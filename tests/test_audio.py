@@ -43,6 +43,17 @@ def test_batch_invariant():
         assert torch.equal(LogMel(n_mels=80, chunk=chunk)(batch_waveforms(ws)[0]), together)
 
 
+def test_a_model_cast_to_half_precision_keeps_float32_features():
+    """A bfloat16 model holding the front-end (.to(dtype), .half()) cast its filters and window there and back,
+    rounding them: the features then differed by ~0.1 (the ASR's own front-end drew other transcripts)."""
+    ws = waves(3)
+    want = LogMel(n_mels=80)(batch_waveforms(ws)[0])
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.half().float()):
+        mel = cast(torch.nn.Sequential(LogMel(n_mels=80)))[0]
+        assert mel.filters.dtype == mel.window.dtype == torch.float32
+        assert torch.equal(mel(batch_waveforms(ws)[0]), want)
+
+
 def test_filters_are_openai_whispers():
     f = mel_filters(80)
     assert f.shape == (80, 201) and f.dtype == torch.float32 and bool((f >= 0).all())
