@@ -67,10 +67,11 @@ def cmd_encode(args) -> None:
     device = _device(args.device)
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = TasteTokenizer.from_pretrained(args.model, device=device, dtype=dtype).eval()
-    rows = read_manifest(args.manifest)
+    asr = _load_asr(args.asr, device, dtype) if args.asr else None
+    rows = read_manifest(args.manifest, need_text=asr is None)
     journal = args.output + ".partial"
     codebooks = model.quantizer.codebook_digest()  # (beside each row's codes: see CodeCorpus)
-    results = _open_encode_journal(journal, args, rows, codebooks)
+    results, transcripts = _open_encode_journal(journal, args, rows, codebooks)
     if results and not args.quiet:
         print(f"resuming from {journal}: {len(results)} of {len(rows)} utterances already encoded")
     # Length-bucketed batches: sorting by duration keeps every batch's utterances alike.
@@ -81,18 +82,31 @@ def cmd_encode(args) -> None:
             batch = order[start : start + args.batch_size]
             audio = [read_wav(rows[i]["audio_path"]) for i in batch]
             seconds += sum(a.numel() / rate for a, rate in audio)
+            waves, rates = [a for a, _ in audio], [r for _, r in audio]
             try:
-                codes = model.encode([a for a, _ in audio], [rows[i]["text"] for i in batch], [r for _, r in audio])
+                if asr is None:
+                    texts = [rows[i]["text"] for i in batch]
+                    codes = model.encode(waves, texts, rates)
+                else:  # one encoder pass for the transcript and the codes
+                    texts, codes = model.transcribe_and_encode(waves, asr, rates)
             except (TypeError, ValueError) as e:  # (bad values of the manifest's rows, whichever kind)
                 raise ValueError(name_manifest_rows(str(e), [rows[i]["id"] for i in batch], args.manifest)) from e
-            for i, c in zip(batch, codes):
+            for i, c, text in zip(batch, codes, texts):
                 results[i] = c.tolist()
-                log.write(json.dumps({"index": i, "id": rows[i]["id"], "codes": results[i]}) + "\n")
+                record = {"index": i, "id": rows[i]["id"], "codes": results[i]}
+                if asr is not None:
+                    transcripts[i] = record["text"] = text.strip()
+                log.write(json.dumps(record) + "\n")
             log.flush()  # a batch encoded is a batch kept, whatever stops the command later
             bar.update(len(batch))
             bar.set_postfix(rtf=f"{(time.perf_counter() - t) / max(seconds, 1e-9):.4f}")
-    write_jsonl_atomically(args.output, ({"id": r["id"], "words": r["text"].split(), "codes": results[i],
-                                          "codebooks": codebooks} for i, r in enumerate(rows)))  # fmt: skip
+
+    def output_row(i: int, row: dict) -> dict:
+        text = transcripts[i] if asr is not None else row["text"]
+        out = {"id": row["id"], "words": text.split(), "codes": results[i], "codebooks": codebooks}
+        return {**out, "text": text} if asr is not None else out
+
+    write_jsonl_atomically(args.output, (output_row(i, r) for i, r in enumerate(rows)))
     os.remove(journal)
     elapsed = time.perf_counter() - t
     print(
@@ -103,14 +117,16 @@ def cmd_encode(args) -> None:
     )
 
 
-def _open_encode_journal(path: str, args, rows: list[dict], codebooks: str) -> dict[int, list]:
-    """The codes an interrupted ``taste encode`` of the same manifest and model (path and codebooks) kept in
-    ``path`` (index -> codes), after rewriting the journal without a line the interruption left half-written; a
-    fresh journal if none."""
+def _open_encode_journal(path: str, args, rows: list[dict], codebooks: str) -> tuple[dict[int, list], dict[int, str]]:
+    """The codes (index -> codes) and, with ``--asr``, the transcripts (index -> text) that an interrupted
+    ``taste encode`` of the same manifest, model (path and codebooks) and ASR kept in ``path``, after rewriting the
+    journal without a line the interruption left half-written; a fresh journal if none."""
     from taste.checkpoint import read_jsonl_records, write_jsonl_atomically
 
     header = {"taste_encode": 1, "manifest": os.path.abspath(args.manifest), "model": os.path.abspath(args.model),
               "dtype": args.dtype, "rows": len(rows), "codebooks": codebooks}  # fmt: skip
+    if args.asr:  # (absent without it: the journals of earlier versions stay valid)
+        header["asr"] = os.path.abspath(args.asr)
     records = read_jsonl_records(path) if os.path.exists(path) else []  # a header cut short leaves no records
     # (a journal written before headers held the codebooks: its model path decides, and its codes are kept)
     written = {"codebooks": codebooks, **records[0]} if records else {}
@@ -119,13 +135,61 @@ def _open_encode_journal(path: str, args, rows: list[dict], codebooks: str) -> d
         raise RuntimeError(f"{path} is the journal of another encode (it differs in {', '.join(changed)}); "
                            "delete it to start over, or rerun the command that wrote it")  # fmt: skip
     results: dict[int, list] = {}
+    transcripts: dict[int, str] = {}
     for record in records[1:]:
         i = record["index"]
         if not 0 <= i < len(rows) or rows[i]["id"] != record["id"]:
             raise RuntimeError(f"{path}: row {i} is {record['id']!r} there but not in {args.manifest}; delete it")
         results[i] = record["codes"]
+        if "text" in record:
+            transcripts[i] = record["text"]
     write_jsonl_atomically(path, [header, *records[1:]])  # (the header of this encode, whatever was there)
-    return results
+    return results, transcripts
+
+
+def _load_asr(path: str, device: str, dtype, encoder: bool = False):
+    """A WhisperTranscriber from a local Whisper checkpoint directory."""
+    from taste.asr import WhisperTranscriber
+
+    return WhisperTranscriber.from_whisper(path, encoder=encoder, device=device, dtype=dtype).eval()
+
+
+def cmd_transcribe(args) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from taste._checks import check_positive_int
+    from taste.checkpoint import write_jsonl_atomically
+    from taste.corpus import manifest_rows_for, name_manifest_rows, read_manifest, read_wav
+
+    check_positive_int(args.batch_size, "--batch-size")
+    device = _device(args.device)
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    asr = _load_asr(args.whisper, device, dtype, encoder=True)
+    rows = read_manifest(args.manifest, need_text=False)
+    out = args.output or os.path.splitext(args.manifest)[0] + ".asr.jsonl"
+    t, seconds, texts = time.perf_counter(), 0.0, {}
+    order = sorted(range(len(rows)), key=lambda i: rows[i].get("duration", 0.0))  # (alike lengths per batch)
+    with tqdm(total=len(rows), unit="utt", disable=args.quiet) as bar:
+        for start in range(0, len(order), args.batch_size):
+            batch = order[start : start + args.batch_size]
+            audio = [read_wav(rows[i]["audio_path"]) for i in batch]
+            seconds += sum(a.numel() / rate for a, rate in audio)
+            try:
+                heard = asr.transcribe([a for a, _ in audio], [r for _, r in audio], batch_size=args.batch_size)
+            except (TypeError, ValueError) as e:
+                raise ValueError(name_manifest_rows(str(e), [rows[i]["id"] for i in batch], args.manifest)) from e
+            texts.update(zip(batch, (text.strip() for text in heard)))
+            bar.update(len(batch))
+
+    def with_transcript(i: int, row: dict) -> dict:
+        reference = {"reference_text": row["text"]} if "text" in row else {}
+        return {**{k: v for k, v in row.items() if k != "text"}, "text": texts[i], **reference}
+
+    write_jsonl_atomically(out, manifest_rows_for(out, (with_transcript(i, r) for i, r in enumerate(rows))))
+    elapsed = time.perf_counter() - t
+    print(f"transcribed {len(rows)} utterances ({seconds:.1f} s of audio) in {elapsed:.1f} s on {device}: real-time "
+          f"factor {elapsed / max(seconds, 1e-9):.4f} -> {out}")  # fmt: skip
 
 
 def cmd_train_tokenizer(args) -> None:
@@ -671,7 +735,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--asr", default=None, metavar="WHISPER_DIR",
+                   help="transcripts from this local Whisper checkpoint (e.g. large-v3, as the official inference), "
+                   "read from the model's own encoder pass, in place of the manifest's text; its transcripts go "
+                   "to the output's text field")  # fmt: skip
     e.set_defaults(func=cmd_encode)
+
+    tr = sub.add_parser("transcribe", help="Whisper transcripts of a manifest's audio (batched greedy decoding)")
+    tr.add_argument("manifest", help="JSONL rows with id and path (audio); a text field is kept as reference_text")
+    tr.add_argument("--whisper", required=True, help="a local Whisper checkpoint directory (transformers layout)")
+    tr.add_argument("-o", "--output", default=None, help="the manifest with the transcripts as text (default "
+                    "MANIFEST.asr.jsonl)")  # fmt: skip
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    tr.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_transcribe)
 
     _add_training(sub, "train-tokenizer", "stage-1 training (text / no_vq / vq) from a JSON config",
                   "taste.train.TrainConfig", cmd_train_tokenizer)  # fmt: skip

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -317,12 +317,13 @@ def synthesize_corpus(out_dir: str, num: int, *, seed: int = 0, workers: int = 4
     return manifest
 
 
-def read_manifest(path: str) -> list[dict]:
-    """Rows of a JSONL manifest, with ``path`` made absolute (relative paths are relative to the manifest)."""
+def read_manifest(path: str, *, need_text: bool = True) -> list[dict]:
+    """Rows of a JSONL manifest, with ``path`` made absolute (relative paths are relative to the manifest) as
+    ``audio_path``; each row needs ``id``, ``path`` and, with ``need_text``, ``text``."""
     rows = []
     base = os.path.dirname(os.path.abspath(path))
     for where, row in iter_json_objects(path, "manifest row"):
-        for key in ("id", "path", "text"):
+        for key in ("id", "path", "text") if need_text else ("id", "path"):
             if key not in row:
                 raise ValueError(f"{where}: manifest row has no {key!r} field")
         row["audio_path"] = os.path.join(base, row["path"])
@@ -340,13 +341,20 @@ def name_manifest_rows(message: str, ids: list[str], manifest: str) -> str:
 
 def write_manifest(path: str, rows: list[dict]) -> None:
     """Writes JSONL rows; a row read by :func:`read_manifest` gets its ``path`` relative to the new file."""
-    base = os.path.dirname(os.path.abspath(path))
     with open(path, "w") as f:
-        for row in rows:
-            out = {k: v for k, v in row.items() if k != "audio_path"}
-            if "audio_path" in row:
-                out["path"] = os.path.relpath(row["audio_path"], base)
-            f.write(json.dumps(out) + "\n")
+        for row in manifest_rows_for(path, rows):
+            f.write(json.dumps(row) + "\n")
+
+
+def manifest_rows_for(path: str, rows: Iterable[dict]) -> Iterator[dict]:
+    """The rows as a manifest at ``path`` holds them: a row read by :func:`read_manifest` without its
+    ``audio_path``, and its ``path`` relative to ``path``'s directory."""
+    base = os.path.dirname(os.path.abspath(path))
+    for row in rows:
+        out = {k: v for k, v in row.items() if k != "audio_path"}
+        if "audio_path" in row:
+            out["path"] = os.path.relpath(row["audio_path"], base)
+        yield out
 
 
 def unit_features(audio: Tensor, n_mels: int = 80) -> Tensor:

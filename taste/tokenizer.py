@@ -9,6 +9,7 @@ there, so pooling first gives the same codes with one VQ row per word.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from taste import ops
 from taste._checks import check_field_types
 from taste.aggregator import WHISPER_PREFIX_IDS, AggregatorConfig, TextQueryAggregator
+from taste.asr import WhisperTranscriber, encoder_fingerprint, same_encoder
 from taste.audio import LogMel, batch_waveforms
 from taste.checkpoint import read_model, save_model
 from taste.encoder import EncoderConfig, SpeechEncoder
@@ -202,6 +204,14 @@ class TasteTokenizer(nn.Module):
         if word_offsets is None:
             word_offsets = ops.word_offsets(asr_word_ids, asr_cu_seqlens)
         h_key, h_val = self.encode_speech(mel)
+        return self.forward_states(h_key, h_val, asr_tokens, asr_cu_seqlens, asr_word_ids, max_seqlen, word_offsets,
+                                   quantize=quantize)  # fmt: skip
+
+    def forward_states(
+        self, h_key: Tensor, h_val: Tensor, asr_tokens: Tensor, asr_cu_seqlens: Tensor, asr_word_ids: Tensor,
+        max_seqlen: int, word_offsets: Tensor, *, quantize: bool = True,
+    ) -> TokenizerOutput:  # fmt: skip
+        """:meth:`forward` after the speech encoder: from its states ``(h_key, h_val)`` (:meth:`encode_speech`)."""
         words = self.embed_words(h_key, h_val, asr_tokens, asr_cu_seqlens, max_seqlen, word_offsets)
         counts = asr_word_ids[asr_cu_seqlens[1:].long() - 1].to(torch.int32) + 1  # (B,) words per utterance
         word_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0, dtype=torch.int32)])
@@ -261,14 +271,63 @@ class TasteTokenizer(nn.Module):
         self, waveforms: Sequence[Tensor], texts: Sequence[str], sample_rate: int | Sequence[int] = 16000
     ) -> list[Tensor]:
         """Codes of each utterance: B tensors ``(W_i, Q)`` int64 on the CPU, one row per word of its text."""
+        with self._evaluating():
+            mel, text = self.prepare(waveforms, texts, sample_rate)
+            return _codes_per_utterance(self.tokenize(mel, text), text)
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Eval mode inside, the mode it had after (whatever is raised)."""
         was_training = self.training
         self.eval()
         try:
-            mel, text = self.prepare(waveforms, texts, sample_rate)
-            out = self.tokenize(mel, text)
+            yield
         finally:
             self.train(was_training)
-        return list(out.word_codes.cpu().split(text.word_cu_seqlens.diff().tolist()))
+
+    @torch.no_grad()
+    def transcribe_and_encode(
+        self, waveforms: Sequence[Tensor], asr: WhisperTranscriber, sample_rate: int | Sequence[int] = 16000, *,
+        check_encoder: bool = True, **generate_kwargs,
+    ) -> tuple[list[str], list[Tensor]]:  # fmt: skip
+        """The official inference without its second encoder pass: ``(transcripts, codes)`` of each utterance,
+        the transcript from ``asr`` (a :class:`taste.asr.WhisperTranscriber`, e.g. large-v3's decoder) reading the
+        states this model's encoder made for the aggregator's keys. Raises unless ``asr``'s Whisper encoder is this
+        model's (distil-large-v3's encoder is large-v3's; ``check_encoder=False`` skips the check), and for an
+        utterance in which the ASR found no words (``waveforms[k]``). ``generate_kwargs`` go to
+        :meth:`taste.asr.WhisperTranscriber.generate`."""
+        if not isinstance(asr, WhisperTranscriber):
+            raise TypeError(f"asr must be a taste.asr.WhisperTranscriber, got {type(asr).__name__}")
+        if asr.config.d_model != self.config.encoder.d_model:
+            raise ValueError(f"asr reads {asr.config.d_model}-wide encoder states, this model's encoder makes "
+                             f"{self.config.encoder.d_model}")  # fmt: skip
+        if check_encoder:
+            if asr.encoder_fingerprint is None:
+                raise ValueError(
+                    "asr has no encoder_fingerprint (load it with WhisperTranscriber.from_whisper) to "
+                    "check this model's encoder against; pass check_encoder=False to skip the check"
+                )
+            mine = encoder_fingerprint(self.encoder.state_dict(), self.config.encoder.num_layers)
+            if not same_encoder(mine, asr.encoder_fingerprint):
+                raise ValueError(
+                    "asr was trained on another Whisper encoder than this model's (its weights differ, "
+                    "or this encoder keeps fewer layers): its transcripts of these states would be "
+                    "wrong; transcribe with its own encoder (WhisperTranscriber.transcribe)"
+                )
+        with self._evaluating():
+            audio, _ = batch_waveforms(waveforms, sample_rate, window_seconds=self.config.encoder.window_seconds)
+            mel = self.frontend(audio.to(self.frontend.filters.device))
+            h_key, h_val = self.encode_speech(mel)
+            texts = asr.transcribe_states(h_key.to(asr.embed_tokens.weight.device), batch_size=max(len(waveforms), 1),
+                                          **generate_kwargs)  # fmt: skip
+            for k, text in enumerate(texts):
+                if not text.split():
+                    raise ValueError(f"waveforms[{k}]: the ASR found no words in it (transcript {text!r})")
+            text = self.text_tokenizer(texts)
+            dev, a = mel.device, text.asr
+            out = self.forward_states(h_key, h_val, a.tokens.to(dev), a.cu_seqlens.to(dev), a.word_ids.to(dev),
+                                      a.max_seqlen, a.word_offsets.to(dev))  # fmt: skip
+            return texts, _codes_per_utterance(out, text)
 
     # ---- checkpoints ----
     def save_pretrained(self, directory: str) -> None:
@@ -339,3 +398,8 @@ class TasteTokenizer(nn.Module):
         )
         model = cls(config=config, encoder=encoder, aggregator=aggregator)  # (no random ones made first: 20 s and
         return model.to_precision(dtype=dtype)  # 3.6 GB at distil-large-v3's shapes)
+
+
+def _codes_per_utterance(out: TokenizerOutput, text: TextBatch) -> list[Tensor]:
+    """A batch's word codes split per utterance: B tensors ``(W_i, Q)`` int64 on the CPU."""
+    return list(out.word_codes.cpu().split(text.word_cu_seqlens.diff().tolist()))
