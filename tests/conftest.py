@@ -247,3 +247,17 @@ def tiny_whisper_dir(path, *, vocab_size=51866, seed=2, encoder_layers=2, decode
     whisper = transformers.WhisperModel(config).eval()
     whisper.save_pretrained(str(path))
     return whisper
+
+
+def espeak_manifest(tmp_path_factory, *, num: int, seed: int):
+    """A `taste corpus` of ``num`` espeak-ng utterances in a fresh directory; its manifest path (skips the test
+    where espeak-ng is not installed)."""
+    import shutil
+
+    from taste import cli
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    out = tmp_path_factory.mktemp("corpus")
+    assert cli.main(["corpus", str(out), "--num", str(num), "--seed", str(seed)]) == 0
+    return out / "manifest.jsonl"

@@ -3,11 +3,10 @@ transcribing and encoding from one encoder pass."""
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from conftest import DEVICES, tiny_whisper_dir
+from conftest import DEVICES, espeak_manifest, tiny_whisper_dir
 
 import taste
 from taste import cli, corpus
@@ -21,10 +20,10 @@ TIMESTAMPS = range(50365, 51866)
 
 
 def asr_whisper_dir(path, *, seed=0, eos_scale=3.0, suppress=(1, 2, 7), frames=150):
-    """A random transformers Whisper (width 64, 80 mels, a ``frames / 50`` s window) whose greedy transcripts depend on the speech
-    and end at different steps (its weights are large and its <|endoftext|> embedding scaled), saved with
-    large-v3's generation rules; returns the model. The timestamps are suppressed too: a random decoder draws
-    them, and transformers' generate starts decoding again after two in a row (``taste.asr``'s docstring)."""
+    """A random transformers Whisper (width 64, 80 mels, a ``frames / 50`` s window) whose greedy transcripts
+    depend on the speech and end at different steps (its weights are large and its <|endoftext|> embedding
+    scaled), saved with large-v3's generation rules; returns the model. The timestamps are suppressed too: a random
+    decoder draws them, and transformers' generate starts decoding again after two in a row (``taste.asr``)."""
     cfg = transformers.WhisperConfig(
         vocab_size=51866, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=96, max_source_positions=frames,
@@ -238,11 +237,7 @@ def test_half_precision_on_each_device(whisper, device):
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    out = tmp_path_factory.mktemp("asr_corpus")
-    assert cli.main(["corpus", str(out), "--num", "7", "--seed", "5"]) == 0
-    return out / "manifest.jsonl"
+    return espeak_manifest(tmp_path_factory, num=7, seed=5)
 
 
 def test_transcribe_and_encode_commands(manifest, tmp_path, monkeypatch, capsys):

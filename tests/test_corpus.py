@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import espeak_manifest
 
 from taste import cli, corpus
 
@@ -11,11 +12,7 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    out = tmp_path_factory.mktemp("corpus")
-    assert cli.main(["corpus", str(out), "--num", "12", "--seed", "3"]) == 0
-    return out / "manifest.jsonl"
+    return espeak_manifest(tmp_path_factory, num=12, seed=3)
 
 
 @needs_espeak
