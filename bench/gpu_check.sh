@@ -95,7 +95,7 @@ run_bench() {  # name, then the benchmark's command line (without --device/--jso
 }
 # BENCHES (default: all) picks benchmarks by name, e.g. BENCHES="aggregator rvq" for a short second call; the
 # issues' open GPU targets come first.
-benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing aggregator_chunks relpos unit_decoder train_lm voice} "
+benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing aggregator_chunks relpos unit_decoder train_lm voice asr} "
 want() { [[ $benches == *" $1 "* ]]; }
 # --profile: where our providers' device time goes, kernel by kernel (the open targets' next question). Not on the
 # generation benchmark: its compiled step replays CUDA graphs, which the profiler does not see into reliably.
@@ -117,14 +117,17 @@ want unit_decoder && run_bench unit_decoder bench/unit_decoder.py
 want train_lm && run_bench train_lm bench/train_lm.py
 # S3 units -> speech at CosyVoice-300M's shapes: 16 utterances batched against one at a time (not yet timed on a GPU).
 want voice && run_bench voice bench/voice.py
+# Speech alone -> Whisper transcript -> TASTE codes at large-v3's shapes (float16): transformers' generate one
+# utterance at a time (the official pipeline) and batched, against one shared encoder pass (not yet timed on a GPU).
+want asr && run_bench asr bench/asr.py --batch 8
 [ -n "${TESTS_LAST:-}" ] && run_tests
 # One JSON for all benchmarks: the device tool brings back at most 8 files.
-"$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks,relpos,unit_decoder,train_lm,voice}.json
+"$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks,relpos,unit_decoder,train_lm,voice,asr}.json
 import json, os, sys
 out = sys.argv[1]
 merged = {}
 for name in ("packing", "aggregator", "rvq", "aggregator_train", "generate", "aggregator_chunks", "relpos",
-             "unit_decoder", "train_lm", "voice"):
+             "unit_decoder", "train_lm", "voice", "asr"):
     path = os.path.join(out, name + ".json")
     if os.path.isfile(path):
         with open(path) as f:
