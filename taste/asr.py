@@ -394,3 +394,61 @@ def _load(module: nn.Module, state: dict, where: str, part: str) -> None:
         if tuple(state[k].shape) != tuple(own[k].shape):
             raise ValueError(f"{where!r}: {part} tensor {k} is {tuple(state[k].shape)}, expected {tuple(own[k].shape)}")
     module.load_state_dict({k: state[k] for k in own}, strict=True, assign=True)
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str], *, normalize: bool = True) -> dict:
+    """Corpus word error rate of ``hypotheses`` against ``references`` (pairs in order): the fewest word
+    substitutions, deletions and insertions that turn each reference into its hypothesis, summed over the corpus,
+    over the references' words. ``normalize``: both sides through openai-whisper's ``EnglishTextNormalizer``
+    (lower case, no punctuation, spelled-out numbers and currency in one form: how Whisper's papers count WER),
+    else split on whitespace as they are. Where alignments tie, substitutions are counted first.
+
+    Returns ``{"wer", "substitutions", "deletions", "insertions", "reference_words", "utterances"}``."""
+    if isinstance(references, str) or isinstance(hypotheses, str):
+        raise TypeError("references and hypotheses must be sequences of texts, not a str")
+    if len(references) != len(hypotheses):
+        raise ValueError(f"references and hypotheses must pair up, got {len(references)} and {len(hypotheses)}")
+    clean = _english_normalizer() if normalize else (lambda text: text)
+    totals = [0, 0, 0, 0]  # substitutions, deletions, insertions, reference words
+    for ref, hyp in zip(references, hypotheses):
+        r, h = clean(ref).split(), clean(hyp).split()
+        s, d, i = _edit_counts(r, h)
+        totals = [totals[0] + s, totals[1] + d, totals[2] + i, totals[3] + len(r)]
+    s, d, i, n = totals
+    wer = (s + d + i) / n if n else (0.0 if s + d + i == 0 else math.inf)
+    return {"wer": wer, "substitutions": s, "deletions": d, "insertions": i, "reference_words": n,
+            "utterances": len(references)}  # fmt: skip
+
+
+def _english_normalizer():
+    try:
+        from whisper.normalizers import EnglishTextNormalizer
+    except ImportError as e:
+        raise ImportError(
+            "normalize=True needs openai-whisper's EnglishTextNormalizer (pip install 'taste-kernels[speech]'); "
+            "pass normalize=False to compare the words as they are"
+        ) from e
+    return EnglishTextNormalizer()
+
+
+def _edit_counts(ref: Sequence[str], hyp: Sequence[str]) -> tuple[int, int, int]:
+    """(substitutions, deletions, insertions) of a fewest-edits alignment of ``hyp`` to ``ref`` (Levenshtein over
+    words; ties prefer a substitution, then a deletion)."""
+    # row[j]: (edits, substitutions, deletions, insertions) turning ref[:i] into hyp[:j]
+    row = [(j, 0, 0, j) for j in range(len(hyp) + 1)]
+    for i in range(1, len(ref) + 1):
+        new = [(i, 0, i, 0)]
+        for j in range(1, len(hyp) + 1):
+            diag = row[j - 1]
+            if ref[i - 1] == hyp[j - 1]:
+                best = diag
+            else:
+                best = (diag[0] + 1, diag[1] + 1, diag[2], diag[3])
+            up, left = row[j], new[j - 1]
+            if up[0] + 1 < best[0]:
+                best = (up[0] + 1, up[1], up[2] + 1, up[3])
+            if left[0] + 1 < best[0]:
+                best = (left[0] + 1, left[1], left[2], left[3] + 1)
+            new.append(best)
+        row = new
+    return row[-1][1:]

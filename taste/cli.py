@@ -190,6 +190,17 @@ def cmd_transcribe(args) -> None:
     elapsed = time.perf_counter() - t
     print(f"transcribed {len(rows)} utterances ({seconds:.1f} s of audio) in {elapsed:.1f} s on {device}: real-time "
           f"factor {elapsed / max(seconds, 1e-9):.4f} -> {out}")  # fmt: skip
+    scored = [i for i, r in enumerate(rows) if "text" in r]
+    if scored:  # the manifest's own transcripts as references (resynthesised speech, say)
+        from taste.asr import word_error_rate
+
+        wer = word_error_rate([rows[i]["text"] for i in scored], [texts[i] for i in scored])
+        print(f"WER against the manifest's text ({wer['utterances']} utterances, Whisper's English normalizer): "
+              f"{100 * wer['wer']:.2f}% ({wer['substitutions']} substitutions, {wer['deletions']} deletions, "
+              f"{wer['insertions']} insertions over {wer['reference_words']} words)")  # fmt: skip
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(wer, f, indent=2)
 
 
 def cmd_train_tokenizer(args) -> None:
@@ -314,6 +325,8 @@ def cmd_continue(args) -> None:
 
     if (args.centroids is None) == (args.voice is None):
         raise ValueError("give --centroids (k-means units of `taste units`) or --voice (S3 units: the release)")
+    if (args.text is None) == (args.asr is None):
+        raise ValueError("give --text (the prompt's transcript) or --asr (a Whisper checkpoint to transcribe it)")
     lm = _load_lm(args.lm, "cpu")
     stage1 = Stage1Model.from_pretrained(args.tokenizer_model).eval()
     audio, rate = read_wav(args.wav)
@@ -328,8 +341,10 @@ def cmd_continue(args) -> None:
         print("speaker: the prompt's CAM++ vector")
     else:
         speaker = None
+    asr = _load_asr(args.asr, "cpu", None) if args.asr else None
     result = continue_speech(lm, stage1, audio, args.text, centroids, sample_rate=rate, config=_generation_config(args),
-                             seed=args.seed, only_new=args.only_new, voice=voice, speaker=speaker)  # fmt: skip
+                             seed=args.seed, only_new=args.only_new, voice=voice, speaker=speaker,
+                             asr=asr)  # fmt: skip
     write_wav(args.output, result["wave"], result["sample_rate"])
     print(f"prompt: {' '.join(result['prompt_words'])}\ncontinuation: {' '.join(result['new_words'])}\n"
           f"{result['units'].numel()} units -> {args.output} "
@@ -749,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     tr.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    tr.add_argument("--json", default=None, help="write the WER against the manifest's text (where rows have one)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_transcribe)
 
@@ -787,7 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("continue", help="speech continuation: wav + transcript -> TASLM -> unit decoder -> wav "
                        "(Griffin-Lim from k-means units, or the voice generator from S3 units)")  # fmt: skip
     k.add_argument("wav")
-    k.add_argument("--text", required=True, help="the prompt's transcript")
+    k.add_argument("--text", default=None, help="the prompt's transcript (or --asr)")
+    k.add_argument("--asr", default=None, metavar="WHISPER_DIR", help="transcribe the prompt with this local Whisper "
+                   "checkpoint (e.g. large-v3, as the official demo) on the tokenizer's encoder pass")  # fmt: skip
     k.add_argument("--lm", required=True, help="a train-lm out_dir")
     k.add_argument("--tokenizer-model", required=True, help="the stage 1-3 train-tokenizer out_dir")
     k.add_argument("--centroids", default=None, help="k-means units: the unit_centroids.safetensors of `taste units` "

@@ -36,7 +36,7 @@ def continue_speech(
     lm: TasteSpokenLM,
     stage1,
     audio: Tensor,
-    text: str,
+    text: str | None,
     centroids: Tensor | None = None,
     *,
     sample_rate: int = 16000,
@@ -45,13 +45,16 @@ def continue_speech(
     only_new: bool = False,
     voice=None,
     speaker: Tensor | None = None,
+    asr=None,
 ) -> dict:
     """Continues one spoken prompt.
 
     Args:
         lm: a trained :class:`taste.TasteSpokenLM` (its RVQ = the tokenizer's).
         stage1: a :class:`taste.train.Stage1Model` (TASTE tokenizer + unit decoder) trained with stage 1-3.
-        audio: ``(T,)`` float waveform of the prompt; ``text`` its transcript.
+        audio: ``(T,)`` float waveform of the prompt; ``text`` its transcript, or None to have ``asr`` (a
+            :class:`taste.asr.WhisperTranscriber` of the tokenizer's Whisper encoder, e.g. large-v3's decoder, as
+            the official demo) transcribe it from the tokenizer's own encoder pass.
         centroids: ``(num_units, n_mels)`` unit centroids of ``taste units`` (the Griffin-Lim vocoder's mel frames,
             for k-means units), or
         voice: a :class:`taste.VoiceGenerator` (for S3 units: the released unit decoder's; ``taste.load_official``
@@ -79,14 +82,20 @@ def continue_speech(
     if speaker is not None and speaker.shape != (dc.spk_dim,):
         raise ValueError(f"speaker must be a ({dc.spk_dim},) vector for this unit decoder, got {tuple(speaker.shape)}")
     tok = stage1.tokenizer.eval()
-    words = text.split()
-    if not words:
+    if (text is None) == (asr is None):
+        raise ValueError("give text (the prompt's transcript) or asr (a WhisperTranscriber to transcribe it), "
+                         "one of them")  # fmt: skip
+    if text is not None and not text.split():
         raise ValueError("text must hold the prompt's transcript (at least one word)")
     ours, theirs = tok.quantizer.codebook_digest(), lm.vq.codebook_digest()
     if ours != theirs:  # (codes of one decoded by the other: no error, only wrong speech)
         raise ValueError(f"the tokenizer's codebooks ({ours}) are not the spoken LM's ({theirs}): give the stage-1 "
                          "model whose tokenizer the LM was built on")  # fmt: skip
-    prompt_codes = tok.encode([audio], [text], sample_rate)[0]  # (W_p, Q)
+    if text is None:  # one encoder pass for the transcript and the codes
+        (text,), (prompt_codes,) = tok.transcribe_and_encode([audio], asr, sample_rate)
+    else:
+        prompt_codes = tok.encode([audio], [text], sample_rate)[0]  # (W_p, Q)
+    words = text.split()
     tokens, cu, word_ids = prompt_batch([words], lm.config.llm_tokenizer)
     generator = torch.Generator(device=lm.pad_text_unit_embed.device).manual_seed(seed)
     out = lm.generate(tokens, cu, word_ids, prompt_codes, config=config or GenerationConfig(), generator=generator)

@@ -261,3 +261,47 @@ def espeak_manifest(tmp_path_factory, *, num: int, seed: int):
     out = tmp_path_factory.mktemp("corpus")
     assert cli.main(["corpus", str(out), "--num", str(num), "--seed", str(seed)]) == 0
     return out / "manifest.jsonl"
+
+
+def save_whisper_for_asr(model, path, *, suppress=(), max_length: int = 20, eos_scale: float = 6.0):
+    """Saves a random transformers ``WhisperForConditionalGeneration`` to ``path`` with large-v3's generation rules
+    (English, transcribe, no timestamps; ``suppress`` and every timestamp banned, ``max_length`` new tokens at
+    most), its <|endoftext|> embedding drawn anew and scaled so that transcripts end at different steps (as the
+    padding id it starts at zero). Timestamps are banned because a random decoder draws them, and transformers'
+    generate starts decoding again after two in a row (``taste.asr``)."""
+    with torch.no_grad():
+        weight = model.model.decoder.embed_tokens.weight
+        std = model.config.init_std
+        weight[50257] = std * eos_scale * torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0))
+    g = model.generation_config
+    g.decoder_start_token_id, g.eos_token_id, g.pad_token_id = 50258, 50257, 50257
+    g.lang_to_id, g.task_to_id = {"<|en|>": 50259}, {"transcribe": 50360, "translate": 50359}
+    g.is_multilingual, g.no_timestamps_token_id = True, 50364
+    g.suppress_tokens, g.begin_suppress_tokens = [*suppress, *range(50365, 51866)], [220, 50257]
+    g.max_length = max_length
+    model.save_pretrained(str(path))
+    return model
+
+
+def whisper_config(**shapes):
+    """A transformers WhisperConfig of large-v3's vocabulary and special ids with these shapes."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.WhisperConfig(vocab_size=51866, eos_token_id=50257, pad_token_id=50257,
+                                      decoder_start_token_id=50258, **shapes)  # fmt: skip
+
+
+def whisper_around(encoder, path, *, decoder_layers: int = 1, init_std: float = 0.4, **rules):
+    """A Whisper checkpoint at ``path`` whose encoder holds the weights of ``encoder`` (a taste SpeechEncoder: the
+    same parameter names) and whose decoder is random (:func:`save_whisper_for_asr`): what a TASTE tokenizer and
+    the Whisper that shares its encoder look like, at any shapes."""
+    transformers = pytest.importorskip("transformers")
+    c = encoder.config
+    config = whisper_config(
+        num_mel_bins=c.n_mels, d_model=c.d_model, encoder_layers=c.num_layers, decoder_layers=decoder_layers,
+        encoder_attention_heads=c.num_heads, decoder_attention_heads=c.num_heads, encoder_ffn_dim=c.ffn_dim,
+        decoder_ffn_dim=c.ffn_dim, max_source_positions=c.frames, max_target_positions=64, init_std=init_std,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    model.model.encoder.load_state_dict(encoder.state_dict())
+    return save_whisper_for_asr(model, path, **rules)

@@ -1,16 +1,17 @@
 """Whisper ASR (taste.asr): greedy transcripts against transformers' Whisper generate, and the TASTE tokenizer
 transcribing and encoding from one encoder pass."""
 
+import functools
 import json
 import os
 
 import pytest
 import torch
-from conftest import DEVICES, espeak_manifest, tiny_whisper_dir
+from conftest import DEVICES, espeak_manifest, save_whisper_for_asr, tiny_whisper_dir, whisper_config
 
 import taste
 from taste import cli, corpus
-from taste.asr import TranscriberConfig, WhisperTranscriber, encoder_fingerprint, same_encoder
+from taste.asr import TranscriberConfig, WhisperTranscriber, encoder_fingerprint, same_encoder, word_error_rate
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:taste. ResidualVQ stages")  # (seed models: codes of shape only)
@@ -19,28 +20,18 @@ MAX_NEW = 20
 TIMESTAMPS = range(50365, 51866)
 
 
-def asr_whisper_dir(path, *, seed=0, eos_scale=3.0, suppress=(1, 2, 7), frames=150):
+def asr_whisper_dir(path, *, seed=0, suppress=(1, 2, 7), frames=150):
     """A random transformers Whisper (width 64, 80 mels, a ``frames / 50`` s window) whose greedy transcripts
-    depend on the speech and end at different steps (its weights are large and its <|endoftext|> embedding
-    scaled), saved with large-v3's generation rules; returns the model. The timestamps are suppressed too: a random
-    decoder draws them, and transformers' generate starts decoding again after two in a row (``taste.asr``)."""
-    cfg = transformers.WhisperConfig(
-        vocab_size=51866, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+    depend on the speech (its weights are large) and end at different steps, saved with large-v3's generation
+    rules (:func:`conftest.save_whisper_for_asr`); returns the model."""
+    cfg = whisper_config(
+        num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=96, max_source_positions=frames,
-        max_target_positions=40, init_std=0.4, eos_token_id=50257, pad_token_id=50257, decoder_start_token_id=50258,
+        max_target_positions=40, init_std=0.4,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.WhisperForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # (EOS is the padding id: its row starts at zero)
-        model.model.decoder.embed_tokens.weight[50257] = 0.4 * eos_scale * torch.randn(64)
-    g = model.generation_config
-    g.decoder_start_token_id, g.eos_token_id, g.pad_token_id = 50258, 50257, 50257
-    g.lang_to_id, g.task_to_id = {"<|en|>": 50259}, {"transcribe": 50360, "translate": 50359}
-    g.is_multilingual, g.no_timestamps_token_id = True, 50364
-    g.suppress_tokens, g.begin_suppress_tokens = [*suppress, *TIMESTAMPS], [220, 50257]
-    g.max_length = MAX_NEW
-    model.save_pretrained(str(path))
-    return model
+    return save_whisper_for_asr(model, path, suppress=suppress, max_length=MAX_NEW)
 
 
 def hf_greedy(model, mel):
@@ -250,8 +241,9 @@ def test_transcribe_and_encode_commands(manifest, tmp_path, monkeypatch, capsys)
     heard = tmp_path / "sub" / "heard.jsonl"
     heard.parent.mkdir()
     assert cli.main(["transcribe", str(manifest), "--whisper", str(whisper), "-o", str(heard), "--batch-size", "3",
-                     "--quiet"]) == 0  # fmt: skip
-    assert "transcribed 7 utterances" in capsys.readouterr().out
+                     "--quiet", "--json", str(tmp_path / "wer.json")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "transcribed 7 utterances" in printed
     rows, src = corpus.read_manifest(str(heard)), corpus.read_manifest(str(manifest))
     asr = WhisperTranscriber.from_whisper(str(whisper), encoder=True)
     waves = [corpus.read_wav(r["audio_path"])[0] for r in src]
@@ -261,6 +253,10 @@ def test_transcribe_and_encode_commands(manifest, tmp_path, monkeypatch, capsys)
     same_file = [os.path.samefile(r["audio_path"], s["audio_path"]) for r, s in zip(rows, src)]
     assert all(same_file) and not rows[0]["path"].startswith("/")  # (made relative to heard/)
     assert rows[0]["voice"] == src[0]["voice"]
+    wer = word_error_rate([r["text"] for r in src], want)  # (a random Whisper: every word wrong, or near)
+    assert f"WER against the manifest's text (7 utterances, Whisper's English normalizer): {100 * wer['wer']:.2f}%" \
+        in printed  # fmt: skip
+    assert wer["wer"] > 0.9 and json.loads((tmp_path / "wer.json").read_text()) == wer
 
     bare = tmp_path / "bare.jsonl"  # no text at all
     bare.write_text("".join(json.dumps({"id": r["id"], "path": r["audio_path"]}) + "\n" for r in src))
@@ -297,3 +293,33 @@ def test_transcribe_and_encode_commands(manifest, tmp_path, monkeypatch, capsys)
     assert out.read_text() == (tmp_path / "asr.jsonl").read_text()
     assert encode(bare, out, "--asr", str(tmp_path / "nope")) == 1
     assert "is not a directory (a local Whisper checkpoint)" in capsys.readouterr().err
+
+
+def test_word_error_rate():
+    wer = word_error_rate(["a b c d", "e f"], ["a x c d y", "e f"], normalize=False)
+    assert wer == {"wer": 2 / 6, "substitutions": 1, "deletions": 0, "insertions": 1, "reference_words": 6,
+                   "utterances": 2}  # fmt: skip
+    assert word_error_rate(["a b c"], [""], normalize=False)["deletions"] == 3
+    assert word_error_rate([""], ["a b"], normalize=False)["wer"] == float("inf")
+    assert word_error_rate([""], [" "], normalize=False)["wer"] == 0.0
+    # Whisper's English normalizer: case, punctuation, numbers and currency in one form
+    assert word_error_rate(["Hello, world! It is five dollars."], ["hello world it is $5"])["wer"] == 0.0
+    assert word_error_rate(["Hello, world!"], ["hello world"], normalize=False)["substitutions"] == 2
+    with pytest.raises(ValueError, match="must pair up, got 2 and 1"):
+        word_error_rate(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match="not a str"):
+        word_error_rate("a b", "a b")
+
+    @functools.cache
+    def distance(r, h):  # an independent Levenshtein distance over words
+        if not r or not h:
+            return len(r) + len(h)
+        return min(distance(r[1:], h[1:]) + (r[0] != h[0]), distance(r[1:], h) + 1, distance(r, h[1:]) + 1)
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        r = tuple(torch.randint(0, 4, (int(torch.randint(0, 7, (1,), generator=g)),), generator=g).tolist())
+        h = tuple(torch.randint(0, 4, (int(torch.randint(0, 7, (1,), generator=g)),), generator=g).tolist())
+        counts = word_error_rate([" ".join(map(str, r))], [" ".join(map(str, h))], normalize=False)
+        s, d, i = counts["substitutions"], counts["deletions"], counts["insertions"]
+        assert s + d + i == distance(r, h) and len(h) == len(r) - d + i

@@ -223,8 +223,11 @@ def test_codes_of_other_codebooks_are_refused(data, tmp_path):
 
 
 def test_continue_end_to_end(data, tmp_path, capsys):
+    from conftest import whisper_around
     from safetensors.torch import save_file
 
+    from taste.asr import WhisperTranscriber
+    from taste.corpus import read_wav
     from taste.train import Stage1Model
 
     torch.manual_seed(0)
@@ -250,6 +253,17 @@ def test_continue_end_to_end(data, tmp_path, capsys):
     assert main(qa) == 0  # a spoken question answered (the official instruct mode), the answer alone synthesised
     answer = capsys.readouterr().out.split("continuation: ")[1].split("\n")[0].split()
     assert answer and (tmp_path / "answer.wav").stat().st_size > 1000
+    # the prompt transcribed by a Whisper that shares the tokenizer's encoder (the official demo's ASR)
+    whisper_around(stage1.tokenizer.encoder, tmp_path / "whisper", max_length=4)
+    heard = WhisperTranscriber.from_whisper(str(tmp_path / "whisper"), encoder=True).transcribe(
+        [read_wav(str(tmp_path / "prompt.wav"))[0]])[0].split()  # fmt: skip
+    asr = [*argv[:2], "--asr", str(tmp_path / "whisper"), *argv[4:]]
+    capsys.readouterr()
+    assert main(asr) == 0
+    printed = capsys.readouterr().out
+    assert heard and printed.startswith(f"prompt: {' '.join(heard)}\ncontinuation: ")
+    assert main([*asr, "--text", "hello there"]) == 1
+    assert "give --text (the prompt's transcript) or --asr" in capsys.readouterr().err
     other = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None)  # (another tokenizer's codebooks)
     other.save_pretrained(str(tmp_path / "other"))
     argv[argv.index("--tokenizer-model") + 1] = str(tmp_path / "other")
