@@ -3,14 +3,15 @@
 and transformers' generate batched, against ours (taste.TasteTokenizer.transcribe_and_encode: one encoder pass
 serves the ASR and TASTE, batched greedy decoding with a preallocated cache).
 
-    python bench/asr.py [--device cpu|cuda] [--preset tiny|large-v3] [--batch 4] [--tokens 24] [--json out.json]
+    python bench/asr.py [--device cpu|cuda] [--preset tiny|large-v3] [--batch 4] [--tokens 24] [--compile]
+                        [--json out.json]
 
 Weights: a random transformers Whisper of the preset's shapes (``tiny``: whisper-tiny's, 4 + 4 layers of 384, on
 the CPU by default; ``large-v3``: 32 + 32 layers of 1280, float16, for a GPU), saved to a temporary directory and
-loaded by both sides, so that all three give the same transcripts (checked). Speech: 30 s windows of espeak-ng
+loaded by every provider, so that all give the same transcripts (checked). Speech: 30 s windows of espeak-ng
 utterances (noise without espeak-ng). A random decoder rarely ends a transcript, so every utterance decodes about
 ``--tokens`` tokens in every provider (the counts are printed). The TASTE tokenizer after the ASR is this
-package's in all three: the difference measured is the ASR and the encoder pass it shares.
+package's in all: the difference measured is the ASR and the encoder pass it shares.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main() -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="default: tiny on cpu, large-v3 on cuda")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=24, help="the most tokens decoded per utterance")
+    p.add_argument("--compile", action="store_true", help="also ours with the decoding step compiled (CUDA graphs "
+                   "on a GPU)")  # fmt: skip
     args = parse(p)
     dev = args.device
     preset = args.preset or ("tiny" if dev == "cpu" else "large-v3")
@@ -99,20 +102,25 @@ def main() -> None:
     def ours():
         return tok.transcribe_and_encode(waves, asr)
 
-    results = [f()[0] for f in (official, batched, ours)]
+    def ours_compiled():
+        return tok.transcribe_and_encode(waves, asr, compile=True)
+
+    results = [f()[0] for f in (official, batched, ours, *((ours_compiled,) if args.compile else ()))]
     with torch.no_grad():
         decoded = asr.generate(tok.encode_speech(hf_mel(waves))[0])[1].tolist()  # tokens per utterance
-    same = sum(a == b == c for a, b, c in zip(*results))
+    same = sum(len(set(texts)) == 1 for texts in zip(*results))
     label = f"{preset} B={args.batch} ({seconds:.1f} s)"
     providers = {"official-style (HF, B=1)": official, "HF generate batched": batched,
                  "ours (transcribe_and_encode)": ours}  # fmt: skip
+    if args.compile:
+        providers["ours, compiled step"] = ours_compiled
     rows = measure(f"ASR + TASTE codes {label}", providers, dev, args.reps or (3 if dev == "cpu" else 0))
     for r in rows:
         r.extra = {"utt_per_s": args.batch / (r.median_ms * 1e-3), "rtf": r.median_ms * 1e-3 / seconds}
     report(f"bench/asr.py on {dev}, {str(dtype).removeprefix('torch.')}, {source}, at most {args.tokens} tokens "
            "per utterance", rows, dev, args.json)  # fmt: skip
-    print(f"transcripts: {same} of {args.batch} identical in the three providers; tokens decoded per utterance "
-          f"{decoded}")  # fmt: skip
+    print(f"transcripts: {same} of {args.batch} identical in the {len(results)} providers; tokens decoded per "
+          f"utterance {decoded}")  # fmt: skip
 
 
 if __name__ == "__main__":

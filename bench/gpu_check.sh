@@ -118,8 +118,9 @@ want train_lm && run_bench train_lm bench/train_lm.py
 # S3 units -> speech at CosyVoice-300M's shapes: 16 utterances batched against one at a time (not yet timed on a GPU).
 want voice && run_bench voice bench/voice.py
 # Speech alone -> Whisper transcript -> TASTE codes at large-v3's shapes (float16): transformers' generate one
-# utterance at a time (the official pipeline) and batched, against one shared encoder pass (not yet timed on a GPU).
-want asr && run_bench asr bench/asr.py --batch 8
+# utterance at a time (the official pipeline) and batched, against one shared encoder pass, eager and with the
+# decoding step as CUDA graphs (not yet timed on a GPU).
+want asr && run_bench asr bench/asr.py --batch 8 --compile
 [ -n "${TESTS_LAST:-}" ] && run_tests
 # One JSON for all benchmarks: the device tool brings back at most 8 files.
 "$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks,relpos,unit_decoder,train_lm,voice,asr}.json

@@ -141,6 +141,8 @@ class WhisperTranscriber(nn.Module):
         self.frontend = None if encoder is None else LogMel(n_mels=encoder.config.n_mels,
                                                             window_seconds=encoder.config.window_seconds)  # fmt: skip
         self.encoder_fingerprint: tuple[float, ...] | None = None
+        self._compiled = None  # the compiled step (generate(compile=True)) and the cache it keeps
+        self._kept: tuple[tuple, DecodeCache] | None = None
         self._set_tables()
         whisper_init(self.embed_tokens)
         whisper_init(self.embed_positions)
@@ -157,9 +159,10 @@ class WhisperTranscriber(nn.Module):
         self.register_buffer("prompt_ids", torch.tensor(cfg.prompt_ids, device=device), persistent=False)
 
     # ---- one step ----
-    def new_cache(self, states: Tensor, positions: int) -> DecodeCache:
+    def new_cache(self, states: Tensor, positions: int, into: DecodeCache | None = None) -> DecodeCache:
         """The cross-attention keys and values of ``states (B, E, d_model)`` and an empty self-attention cache of
-        ``positions`` positions, in the module's dtype."""
+        ``positions`` positions, in the module's dtype; ``into``: a cache of these shapes to fill in place (its
+        self-attention rows are left: a step writes a position before any step reads it)."""
         b, e, d = states.shape
         h, dh = self.config.num_heads, self.config.head_dim
         states = states.to(self.embed_tokens.weight.dtype)
@@ -167,6 +170,11 @@ class WhisperTranscriber(nn.Module):
         def heads(t: Tensor) -> Tensor:
             return t.view(b, e, h, dh).transpose(1, 2)  # (B, H, E, Dh)
 
+        if into is not None:
+            for i, layer in enumerate(self.layers):
+                into.cross_k[i].copy_(heads(layer.encoder_attn.k_proj(states)))
+                into.cross_v[i].copy_(heads(layer.encoder_attn.v_proj(states)))
+            return into
         cache = DecodeCache([], [], [], [])
         for layer in self.layers:
             attn = layer.encoder_attn
@@ -174,6 +182,19 @@ class WhisperTranscriber(nn.Module):
             cache.cross_v.append(heads(attn.v_proj(states)))
             cache.self_k.append(states.new_zeros(b, h, positions, dh))
             cache.self_v.append(states.new_zeros(b, h, positions, dh))
+        return cache
+
+    def _static_cache(self, states: Tensor, positions: int) -> DecodeCache:
+        """For the compiled step: one cache kept per transcriber and filled again while the shapes stay, so that its
+        addresses stay (a CUDA graph recorded with them replays; new ones would record it again)."""
+        key = (*states.shape, positions, self.embed_tokens.weight.dtype, states.device)
+        if self._kept is not None and self._kept[0] == key:
+            return self.new_cache(states, positions, into=self._kept[1])
+        self._kept = None  # (the previous one freed first)
+        cache = self.new_cache(states, positions)
+        for t in (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v):
+            torch._dynamo.mark_static_address(t)
+        self._kept = (key, cache)
         return cache
 
     def forward(self, tokens: Tensor, position: Tensor, cache: DecodeCache, logit_bias: Tensor | None = None):
@@ -207,12 +228,15 @@ class WhisperTranscriber(nn.Module):
     # ---- decoding ----
     @torch.no_grad()
     def generate(
-        self, states: Tensor, *, max_new_tokens: int | None = None, check_every: int = 8
+        self, states: Tensor, *, max_new_tokens: int | None = None, check_every: int = 8, compile: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Greedy transcripts of encoder states ``(B, E, d_model)``: ``(ids (B, T) int64, lengths (B,) int64)``,
         each row's tokens before ``<|endoftext|>`` (then padded with it); the prompt is not included.
         ``max_new_tokens``: at most this many tokens each (default: ``config.max_new_tokens``; at most
-        ``max_positions`` less the prompt)."""
+        ``max_positions`` less the prompt). ``compile``: the decoding step under ``torch.compile`` (made once per
+        transcriber; on CUDA ``reduce-overhead``: each step replays a CUDA graph), one graph per batch size and
+        length. The compiled step's cache stays with the transcriber between calls (its addresses are the graph's);
+        :meth:`release_cache` frees it."""
         cfg = self.config
         weight = self.embed_tokens.weight
         if states.dim() != 3 or states.shape[-1] != cfg.d_model:
@@ -232,16 +256,20 @@ class WhisperTranscriber(nn.Module):
         if b == 0:
             return out, out.new_zeros(0)
         prompt = len(cfg.prompt_ids)
-        cache = self.new_cache(states, prompt + max_new_tokens - 1)  # (the last token is never fed)
+        positions = prompt + max_new_tokens - 1  # (the last token is never fed)
+        if compile:
+            cache, step_fn = self._static_cache(states, positions), self._compiled_step(dev)
+        else:
+            cache, step_fn = self.new_cache(states, positions), self
         position = torch.zeros((), dtype=torch.long, device=dev)
         for t in range(prompt - 1):
-            self(self.prompt_ids[t].expand(b), position, cache)
+            step_fn(self.prompt_ids[t].repeat(b), position, cache)
             position += 1
-        token = self.prompt_ids[-1].expand(b)
+        token = self.prompt_ids[-1].repeat(b)  # (contiguous, as every later step's tokens: one graph)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         eos = torch.full_like(out[:, 0], cfg.eos_id)
         for step in range(max_new_tokens):
-            logits = self(token, position, cache, self.first_logit_bias if step == 0 else self.logit_bias)
+            logits = step_fn(token, position, cache, self.first_logit_bias if step == 0 else self.logit_bias)
             token = torch.where(done, eos, logits.argmax(-1))
             out[:, step] = token
             done |= token == cfg.eos_id
@@ -249,6 +277,16 @@ class WhisperTranscriber(nn.Module):
             if (step + 1) % check_every == 0 and bool(done.all()):  # (the only read-back: every few steps)
                 break
         return out, (out != cfg.eos_id).sum(1)
+
+    def release_cache(self) -> None:
+        """Frees the cache that ``generate(compile=True)`` keeps between calls."""
+        self._kept = None
+
+    def _compiled_step(self, device: torch.device):
+        if self._compiled is None:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._compiled = torch.compile(self.forward, fullgraph=True, dynamic=False, mode=mode)
+        return self._compiled
 
     def decode(self, ids: Tensor, lengths: Tensor) -> list[str]:
         """Each row's first ``lengths`` ids as text: the BPE tokens only (special tokens and timestamps skipped),

@@ -182,16 +182,23 @@ def test_config_and_argument_errors(tmp_path, whisper):
         WhisperTranscriber.from_whisper(str(tmp_path / "empty"))
 
 
-def test_compiled_step_decodes_the_same(whisper):
-    """One decoding step has the same shapes at every position: compiled whole, it gives the eager ids."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_step_decodes_the_same(whisper, device):
+    """One decoding step has the same shapes at every position: compiled whole (on CUDA as CUDA graphs), it gives
+    the eager ids, again for other speech in the cache it keeps, and for another batch size."""
     path, _ = whisper
-    asr = WhisperTranscriber.from_whisper(str(path), encoder=True).eval()
-    states, _ = asr.encoder(torch.randn(3, 80, 300, generator=torch.Generator().manual_seed(3)))
-    want = asr.generate(states)
+    asr = WhisperTranscriber.from_whisper(str(path), encoder=True, device=device).eval()
+    mel = torch.randn(5, 80, 300, generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad():
+        states, _ = asr.encoder(mel)
     torch._dynamo.reset()
-    asr.compile(fullgraph=True, dynamic=False)
-    got = asr.generate(states)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for rows in (slice(0, 3), slice(2, 5), slice(0, 2)):  # the second reuses the kept cache: other states in it
+        want = asr.generate(states[rows])
+        got = asr.generate(states[rows], compile=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert asr._kept is not None and asr._kept[1].cross_k[0].shape[0] == 2
+    asr.release_cache()
+    assert asr._kept is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
