@@ -346,14 +346,20 @@ class WhisperTranscriber(nn.Module):
         """The decoder of a local Whisper checkpoint (transformers layout: ``config.json`` and safetensors or
         ``.bin`` weights, sharded or not), and with ``encoder`` its encoder too. The decoding rules come from its
         ``generation_config.json`` (else ``config.json``): ``suppress_tokens``, ``begin_suppress_tokens`` and the
-        transcript's bound (``max_new_tokens`` or ``max_length``); the
-        text clean-up from ``tokenizer_config.json``'s ``clean_up_tokenization_spaces``. ``language``: the
-        prompt's language token (English, as the official inference). float32 unless ``dtype``."""
+        transcript's bound (``max_new_tokens`` or ``max_length``); the text clean-up from
+        ``tokenizer_config.json``'s ``clean_up_tokenization_spaces``. ``language``: the prompt's language token
+        (English, as the official inference). float32 unless ``dtype``. Without ``encoder`` only the decoder's
+        tensors and the three of the encoder's fingerprint are read."""
         from taste.official import read_official_tensors
 
         if not os.path.isdir(local_dir):
             raise FileNotFoundError(f"local_dir {local_dir!r} is not a directory (a local Whisper checkpoint)")
         c = _read_json(local_dir, "config.json", required=True)
+        needed = ("vocab_size", "d_model", "decoder_attention_heads", "decoder_layers", "decoder_ffn_dim",
+                  "max_target_positions", "encoder_layers")  # fmt: skip
+        if [k for k in needed if k not in c]:
+            raise ValueError(f"{local_dir!r}: its config.json lacks {[k for k in needed if k not in c]}: not a "
+                             f"Whisper config (model_type {c.get('model_type')!r})")  # fmt: skip
         rules = _read_json(local_dir, "generation_config.json") or c
         prompt = whisper_prefix_ids(c["vocab_size"], language)
         config = TranscriberConfig(
@@ -371,10 +377,12 @@ class WhisperTranscriber(nn.Module):
             clean_up_spaces=bool((_read_json(local_dir, "tokenizer_config.json") or {}).get(
                 "clean_up_tokenization_spaces", False)),
         )  # fmt: skip
-        state = {}
-        for key, value in read_official_tensors(local_dir, ("model.", "encoder.", "decoder.")).items():
-            key = key.removeprefix("model.")
-            state[key] = value
+        last = c["encoder_layers"] - 1  # (without encoder: only the decoder and the fingerprint's tensors are read)
+        wanted = ("encoder.",) if encoder else tuple(f"encoder.{name}" for name in (
+            "conv1.weight", f"layers.{last}.fc2.weight", "layer_norm.weight"))  # fmt: skip
+        wanted = (*wanted, "decoder.")
+        state = {k.removeprefix("model."): v for k, v in read_official_tensors(
+            local_dir, (*wanted, *(f"model.{w}" for w in wanted))).items()}  # fmt: skip
         decoder = {k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")}
         enc_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         if not decoder:
@@ -397,7 +405,7 @@ class WhisperTranscriber(nn.Module):
             module.frontend = LogMel(n_mels=speech.config.n_mels, window_seconds=speech.config.window_seconds)
         module._set_tables()
         if enc_state.get("conv1.weight") is not None:
-            module.encoder_fingerprint = encoder_fingerprint(enc_state, c["encoder_layers"])
+            module.encoder_fingerprint = encoder_fingerprint(enc_state, last + 1)
         module.to(device=device, dtype=dtype or torch.float32)
         return module
 

@@ -156,6 +156,44 @@ def test_decode_skips_special_tokens_and_cleans_up_where_told(tmp_path, whisper)
     assert clean.decode(row, torch.tensor([row.shape[1] - 2])) == [" Hello world. isn't it"]
 
 
+def test_checkpoint_layouts(tmp_path, whisper):
+    """A sharded checkpoint, and a WhisperModel's (keys without ``model.``), load the same weights; without its
+    encoder, only the decoder's tensors and the fingerprint's are read."""
+    path, hf = whisper
+    want = WhisperTranscriber.from_whisper(str(path), encoder=True)
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="300KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    hf.model.save_pretrained(str(tmp_path / "bare"))  # transformers' WhisperModel: encoder.*, decoder.*
+    for layout in ("sharded", "bare"):
+        got = WhisperTranscriber.from_whisper(str(tmp_path / layout), encoder=True)
+        assert got.state_dict().keys() == want.state_dict().keys()
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
+        assert got.encoder_fingerprint == want.encoder_fingerprint
+    read = []
+    real = taste.official.read_tensors
+
+    def reading(file, select=None):
+        tensors = real(file, select)
+        read.extend(tensors)
+        return tensors
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(taste.official, "read_tensors", reading)
+        decoder_only = WhisperTranscriber.from_whisper(str(path))
+    assert decoder_only.encoder is None and decoder_only.encoder_fingerprint == want.encoder_fingerprint
+    assert sorted(k for k in read if k.startswith("model.encoder.")) == [
+        "model.encoder.conv1.weight",
+        "model.encoder.layer_norm.weight",
+        "model.encoder.layers.1.fc2.weight",
+    ]
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 5}))
+    with pytest.raises(
+        ValueError, match=r"config.json lacks \['d_model', .* not a Whisper config \(model_type 'llama'\)"
+    ):
+        WhisperTranscriber.from_whisper(str(tmp_path / "llama"))
+
+
 def test_config_and_argument_errors(tmp_path, whisper):
     path, _ = whisper
     with pytest.raises(ValueError, match=r"suppress_ids must not hold eos_id \(50257\)"):
