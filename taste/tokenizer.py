@@ -288,14 +288,15 @@ class TasteTokenizer(nn.Module):
     @torch.no_grad()
     def transcribe_and_encode(
         self, waveforms: Sequence[Tensor], asr: WhisperTranscriber, sample_rate: int | Sequence[int] = 16000, *,
-        check_encoder: bool = True, **generate_kwargs,
+        check_encoder: bool = True, asr_batch_size: int | None = None, **generate_kwargs,
     ) -> tuple[list[str], list[Tensor]]:  # fmt: skip
         """The official inference without its second encoder pass: ``(transcripts, codes)`` of each utterance,
         the transcript from ``asr`` (a :class:`taste.asr.WhisperTranscriber`, e.g. large-v3's decoder) reading the
         states this model's encoder made for the aggregator's keys. Raises unless ``asr``'s Whisper encoder is this
         model's (distil-large-v3's encoder is large-v3's; ``check_encoder=False`` skips the check), and for an
-        utterance in which the ASR found no words (``waveforms[k]``). ``generate_kwargs`` go to
-        :meth:`taste.asr.WhisperTranscriber.generate`."""
+        utterance in which the ASR found no words (``waveforms[k]``). ``asr_batch_size``: utterances decoded at a
+        time (None: all; the decoder's cross-attention cache holds 2 x its layers x their encoder states).
+        ``generate_kwargs`` go to :meth:`taste.asr.WhisperTranscriber.generate` (e.g. ``compile=True``)."""
         if not isinstance(asr, WhisperTranscriber):
             raise TypeError(f"asr must be a taste.asr.WhisperTranscriber, got {type(asr).__name__}")
         if asr.config.d_model != self.config.encoder.d_model:
@@ -318,7 +319,8 @@ class TasteTokenizer(nn.Module):
             audio, _ = batch_waveforms(waveforms, sample_rate, window_seconds=self.config.encoder.window_seconds)
             mel = self.frontend(audio.to(self.frontend.filters.device))
             h_key, h_val = self.encode_speech(mel)
-            texts = asr.transcribe_states(h_key.to(asr.embed_tokens.weight.device), batch_size=max(len(waveforms), 1),
+            texts = asr.transcribe_states(h_key.to(asr.embed_tokens.weight.device),
+                                          batch_size=asr_batch_size or max(len(waveforms), 1),
                                           **generate_kwargs)  # fmt: skip
             for k, text in enumerate(texts):
                 if not text.split():

@@ -106,6 +106,7 @@ def test_transcribe_and_encode_shares_the_encoder_pass(whisper):
         tok.encoder.state_dict(), tok.config.encoder.num_layers))  # fmt: skip
     waves = speech(6)
     texts, codes = tok.transcribe_and_encode(waves, asr)
+    assert tok.transcribe_and_encode(waves, asr, asr_batch_size=4)[0] == texts  # (decoded 4 at a time)
     mel, _ = tok.prepare(waves, ["x"] * len(waves))
     ref = padded(hf_greedy(hf, mel), MAX_NEW)
     assert texts == asr.decode(ref, (ref != 50257).sum(1))
