@@ -54,7 +54,7 @@ def random_whisper(directory: str, preset: str, tokens: int):
     g.lang_to_id, g.task_to_id = {"<|en|>": 50259}, {"transcribe": 50360, "translate": 50359}
     g.is_multilingual, g.no_timestamps_token_id = True, 50364
     g.suppress_tokens, g.begin_suppress_tokens = [1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31], [220, 50257]
-    g.max_length = tokens  # (transformers adds the prompt to it)
+    g.max_new_tokens = tokens
     model.save_pretrained(directory)
     return model
 

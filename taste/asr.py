@@ -346,7 +346,8 @@ class WhisperTranscriber(nn.Module):
         """The decoder of a local Whisper checkpoint (transformers layout: ``config.json`` and safetensors or
         ``.bin`` weights, sharded or not), and with ``encoder`` its encoder too. The decoding rules come from its
         ``generation_config.json`` (else ``config.json``): ``suppress_tokens``, ``begin_suppress_tokens`` and the
-        transcript's bound (``max_new_tokens`` or ``max_length``); the text clean-up from
+        transcript's bound (``max_new_tokens``, or ``max_length`` counting the prompt; neither: transformers'
+        default, 20); the text clean-up from
         ``tokenizer_config.json``'s ``clean_up_tokenization_spaces``. ``language``: the prompt's language token
         (English, as the official inference). float32 unless ``dtype``. Without ``encoder`` only the decoder's
         tensors and the three of the encoder's fingerprint are read."""
@@ -410,12 +411,16 @@ class WhisperTranscriber(nn.Module):
         return module
 
 
-def _max_new_tokens(rules: dict, max_positions: int, prompt: int) -> int | None:
-    """A generation config's bound on the transcript: ``max_new_tokens`` or ``max_length``; None where neither is
-    set. (transformers' Whisper ``generate`` adds the prompt's length to ``max_length``, within ``max_positions``:
-    large-v3's 448 allows 444 new tokens, and 28 would allow 28.)"""
-    bound = rules.get("max_new_tokens") or rules.get("max_length")
-    return max(1, min(int(bound), max_positions - prompt)) if bound else None
+def _max_new_tokens(rules: dict, max_positions: int, prompt: int) -> int:
+    """A generation config's bound on the transcript as transformers 4.51 (the official code's) counts it:
+    ``max_new_tokens``, else ``max_length`` less the prompt (the prompt counts in it), else its default
+    ``max_length`` of 20 less the prompt; within ``max_positions`` less the prompt. (transformers 5 adds the
+    prompt to ``max_length`` instead: the same 444 tokens at large-v3's 448, more below the decoder's limit.)"""
+    if rules.get("max_new_tokens"):
+        bound = int(rules["max_new_tokens"])
+    else:
+        bound = min(int(rules.get("max_length") or 20), max_positions) - prompt
+    return max(1, min(bound, max_positions - prompt))
 
 
 def _read_json(directory: str, name: str, required: bool = False) -> dict | None:

@@ -263,12 +263,13 @@ def espeak_manifest(tmp_path_factory, *, num: int, seed: int):
     return out / "manifest.jsonl"
 
 
-def save_whisper_for_asr(model, path, *, suppress=(), max_length: int = 20, eos_scale: float = 6.0):
+def save_whisper_for_asr(model, path, *, suppress=(), max_new_tokens: int = 16, eos_scale: float = 6.0):
     """Saves a random transformers ``WhisperForConditionalGeneration`` to ``path`` with large-v3's generation rules
-    (English, transcribe, no timestamps; ``suppress`` and every timestamp banned, ``max_length`` new tokens at
-    most), its <|endoftext|> embedding drawn anew and scaled so that transcripts end at different steps (as the
-    padding id it starts at zero). Timestamps are banned because a random decoder draws them, and transformers'
-    generate starts decoding again after two in a row (``taste.asr``)."""
+    (English, transcribe, no timestamps; ``suppress`` and every timestamp banned; at most ``max_new_tokens``, which
+    transformers' versions count alike, where they count ``max_length`` differently), its <|endoftext|> embedding
+    drawn anew and scaled so that transcripts end at different steps (as the padding id it starts at zero).
+    Timestamps are banned because a random decoder draws them, and transformers' generate starts decoding again
+    after two in a row (``taste.asr``)."""
     with torch.no_grad():
         weight = model.model.decoder.embed_tokens.weight
         std = model.config.init_std
@@ -278,7 +279,7 @@ def save_whisper_for_asr(model, path, *, suppress=(), max_length: int = 20, eos_
     g.lang_to_id, g.task_to_id = {"<|en|>": 50259}, {"transcribe": 50360, "translate": 50359}
     g.is_multilingual, g.no_timestamps_token_id = True, 50364
     g.suppress_tokens, g.begin_suppress_tokens = [*suppress, *range(50365, 51866)], [220, 50257]
-    g.max_length = max_length
+    g.max_new_tokens = max_new_tokens
     model.save_pretrained(str(path))
     return model
 

@@ -4,6 +4,7 @@ transcribing and encoding from one encoder pass."""
 import functools
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from taste.asr import TranscriberConfig, WhisperTranscriber, encoder_fingerprint
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:taste. ResidualVQ stages")  # (seed models: codes of shape only)
 
-MAX_NEW = 20
+MAX_NEW = 18
 TIMESTAMPS = range(50365, 51866)
 
 
@@ -31,7 +32,7 @@ def asr_whisper_dir(path, *, seed=0, suppress=(1, 2, 7), frames=150):
     )  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.WhisperForConditionalGeneration(cfg).eval()
-    return save_whisper_for_asr(model, path, suppress=suppress, max_length=MAX_NEW)
+    return save_whisper_for_asr(model, path, suppress=suppress, max_new_tokens=MAX_NEW)
 
 
 def hf_greedy(model, mel):
@@ -193,6 +194,20 @@ def test_checkpoint_layouts(tmp_path, whisper):
         ValueError, match=r"config.json lacks \['d_model', .* not a Whisper config \(model_type 'llama'\)"
     ):
         WhisperTranscriber.from_whisper(str(tmp_path / "llama"))
+
+
+def test_the_transcript_bound_follows_transformers(tmp_path, whisper):
+    """max_new_tokens, else max_length less the prompt (as transformers 4.51, the official code's, counts it),
+    else transformers' default max_length (20) less the prompt; within max_positions less the prompt."""
+    path, _ = whisper
+    shutil.copytree(path, tmp_path / "w")
+    rules = json.loads((tmp_path / "w" / "generation_config.json").read_text())
+    cases = (({}, MAX_NEW), ({"max_new_tokens": 7}, 7), ({"max_new_tokens": None, "max_length": 12}, 8),
+             ({"max_new_tokens": None}, 16), ({"max_new_tokens": None, "max_length": 1000}, 36))  # fmt: skip
+    for change, want in cases:
+        changed = {k: v for k, v in {**rules, **change}.items() if v is not None}
+        (tmp_path / "w" / "generation_config.json").write_text(json.dumps(changed))
+        assert WhisperTranscriber.from_whisper(str(tmp_path / "w")).config.max_new_tokens == want
 
 
 def test_config_and_argument_errors(tmp_path, whisper):

@@ -254,7 +254,7 @@ def test_continue_end_to_end(data, tmp_path, capsys):
     answer = capsys.readouterr().out.split("continuation: ")[1].split("\n")[0].split()
     assert answer and (tmp_path / "answer.wav").stat().st_size > 1000
     # the prompt transcribed by a Whisper that shares the tokenizer's encoder (the official demo's ASR)
-    whisper_around(stage1.tokenizer.encoder, tmp_path / "whisper", max_length=4)
+    whisper_around(stage1.tokenizer.encoder, tmp_path / "whisper", max_new_tokens=4)
     heard = WhisperTranscriber.from_whisper(str(tmp_path / "whisper"), encoder=True).transcribe(
         [read_wav(str(tmp_path / "prompt.wav"))[0]])[0].split()  # fmt: skip
     asr = [*argv[:2], "--asr", str(tmp_path / "whisper"), *argv[4:]]
