@@ -15,6 +15,13 @@ import sys
 import time
 
 
+def _dtype(name: str):
+    """A --dtype choice as the torch dtype to cast to (None: float32, the models' own)."""
+    import torch
+
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def _device(name: str | None) -> str:
     import torch
 
@@ -55,7 +62,6 @@ def cmd_init_tokenizer(args) -> None:
 
 
 def cmd_encode(args) -> None:
-    import torch
     from tqdm import tqdm
 
     from taste._checks import check_positive_int
@@ -65,7 +71,7 @@ def cmd_encode(args) -> None:
 
     check_positive_int(args.batch_size, "--batch-size")
     device = _device(args.device)
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = _dtype(args.dtype)
     model = TasteTokenizer.from_pretrained(args.model, device=device, dtype=dtype).eval()
     asr = _load_asr(args.asr, device, dtype) if args.asr else None
     rows = read_manifest(args.manifest, need_text=asr is None)
@@ -155,7 +161,6 @@ def _load_asr(path: str, device: str, dtype, encoder: bool = False):
 
 
 def cmd_transcribe(args) -> None:
-    import torch
     from tqdm import tqdm
 
     from taste._checks import check_positive_int
@@ -164,7 +169,7 @@ def cmd_transcribe(args) -> None:
 
     check_positive_int(args.batch_size, "--batch-size")
     device = _device(args.device)
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = _dtype(args.dtype)
     asr = _load_asr(args.whisper, device, dtype, encoder=True)
     rows = read_manifest(args.manifest, need_text=False)
     out = args.output or os.path.splitext(args.manifest)[0] + ".asr.jsonl"
