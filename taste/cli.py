@@ -252,6 +252,48 @@ def cmd_resynthesize(args) -> None:
     print(f"{codes.shape[0]} words, codes {codes.tolist()} -> {args.output} ({wave.numel() / 16000:.2f} s)")
 
 
+def cmd_reconstruct(args) -> None:
+    from taste._checks import check_positive_int
+    from taste.evaluate import _stage
+    from taste.reconstruct import reconstruct_manifest
+    from taste.train import Stage1Model
+
+    check_positive_int(args.batch_size, "--batch-size")
+    if (args.centroids is None) == (args.voice is None):
+        raise ValueError("give --centroids (k-means units of `taste units`) or --voice (S3 units: the release)")
+    device = _device(args.device)
+    stage1 = Stage1Model.from_pretrained(args.model, device=device).eval()
+    if args.dtype != "float32":  # (the tokenizer's encoder and aggregator, as the release ships them)
+        stage1.tokenizer.to_precision(dtype=_dtype(args.dtype))
+    centroids = _read_centroids(args.centroids) if args.centroids else None
+    voice = _load_voice(args.voice, device) if args.voice else None
+    encoder = _speaker_encoder(args.speaker_model, args.voice, args.model)
+    speaker = _speaker_vector(args.speaker, encoder) if args.speaker else None
+    asr = _load_asr(args.asr, device, _dtype(args.dtype)) if args.asr else None
+    run = {"model": os.path.abspath(args.model), "dtype": args.dtype, "speaker": args.speaker,
+           "vocoder": os.path.abspath(args.voice or args.centroids)}  # fmt: skip
+    if args.asr:
+        run["asr"] = os.path.abspath(args.asr)
+    summary = reconstruct_manifest(
+        stage1, args.manifest, args.out_dir, voice=voice, centroids=centroids, asr=asr, speaker=speaker,
+        speaker_encoder=encoder, stage=_stage(args.model), batch_size=args.batch_size, seed=args.seed,
+        greedy=args.greedy, top_k=args.top_k, run=run, progress=not args.quiet,
+    )  # fmt: skip
+    s = summary
+    made = s["utterances"] - s["resumed"]
+    print(f"reconstructed {made} utterances ({s['source_seconds']:.1f} s of audio in all) in {s['elapsed_s']:.1f} s on "
+          f"{device}" + (f"; {s['resumed']} resumed from the journal" if s["resumed"] else "")
+          + f" -> {os.path.join(args.out_dir, 'manifest.jsonl')}")  # fmt: skip
+    print(f"duration: {s['seconds']:.1f} s made for {s['source_seconds']:.1f} s (mean ratio {s['duration_ratio']:.3f}, "
+          f"mean |error| {100 * s['duration_abs_rel_error']:.1f}%)")  # fmt: skip
+    if "speaker_similarity" in s:
+        print(f"speaker similarity (CAM++ cosine, source against reconstruction): {s['speaker_similarity']:.4f}")
+    print(f"WER: taste transcribe {os.path.join(args.out_dir, 'manifest.jsonl')} --whisper DIR")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
 def cmd_train_lm(args) -> None:
     from taste.train_lm import LMTrainConfig, train_lm
 
@@ -791,6 +833,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=cmd_resynthesize)
+
+    rc = sub.add_parser("reconstruct", help="speech -> TASTE codes -> unit decoder -> speech for every utterance of a "
+                        "manifest, batched (the official inference_reconstruction)")  # fmt: skip
+    rc.add_argument("manifest", help="JSONL rows with id, path (audio) and text (unless --asr)")
+    rc.add_argument("--model", required=True, help="a stage-1 model: a train-tokenizer out_dir, or `taste "
+                    "import-official`'s directory (tokenizer/ + unit_decoder/)")  # fmt: skip
+    rc.add_argument("--voice", default=None, help="S3 units: the release (or its cosyvoice/voice_generator.pth, or a "
+                    "saved VoiceGenerator)")  # fmt: skip
+    rc.add_argument("--centroids", default=None, help="k-means units: the unit_centroids.safetensors of `taste units`")
+    rc.add_argument("--asr", default=None, help="a Whisper checkpoint sharing the tokenizer's encoder (large-v3 or "
+                    "distil-large-v3 for the release): transcribe in the tokenizer's encoder pass; a row's text stays "
+                    "the reference")  # fmt: skip
+    rc.add_argument("--speaker", default=None, help="one speaker vector for all rows (a .json/.npy/.safetensors/.pt "
+                    "vector, or a .wav reference); default: a row's speaker vector, else each utterance's own CAM++ "
+                    "vector (as the official reconstruction), else its mean unit features")  # fmt: skip
+    rc.add_argument("--speaker-model", default=None, help="the CAM++ ONNX file or a directory holding it (default: "
+                    "looked for under --voice and --model); also scores speaker similarity")  # fmt: skip
+    rc.add_argument("-o", "--out-dir", required=True, help="wavs/<id>.wav and manifest.jsonl go here")
+    rc.add_argument("--batch-size", type=int, default=8)
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--greedy", action="store_true", help="argmax units instead of the decoder's top-k sampling")
+    rc.add_argument("--top-k", type=int, default=None, help="default: the unit decoder's (25 for the release)")
+    rc.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    rc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="the tokenizer's encoder and aggregator (and the ASR)")  # fmt: skip
+    rc.add_argument("--json", default=None, help="write the summary here")
+    rc.add_argument("--quiet", action="store_true", help="no progress bar")
+    rc.set_defaults(func=cmd_reconstruct)
 
     _add_training(sub, "train-lm", "train the spoken LM (TASLM) on `taste encode` codes from a JSON config",
                   "taste.train_lm.LMTrainConfig", cmd_train_lm)  # fmt: skip

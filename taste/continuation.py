@@ -3,7 +3,6 @@ transcript -> TASTE codes -> TASLM -> new words and codes -> unit decoder -> uni
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -67,18 +66,10 @@ def continue_speech(
         dict with ``prompt_words``, ``new_words``, ``prompt_codes`` (W_p, Q), ``new_codes`` (W_n, Q), ``units``,
         ``wave`` (float waveform) and its ``sample_rate`` (16 kHz with centroids, the voice generator's with voice).
     """
-    from taste.audio import resample
-    from taste.corpus import unit_features
-    from taste.evaluate import check_centroids, units_to_wave
+    from taste.reconstruct import check_vocoder, default_speakers, speak
 
     dc = stage1.decoder.config
-    if (centroids is None) == (voice is None):
-        raise ValueError("give either centroids (k-means units, Griffin-Lim) or voice (S3 units, a VoiceGenerator)")
-    if centroids is not None:
-        check_centroids(centroids, dc.num_units)
-    elif voice.config.num_units != dc.num_units:
-        raise ValueError(f"the voice generator reads {voice.config.num_units} units, the unit decoder writes "
-                         f"{dc.num_units}")  # fmt: skip
+    check_vocoder(dc.num_units, voice, centroids)
     if speaker is not None and speaker.shape != (dc.spk_dim,):
         raise ValueError(f"speaker must be a ({dc.spk_dim},) vector for this unit decoder, got {tuple(speaker.shape)}")
     tok = stage1.tokenizer.eval()
@@ -104,26 +95,9 @@ def continue_speech(
     all_codes = new_codes if only_new else torch.cat([prompt_codes, new_codes])
     if not all_words:
         raise RuntimeError("the spoken LM generated no words")
-    batch = tok.text_tokenizer([" ".join(all_words)])
-    a = batch.asr
     taste = tok.embeddings_from_codes(all_codes.to(tok.quantizer.embed.device))
-    if speaker is None:
-        speaker = unit_features(resample(audio.float(), sample_rate, 16000)).mean(0)
-        if speaker.shape != (dc.spk_dim,):
-            raise ValueError(f"this unit decoder takes ({dc.spk_dim},) speaker vectors (the official one: CAM++), "
-                             f"not the prompt's {speaker.shape[0]} mean unit features: give speaker")  # fmt: skip
-    units = stage1.decoder.eval().generate(
-        a.tokens, a.cu_seqlens, a.max_seqlen, taste=taste, word_offsets=a.word_offsets, speaker=speaker[None],
-        generator=torch.Generator().manual_seed(seed),
-    )[0]  # fmt: skip
-    if voice is None:
-        wave, rate = units_to_wave(units, centroids), 16000
-    else:
-        spk = speaker if speaker.shape == (voice.config.spk_dim,) else None
-        if spk is None:
-            warnings.warn(f"the voice generator takes ({voice.config.spk_dim},) speaker vectors, the unit decoder "
-                          f"({dc.spk_dim},): the voice generator gets zeros", stacklevel=2)  # fmt: skip
-        wave = voice.generate([units], spk, generator=torch.Generator().manual_seed(seed))[0]
-        rate = voice.sample_rate
+    speaker = default_speakers(stage1.decoder, [audio], sample_rate) if speaker is None else speaker[None]
+    (units,), (wave,), rate = speak(stage1, [" ".join(all_words)], taste, speaker, voice=voice, centroids=centroids,
+                                    seed=seed)  # fmt: skip
     return {"prompt_words": words, "new_words": new_words, "prompt_codes": prompt_codes, "new_codes": new_codes,
             "units": units, "wave": wave, "sample_rate": rate}  # fmt: skip

@@ -176,22 +176,9 @@ def units_to_wave(units: torch.Tensor, centroids: torch.Tensor, iters: int = 64)
 def resynthesize(model_dir: str, audio: torch.Tensor, text: str, centroids: torch.Tensor, *, seed: int = 0,
                  sample_rate: int = 16000) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One utterance through TASTE and back: ``(codes (W, Q), waveform (T,) at 16 kHz)``."""
-    from taste.audio import resample
-    from taste.corpus import unit_features
+    from taste.reconstruct import reconstruct
 
     model = Stage1Model.from_pretrained(model_dir).eval()
-    check_centroids(centroids, model.decoder.config.num_units)
-    stage = _stage(model_dir)
-    tok = model.tokenizer
-    mel, batch = tok.prepare([audio], [text], sample_rate)
-    a = batch.asr
-    speaker = unit_features(resample(audio.float(), sample_rate, 16000)).mean(0, keepdim=True)
-    out = tok.tokenize(mel, batch, quantize=stage == "vq")
-    taste = None if stage == "text" else out.word_embeddings
-    if stage == "vq":
-        taste = tok.embeddings_from_codes(out.word_codes)
-    units = model.decoder.generate(
-        a.tokens, a.cu_seqlens, a.max_seqlen, taste=taste, word_offsets=a.word_offsets, speaker=speaker,
-        generator=torch.Generator().manual_seed(seed),
-    )[0]  # fmt: skip
-    return out.word_codes, units_to_wave(units, centroids)
+    out = reconstruct(model, [audio], [text], sample_rate=sample_rate, centroids=centroids, stage=_stage(model_dir),
+                      seed=seed)  # fmt: skip
+    return out.codes[0], out.waves[0]
