@@ -95,7 +95,7 @@ run_bench() {  # name, then the benchmark's command line (without --device/--jso
 }
 # BENCHES (default: all) picks benchmarks by name, e.g. BENCHES="aggregator rvq" for a short second call; the
 # issues' open GPU targets come first.
-benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing aggregator_chunks relpos unit_decoder train_lm voice asr} "
+benches=" ${BENCHES:-aggregator rvq generate aggregator_train packing aggregator_chunks relpos unit_decoder train_lm voice asr reconstruct} "
 want() { [[ $benches == *" $1 "* ]]; }
 # --profile: where our providers' device time goes, kernel by kernel (the open targets' next question). Not on the
 # generation benchmark: its compiled step replays CUDA graphs, which the profiler does not see into reliably.
@@ -121,14 +121,17 @@ want voice && run_bench voice bench/voice.py
 # utterance at a time (the official pipeline) and batched, against one shared encoder pass, eager and with the
 # decoding step as CUDA graphs (not yet timed on a GPU).
 want asr && run_bench asr bench/asr.py --batch 8 --compile
+# Speech -> TASTE -> units -> speech at the release's shapes, 16 utterances batched against one at a time (not yet
+# timed on a GPU).
+want reconstruct && run_bench reconstruct bench/reconstruct.py
 [ -n "${TESTS_LAST:-}" ] && run_tests
 # One JSON for all benchmarks: the device tool brings back at most 8 files.
-"$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks,relpos,unit_decoder,train_lm,voice,asr}.json
+"$py" - "$out" <<'PY' && rm -f "$out"/{packing,aggregator,rvq,aggregator_train,generate,aggregator_chunks,relpos,unit_decoder,train_lm,voice,asr,reconstruct}.json
 import json, os, sys
 out = sys.argv[1]
 merged = {}
 for name in ("packing", "aggregator", "rvq", "aggregator_train", "generate", "aggregator_chunks", "relpos",
-             "unit_decoder", "train_lm", "voice", "asr"):
+             "unit_decoder", "train_lm", "voice", "asr", "reconstruct"):
     path = os.path.join(out, name + ".json")
     if os.path.isfile(path):
         with open(path) as f:

@@ -259,6 +259,8 @@ def cmd_reconstruct(args) -> None:
     from taste.train import Stage1Model
 
     check_positive_int(args.batch_size, "--batch-size")
+    if args.max_units is not None:
+        check_positive_int(args.max_units, "--max-units")
     if (args.centroids is None) == (args.voice is None):
         raise ValueError("give --centroids (k-means units of `taste units`) or --voice (S3 units: the release)")
     device = _device(args.device)
@@ -277,7 +279,7 @@ def cmd_reconstruct(args) -> None:
     summary = reconstruct_manifest(
         stage1, args.manifest, args.out_dir, voice=voice, centroids=centroids, asr=asr, speaker=speaker,
         speaker_encoder=encoder, stage=_stage(args.model), batch_size=args.batch_size, seed=args.seed,
-        greedy=args.greedy, top_k=args.top_k, run=run, progress=not args.quiet,
+        greedy=args.greedy, top_k=args.top_k, max_new_tokens=args.max_units, run=run, progress=not args.quiet,
     )  # fmt: skip
     s = summary
     made = s["utterances"] - s["resumed"]
@@ -855,6 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--greedy", action="store_true", help="argmax units instead of the decoder's top-k sampling")
     rc.add_argument("--top-k", type=int, default=None, help="default: the unit decoder's (25 for the release)")
+    rc.add_argument("--max-units", type=int, default=None, help="at most this many units per utterance (default: "
+                    "the decoder's bound, a multiple of the text's tokens)")  # fmt: skip
     rc.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     rc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="the tokenizer's encoder and aggregator (and the ASR)")  # fmt: skip

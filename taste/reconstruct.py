@@ -64,8 +64,8 @@ def default_speakers(decoder, waveforms: Sequence[Tensor], sample_rate: int | Se
 
 @torch.no_grad()
 def speak(stage1, texts: Sequence[str], taste: Tensor | None, speaker: Tensor, *, voice=None,
-          centroids: Tensor | None = None, seed: int = 0, greedy: bool = False,
-          top_k: int | None = None) -> tuple[list[Tensor], list[Tensor], int]:  # fmt: skip
+          centroids: Tensor | None = None, seed: int = 0, greedy: bool = False, top_k: int | None = None,
+          max_new_tokens: int | None = None) -> tuple[list[Tensor], list[Tensor], int]:  # fmt: skip
     """Words and their TASTE rows -> units -> speech, for a batch.
 
     Args:
@@ -77,6 +77,8 @@ def speak(stage1, texts: Sequence[str], taste: Tensor | None, speaker: Tensor, *
         voice / centroids: the way back to speech, one of them (:func:`check_vocoder`).
         seed: seeds the unit sampling (a generator on the decoder's device) and the voice generator's noise (a CPU
             generator, as :meth:`taste.VoiceGenerator.generate` draws it).
+        greedy / top_k / max_new_tokens: :meth:`taste.UnitDecoder.generate`'s (``max_new_tokens`` caps the units
+            of an utterance below the decoder's own bound, a multiple of its text length).
 
     Returns:
         ``(units, waves, sample_rate)``: B 1-D units on the CPU, B 1-D waveforms.
@@ -94,7 +96,7 @@ def speak(stage1, texts: Sequence[str], taste: Tensor | None, speaker: Tensor, *
     units = decoder.generate(
         a.tokens.to(dev), a.cu_seqlens.to(dev), a.max_seqlen, taste=None if taste is None else taste.to(weight),
         word_offsets=a.word_offsets.to(dev), speaker=speaker.to(weight), greedy=greedy, top_k=top_k,
-        generator=torch.Generator(device=dev).manual_seed(seed),
+        max_new_tokens=max_new_tokens, generator=torch.Generator(device=dev).manual_seed(seed),
     )  # fmt: skip
     if voice is None:
         return units, [units_to_wave(u, centroids) for u in units], 16000
@@ -114,7 +116,7 @@ def reconstruct(
     stage1, waveforms: Sequence[Tensor], texts: Sequence[str] | None = None, *,
     sample_rate: int | Sequence[int] = 16000, voice=None, centroids: Tensor | None = None,
     speaker: Tensor | None = None, asr=None, stage: str = "vq", seed: int = 0, greedy: bool = False,
-    top_k: int | None = None, check_encoder: bool = True,
+    top_k: int | None = None, max_new_tokens: int | None = None, check_encoder: bool = True,
 ) -> Reconstruction:  # fmt: skip
     """A batch of utterances through TASTE and back to speech (module docstring).
 
@@ -133,8 +135,9 @@ def reconstruct(
             features (models trained without speaker vectors).
         stage: what the decoder was trained to read (``taste train-tokenizer``'s stage): ``vq`` the codes'
             embeddings, ``no_vq`` the pooled embeddings before the quantizer, ``text`` no TASTE rows.
-        seed / greedy / top_k: unit sampling (the decoder's top-k by default) and the voice generator's noise. A
-            seeded batch repeats; its draws interleave its utterances, so it is not its utterances' lone runs.
+        seed / greedy / top_k / max_new_tokens: unit sampling (:func:`speak`; the decoder's top-k by default) and
+            the voice generator's noise. A seeded batch repeats; its draws interleave its utterances, so it is not
+            its utterances' lone runs.
     """
     from taste.tokenizer import _codes_per_utterance
 
@@ -165,7 +168,7 @@ def reconstruct(
         if stage == "vq":  # the decoder reads what the codes say (as for codes TASLM generates)
             taste = tok.embeddings_from_codes(torch.cat(codes))
     units, waves, rate = speak(stage1, texts, taste, speaker, voice=voice, centroids=centroids, seed=seed,
-                               greedy=greedy, top_k=top_k)  # fmt: skip
+                               greedy=greedy, top_k=top_k, max_new_tokens=max_new_tokens)  # fmt: skip
     return Reconstruction(list(texts), codes, units, waves, rate)
 
 
@@ -187,7 +190,8 @@ def _row_speakers(rows: list[dict], manifest: str, size: int) -> Tensor | None:
 def reconstruct_manifest(
     stage1, manifest: str, out_dir: str, *, voice=None, centroids: Tensor | None = None, asr=None,
     speaker: Tensor | None = None, speaker_encoder=None, stage: str = "vq", batch_size: int = 8, seed: int = 0,
-    greedy: bool = False, top_k: int | None = None, run: dict | None = None, progress: bool = False,
+    greedy: bool = False, top_k: int | None = None, max_new_tokens: int | None = None, run: dict | None = None,
+    progress: bool = False,
 ) -> dict:  # fmt: skip
     """:func:`reconstruct` over a JSONL manifest (``taste reconstruct``): ``out_dir/wavs/<id>.wav`` and
     ``out_dir/manifest.jsonl``, whose rows (``id``, ``path``, ``text``, ``source``, ``codes``, ``units``, durations,
@@ -225,8 +229,8 @@ def reconstruct_manifest(
     os.makedirs(os.path.join(out_dir, "wavs"), exist_ok=True)
     journal = os.path.join(out_dir, "manifest.jsonl.partial")
     header = {"taste_reconstruct": 1, "manifest": os.path.abspath(manifest), "rows": len(rows), "stage": stage,
-              "batch_size": batch_size, "seed": seed, "greedy": greedy, "top_k": top_k, "asr": asr is not None,
-              **(run or {})}  # fmt: skip
+              "batch_size": batch_size, "seed": seed, "greedy": greedy, "top_k": top_k,
+              "max_new_tokens": max_new_tokens, "asr": asr is not None, **(run or {})}  # fmt: skip
     records = read_jsonl_records(journal) if os.path.exists(journal) else []
     if len(records) > 1 and records[0] != header:
         changed = sorted(k for k in {**header, **records[0]} if records[0].get(k) != header.get(k))
@@ -260,7 +264,8 @@ def reconstruct_manifest(
             try:
                 out = reconstruct(stage1, waves, None if asr is not None else [r["text"] for r in part],
                                   sample_rate=rates, voice=voice, centroids=centroids, speaker=spk, asr=asr,
-                                  stage=stage, seed=seed + k, greedy=greedy, top_k=top_k)  # fmt: skip
+                                  stage=stage, seed=seed + k, greedy=greedy, top_k=top_k,
+                                  max_new_tokens=max_new_tokens)  # fmt: skip
             except (TypeError, ValueError) as e:  # (bad values of the manifest's rows, whichever kind)
                 raise ValueError(name_manifest_rows(str(e), [r["id"] for r in part], manifest)) from e
             similarity = [None] * len(batch)

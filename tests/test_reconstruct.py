@@ -79,6 +79,8 @@ def test_batch_gives_each_utterance_what_it_gives_alone():
     halved = reconstruct(model, slow, TEXTS[:3], sample_rate=[8000] * 3, voice=voice, speaker=speaker[0], greedy=True)
     lone = lone_units(model, resample(slow[1], 8000, 16000), TEXTS[1], speaker[0], greedy=True)[1]
     assert len(halved.units) == 3 and torch.equal(halved.units[1], lone)  # (one vector for all, 8 kHz audio)
+    capped = reconstruct(model, waves, TEXTS[:3], voice=voice, speaker=speaker, greedy=True, max_new_tokens=7)
+    assert [u.tolist() for u in capped.units] == [u[:7].tolist() for u in out.units]
 
 
 def test_the_asr_path_equals_the_text_path_with_its_transcripts(tmp_path):
