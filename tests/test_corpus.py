@@ -6,6 +6,7 @@ import torch
 from conftest import espeak_manifest
 
 from taste import cli, corpus
+from taste.cli._common import _read_centroids
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -38,12 +39,12 @@ def test_units_at_50_hz(manifest, tmp_path):
     rows = corpus.read_manifest(str(out))  # the paths were rewritten relative to the new manifest
     centroids = load_file(str(tmp_path / "unit_centroids.safetensors"))["centroids"]
     assert centroids.shape == (16, 80)
-    assert torch.equal(cli._read_centroids(str(tmp_path / "unit_centroids.safetensors")), centroids)
+    assert torch.equal(_read_centroids(str(tmp_path / "unit_centroids.safetensors")), centroids)
     from safetensors.torch import save_file
 
     save_file({"embed": centroids}, str(tmp_path / "other.safetensors"))  # (before: KeyError: 'centroids')
     with pytest.raises(ValueError, match=r"other.safetensors holds no 'centroids' tensor \(got \['embed'\]\)"):
-        cli._read_centroids(str(tmp_path / "other.safetensors"))
+        _read_centroids(str(tmp_path / "other.safetensors"))
     for row in rows:
         audio, _ = corpus.read_wav(row["audio_path"])
         assert len(row["units"]) == audio.numel() // 320 and row["unit_rate"] == 50

@@ -188,7 +188,8 @@ def test_from_official_layouts(tmp_path, encoder):
 
 
 def test_speaker_command(tmp_path, encoder, capsys):
-    from taste.cli import _read_vector, main
+    from taste.cli import main
+    from taste.cli._common import _read_vector
     from taste.corpus import read_wav, write_wav
 
     g = torch.Generator().manual_seed(2)

@@ -1,0 +1,5 @@
+import sys
+
+from taste.cli import main
+
+sys.exit(main())
