@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from taste.audio import kaldi_fbank, resample
-from taste.onnx import HOST_OPERATORS, OPERATORS, OnnxGraph, _host_constant, read_onnx
+from taste.onnx import HOST_OPERATORS, OPERATORS, OnnxGraph, read_onnx
+from taste.onnx.graph import _host_constant
 from taste.s3_tokenizer import S3Tokenizer
 from taste.speaker import SpeakerEncoder
 
