@@ -10,7 +10,8 @@ import torch
 from test_unit_decoder import espnet_rel_attention
 
 from taste.relpos import RelPosEncoder, RelPositionAttention, relative_sinusoids
-from taste.voice import VoiceGenerator, VoiceGeneratorConfig, fold_weight_norm, masked_group_norm
+from taste.voice import VoiceGenerator, VoiceGeneratorConfig, fold_weight_norm
+from taste.voice_flow import masked_group_norm
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 REFERENCE_SEEDS = {"weights": 1234, "units": 37, "noise": 99}  # (tests/data/make_voice_reference.py reads these)
