@@ -296,8 +296,10 @@ def reconstruct_manifest(
                "text": row.get("text", r["text"]), "source": os.path.relpath(row["audio_path"], out_dir)}  # fmt: skip
         if asr is not None:
             out["encoded_text"] = r["text"]  # (the ASR's: what the codes were made with)
-        return {**out, **{key: r[key] for key in r if key not in ("index", "id", "text")}}
+        out["words"] = r["text"].split()  # (with codes and codebooks: a codes file, as `taste encode` writes)
+        return {**out, **{key: r[key] for key in r if key not in ("index", "id", "text")}, "codebooks": codebooks}
 
+    codebooks = stage1.tokenizer.quantizer.codebook_digest()
     out_rows = [output_row(i, row) for i, row in enumerate(rows)]
     write_jsonl_atomically(os.path.join(out_dir, "manifest.jsonl"), out_rows)
     os.remove(journal)
@@ -311,3 +313,66 @@ def reconstruct_manifest(
     if speaker_encoder is not None:
         summary["speaker_similarity"] = sum(r["speaker_similarity"] for r in out_rows) / len(out_rows)
     return summary
+
+
+def speak_codes(
+    stage1, codes_path: str, out_dir: str, *, voice=None, centroids: Tensor | None = None,
+    speaker: Tensor | None = None, batch_size: int = 8, seed: int = 0, greedy: bool = False,
+    top_k: int | None = None, max_new_tokens: int | None = None, progress: bool = False,
+) -> dict:  # fmt: skip
+    """TASTE codes to speech (``taste speak``): every row of a codes file (``taste encode``'s, or ``taste
+    generate``'s: ``words`` and one ``codes`` row per word) through the unit decoder and back to a waveform,
+    ``out_dir/<id>.wav`` (the row's ``id``, else its line number), batches of ``batch_size`` rows in file order,
+    batch ``k`` seeded with ``seed + k``. Speaker vectors: ``speaker`` for all, else each row's ``speaker``. Rows
+    whose ``codebooks`` digest is not the tokenizer's are refused. Returns a summary (rows, seconds, timing)."""
+    import os
+    import time
+
+    from tqdm import tqdm
+
+    from taste._checks import check_positive_int
+    from taste.checkpoint import iter_json_objects
+    from taste.corpus import write_wav
+    from taste.train import _speaker_of
+    from taste.train_lm import code_row
+
+    check_positive_int(batch_size, "batch_size")
+    tok, spk_dim = stage1.tokenizer, stage1.decoder.config.spk_dim
+    check_vocoder(stage1.decoder.config.num_units, voice, centroids)
+    q = tok.quantizer
+    rows = []
+    for n, (where, row) in enumerate(iter_json_objects(codes_path, "codes row")):
+        words, codes = code_row(where, row, q.num_quantizers, q.codebook_size, q.codebook_digest())
+        name = str(row.get("id", n))
+        if not name or os.sep in name or name in (".", "..") or (os.altsep and os.altsep in name):
+            raise ValueError(f"{where}: the id {name!r} cannot name a file (<id>.wav)")
+        if speaker is not None:
+            vector = speaker
+        elif "speaker" in row:
+            vector = _speaker_of({**row, "id": name}, codes_path, spk_dim)
+        else:
+            raise ValueError(f"{where}: no speaker vector: give one for all rows (speaker, --speaker) or a 'speaker' "
+                             f"of {spk_dim} numbers in each row")  # fmt: skip
+        rows.append((name, " ".join(words), codes, vector))
+    if not rows:
+        raise ValueError(f"{codes_path} holds no rows")
+    names = [name for name, _, _, _ in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{codes_path}: two rows have the same id (each becomes <id>.wav)")
+    os.makedirs(out_dir, exist_ok=True)
+    t, seconds, rate = time.perf_counter(), 0.0, None
+    with tqdm(total=len(rows), unit="utt", disable=not progress) as bar:
+        for k in range(0, len(rows), batch_size):
+            part = rows[k : k + batch_size]
+            taste = tok.embeddings_from_codes(torch.cat([codes for _, _, codes, _ in part]))
+            spk = torch.stack([v.float() for _, _, _, v in part])
+            _, waves, rate = speak(stage1, [text for _, text, _, _ in part], taste, spk, voice=voice,
+                                   centroids=centroids, seed=seed + k // batch_size, greedy=greedy, top_k=top_k,
+                                   max_new_tokens=max_new_tokens)  # fmt: skip
+            for (name, _, _, _), wave in zip(part, waves):
+                path = os.path.join(out_dir, f"{name}.wav")
+                write_wav(path + ".tmp", wave, rate)
+                os.replace(path + ".tmp", path)
+                seconds += wave.numel() / rate
+            bar.update(len(part))
+    return {"rows": len(rows), "seconds": seconds, "elapsed_s": time.perf_counter() - t, "sample_rate": rate}

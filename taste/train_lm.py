@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from taste._checks import check_positive_int
 from taste.checkpoint import iter_json_objects
@@ -41,6 +42,26 @@ class LMTrainConfig(LoopConfig):
             raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
 
 
+def code_row(where: str, row: dict, num_quantizers: int | None = None, codebook_size: int | None = None,
+             codebooks: str | None = None) -> tuple[list[str], Tensor]:  # fmt: skip
+    """A codes row's ``(words, codes (W, Q) int64)``, checked against a model's codebooks (their digest, layers and
+    size, where given); ``where`` names the row in errors."""
+    words, codes = row.get("words"), torch.tensor(row.get("codes", []), dtype=torch.long)
+    if not words or codes.dim() != 2 or codes.shape[0] != len(words):
+        raise ValueError(f"{where}: needs 'words' and one 'codes' row per word")
+    if codebooks is not None and row.get("codebooks", codebooks) != codebooks:  # (rows without: unchecked)
+        raise ValueError(f"{where}: codes of codebooks {row['codebooks']}, but the model's are {codebooks} "
+                         "(another tokenizer's codes, or another training's: encode them with the tokenizer "
+                         "that the model took its RVQ from)")  # fmt: skip
+    if num_quantizers is not None and codes.shape[1] != num_quantizers:
+        raise ValueError(f"{where}: codes have {codes.shape[1]} layers, the model has {num_quantizers}")
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    if codebook_size is not None and (lo < -1 or hi >= codebook_size):  # (else: rvq_decode's error, unnamed)
+        raise ValueError(f"{where}: codes must lie in [-1, {codebook_size}) (the model's codebook size; -1: "
+                         f"none), got [{lo}, {hi}]")  # fmt: skip
+    return words, codes
+
+
 class CodeCorpus:
     """Utterances of a ``taste encode`` JSONL as Llama tokens, word ids and per-word codes, and packed batches."""
 
@@ -49,19 +70,7 @@ class CodeCorpus:
         tok = WordTokenizer(llm_tokenizer)
         self.tokens, self.word_ids, self.codes, self.words, self.ids = [], [], [], [], []
         for where, row in iter_json_objects(path, "codes row"):
-            words, codes = row.get("words"), torch.tensor(row.get("codes", []), dtype=torch.long)
-            if not words or codes.dim() != 2 or codes.shape[0] != len(words):
-                raise ValueError(f"{where}: needs 'words' and one 'codes' row per word")
-            if codebooks is not None and row.get("codebooks", codebooks) != codebooks:  # (rows without: unchecked)
-                raise ValueError(f"{where}: codes of codebooks {row['codebooks']}, but the model's are {codebooks} "
-                                 "(another tokenizer's codes, or another training's: encode them with the tokenizer "
-                                 "that the model took its RVQ from)")  # fmt: skip
-            if num_quantizers is not None and codes.shape[1] != num_quantizers:
-                raise ValueError(f"{where}: codes have {codes.shape[1]} layers, the model has {num_quantizers}")
-            lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
-            if codebook_size is not None and (lo < -1 or hi >= codebook_size):  # (else: rvq_decode's error, unnamed)
-                raise ValueError(f"{where}: codes must lie in [-1, {codebook_size}) (the model's codebook size; -1: "
-                                 f"none), got [{lo}, {hi}]")  # fmt: skip
+            words, codes = code_row(where, row, num_quantizers, codebook_size, codebooks)
             packed = tok.pack([words])
             self.tokens.append(packed.tokens)
             self.word_ids.append(packed.word_ids)

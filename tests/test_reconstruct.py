@@ -264,3 +264,53 @@ def test_reconstruct_command_speakers_asr_and_wer(release, capsys, tmp_path):
     assert "WER against the manifest's text (5 utterances" in capsys.readouterr().out
     assert main([*base, "--centroids", str(release / "spk.json"), "-o", str(release / "x")]) == 1
     assert "give --centroids" in capsys.readouterr().err
+
+
+def test_speak_command_turns_codes_into_the_speech_of_the_audio_path(release, capsys):
+    """`taste encode` codes -> `taste speak`: each batch gives what `reconstruct` gives the same utterances from their
+    audio (same codes, seed and speaker); and the rows of `taste reconstruct` are codes rows too."""
+    model, voice = Stage1Model.from_pretrained(str(release / "official")), voice_generator()
+    (release / "spk.json").write_text(json.dumps([0.05] * 192))
+    assert main(["encode", str(release / "manifest.jsonl"), "--model", str(release / "official" / "tokenizer"), "-o",
+                 str(release / "codes.jsonl"), "--quiet"]) == 0  # fmt: skip
+    base = ["speak", str(release / "codes.jsonl"), "--model", str(release / "official"), "--voice",
+            str(release / "voice"), "--speaker", str(release / "spk.json"), "--greedy", "--batch-size", "2",
+            "--seed", "3"]  # fmt: skip
+    assert main([*base, "-o", str(release / "spoken")]) == 0
+    assert "5 wavs" in capsys.readouterr().out
+    source = [read_wav(str(release / "audio" / f"u{k}.wav"))[0] for k in range(5)]
+    # rows u2 and u3: the second batch, seeded 3 + 1
+    want = reconstruct(model, source[2:4], TEXTS[2:4], voice=voice, speaker=torch.full((192,), 0.05), seed=4,
+                       greedy=True)  # fmt: skip
+    for k, wave in zip((2, 3), want.waves):
+        got, rate = read_wav(str(release / "spoken" / f"u{k}.wav"))
+        assert rate == 22050 and got.numel() == wave.numel()
+        assert (got - wave.clamp(-1, 1)).abs().max() <= 1 / 32767 + 1e-6
+    # the reconstruction's manifest is a codes file of the same codes
+    assert main(["reconstruct", str(release / "manifest.jsonl"), "--model", str(release / "official"), "--voice",
+                 str(release / "voice"), "--greedy", "-o", str(release / "recon")]) == 0  # fmt: skip
+    codes = [json.loads(line) for line in (release / "codes.jsonl").read_text().splitlines()]
+    recon = [json.loads(line) for line in (release / "recon" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["words"], r["codes"], r["codebooks"]) for r in recon] == [
+        (r["words"], r["codes"], r["codebooks"]) for r in codes]  # fmt: skip
+    assert main(["speak", str(release / "recon" / "manifest.jsonl"), *base[2:], "-o", str(release / "again")]) == 0
+    capsys.readouterr()
+    # bad rows are named
+    rows = [dict(r) for r in codes]
+    for r in rows:
+        r.pop("codebooks")
+    rows[1]["speaker"] = [0.1] * 192
+    (release / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["speak", str(release / "bad.jsonl"), "--model", str(release / "official"), "--voice",
+            str(release / "voice"), "-o", str(release / "bad")]  # fmt: skip
+    assert main(argv) == 1
+    assert "bad.jsonl:1: no speaker vector: give one for all rows" in capsys.readouterr().err
+    rows[0]["codebooks"] = "0123456789abcdef"
+    (release / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([*argv, "--speaker", str(release / "spk.json")]) == 1
+    assert "bad.jsonl:1: codes of codebooks 0123456789abcdef" in capsys.readouterr().err
+    rows[0].pop("codebooks")
+    rows[2]["id"] = rows[0]["id"]
+    (release / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([*argv, "--speaker", str(release / "spk.json")]) == 1
+    assert "two rows have the same id" in capsys.readouterr().err

@@ -108,6 +108,31 @@ def cmd_reconstruct(args) -> None:
             json.dump(summary, f, indent=2)
 
 
+def cmd_speak(args) -> None:
+    from taste._checks import check_positive_int
+    from taste.reconstruct import speak_codes
+    from taste.train import Stage1Model
+
+    check_positive_int(args.batch_size, "--batch-size")
+    if args.max_units is not None:
+        check_positive_int(args.max_units, "--max-units")
+    if (args.centroids is None) == (args.voice is None):
+        raise ValueError("give --centroids (k-means units of `taste units`) or --voice (S3 units: the release)")
+    device = _device(args.device)
+    stage1 = Stage1Model.from_pretrained(args.model, device=device).eval()
+    centroids = _read_centroids(args.centroids) if args.centroids else None
+    voice = _load_voice(args.voice, device) if args.voice else None
+    speaker = None
+    if args.speaker:
+        wav = args.speaker.endswith(".wav")
+        speaker = _speaker_vector(args.speaker, _speaker_encoder(args.speaker_model, args.voice, args.model) if wav
+                                  else None)  # fmt: skip
+    s = speak_codes(stage1, args.codes, args.out_dir, voice=voice, centroids=centroids, speaker=speaker,
+                    batch_size=args.batch_size, seed=args.seed, greedy=args.greedy, top_k=args.top_k,
+                    max_new_tokens=args.max_units, progress=not args.quiet)  # fmt: skip
+    print(f"{s['rows']} wavs, {s['seconds']:.1f} s of speech in {s['elapsed_s']:.1f} s on {device} -> {args.out_dir}")
+
+
 def register(sub) -> None:
     """Adds ``init-tokenizer``, ``train-tokenizer``, ``eval-tokenizer``, ``resynthesize``, ``reconstruct``."""
     i = sub.add_parser("init-tokenizer", help="write a seed TasteTokenizer (save_pretrained layout)")
@@ -175,3 +200,25 @@ def register(sub) -> None:
     rc.add_argument("--json", default=None, help="write the summary here")
     rc.add_argument("--quiet", action="store_true", help="no progress bar")
     rc.set_defaults(func=cmd_reconstruct)
+
+    sk = sub.add_parser("speak", help="TASTE codes -> unit decoder -> speech for every row of a codes file (`taste "
+                        "encode` or `taste generate` output), batched")  # fmt: skip
+    sk.add_argument("codes", help="JSONL rows with words and one codes row per word (id, speaker optional)")
+    sk.add_argument("--model", required=True, help="the stage-1 model whose tokenizer made the codes (a "
+                    "train-tokenizer out_dir, or `taste import-official`'s directory)")  # fmt: skip
+    sk.add_argument("--voice", default=None, help="S3 units: the release (or its voice_generator.pth, or a saved "
+                    "VoiceGenerator)")  # fmt: skip
+    sk.add_argument("--centroids", default=None, help="k-means units: the unit_centroids.safetensors of `taste units`")
+    sk.add_argument("--speaker", default=None, help="one speaker vector for all rows (a vector file or a .wav "
+                    "reference); default: each row's speaker")  # fmt: skip
+    sk.add_argument("--speaker-model", default=None, help="the CAM++ model for a .wav --speaker (default: looked for "
+                    "under --voice and --model)")  # fmt: skip
+    sk.add_argument("-o", "--out-dir", required=True, help="<id>.wav go here")
+    sk.add_argument("--batch-size", type=int, default=8)
+    sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--greedy", action="store_true", help="argmax units instead of the decoder's top-k sampling")
+    sk.add_argument("--top-k", type=int, default=None, help="default: the unit decoder's")
+    sk.add_argument("--max-units", type=int, default=None, help="at most this many units per row")
+    sk.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    sk.add_argument("--quiet", action="store_true", help="no progress bar")
+    sk.set_defaults(func=cmd_speak)
