@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baselines import official_unit_generate  # noqa: E402
 from common import Row, parse, parser, peak_mb, report, time_providers  # noqa: E402
+from voice import trained_like  # noqa: E402
 
 from taste.corpus import SENTENCES  # noqa: E402
 from taste.reconstruct import reconstruct  # noqa: E402
@@ -41,10 +42,7 @@ def models(preset: str, device: str) -> tuple[Stage1Model, VoiceGenerator]:
     with torch.no_grad():
         tok.quantizer.embed.normal_()
         tok.quantizer.initted.fill_(1)
-    voice = VoiceGenerator()
-    with torch.no_grad():  # (norm scales and Snake alphas off their 1.0 inits, as trained weights are)
-        for prm in voice.parameters():
-            prm.mul_(1 + 0.1 * torch.randn_like(prm))
+    voice = trained_like(VoiceGenerator())
     return Stage1Model(tok, decoder).to(device).eval(), voice.to(device).eval()
 
 

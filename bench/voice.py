@@ -22,6 +22,15 @@ from common import Row, parse, parser, peak_mb, report, time_providers  # noqa: 
 from taste.voice import VoiceGenerator  # noqa: E402
 
 
+def trained_like(model: VoiceGenerator) -> VoiceGenerator:
+    """``model`` with every weight scaled by ``1 + 0.1 N(0, 1)``: norm scales and Snake alphas off their 1.0 inits,
+    as trained weights are (from the global generator)."""
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.mul_(1 + 0.1 * torch.randn_like(prm))
+    return model
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=None, help="utterances (default 16 on a GPU, 2 on the CPU)")
@@ -34,10 +43,7 @@ def main() -> None:
         print(f"no GPU: a CPU-sized problem ({batch} utterances of about {units} units); on a GPU the default is 16 "
               "utterances of about 150")  # fmt: skip
     torch.manual_seed(0)
-    model = VoiceGenerator().to(dev).eval()
-    with torch.no_grad():  # (norm scales and Snake alphas off their 1.0 inits, as trained weights are)
-        for prm in model.parameters():
-            prm.mul_(1 + 0.1 * torch.randn_like(prm))
+    model = trained_like(VoiceGenerator()).to(dev).eval()
     gen = torch.Generator().manual_seed(1)
     counts = (units * (0.6 + 0.8 * torch.rand(batch, generator=gen))).round().long().clamp(min=1).tolist()
     utts = [torch.randint(0, 4096, (n,), generator=gen, device="cpu").to(dev) for n in counts]

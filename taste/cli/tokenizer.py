@@ -64,10 +64,9 @@ def cmd_resynthesize(args) -> None:
     print(f"{codes.shape[0]} words, codes {codes.tolist()} -> {args.output} ({wave.numel() / 16000:.2f} s)")
 
 
-def cmd_reconstruct(args) -> None:
+def _synthesis_models(args):
+    """``(device, stage-1 model, centroids, voice generator)`` of ``reconstruct`` / ``speak``'s options, checked."""
     from taste._checks import check_positive_int
-    from taste.evaluate import _stage
-    from taste.reconstruct import reconstruct_manifest
     from taste.train import Stage1Model
 
     check_positive_int(args.batch_size, "--batch-size")
@@ -77,10 +76,18 @@ def cmd_reconstruct(args) -> None:
         raise ValueError("give --centroids (k-means units of `taste units`) or --voice (S3 units: the release)")
     device = _device(args.device)
     stage1 = Stage1Model.from_pretrained(args.model, device=device).eval()
-    if args.dtype != "float32":  # (the tokenizer's encoder and aggregator, as the release ships them)
-        stage1.tokenizer.to_precision(dtype=_dtype(args.dtype))
     centroids = _read_centroids(args.centroids) if args.centroids else None
     voice = _load_voice(args.voice, device) if args.voice else None
+    return device, stage1, centroids, voice
+
+
+def cmd_reconstruct(args) -> None:
+    from taste.evaluate import _stage
+    from taste.reconstruct import reconstruct_manifest
+
+    device, stage1, centroids, voice = _synthesis_models(args)
+    if args.dtype != "float32":  # (the tokenizer's encoder and aggregator, as the release ships them)
+        stage1.tokenizer.to_precision(dtype=_dtype(args.dtype))
     encoder = _speaker_encoder(args.speaker_model, args.voice, args.model)
     speaker = _speaker_vector(args.speaker, encoder) if args.speaker else None
     asr = _load_asr(args.asr, device, _dtype(args.dtype)) if args.asr else None
@@ -109,19 +116,9 @@ def cmd_reconstruct(args) -> None:
 
 
 def cmd_speak(args) -> None:
-    from taste._checks import check_positive_int
     from taste.reconstruct import speak_codes
-    from taste.train import Stage1Model
 
-    check_positive_int(args.batch_size, "--batch-size")
-    if args.max_units is not None:
-        check_positive_int(args.max_units, "--max-units")
-    if (args.centroids is None) == (args.voice is None):
-        raise ValueError("give --centroids (k-means units of `taste units`) or --voice (S3 units: the release)")
-    device = _device(args.device)
-    stage1 = Stage1Model.from_pretrained(args.model, device=device).eval()
-    centroids = _read_centroids(args.centroids) if args.centroids else None
-    voice = _load_voice(args.voice, device) if args.voice else None
+    device, stage1, centroids, voice = _synthesis_models(args)
     speaker = None
     if args.speaker:
         wav = args.speaker.endswith(".wav")
@@ -134,7 +131,8 @@ def cmd_speak(args) -> None:
 
 
 def register(sub) -> None:
-    """Adds ``init-tokenizer``, ``train-tokenizer``, ``eval-tokenizer``, ``resynthesize``, ``reconstruct``."""
+    """Adds ``init-tokenizer``, ``train-tokenizer``, ``eval-tokenizer``, ``resynthesize``, ``reconstruct``,
+    ``speak``."""
     i = sub.add_parser("init-tokenizer", help="write a seed TasteTokenizer (save_pretrained layout)")
     i.add_argument("out_dir")
     i.add_argument("--preset", choices=("tiny", "official"), default="tiny", help="random weights of this shape")
@@ -176,29 +174,15 @@ def register(sub) -> None:
     rc.add_argument("manifest", help="JSONL rows with id, path (audio) and text (unless --asr)")
     rc.add_argument("--model", required=True, help="a stage-1 model: a train-tokenizer out_dir, or `taste "
                     "import-official`'s directory (tokenizer/ + unit_decoder/)")  # fmt: skip
-    rc.add_argument("--voice", default=None, help="S3 units: the release (or its cosyvoice/voice_generator.pth, or a "
-                    "saved VoiceGenerator)")  # fmt: skip
-    rc.add_argument("--centroids", default=None, help="k-means units: the unit_centroids.safetensors of `taste units`")
     rc.add_argument("--asr", default=None, help="a Whisper checkpoint sharing the tokenizer's encoder (large-v3 or "
                     "distil-large-v3 for the release): transcribe in the tokenizer's encoder pass; a row's text stays "
                     "the reference")  # fmt: skip
-    rc.add_argument("--speaker", default=None, help="one speaker vector for all rows (a .json/.npy/.safetensors/.pt "
-                    "vector, or a .wav reference); default: a row's speaker vector, else each utterance's own CAM++ "
-                    "vector (as the official reconstruction), else its mean unit features")  # fmt: skip
-    rc.add_argument("--speaker-model", default=None, help="the CAM++ ONNX file or a directory holding it (default: "
-                    "looked for under --voice and --model); also scores speaker similarity")  # fmt: skip
-    rc.add_argument("-o", "--out-dir", required=True, help="wavs/<id>.wav and manifest.jsonl go here")
-    rc.add_argument("--batch-size", type=int, default=8)
-    rc.add_argument("--seed", type=int, default=0)
-    rc.add_argument("--greedy", action="store_true", help="argmax units instead of the decoder's top-k sampling")
-    rc.add_argument("--top-k", type=int, default=None, help="default: the unit decoder's (25 for the release)")
-    rc.add_argument("--max-units", type=int, default=None, help="at most this many units per utterance (default: "
-                    "the decoder's bound, a multiple of the text's tokens)")  # fmt: skip
-    rc.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    _add_synthesis_options(rc, "wavs/<id>.wav and manifest.jsonl go here", speaker="a row's speaker vector, else "
+                           "each utterance's own CAM++ vector (as the official reconstruction), else its mean unit "
+                           "features", speaker_model="also scores speaker similarity")  # fmt: skip
     rc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="the tokenizer's encoder and aggregator (and the ASR)")  # fmt: skip
     rc.add_argument("--json", default=None, help="write the summary here")
-    rc.add_argument("--quiet", action="store_true", help="no progress bar")
     rc.set_defaults(func=cmd_reconstruct)
 
     sk = sub.add_parser("speak", help="TASTE codes -> unit decoder -> speech for every row of a codes file (`taste "
@@ -206,19 +190,26 @@ def register(sub) -> None:
     sk.add_argument("codes", help="JSONL rows with words and one codes row per word (id, speaker optional)")
     sk.add_argument("--model", required=True, help="the stage-1 model whose tokenizer made the codes (a "
                     "train-tokenizer out_dir, or `taste import-official`'s directory)")  # fmt: skip
-    sk.add_argument("--voice", default=None, help="S3 units: the release (or its voice_generator.pth, or a saved "
-                    "VoiceGenerator)")  # fmt: skip
-    sk.add_argument("--centroids", default=None, help="k-means units: the unit_centroids.safetensors of `taste units`")
-    sk.add_argument("--speaker", default=None, help="one speaker vector for all rows (a vector file or a .wav "
-                    "reference); default: each row's speaker")  # fmt: skip
-    sk.add_argument("--speaker-model", default=None, help="the CAM++ model for a .wav --speaker (default: looked for "
-                    "under --voice and --model)")  # fmt: skip
-    sk.add_argument("-o", "--out-dir", required=True, help="<id>.wav go here")
-    sk.add_argument("--batch-size", type=int, default=8)
-    sk.add_argument("--seed", type=int, default=0)
-    sk.add_argument("--greedy", action="store_true", help="argmax units instead of the decoder's top-k sampling")
-    sk.add_argument("--top-k", type=int, default=None, help="default: the unit decoder's")
-    sk.add_argument("--max-units", type=int, default=None, help="at most this many units per row")
-    sk.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    sk.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_synthesis_options(sk, "<id>.wav go here", speaker="each row's speaker",
+                           speaker_model="for a .wav --speaker")  # fmt: skip
     sk.set_defaults(func=cmd_speak)
+
+
+def _add_synthesis_options(p, out_help: str, *, speaker: str, speaker_model: str) -> None:
+    """The options ``reconstruct`` and ``speak`` share: the way back to speech, speakers, output, unit sampling."""
+    p.add_argument("--voice", default=None, help="S3 units: the release (or its cosyvoice/voice_generator.pth, or a "
+                   "saved VoiceGenerator)")  # fmt: skip
+    p.add_argument("--centroids", default=None, help="k-means units: the unit_centroids.safetensors of `taste units`")
+    p.add_argument("--speaker", default=None, help="one speaker vector for all rows (a .json/.npy/.safetensors/.pt "
+                   f"vector, or a .wav reference); default: {speaker}")  # fmt: skip
+    p.add_argument("--speaker-model", default=None, help="the CAM++ ONNX file or a directory holding it (default: "
+                   f"looked for under --voice and --model); {speaker_model}")  # fmt: skip
+    p.add_argument("-o", "--out-dir", required=True, help=out_help)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="batch k is seeded with SEED + k")
+    p.add_argument("--greedy", action="store_true", help="argmax units instead of the decoder's top-k sampling")
+    p.add_argument("--top-k", type=int, default=None, help="default: the unit decoder's (25 for the release)")
+    p.add_argument("--max-units", type=int, default=None, help="at most this many units per utterance (default: "
+                   "the decoder's bound, a multiple of the text's tokens)")  # fmt: skip
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
