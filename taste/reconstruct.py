@@ -230,7 +230,8 @@ def reconstruct_manifest(
     journal = os.path.join(out_dir, "manifest.jsonl.partial")
     header = {"taste_reconstruct": 1, "manifest": os.path.abspath(manifest), "rows": len(rows), "stage": stage,
               "batch_size": batch_size, "seed": seed, "greedy": greedy, "top_k": top_k,
-              "max_new_tokens": max_new_tokens, "asr": asr is not None, **(run or {})}  # fmt: skip
+              "max_new_tokens": max_new_tokens, "asr": asr is not None, "similarity": speaker_encoder is not None,
+              **(run or {})}  # fmt: skip
     records = read_jsonl_records(journal) if os.path.exists(journal) else []
     if len(records) > 1 and records[0] != header:
         changed = sorted(k for k in {**header, **records[0]} if records[0].get(k) != header.get(k))
