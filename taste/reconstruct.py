@@ -228,7 +228,9 @@ def reconstruct_manifest(
         raise ValueError(f"{manifest}: two rows have the same id (each becomes <id>.wav)")
     os.makedirs(os.path.join(out_dir, "wavs"), exist_ok=True)
     journal = os.path.join(out_dir, "manifest.jsonl.partial")
+    codebooks = stage1.tokenizer.quantizer.codebook_digest()  # (a model retrained at the same path: not resumed)
     header = {"taste_reconstruct": 1, "manifest": os.path.abspath(manifest), "rows": len(rows), "stage": stage,
+              "codebooks": codebooks,
               "batch_size": batch_size, "seed": seed, "greedy": greedy, "top_k": top_k,
               "max_new_tokens": max_new_tokens, "asr": asr is not None, "similarity": speaker_encoder is not None,
               **(run or {})}  # fmt: skip
@@ -300,7 +302,6 @@ def reconstruct_manifest(
         out["words"] = r["text"].split()  # (with codes and codebooks: a codes file, as `taste encode` writes)
         return {**out, **{key: r[key] for key in r if key not in ("index", "id", "text")}, "codebooks": codebooks}
 
-    codebooks = stage1.tokenizer.quantizer.codebook_digest()
     out_rows = [output_row(i, row) for i, row in enumerate(rows)]
     write_jsonl_atomically(os.path.join(out_dir, "manifest.jsonl"), out_rows)
     os.remove(journal)
