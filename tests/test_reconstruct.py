@@ -314,3 +314,26 @@ def test_speak_command_turns_codes_into_the_speech_of_the_audio_path(release, ca
     (release / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main([*argv, "--speaker", str(release / "spk.json")]) == 1
     assert "two rows have the same id" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reconstruct_on_the_gpu():
+    """Models on a GPU, audio and speaker vectors on the host: the unit sampling's generator on the decoder's device,
+    the TASTE rows and speakers moved to it, units back on the host; and the codes-file path with them."""
+    model, voice = stage1_model().cuda(), voice_generator().cuda()
+    waves = speech([9000, 16000])
+    speaker = F.normalize(torch.randn(2, 192, generator=torch.Generator().manual_seed(2)), dim=1)
+    out = reconstruct(model, waves, TEXTS[:2], voice=voice, speaker=speaker, seed=3, max_new_tokens=12)
+    again = reconstruct(model, waves, TEXTS[:2], voice=voice, speaker=speaker, seed=3, max_new_tokens=12)
+    assert all(u.device.type == "cpu" and 0 < u.numel() <= 12 and int(u.max()) < 16 for u in out.units)
+    assert all(torch.equal(a, b) for a, b in zip(out.units, again.units))
+    for units, wave in zip(out.units, out.waves):
+        assert wave.device.type == "cpu" and bool(wave.isfinite().all())
+        assert wave.numel() == int(voice.config.mel_frames(torch.tensor([units.numel()]))[0]) * voice.config.mel_hop
+    cpu = reconstruct(stage1_model(), waves, TEXTS[:2], voice=voice_generator(), speaker=speaker, greedy=True,
+                      max_new_tokens=12)  # fmt: skip
+    gpu = reconstruct(model, waves, TEXTS[:2], voice=voice, speaker=speaker, greedy=True, max_new_tokens=12)
+    assert [c.tolist() for c in gpu.codes] == [c.tolist() for c in cpu.codes]
+    for a, b in zip(gpu.waves, cpu.waves):
+        assert a.numel() == b.numel()
