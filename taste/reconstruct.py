@@ -326,7 +326,8 @@ def speak_codes(
     generate``'s: ``words`` and one ``codes`` row per word) through the unit decoder and back to a waveform,
     ``out_dir/<id>.wav`` (the row's ``id``, else its line number), batches of ``batch_size`` rows in file order,
     batch ``k`` seeded with ``seed + k``. Speaker vectors: ``speaker`` for all, else each row's ``speaker``. Rows
-    whose ``codebooks`` digest is not the tokenizer's are refused. Returns a summary (rows, seconds, timing)."""
+    whose ``codebooks`` digest is not the tokenizer's are refused; rows without words (a generation that ended at
+    once) are skipped and named in the summary. Returns a summary (rows, skipped ids, seconds, timing)."""
     import os
     import time
 
@@ -342,12 +343,15 @@ def speak_codes(
     tok, spk_dim = stage1.tokenizer, stage1.decoder.config.spk_dim
     check_vocoder(stage1.decoder.config.num_units, voice, centroids)
     q = tok.quantizer
-    rows = []
+    rows, skipped = [], []
     for n, (where, row) in enumerate(iter_json_objects(codes_path, "codes row")):
-        words, codes = code_row(where, row, q.num_quantizers, q.codebook_size, q.codebook_digest())
         name = str(row.get("id", n))
         if not name or os.sep in name or name in (".", "..") or (os.altsep and os.altsep in name):
             raise ValueError(f"{where}: the id {name!r} cannot name a file (<id>.wav)")
+        if row.get("words") == [] and not row.get("codes"):  # (a generation that ended at once: nothing to say)
+            skipped.append(name)
+            continue
+        words, codes = code_row(where, row, q.num_quantizers, q.codebook_size, q.codebook_digest())
         if speaker is not None:
             vector = speaker
         elif "speaker" in row:
@@ -357,8 +361,8 @@ def speak_codes(
                              f"of {spk_dim} numbers in each row")  # fmt: skip
         rows.append((name, " ".join(words), codes, vector))
     if not rows:
-        raise ValueError(f"{codes_path} holds no rows")
-    names = [name for name, _, _, _ in rows]
+        raise ValueError(f"{codes_path} holds no rows with words")
+    names = [name for name, _, _, _ in rows] + skipped
     if len(set(names)) != len(names):
         raise ValueError(f"{codes_path}: two rows have the same id (each becomes <id>.wav)")
     os.makedirs(out_dir, exist_ok=True)
@@ -377,4 +381,5 @@ def speak_codes(
                 os.replace(path + ".tmp", path)
                 seconds += wave.numel() / rate
             bar.update(len(part))
-    return {"rows": len(rows), "seconds": seconds, "elapsed_s": time.perf_counter() - t, "sample_rate": rate}
+    return {"rows": len(rows), "skipped": skipped, "seconds": seconds, "elapsed_s": time.perf_counter() - t,
+            "sample_rate": rate}  # fmt: skip

@@ -295,6 +295,12 @@ def test_speak_command_turns_codes_into_the_speech_of_the_audio_path(release, ca
         (r["words"], r["codes"], r["codebooks"]) for r in codes]  # fmt: skip
     assert main(["speak", str(release / "recon" / "manifest.jsonl"), *base[2:], "-o", str(release / "again")]) == 0
     capsys.readouterr()
+    # a row without words (a generation that ended at once) is skipped and named
+    empty = json.dumps({"id": "nothing", "words": [], "codes": []})
+    (release / "with_empty.jsonl").write_text((release / "codes.jsonl").read_text() + empty + "\n")
+    assert main(["speak", str(release / "with_empty.jsonl"), *base[2:], "-o", str(release / "skip")]) == 0
+    assert "5 wavs" in capsys.readouterr().out.split("; 1 rows without words skipped: nothing")[0]
+    assert sorted(os.listdir(release / "skip")) == [f"u{k}.wav" for k in range(5)]
     # bad rows are named
     rows = [dict(r) for r in codes]
     for r in rows:

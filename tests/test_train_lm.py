@@ -362,3 +362,52 @@ def test_ddp_on_two_cpu_ranks_keeps_identical_weights(data, tmp_path):
     cfg = config(data, tmp_path / "ddp", steps=2, batch_size=2, write_rank_digests=True)
     digests = torchrun_rank_digests("train-lm", dataclasses.asdict(cfg), tmp_path / "ddp")
     assert digests[0] == digests[1]
+
+
+def test_generate_with_prompt_then_speak(tmp_path, capsys):
+    """Batched speech continuation in three commands: `taste encode` the prompts, `taste generate --codes
+    --with-prompt` (each row the whole continued utterance: the prompt's words and codes, then the new ones), and
+    `taste speak` the rows."""
+    from taste.corpus import read_wav
+    from taste.train import Stage1Model
+    from taste.voice import VoiceGenerator, VoiceGeneratorConfig
+
+    torch.manual_seed(0)
+    stage1 = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None)
+    with torch.no_grad():
+        stage1.tokenizer.quantizer.embed.normal_()
+        stage1.tokenizer.quantizer.initted.fill_(1)
+    stage1.save_pretrained(str(tmp_path / "stage1"))
+    lm = TasteSpokenLM.from_tokenizer(stage1.tokenizer, SpokenLMConfig.tiny())
+    lm.save_pretrained(str(tmp_path / "lm"))
+    VoiceGenerator(config=VoiceGeneratorConfig.tiny(num_units=16, spk_dim=80)).save_pretrained(str(tmp_path / "v"))
+    (tmp_path / "spk.json").write_text(json.dumps([0.1] * 80))
+    rows = []
+    for k, text in enumerate(["hello there", "the cat sat down"]):
+        t = torch.arange(12000 + 3000 * k) / 16000
+        write_wav(str(tmp_path / f"p{k}.wav"), 0.3 * torch.sin(2 * torch.pi * (200 + 50 * k) * t))
+        rows.append({"id": f"p{k}", "path": f"p{k}.wav", "text": text})
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["encode", str(tmp_path / "prompts.jsonl"), "--model", str(tmp_path / "stage1" / "tokenizer"), "-o",
+                 str(tmp_path / "codes.jsonl"), "--quiet"]) == 0  # fmt: skip
+    gen = ["generate", str(tmp_path / "lm"), "--codes", str(tmp_path / "codes.jsonl"), "--num", "2", "--greedy",
+           "--extra-words", "2", "--max-new-tokens", "8"]  # fmt: skip
+    assert main([*gen, "-o", str(tmp_path / "new.jsonl")]) == 0
+    assert main([*gen, "--with-prompt", "-o", str(tmp_path / "whole.jsonl")]) == 0
+    prompts = [json.loads(line) for line in (tmp_path / "codes.jsonl").read_text().splitlines()]
+    new = [json.loads(line) for line in (tmp_path / "new.jsonl").read_text().splitlines()]
+    whole = [json.loads(line) for line in (tmp_path / "whole.jsonl").read_text().splitlines()]
+    for p, n, w in zip(prompts, new, whole):
+        assert n["id"] == w["id"] == p["id"] and n["codebooks"] == w["codebooks"] == p["codebooks"]
+        assert w["words"] == p["words"] + n["words"] and w["codes"] == p["codes"] + n["codes"]
+        assert w["prompt_words"] == len(p["words"]) and "prompt_words" not in n
+    capsys.readouterr()
+    speak = ["speak", str(tmp_path / "whole.jsonl"), "--model", str(tmp_path / "stage1"), "--voice",
+             str(tmp_path / "v"), "--speaker", str(tmp_path / "spk.json"), "-o", str(tmp_path / "wavs")]  # fmt: skip
+    assert main(speak) == 0
+    assert "2 wavs" in capsys.readouterr().out
+    for k in range(2):
+        wave, rate = read_wav(str(tmp_path / "wavs" / f"p{k}.wav"))
+        assert rate == 22050 and wave.numel() > 0
+    assert main(["generate", str(tmp_path / "lm"), "--prompt", "hi", "--with-prompt", "-o", str(tmp_path / "x")]) == 1
+    assert "--with-prompt needs speech prompts (--codes)" in capsys.readouterr().err

@@ -41,7 +41,10 @@ def cmd_generate(args) -> None:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if args.prompt and args.codes:
         raise ValueError("give text prompts (--prompt) or speech prompts (--codes), not both")
+    if args.with_prompt and not args.codes:
+        raise ValueError("--with-prompt needs speech prompts (--codes): text prompts have no codes")
     t = time.perf_counter()
+    ids, prompt_codes = None, None
     if args.codes:  # speech prompts: words + TASTE codes of `taste encode` rows
         from taste.train_lm import CodeCorpus
 
@@ -49,6 +52,8 @@ def cmd_generate(args) -> None:
         idx = list(range(min(args.num, len(corpus))))
         b = corpus.batch(idx, device)
         words = [corpus.words[i] for i in idx]
+        ids = [corpus.ids[i] if corpus.ids[i] is not None else i for i in idx]
+        prompt_codes = [corpus.codes[i] for i in idx]
         out = lm.generate(b["tokens"], b["cu_seqlens"], b["word_ids"], b["codes"], config=config, generator=generator)
     elif args.prompt:
         words = [p.split() for p in args.prompt]
@@ -61,9 +66,15 @@ def cmd_generate(args) -> None:
         out = lm.generate(num_sequences=args.num, config=config, generator=generator)
     elapsed = time.perf_counter() - t
     rows = generated_words(lm, out)
+    codebooks = lm.vq.codebook_digest()  # (as `taste encode` writes it: `taste speak` checks it)
     with open(args.output, "w") as f:
-        for prompt, (new, codes) in zip(words, rows):
-            f.write(json.dumps({"prompt": " ".join(prompt), "words": new, "codes": codes.tolist()}) + "\n")
+        for k, (prompt, (new, codes)) in enumerate(zip(words, rows)):
+            row = {"id": ids[k] if ids else k, "prompt": " ".join(prompt), "words": new, "codes": codes.tolist(),
+                   "codebooks": codebooks}  # fmt: skip
+            if args.with_prompt:  # the prompt's words and codes first: the whole continued utterance
+                row.update(words=[*prompt, *new], codes=torch.cat([prompt_codes[k], codes]).tolist(),
+                           prompt_words=len(prompt))  # fmt: skip
+            f.write(json.dumps(row) + "\n")
     n = sum(len(new) for new, _ in rows)
     print(f"{len(rows)} sequences, {n} words in {elapsed:.2f} s on {device} -> {args.output}")
 
@@ -152,7 +163,10 @@ def register(sub) -> None:
     g.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
     g.add_argument("--codes", default=None, help="speech prompts: the first --num rows of a `taste encode` JSONL")
     g.add_argument("--num", type=int, default=4, help="sequences without --prompt (zero prompt, or --codes rows)")
-    g.add_argument("-o", "--output", required=True, help="JSONL: prompt, words, codes (W x Q)")
+    g.add_argument("-o", "--output", required=True, help="JSONL: id, prompt, words, codes (W x Q), codebooks (`taste "
+                   "speak` turns the rows into speech)")  # fmt: skip
+    g.add_argument("--with-prompt", action="store_true", help="with --codes: each row's words and codes begin with "
+                   "its prompt's (the whole continued utterance, as the official demo speaks it)")  # fmt: skip
     g.add_argument("--device", default=None)
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)

@@ -127,7 +127,10 @@ def cmd_speak(args) -> None:
     s = speak_codes(stage1, args.codes, args.out_dir, voice=voice, centroids=centroids, speaker=speaker,
                     batch_size=args.batch_size, seed=args.seed, greedy=args.greedy, top_k=args.top_k,
                     max_new_tokens=args.max_units, progress=not args.quiet)  # fmt: skip
-    print(f"{s['rows']} wavs, {s['seconds']:.1f} s of speech in {s['elapsed_s']:.1f} s on {device} -> {args.out_dir}")
+    print(
+        f"{s['rows']} wavs, {s['seconds']:.1f} s of speech in {s['elapsed_s']:.1f} s on {device} -> {args.out_dir}"
+        + (f"; {len(s['skipped'])} rows without words skipped: {', '.join(s['skipped'])}" if s["skipped"] else "")
+    )
 
 
 def register(sub) -> None:
