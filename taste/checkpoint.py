@@ -140,6 +140,29 @@ def read_jsonl_records(path: str) -> list[dict]:
     return records
 
 
+def open_journal(path: str, header: dict, ids: list, source: str, what: str, *,
+                 defaults: dict | None = None) -> dict[int, dict]:  # fmt: skip
+    """The records (index -> record, each with ``index`` and ``id``) that an interrupted run with ``header`` (its
+    settings) kept in the JSONL journal ``path``, after rewriting the journal with this header and without a line
+    the interruption left half-written; empty for a new journal. Raises where the journal is another run's (its
+    header differs: named) or holds a row that ``ids`` (the rows of ``source``, by index) does not. ``defaults``:
+    header keys that older journals lack, taken as these values. ``what`` names the run in messages."""
+    records = read_jsonl_records(path) if os.path.exists(path) else []  # a header cut short leaves no records
+    written = {**(defaults or {}), **records[0]} if records else {}
+    if len(records) > 1 and written != header:  # (a journal of nothing done yet is simply started again)
+        changed = sorted(k for k in {**header, **written} if written.get(k) != header.get(k))
+        raise RuntimeError(f"{path} is the journal of another {what} (it differs in {', '.join(changed)}); delete it "
+                           "to start over, or rerun the command that wrote it")  # fmt: skip
+    done: dict[int, dict] = {}
+    for record in records[1:]:
+        i = record["index"]
+        if not 0 <= i < len(ids) or ids[i] != record["id"]:
+            raise RuntimeError(f"{path}: row {i} is {record['id']!r} there but not in {source}; delete it")
+        done[i] = record
+    write_jsonl_atomically(path, [header, *done.values()])
+    return done
+
+
 def write_jsonl_atomically(path: str, records: Iterable[dict]) -> None:
     """Writes ``records`` as JSONL to ``path`` through a temporary file and a rename: the file appears whole or not
     at all."""

@@ -215,7 +215,7 @@ def reconstruct_manifest(
     from tqdm import tqdm
 
     from taste._checks import check_positive_int
-    from taste.checkpoint import read_jsonl_records, write_jsonl_atomically
+    from taste.checkpoint import open_journal, write_jsonl_atomically
     from taste.corpus import name_manifest_rows, read_manifest, read_wav, write_wav
 
     check_positive_int(batch_size, "batch_size")
@@ -234,18 +234,7 @@ def reconstruct_manifest(
               "batch_size": batch_size, "seed": seed, "greedy": greedy, "top_k": top_k,
               "max_new_tokens": max_new_tokens, "asr": asr is not None, "similarity": speaker_encoder is not None,
               **(run or {})}  # fmt: skip
-    records = read_jsonl_records(journal) if os.path.exists(journal) else []
-    if len(records) > 1 and records[0] != header:
-        changed = sorted(k for k in {**header, **records[0]} if records[0].get(k) != header.get(k))
-        raise RuntimeError(f"{journal} is the journal of another reconstruction (it differs in {', '.join(changed)}); "
-                           "delete it to start over, or rerun the command that wrote it")  # fmt: skip
-    done = {}
-    for record in records[1:]:
-        i = record["index"]
-        if not 0 <= i < len(rows) or rows[i]["id"] != record["id"]:
-            raise RuntimeError(f"{journal}: row {i} is {record['id']!r} there but not in {manifest}; delete it")
-        done[i] = record
-    write_jsonl_atomically(journal, [header, *done.values()])
+    done = open_journal(journal, header, [row["id"] for row in rows], manifest, "reconstruction")
     resumed = len(done)
     order = sorted(range(len(rows)), key=lambda i: rows[i].get("duration", 0.0))  # (alike lengths per batch)
     batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
@@ -320,21 +309,24 @@ def reconstruct_manifest(
 def speak_codes(
     stage1, codes_path: str, out_dir: str, *, voice=None, centroids: Tensor | None = None,
     speaker: Tensor | None = None, batch_size: int = 8, seed: int = 0, greedy: bool = False,
-    top_k: int | None = None, max_new_tokens: int | None = None, progress: bool = False,
+    top_k: int | None = None, max_new_tokens: int | None = None, run: dict | None = None, progress: bool = False,
 ) -> dict:  # fmt: skip
     """TASTE codes to speech (``taste speak``): every row of a codes file (``taste encode``'s, or ``taste
     generate``'s: ``words`` and one ``codes`` row per word) through the unit decoder and back to a waveform,
     ``out_dir/<id>.wav`` (the row's ``id``, else its line number), batches of ``batch_size`` rows in file order,
     batch ``k`` seeded with ``seed + k``. Speaker vectors: ``speaker`` for all, else each row's ``speaker``. Rows
     whose ``codebooks`` digest is not the tokenizer's are refused; rows without words (a generation that ended at
-    once) are skipped and named in the summary. Returns a summary (rows, skipped ids, seconds, timing)."""
+    once) are skipped and named in the summary. Finished batches are kept in ``out_dir/speak.jsonl.partial``; a
+    rerun with the same settings (``run``: what else it must match) carries on from there with the same results.
+    Returns a summary (rows, rows resumed, skipped ids, seconds, timing)."""
+    import json
     import os
     import time
 
     from tqdm import tqdm
 
     from taste._checks import check_positive_int
-    from taste.checkpoint import iter_json_objects
+    from taste.checkpoint import iter_json_objects, open_journal
     from taste.corpus import write_wav
     from taste.train import _speaker_of
     from taste.train_lm import code_row
@@ -366,20 +358,32 @@ def speak_codes(
     if len(set(names)) != len(names):
         raise ValueError(f"{codes_path}: two rows have the same id (each becomes <id>.wav)")
     os.makedirs(out_dir, exist_ok=True)
-    t, seconds, rate = time.perf_counter(), 0.0, None
-    with tqdm(total=len(rows), unit="utt", disable=not progress) as bar:
+    journal = os.path.join(out_dir, "speak.jsonl.partial")
+    header = {"taste_speak": 1, "codes": os.path.abspath(codes_path), "rows": len(rows), "codebooks":
+              q.codebook_digest(), "batch_size": batch_size, "seed": seed, "greedy": greedy, "top_k": top_k,
+              "max_new_tokens": max_new_tokens, **(run or {})}  # fmt: skip
+    done = open_journal(journal, header, names[: len(rows)], codes_path, "speak")
+    resumed = len(done)
+    t = time.perf_counter()
+    with open(journal, "a") as log, tqdm(total=len(rows), initial=resumed, unit="utt", disable=not progress) as bar:
         for k in range(0, len(rows), batch_size):
+            if all(i in done for i in range(k, min(k + batch_size, len(rows)))):
+                continue
             part = rows[k : k + batch_size]
             taste = tok.embeddings_from_codes(torch.cat([codes for _, _, codes, _ in part]))
             spk = torch.stack([v.float() for _, _, _, v in part])
             _, waves, rate = speak(stage1, [text for _, text, _, _ in part], taste, spk, voice=voice,
                                    centroids=centroids, seed=seed + k // batch_size, greedy=greedy, top_k=top_k,
                                    max_new_tokens=max_new_tokens)  # fmt: skip
-            for (name, _, _, _), wave in zip(part, waves):
+            for i, (name, _, _, _), wave in zip(range(k, k + len(part)), part, waves):
                 path = os.path.join(out_dir, f"{name}.wav")
                 write_wav(path + ".tmp", wave, rate)
                 os.replace(path + ".tmp", path)
-                seconds += wave.numel() / rate
+                done[i] = {"index": i, "id": name, "seconds": round(wave.numel() / rate, 4), "sample_rate": rate}
+                log.write(json.dumps(done[i]) + "\n")
+            log.flush()  # a batch made is a batch kept, whatever stops the run later
             bar.update(len(part))
-    return {"rows": len(rows), "skipped": skipped, "seconds": seconds, "elapsed_s": time.perf_counter() - t,
-            "sample_rate": rate}  # fmt: skip
+    os.remove(journal)
+    return {"rows": len(rows), "resumed": resumed, "skipped": skipped,
+            "seconds": sum(r["seconds"] for r in done.values()), "elapsed_s": time.perf_counter() - t,
+            "sample_rate": done[0]["sample_rate"]}  # fmt: skip

@@ -216,9 +216,11 @@ def test_reconstruct_command_resumes_to_the_same_files(release, capsys, monkeypa
     assert len(journal) == 3 and not (release / "cut" / "manifest.jsonl").exists()  # header + the first batch
     assert main([*base, "-o", str(release / "cut"), "--seed", "8"]) == 1
     assert "journal of another reconstruction (it differs in seed)" in capsys.readouterr().err
-    monkeypatch.setattr(module, "reconstruct", real)
+    rerun = []
+    monkeypatch.setattr(module, "reconstruct", lambda *a, **k: rerun.append(1) or real(*a, **k))
     assert main([*base, "-o", str(release / "cut")]) == 0
-    assert "2 resumed from the journal" in capsys.readouterr().out
+    assert "2 resumed from the journal" in capsys.readouterr().out and len(rerun) == 2  # (the batch kept: not rerun)
+    monkeypatch.setattr(module, "reconstruct", real)
     assert (release / "cut" / "manifest.jsonl").read_text() == (release / "whole" / "manifest.jsonl").read_text()
     for k in range(5):
         assert (release / "cut" / "wavs" / f"u{k}.wav").read_bytes() == (
@@ -266,7 +268,7 @@ def test_reconstruct_command_speakers_asr_and_wer(release, capsys, tmp_path):
     assert "give --centroids" in capsys.readouterr().err
 
 
-def test_speak_command_turns_codes_into_the_speech_of_the_audio_path(release, capsys):
+def test_speak_command_turns_codes_into_the_speech_of_the_audio_path(release, capsys, monkeypatch):
     """`taste encode` codes -> `taste speak`: each batch gives what `reconstruct` gives the same utterances from their
     audio (same codes, seed and speaker); and the rows of `taste reconstruct` are codes rows too."""
     model, voice = Stage1Model.from_pretrained(str(release / "official")), voice_generator()
@@ -286,6 +288,32 @@ def test_speak_command_turns_codes_into_the_speech_of_the_audio_path(release, ca
         got, rate = read_wav(str(release / "spoken" / f"u{k}.wav"))
         assert rate == 22050 and got.numel() == wave.numel()
         assert (got - wave.clamp(-1, 1)).abs().max() <= 1 / 32767 + 1e-6
+    # interrupted in its second batch, then rerun: the same wavs as the uninterrupted run
+    from taste import reconstruct as module
+
+    real, calls = module.speak, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "speak", failing)
+    with pytest.raises(KeyboardInterrupt):
+        main([*base, "-o", str(release / "cut")])
+    assert len((release / "cut" / "speak.jsonl.partial").read_text().splitlines()) == 3  # header + the first batch
+    monkeypatch.setattr(module, "speak", real)
+    assert main([*base, "--seed", "4", "-o", str(release / "cut")]) == 1
+    assert "journal of another speak (it differs in seed)" in capsys.readouterr().err
+    rerun = []
+    monkeypatch.setattr(module, "speak", lambda *a, **k: rerun.append(1) or real(*a, **k))
+    assert main([*base, "-o", str(release / "cut")]) == 0
+    assert "2 resumed from the journal" in capsys.readouterr().out and len(rerun) == 2  # (the batch kept: not rerun)
+    monkeypatch.setattr(module, "speak", real)
+    for k in range(5):
+        assert (release / "cut" / f"u{k}.wav").read_bytes() == (release / "spoken" / f"u{k}.wav").read_bytes()
+    assert not (release / "cut" / "speak.jsonl.partial").exists()
     # the reconstruction's manifest is a codes file of the same codes
     assert main(["reconstruct", str(release / "manifest.jsonl"), "--model", str(release / "official"), "--voice",
                  str(release / "voice"), "--greedy", "-o", str(release / "recon")]) == 0  # fmt: skip
@@ -300,7 +328,7 @@ def test_speak_command_turns_codes_into_the_speech_of_the_audio_path(release, ca
     (release / "with_empty.jsonl").write_text((release / "codes.jsonl").read_text() + empty + "\n")
     assert main(["speak", str(release / "with_empty.jsonl"), *base[2:], "-o", str(release / "skip")]) == 0
     assert "5 wavs" in capsys.readouterr().out.split("; 1 rows without words skipped: nothing")[0]
-    assert sorted(os.listdir(release / "skip")) == [f"u{k}.wav" for k in range(5)]
+    assert sorted(os.listdir(release / "skip")) == [f"u{k}.wav" for k in range(5)]  # (and no journal left)
     # bad rows are named
     rows = [dict(r) for r in codes]
     for r in rows:

@@ -90,32 +90,19 @@ def cmd_encode(args) -> None:
 
 def _open_encode_journal(path: str, args, rows: list[dict], codebooks: str) -> tuple[dict[int, list], dict[int, str]]:
     """The codes (index -> codes) and, with ``--asr``, the transcripts (index -> text) that an interrupted
-    ``taste encode`` of the same manifest, model (path and codebooks) and ASR kept in ``path``, after rewriting the
-    journal without a line the interruption left half-written; a fresh journal if none."""
-    from taste.checkpoint import read_jsonl_records, write_jsonl_atomically
+    ``taste encode`` of the same manifest, model (path and codebooks) and ASR kept in ``path``
+    (:func:`taste.checkpoint.open_journal`)."""
+    from taste.checkpoint import open_journal
 
     header = {"taste_encode": 1, "manifest": os.path.abspath(args.manifest), "model": os.path.abspath(args.model),
               "dtype": args.dtype, "rows": len(rows), "codebooks": codebooks}  # fmt: skip
     if args.asr:  # (absent without it: the journals of earlier versions stay valid)
         header["asr"] = os.path.abspath(args.asr)
-    records = read_jsonl_records(path) if os.path.exists(path) else []  # a header cut short leaves no records
     # (a journal written before headers held the codebooks: its model path decides, and its codes are kept)
-    written = {"codebooks": codebooks, **records[0]} if records else {}
-    if len(records) > 1 and written != header:  # (a journal of nothing encoded yet is simply started again)
-        changed = sorted(k for k in header if written.get(k) != header[k])
-        raise RuntimeError(f"{path} is the journal of another encode (it differs in {', '.join(changed)}); "
-                           "delete it to start over, or rerun the command that wrote it")  # fmt: skip
-    results: dict[int, list] = {}
-    transcripts: dict[int, str] = {}
-    for record in records[1:]:
-        i = record["index"]
-        if not 0 <= i < len(rows) or rows[i]["id"] != record["id"]:
-            raise RuntimeError(f"{path}: row {i} is {record['id']!r} there but not in {args.manifest}; delete it")
-        results[i] = record["codes"]
-        if "text" in record:
-            transcripts[i] = record["text"]
-    write_jsonl_atomically(path, [header, *records[1:]])  # (the header of this encode, whatever was there)
-    return results, transcripts
+    done = open_journal(path, header, [row["id"] for row in rows], args.manifest, "encode",
+                        defaults={"codebooks": codebooks})  # fmt: skip
+    results = {i: record["codes"] for i, record in done.items()}
+    return results, {i: record["text"] for i, record in done.items() if "text" in record}
 
 
 def cmd_transcribe(args) -> None:

@@ -124,11 +124,14 @@ def cmd_speak(args) -> None:
         wav = args.speaker.endswith(".wav")
         speaker = _speaker_vector(args.speaker, _speaker_encoder(args.speaker_model, args.voice, args.model) if wav
                                   else None)  # fmt: skip
+    run = {"model": os.path.abspath(args.model), "vocoder": os.path.abspath(args.voice or args.centroids),
+           "speaker": args.speaker}  # fmt: skip
     s = speak_codes(stage1, args.codes, args.out_dir, voice=voice, centroids=centroids, speaker=speaker,
                     batch_size=args.batch_size, seed=args.seed, greedy=args.greedy, top_k=args.top_k,
-                    max_new_tokens=args.max_units, progress=not args.quiet)  # fmt: skip
+                    max_new_tokens=args.max_units, run=run, progress=not args.quiet)  # fmt: skip
     print(
         f"{s['rows']} wavs, {s['seconds']:.1f} s of speech in {s['elapsed_s']:.1f} s on {device} -> {args.out_dir}"
+        + (f"; {s['resumed']} resumed from the journal" if s["resumed"] else "")
         + (f"; {len(s['skipped'])} rows without words skipped: {', '.join(s['skipped'])}" if s["skipped"] else "")
     )
 
