@@ -306,3 +306,16 @@ def whisper_around(encoder, path, *, decoder_layers: int = 1, init_std: float = 
     model = transformers.WhisperForConditionalGeneration(config).eval()
     model.model.encoder.load_state_dict(encoder.state_dict())
     return save_whisper_for_asr(model, path, **rules)
+
+
+def tiny_stage1(spk_dim: int = 80, num_units: int = 16):
+    """A tiny random stage-1 model (seed 0) whose RVQ codebooks are drawn and marked initialised, so that its codes
+    differ with the audio as a trained tokenizer's do, with no training."""
+    from taste.train import Stage1Model
+
+    torch.manual_seed(0)
+    model = Stage1Model.from_preset("tiny", num_units=num_units, freeze_encoder=None, spk_dim=spk_dim)
+    with torch.no_grad():
+        model.tokenizer.quantizer.embed.normal_()
+        model.tokenizer.quantizer.initted.fill_(1)
+    return model

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_stage1
 
 from taste.cli import main
 from taste.corpus import read_manifest, read_wav, unit_features, write_wav
@@ -21,12 +22,7 @@ TEXTS = ["hello there", "the quick brown fox jumps", "a", "over the lazy dog", "
 
 
 def stage1_model(spk_dim: int = 192) -> Stage1Model:
-    torch.manual_seed(0)
-    model = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None, spk_dim=spk_dim).eval()
-    with torch.no_grad():
-        model.tokenizer.quantizer.embed.normal_()
-        model.tokenizer.quantizer.initted.fill_(1)
-    return model
+    return tiny_stage1(spk_dim=spk_dim).eval()
 
 
 def voice_generator(spk_dim: int = 192) -> VoiceGenerator:
@@ -52,6 +48,21 @@ def lone_units(model: Stage1Model, wave, text: str, speaker, **kwargs) -> tuple[
     units = model.decoder.generate(a.tokens, a.cu_seqlens, a.max_seqlen, taste=tok.embeddings_from_codes(codes),
                                    word_offsets=a.word_offsets, speaker=speaker[None], **kwargs)[0]  # fmt: skip
     return codes, units
+
+
+def patch_calls(monkeypatch, module, name: str, stop_at: int | None = None) -> list:
+    """Counts the calls of ``module.name`` (the list returned grows by one per call) and, with ``stop_at``, raises
+    KeyboardInterrupt at that call, as a run stopped there (in its ``stop_at``-th batch)."""
+    real, calls = getattr(module, name), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 def test_batch_gives_each_utterance_what_it_gives_alone():
@@ -201,26 +212,18 @@ def test_reconstruct_command_resumes_to_the_same_files(release, capsys, monkeypa
         made = F.normalize(encoder.embed([want.waves[k]], 22050), dim=1)[0]
         assert row["speaker_similarity"] == pytest.approx(float(made @ emb[k]), abs=1e-5)
     # interrupted in its second batch, then rerun: the same manifest and wavs as the uninterrupted run
-    real, calls = module.reconstruct, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "reconstruct", failing)
+    patch_calls(monkeypatch, module, "reconstruct", stop_at=2)
     with pytest.raises(KeyboardInterrupt):
         main([*base, "-o", str(release / "cut")])
+    monkeypatch.undo()
     journal = (release / "cut" / "manifest.jsonl.partial").read_text().splitlines()
     assert len(journal) == 3 and not (release / "cut" / "manifest.jsonl").exists()  # header + the first batch
     assert main([*base, "-o", str(release / "cut"), "--seed", "8"]) == 1
     assert "journal of another reconstruction (it differs in seed)" in capsys.readouterr().err
-    rerun = []
-    monkeypatch.setattr(module, "reconstruct", lambda *a, **k: rerun.append(1) or real(*a, **k))
+    rerun = patch_calls(monkeypatch, module, "reconstruct")
     assert main([*base, "-o", str(release / "cut")]) == 0
     assert "2 resumed from the journal" in capsys.readouterr().out and len(rerun) == 2  # (the batch kept: not rerun)
-    monkeypatch.setattr(module, "reconstruct", real)
+    monkeypatch.undo()
     assert (release / "cut" / "manifest.jsonl").read_text() == (release / "whole" / "manifest.jsonl").read_text()
     for k in range(5):
         assert (release / "cut" / "wavs" / f"u{k}.wav").read_bytes() == (
@@ -291,26 +294,17 @@ def test_speak_command_turns_codes_into_the_speech_of_the_audio_path(release, ca
     # interrupted in its second batch, then rerun: the same wavs as the uninterrupted run
     from taste import reconstruct as module
 
-    real, calls = module.speak, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "speak", failing)
+    patch_calls(monkeypatch, module, "speak", stop_at=2)
     with pytest.raises(KeyboardInterrupt):
         main([*base, "-o", str(release / "cut")])
     assert len((release / "cut" / "speak.jsonl.partial").read_text().splitlines()) == 3  # header + the first batch
-    monkeypatch.setattr(module, "speak", real)
+    monkeypatch.undo()
     assert main([*base, "--seed", "4", "-o", str(release / "cut")]) == 1
     assert "journal of another speak (it differs in seed)" in capsys.readouterr().err
-    rerun = []
-    monkeypatch.setattr(module, "speak", lambda *a, **k: rerun.append(1) or real(*a, **k))
+    rerun = patch_calls(monkeypatch, module, "speak")
     assert main([*base, "-o", str(release / "cut")]) == 0
     assert "2 resumed from the journal" in capsys.readouterr().out and len(rerun) == 2  # (the batch kept: not rerun)
-    monkeypatch.setattr(module, "speak", real)
+    monkeypatch.undo()
     for k in range(5):
         assert (release / "cut" / f"u{k}.wav").read_bytes() == (release / "spoken" / f"u{k}.wav").read_bytes()
     assert not (release / "cut" / "speak.jsonl.partial").exists()

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import require_taslm_dependencies
+from conftest import require_taslm_dependencies, tiny_stage1
 
 require_taslm_dependencies()
 
@@ -230,11 +230,7 @@ def test_continue_end_to_end(data, tmp_path, capsys):
     from taste.corpus import read_wav
     from taste.train import Stage1Model
 
-    torch.manual_seed(0)
-    stage1 = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None)
-    with torch.no_grad():
-        stage1.tokenizer.quantizer.embed.normal_()
-        stage1.tokenizer.quantizer.initted.fill_(1)
+    stage1 = tiny_stage1()
     stage1.save_pretrained(str(tmp_path / "stage1"))
     lm = TasteSpokenLM.from_tokenizer(stage1.tokenizer, SpokenLMConfig.tiny())
     lm.save_pretrained(str(tmp_path / "lm"))
@@ -275,14 +271,9 @@ def test_continue_with_the_voice_generator(tmp_path, capsys):
     """S3 units (the release's unit decoder) go through the voice generator: a stage-1 model in `taste
     import-official`'s layout (tokenizer/ + unit_decoder/), a speaker vector for both, 22.05 kHz out."""
     from taste.corpus import read_wav
-    from taste.train import Stage1Model
     from taste.voice import VoiceGenerator, VoiceGeneratorConfig
 
-    torch.manual_seed(0)
-    stage1 = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None)
-    with torch.no_grad():
-        stage1.tokenizer.quantizer.embed.normal_()
-        stage1.tokenizer.quantizer.initted.fill_(1)
+    stage1 = tiny_stage1()
     stage1.tokenizer.save_pretrained(str(tmp_path / "official" / "tokenizer"))
     stage1.decoder.save_pretrained(str(tmp_path / "official" / "unit_decoder"))
     TasteSpokenLM.from_tokenizer(stage1.tokenizer, SpokenLMConfig.tiny()).save_pretrained(str(tmp_path / "lm"))
@@ -320,15 +311,10 @@ def test_continue_takes_the_prompts_cam_vector(tmp_path, capsys):
 
     from taste.corpus import read_wav
     from taste.speaker import SpeakerEncoder
-    from taste.train import Stage1Model
     from taste.voice import VoiceGenerator, VoiceGeneratorConfig
 
     campplus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "campplus_tiny.onnx")
-    torch.manual_seed(0)
-    stage1 = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None, spk_dim=192)
-    with torch.no_grad():
-        stage1.tokenizer.quantizer.embed.normal_()
-        stage1.tokenizer.quantizer.initted.fill_(1)
+    stage1 = tiny_stage1(spk_dim=192)
     stage1.tokenizer.save_pretrained(str(tmp_path / "official" / "tokenizer"))
     stage1.decoder.save_pretrained(str(tmp_path / "official" / "unit_decoder"))
     os.makedirs(tmp_path / "official" / "speaker")
@@ -369,14 +355,9 @@ def test_generate_with_prompt_then_speak(tmp_path, capsys):
     --with-prompt` (each row the whole continued utterance: the prompt's words and codes, then the new ones), and
     `taste speak` the rows."""
     from taste.corpus import read_wav
-    from taste.train import Stage1Model
     from taste.voice import VoiceGenerator, VoiceGeneratorConfig
 
-    torch.manual_seed(0)
-    stage1 = Stage1Model.from_preset("tiny", num_units=16, freeze_encoder=None)
-    with torch.no_grad():
-        stage1.tokenizer.quantizer.embed.normal_()
-        stage1.tokenizer.quantizer.initted.fill_(1)
+    stage1 = tiny_stage1()
     stage1.save_pretrained(str(tmp_path / "stage1"))
     lm = TasteSpokenLM.from_tokenizer(stage1.tokenizer, SpokenLMConfig.tiny())
     lm.save_pretrained(str(tmp_path / "lm"))
