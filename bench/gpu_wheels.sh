@@ -9,4 +9,7 @@ wheels=(peft==0.21.2 accelerate==1.15.0 vector-quantize-pytorch==1.32.0 einx==0.
         torch-einops-utils==0.2.0 llama-models==0.3.0)
 mkdir -p .gpu_wheels
 pip download -q --no-deps --only-binary=:all: -d .gpu_wheels "${wheels[@]}"
+# openai-whisper is published as a source archive only: build its pure-Python wheel here. taste reads its assets
+# (mel_filters.npz, multilingual.tiktoken) without importing it, so its own dependencies are not needed there.
+pip wheel -q --no-deps -w .gpu_wheels openai-whisper==20250625
 ls .gpu_wheels

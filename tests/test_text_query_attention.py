@@ -588,7 +588,9 @@ def test_cross_attention_on_gpu_chunked_equals_whole(device, gen):
     q, h_key, h_val, k_w, v_w, v_b, cu = make_cross(lq, 1500, 20, 64, 1280, torch.bfloat16, device, gen)
     whole = ops.text_query_cross_attention(q, h_key, h_val, k_w, v_w, cu, 100, v_bias=v_b)
     chunked = ops.text_query_cross_attention(q, h_key, h_val, k_w, v_w, cu, 100, v_bias=v_b, chunk_size=2)
-    torch.testing.assert_close(chunked, whole)  # the same kernel per sequence; only the grid differs
+    # the same kernel per sequence, but a smaller grid splits the keys (a log-sum-exp combine) where the whole batch
+    # fills the GPU: sums in another order, so bfloat16's tolerance (measured on an H200: at most 3.2e-4 apart)
+    torch.testing.assert_close(chunked, whole, atol=1e-2, rtol=1.6e-2)
     ref = naive_cross(q, h_key, h_val, k_w, v_w, v_b, cu, 0.125)
     assert (chunked.double() - ref).abs().max().item() < 3e-2 * ref.abs().max().item()
 
@@ -722,7 +724,8 @@ def test_ops_run_in_the_autocast_dtype(device, gen):
     cast beforehand, and mixed float32 / 16-bit inputs are taken (they were refused: "must have one dtype")."""
     low = torch.bfloat16
     q, k, v, cu_q, cu_k = make([5, 1, 9], [7, 3, 12], 2, 32, torch.float32, device, gen)
-    hq, h_key, h_val, k_w, v_w, v_b, cu = make_cross([4, 0, 6], 11, 2, 32, 24, torch.float32, device, gen)
+    hq, h_key, h_val, k_w, v_w, v_b, cu = make_cross([4, 0, 6], 11, 2, 32, 32, torch.float32, device, gen)  # (d_in 32:
+    # the folded op's CUDA kernel takes 32, 64 or 128)
     k_b = torch.randn(64, generator=gen).to(device)
 
     def calls(cast):
