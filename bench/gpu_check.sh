@@ -7,7 +7,8 @@
 #   OUTDIR/bench.log        every benchmark's table (+ the aggregator's and the RVQ's kernel profiles of ours)
 #   OUTDIR/bench.json       every benchmark's numbers by name (aggregator, rvq, generate, aggregator_train, packing,
 #                           aggregator_chunks, relpos, unit_decoder, train_lm, voice)
-# Environment: PYTEST_ARGS (pytest arguments, split on spaces; default: all but the C++-error tests), TESTS=cuda
+# Environment: TEST_PATHS (test files or node ids, split on spaces; default: tests), PYTEST_ARGS (pytest arguments,
+# split on spaces; default: all but the C++-error tests), TESTS=cuda
 # (the default selection, CUDA-marked tests only), TEST_TIMEOUT, TEST_WORKERS (pytest-xdist workers, default 8),
 # BENCHES, BENCH_TIMEOUT (seconds each),
 # GENERATE_ARGS (extra arguments of bench/generate.py), TESTS_LAST=1 (benchmarks first, then the tests),
@@ -76,8 +77,12 @@ run_tests() {
   # pytest print its summary and the slowest tests (--durations) before it ends. --foreground: the signal goes to
   # pytest alone, which stops its xdist workers itself (sent to the whole group, it reached the workers too, and the
   # summary was lost in one of three runs).
-  timeout --foreground -s INT -k 20 "$limit" "$py" -P -m pytest -v -p no:cacheprovider -rs --durations=25 tests \
-    "${test_args[@]}" > "$out/tests.log" 2>&1
+  # TEST_PATHS (default: tests): test files or node ids to run instead of the whole folder, e.g. the few that failed
+  # in an earlier call (PYTEST_ARGS only adds options to the selection).
+  local paths
+  read -r -a paths <<< "${TEST_PATHS:-tests}"
+  timeout --foreground -s INT -k 20 "$limit" "$py" -P -m pytest -v -p no:cacheprovider -rs --durations=25 \
+    "${paths[@]}" "${test_args[@]}" > "$out/tests.log" 2>&1
   tests_rc=$?
   tail -3 "$out/tests.log"
 }
